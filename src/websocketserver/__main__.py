@@ -1,0 +1,5 @@
+"""``python -m websocketserver``."""
+
+from .cli import main
+
+main()

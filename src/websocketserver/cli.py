@@ -1,0 +1,251 @@
+"""The command line: the original manual's options, plus the newer ones clients pass.
+
+Usage errors print one line naming the problem and exit with status 2; start-up
+problems (unreadable certificate, bad service config, port in use) exit with 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import NoReturn
+
+from . import __version__
+from .settings import BUILTIN_APPS, ServiceConfig, Settings, SettingsError, load_service_config
+
+PROG = "websocketserver.py"
+TOKEN_ENV = "WEBSOCKETSERVER_SECURITY_TOKEN"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line and never a traceback."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"port out of range 0-65535: {value}")
+    return value
+
+
+def _ws_port(text: str) -> int:
+    if text.strip() == "-1":
+        return -1
+    return _port(text)
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0: {text}")
+    return value
+
+
+def _size(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number of bytes: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1: {text}")
+    return value
+
+
+def _header(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    name = name.strip()
+    if not sep or not name or any(c in name for c in " \t:\r\n") or any(c in value for c in "\r\n"):
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    return name, value
+
+
+def _network(text: str) -> str:
+    try:
+        return str(ipaddress.ip_network(text, strict=False))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an IP address or network: {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser; its help text follows the original manual."""
+    parser = _Parser(
+        prog=PROG,
+        description="Nexus websocket proxy server",
+        epilog="REST API on the HTTP port: /v1/stop, /v1/status, /v1/status_view, "
+        "/v1/reserve/{service}, /v1/release/{token}. See README.md.",
+    )
+    add = parser.add_argument
+    add("ws_server_port", type=_ws_port, metavar="ws_server_port",
+        help="The port the server accepts incoming websocket connection requests over "
+        "(-1: no websocket listener)")
+    add("--version", action="version", version=f"%(prog)s {__version__}")
+    add("--http_directory", metavar="http_directory", type=Path,
+        help="Directory to serve up files from via http. It enables HTTP services.")
+    add("--http_port", metavar="http_server_port", type=_port, default=9090,
+        help="Port to support http file serving on. Default:9090")
+    add("--cert", metavar="ssl_certificate_filename", type=Path,
+        help="Filename of the ssl certificate")
+    add("--key", metavar="ssl_key_filename", type=Path, help="Filename of the ssl key")
+    add("--remote_session_config", metavar="remote_config.json", type=Path,
+        help="Name of the remote session configuration file")
+    add("--client_hostname", metavar="client_hostname", default="localhost",
+        help="Hostname of the socket to serve using the websocket protocol on ws_server_port")
+    add("--client_port", metavar="client_port", type=_port,
+        help="Port number of the socket to serve using the websocket protocol on "
+        "ws_server_port")
+    add("--timeout", metavar="timeout_seconds", type=_positive, default=300.0,
+        help="Number of seconds before an unused reservation is reclaimed. Default:300")
+    add("--local_session", metavar=("appname", "count"), nargs=2, action="append", default=[],
+        help="Specify some number of locally executed, built-in sessions. These are "
+        "specified by strings in the form 'appname count' where appname can be 'ensight' or "
+        "'envision'. The count is the maximum number of instances of that application "
+        "websocketserver may have reserved/running simultaneously. This argument may be "
+        "repeated.")
+    add("--verbose", metavar="verbose_level", type=int, default=0,
+        help="Enable debugging information (0 quiet, 1 one line per tunnel, 2+ debug)")
+    add("--log_file", metavar="log_filename", type=Path,
+        help="Save program output to the named log file instead of stdout")
+    add("--security_token", metavar="token", default=os.environ.get(TOKEN_ENV),
+        help=f"Shared secret required by the REST API. Default: ${TOKEN_ENV}")
+    add("--add_header", metavar="NAME=VALUE", type=_header, action="append", default=[],
+        help="Add this header to every HTTP response. May be repeated.")
+    grpc = parser.add_argument_group(
+        "EnSight REST bridge", "Accepted for compatibility; requests under /ensight/ answer 501.")
+    grpc.add_argument("--grpc_port", metavar="port", type=_port)
+    grpc.add_argument("--grpc_use_tcp_sockets", action="store_true")
+    grpc.add_argument("--grpc_allow_network_connections", action="store_true")
+    grpc.add_argument("--grpc_disable_tls", action="store_true")
+    grpc.add_argument("--grpc_uds_pathname", metavar="path")
+    extra = parser.add_argument_group("websocketserver options (not in the original)")
+    extra.add_argument("--listen_address", metavar="address",
+                       help="Address both listeners bind to. Default: all interfaces")
+    extra.add_argument("--ansys_install_root", metavar="directory", type=Path,
+                       help="Serve /ansysNNN/... URLs from directory/ansysNNN/... "
+                       "Default: from --http_directory like any path")
+    extra.add_argument("--start_timeout", metavar="seconds", type=_positive, default=60.0,
+                       help="How long a service may take to start and listen. Default:60")
+    extra.add_argument("--max_message_size", metavar="bytes", type=_size,
+                       default=64 * 1024 * 1024,
+                       help="Largest websocket message accepted from a client. "
+                       "Default:67108864")
+    extra.add_argument("--local_app_root", metavar="directory", type=Path,
+                       help="Install directory of EnSight/EnVision for --local_session. "
+                       "Default: $WEBSOCKETSERVER_APP_ROOT, else $PYENSIGHT_ANSYS_INSTALLATION")
+    extra.add_argument("--local_app_command", metavar="command",
+                       help="Command line launching a --local_session application; "
+                       "{app}, {root}, {port} and {target_pathname} are substituted")
+    extra.add_argument("--trusted_proxy", metavar="address", type=_network, action="append",
+                       default=[], help="Front end (IP or network) whose --user_header is "
+                       "trusted. May be repeated.")
+    extra.add_argument("--user_header", metavar="name", default="X-Remote-User",
+                       help="Header naming the authenticated user, set by a trusted front "
+                       "end. Default: X-Remote-User")
+    extra.add_argument("--users_file", metavar="users.json", type=Path,
+                       help="Stand-alone identity: JSON object of user name -> user key")
+    extra.add_argument("--groups_file", metavar="groups.json", type=Path,
+                       help="JSON object of group -> [user names]. Default: the operating "
+                       "system's groups")
+    return parser
+
+
+def parse_settings(argv: Sequence[str] | None = None) -> Settings:
+    """Parse the command line into :class:`Settings`, exiting with status 2 on bad usage."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return _settings(args)
+    except SettingsError as exc:
+        parser.error(str(exc))
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    local_sessions = []
+    for app, count in args.local_session:
+        if app not in BUILTIN_APPS:
+            raise SettingsError(f"--local_session: unknown appname {app!r} "
+                                f"(choose from {', '.join(BUILTIN_APPS)})")
+        if not count.isdigit() or int(count) < 1:
+            raise SettingsError(f"--local_session {app}: count must be a whole number >= 1, "
+                                f"got {count!r}")
+        local_sessions.append((app, int(count)))
+    if args.key is not None and args.cert is None:
+        raise SettingsError("--key needs --cert")
+    for option in ("cert", "key", "users_file", "groups_file"):
+        path = getattr(args, option)
+        if path is not None and not os.access(path, os.R_OK):
+            raise SettingsError(f"--{option} {path}: file not found or not readable")
+    if args.http_directory is not None and not args.http_directory.is_dir():
+        raise SettingsError(f"--http_directory {args.http_directory}: not a directory")
+    if args.ansys_install_root is not None and not args.ansys_install_root.is_dir():
+        raise SettingsError(f"--ansys_install_root {args.ansys_install_root}: not a directory")
+    if args.http_directory is not None and args.http_port == args.ws_server_port:
+        raise SettingsError(f"--http_port {args.http_port} is also the ws_server_port")
+    if args.security_token is not None and not args.security_token.strip():
+        raise SettingsError("--security_token must not be empty")
+    services: list[ServiceConfig] = []
+    if args.remote_session_config is not None:
+        services.extend(load_service_config(args.remote_session_config))
+    for app, count in local_sessions:
+        name = f"local_{app}"
+        if any(s.name == name for s in services):
+            raise SettingsError(f"--local_session {app}: service {name!r} is already defined")
+        services.append(ServiceConfig(name=name, script=None, count=count, options={},
+                                      builtin_app=app))
+    app_root = args.local_app_root or _env_path("WEBSOCKETSERVER_APP_ROOT",
+                                                "PYENSIGHT_ANSYS_INSTALLATION")
+    return Settings(
+        ws_port=args.ws_server_port,
+        http_directory=args.http_directory,
+        http_port=args.http_port,
+        cert=args.cert,
+        key=args.key,
+        remote_session_config=args.remote_session_config,
+        client_hostname=args.client_hostname,
+        client_port=args.client_port,
+        timeout=args.timeout,
+        local_sessions=tuple(local_sessions),
+        verbose=args.verbose,
+        log_file=args.log_file,
+        security_token=args.security_token,
+        add_headers=tuple(args.add_header),
+        grpc_port=args.grpc_port,
+        listen_address=args.listen_address,
+        ansys_install_root=args.ansys_install_root,
+        start_timeout=args.start_timeout,
+        max_message_size=args.max_message_size,
+        local_app_root=app_root,
+        local_app_command=args.local_app_command,
+        trusted_proxies=tuple(args.trusted_proxy),
+        user_header=args.user_header,
+        users_file=args.users_file,
+        groups_file=args.groups_file,
+        services=tuple(services),
+    )
+
+
+def _env_path(*names: str) -> Path | None:
+    for name in names:
+        if os.environ.get(name):
+            return Path(os.environ[name])
+    return None
+
+
+def main(argv: Sequence[str] | None = None) -> NoReturn:
+    """Entry point of the ``websocketserver`` command."""
+    settings = parse_settings(argv)
+    from .server import run  # imported late: `-h` and usage errors stay fast
+
+    sys.exit(run(settings))

@@ -1,0 +1,121 @@
+"""Identity: who is asking, and which groups they are in.
+
+Two ways to learn the user, tried in order:
+
+1. **Behind a front end** that has already authenticated the user: the header
+   ``--user_header`` (default ``X-Remote-User``) is believed only when the request
+   comes from a ``--trusted_proxy`` address; from anywhere else it is ignored.
+2. **Stand-alone**: ``--users_file`` maps user names to secret user keys; a caller
+   proves who it is with ``?user_key=KEY`` or an ``X-User-Key: KEY`` header.
+
+Group membership comes from ``--groups_file`` (``{"group": ["user", ...]}``) or,
+without it, from the operating system's group database. A caller nobody vouches
+for is anonymous and sees only services without a ``group``.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import json
+from pathlib import Path
+
+from aiohttp import web
+
+from .settings import Settings, SettingsError
+
+USER_KEY_PARAM = "user_key"
+USER_KEY_HEADER = "X-User-Key"
+
+
+def _load_json_object(path: Path, option: str) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SettingsError(f"{option} {path}: cannot read: {exc}") from None
+    except json.JSONDecodeError as exc:
+        raise SettingsError(f"{option} {path}: invalid JSON at line {exc.lineno} "
+                            f"column {exc.colno}: {exc.msg}") from None
+    if not isinstance(data, dict):
+        raise SettingsError(f"{option} {path}: expected a JSON object")
+    return data
+
+
+class Identity:
+    """Answers "who is this request from?" and "is that user in this group?"."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._proxies = [ipaddress.ip_network(n) for n in settings.trusted_proxies]
+        self._user_header = settings.user_header
+        self._keys: list[tuple[bytes, str]] = []
+        if settings.users_file is not None:
+            users = _load_json_object(settings.users_file, "--users_file")
+            for user, key in users.items():
+                if not isinstance(key, str) or not key:
+                    raise SettingsError(f"--users_file {settings.users_file}: user {user!r}: "
+                                        "key must be a non-empty string")
+                self._keys.append((key.encode(), user))
+        self._groups: dict[str, set[str]] | None = None
+        if settings.groups_file is not None:
+            groups = _load_json_object(settings.groups_file, "--groups_file")
+            self._groups = {}
+            for group, members in groups.items():
+                if not isinstance(members, list) or not all(isinstance(m, str) for m in members):
+                    raise SettingsError(f"--groups_file {settings.groups_file}: group "
+                                        f"{group!r}: expected a list of user names")
+                self._groups[group] = set(members)
+
+    def user(self, request: web.BaseRequest) -> str | None:
+        """The authenticated user of ``request``, or None when anonymous."""
+        if self._proxies and self._from_trusted_proxy(request):
+            name = request.headers.get(self._user_header, "").strip()
+            if name:
+                return name
+        if self._keys:
+            key = request.query.get(USER_KEY_PARAM) or request.headers.get(USER_KEY_HEADER)
+            if key:
+                return self._user_with_key(key.encode())
+        return None
+
+    def _from_trusted_proxy(self, request: web.BaseRequest) -> bool:
+        peer = request.transport.get_extra_info("peername") if request.transport else None
+        if not peer:
+            return False
+        try:
+            address = ipaddress.ip_address(peer[0])
+        except ValueError:
+            return False
+        return any(address in network for network in self._proxies)
+
+    def _user_with_key(self, key: bytes) -> str | None:
+        found = None
+        for known, user in self._keys:  # compare with every key: constant time
+            if hmac.compare_digest(known, key):
+                found = user
+        return found
+
+    def is_member(self, user: str | None, group: str) -> bool:
+        """Whether ``user`` belongs to ``group`` (anonymous users belong to none)."""
+        if user is None:
+            return False
+        if self._groups is not None:
+            return user in self._groups.get(group, ())
+        return _os_member(user, group)
+
+
+def _os_member(user: str, group: str) -> bool:
+    try:
+        import grp
+        import pwd
+    except ImportError:  # not a POSIX system
+        return False
+    try:
+        entry = grp.getgrnam(group)
+    except KeyError:
+        return False
+    if user in entry.gr_mem:
+        return True
+    try:
+        return pwd.getpwnam(user).pw_gid == entry.gr_gid
+    except KeyError:
+        return False

@@ -1,0 +1,200 @@
+"""Service scripts: the public plugin API, loading scripts, and the command helper.
+
+A service script is a Python file defining one subclass of
+:class:`RemoteServiceScript`. The server creates one object per service type and
+calls ``start(index, options)`` when a reserved websocket arrives and
+``stop(index)`` when it goes. This API is the original server's and user scripts
+depend on it, so it stays exactly as it is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.util
+import inspect
+import os
+import shlex
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from typing import Any
+
+import psutil
+
+from . import processes
+from .settings import ServiceConfig, SettingsError
+
+
+class RemoteServiceScript:
+    """Base class of service scripts.
+
+    ``start`` and ``stop`` may be plain or ``async def``; plain ones run in a worker
+    thread so that a slow launch does not stall other users' tunnels.
+    """
+
+    def __init__(self, common_options: dict[str, Any]) -> None:
+        self._common_options = common_options
+
+    def start(self, index: int, options: dict[str, Any]) -> tuple[str, int]:
+        """Start instance ``index``; return (host, port) of a socket that listens."""
+        raise NotImplementedError
+
+    def stop(self, index: int) -> None:
+        """Stop instance ``index`` and everything it started."""
+        raise NotImplementedError
+
+
+async def call(method: Any, *args: Any) -> Any:
+    """Call a script method, sync or async, without blocking the event loop.
+
+    A plain method runs in a daemon thread of its own rather than the loop's
+    executor: a script that hangs for ever must not keep the server from exiting.
+    """
+    if inspect.iscoroutinefunction(method):
+        return await method(*args)
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[Any] = loop.create_future()
+
+    def settle(result: Any, error: BaseException | None) -> None:
+        if not future.done():
+            if error is None:
+                future.set_result(result)
+            else:
+                future.set_exception(error)
+
+    def work() -> None:
+        try:
+            outcome: tuple[Any, BaseException | None] = (method(*args), None)
+        except BaseException as exc:  # handed to the awaiting coroutine
+            outcome = (None, exc)
+        with contextlib.suppress(RuntimeError):  # the loop may be gone by now
+            loop.call_soon_threadsafe(settle, *outcome)
+
+    threading.Thread(target=work, name=f"script-{getattr(method, '__name__', 'call')}",
+                     daemon=True).start()
+    result = await future
+    if inspect.isawaitable(result):
+        return await result
+    return result
+
+
+def load_script(service: ServiceConfig) -> RemoteServiceScript:
+    """Import ``service.script`` and instantiate its one RemoteServiceScript subclass."""
+    assert service.script is not None
+    where = f"service {service.name!r}: script {str(service.script)!r}"
+    if not service.script.is_file():
+        raise SettingsError(f"{where}: file not found")
+    module_name = f"websocketserver_script_{uuid.uuid4().hex}"
+    spec = importlib.util.spec_from_file_location(module_name, service.script)
+    if spec is None or spec.loader is None:
+        raise SettingsError(f"{where}: not a Python file")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:  # a user's script may raise anything at import
+        sys.modules.pop(module_name, None)
+        raise SettingsError(f"{where}: import failed: {type(exc).__name__}: {exc}") from None
+    classes = [
+        value for value in vars(module).values()
+        if inspect.isclass(value) and issubclass(value, RemoteServiceScript)
+        and value.__module__ == module_name
+    ]
+    if len(classes) != 1:
+        found = ", ".join(c.__name__ for c in classes) or "none"
+        raise SettingsError(
+            f"{where}: must define exactly one RemoteServiceScript subclass (found {found})")
+    try:
+        return classes[0](dict(service.options))
+    except Exception as exc:
+        raise SettingsError(
+            f"{where}: {classes[0].__name__}() failed: {type(exc).__name__}: {exc}") from None
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free right now on ``host``."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+class CommandService(RemoteServiceScript):
+    """Helper for the common case: run a command on a free port and wait until it listens.
+
+    Subclasses implement :meth:`command`. Each instance runs in its own session with
+    ``WEBSOCKETSERVER_INSTANCE`` in its environment; :meth:`stop` ends its whole
+    process tree, daemons that double-forked away included.
+    """
+
+    host = "127.0.0.1"
+    start_timeout = 60.0
+
+    def __init__(self, common_options: dict[str, Any]) -> None:
+        super().__init__(common_options)
+        self._running: dict[int, tuple[subprocess.Popen[bytes], str]] = {}
+
+    def command(self, index: int, options: dict[str, Any], port: int) -> list[str] | str:
+        """The command line of instance ``index``, listening on ``port``."""
+        raise NotImplementedError
+
+    def environment(self, index: int, options: dict[str, Any]) -> dict[str, str]:
+        """Extra environment variables for instance ``index``."""
+        return {}
+
+    def start(self, index: int, options: dict[str, Any]) -> tuple[str, int]:
+        port = free_port(self.host)
+        argv = self.command(index, options, port)
+        if isinstance(argv, str):
+            argv = shlex.split(argv)
+        marker = f"{os.getpid()}-{uuid.uuid4().hex}"
+        env = {**os.environ, **self.environment(index, options), processes.MARKER: marker}
+        try:
+            proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL,
+                                    start_new_session=True)
+        except OSError as exc:
+            raise RuntimeError(f"cannot run {argv[0]}: {exc.strerror or exc}") from None
+        self._running[index] = (proc, marker)
+        try:
+            wait_listening(port, self.start_timeout, proc)
+        except BaseException:
+            self.stop(index)
+            raise
+        return self.host, port
+
+    def stop(self, index: int) -> None:
+        entry = self._running.pop(index, None)
+        if entry is None:
+            return
+        proc, marker = entry
+        processes.kill_instance(proc.pid, marker)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=5)
+
+
+def listening(port: int) -> bool:
+    """Whether some socket on this machine listens on TCP ``port``.
+
+    Read from the kernel's socket table rather than by connecting, because some
+    servers (``x11vnc -once``, for one) serve only their first client.
+    """
+    return any(
+        conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == port
+        for conn in psutil.net_connections(kind="tcp")
+    )
+
+
+def wait_listening(port: int, timeout: float,
+                   proc: subprocess.Popen[bytes] | None = None) -> None:
+    """Block until TCP ``port`` listens; raise if ``proc`` exits first or time runs out."""
+    deadline = time.monotonic() + timeout
+    while not listening(port):
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"service process exited with status {proc.returncode} "
+                               "before it listened")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"service did not listen on port {port} within {timeout:g} s")
+        time.sleep(0.1)

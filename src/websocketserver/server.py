@@ -1,0 +1,173 @@
+"""The server's lifecycle: start both listeners, serve, and shut down in order.
+
+Shutdown is one path whatever asks for it (``/v1/stop``, SIGTERM, SIGINT, SIGHUP):
+refuse new work, close every tunnel (each one stops its service), stop the
+listeners, exit 0. :func:`run` wraps it all in the supervisor of
+:mod:`.processes`, which then ends any process that is still left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import signal
+import sys
+from collections.abc import Callable
+
+from aiohttp import web
+
+from . import processes
+from .api import RestApi
+from .files import FileServer
+from .identity import Identity
+from .reservations import MemoryStore
+from .services import ServiceManager
+from .settings import Settings, SettingsError
+from .websocket import WebSocketGateway, json_error
+
+log = logging.getLogger("websocketserver.server")
+
+SHUTDOWN_TIMEOUT = 15.0
+"""Upper bound for closing tunnels and stopping services at exit."""
+_API_PATH = re.compile(r"/v\d+(/|$)")
+
+
+class Server:
+    """Both listeners and everything behind them; ``start``, ``wait``, ``close``."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.identity = Identity(settings)
+        self.services = ServiceManager(settings, MemoryStore(), self.identity)
+        self.gateway = WebSocketGateway(settings, self.services)
+        self.api = RestApi(self.services, settings.security_token, self.request_stop)
+        self.files = (FileServer(settings.http_directory, settings.ansys_install_root)
+                      if settings.http_directory is not None else None)
+        self._stop = asyncio.Event()
+        self._runners: list[web.AppRunner] = []
+
+    def request_stop(self) -> None:
+        """Begin the graceful shutdown (after the current request is answered)."""
+        self._stop.set()
+
+    async def start(self) -> None:
+        """Open the listeners; a port in use is a :class:`SettingsError`."""
+        context = self.settings.ssl_context()
+        if self.settings.ws_port != -1:
+            ws_app = web.Application()
+            ws_app.router.add_route("GET", "/{tail:.*}", self.gateway.handle)
+            await self._listen(ws_app, self.settings.ws_port, context, "ws")
+        if self.files is not None:
+            http_app = web.Application()
+            http_app.on_response_prepare.append(self._add_headers)
+            http_app.router.add_route("*", "/{tail:.*}", self._http)
+            await self._listen(http_app, self.settings.http_port, context, "http")
+        self.services.start_reclaiming()
+
+    async def _listen(self, app: web.Application, port: int, context: object,
+                      scheme: str) -> None:
+        runner = web.AppRunner(app, access_log=None, handle_signals=False,
+                               shutdown_timeout=2.0)
+        await runner.setup()
+        self._runners.append(runner)
+        site = web.TCPSite(runner, self.settings.listen_address, port,
+                           ssl_context=context, backlog=1024)  # type: ignore[arg-type]
+        try:
+            await site.start()
+        except OSError as exc:
+            raise SettingsError(f"cannot listen on {scheme} port {port}: "
+                                f"{exc.strerror or exc}") from None
+        secure = "s" if context is not None else ""
+        for address in runner.addresses:
+            log.info("listening for %s%s on %s:%s", scheme, secure, *address[:2])
+
+    async def _add_headers(self, request: web.Request, response: web.StreamResponse) -> None:
+        for name, value in self.settings.add_headers:
+            response.headers[name] = value
+
+    async def _http(self, request: web.Request) -> web.StreamResponse:
+        path = request.path
+        log.debug("%s %s %s", request.remote, request.method, path)
+        if _API_PATH.match(path):
+            return await self.api.handle(request)
+        if path == "/ensight" or path.startswith("/ensight/"):
+            return json_error(501, "the EnSight REST bridge (--grpc_port) is not provided "
+                                   "by this server")
+        if request.method not in ("GET", "HEAD"):
+            return json_error(405, "files are read-only: use GET or HEAD")
+        assert self.files is not None
+        return await self.files.handle(request)
+
+    async def wait(self) -> None:
+        await self._stop.wait()
+
+    async def close(self) -> None:
+        """Close tunnels, stop services, stop listening; bounded by SHUTDOWN_TIMEOUT."""
+        log.info("shutting down")
+        await self.services.close()
+        await self.gateway.close(SHUTDOWN_TIMEOUT)
+        for runner in reversed(self._runners):
+            await runner.cleanup()
+        log.info("stopped")
+
+
+def configure_logging(settings: Settings) -> None:
+    """``--verbose``: 0 warnings, 1 one line per tunnel and service event, 2+ debug."""
+    if settings.log_file is not None:
+        handler: logging.Handler = logging.FileHandler(settings.log_file, encoding="utf-8")
+    else:
+        handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    level = logging.WARNING if settings.verbose <= 0 else (
+        logging.INFO if settings.verbose == 1 else logging.DEBUG)
+    root.setLevel(level)
+    if settings.verbose < 3:
+        logging.getLogger("aiohttp").setLevel(max(level, logging.INFO))
+    log.setLevel(min(level, logging.INFO))  # start and stop are always reported
+
+
+async def serve(settings: Settings, started: Callable[[Server], None] | None = None) -> None:
+    """Run a server until it is asked to stop; SIGTERM/SIGINT/SIGHUP ask too."""
+    server = Server(settings)
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        loop.add_signal_handler(signum, server.request_stop)
+    try:
+        await server.start()
+        if started is not None:
+            started(server)
+        await server.wait()
+    finally:
+        await server.close()
+
+
+def _serve_process(settings: Settings) -> int:
+    try:
+        configure_logging(settings)
+    except OSError as exc:
+        print(f"websocketserver.py: error: --log_file {settings.log_file}: "
+              f"{exc.strerror or exc}", file=sys.stderr)
+        return 1
+    try:
+        import uvloop
+        loop_factory = uvloop.new_event_loop
+    except ImportError:  # uvloop is not available on Windows
+        loop_factory = None
+    try:
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
+            runner.run(serve(settings))
+    except SettingsError as exc:
+        print(f"websocketserver.py: error: {exc}", file=sys.stderr)
+        return 1
+    except Exception:
+        log.exception("internal error; the server stopped")
+        return 1
+    return 0
+
+
+def run(settings: Settings) -> int:
+    """Run the server process under the no-orphans supervisor; return the exit status."""
+    return processes.run_supervised(lambda: _serve_process(settings))

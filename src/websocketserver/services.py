@@ -1,0 +1,232 @@
+"""Services: reserve an instance, start it when its websocket arrives, stop it after.
+
+:class:`ServiceManager` drives each token through its lifecycle (see
+:mod:`websocketserver.reservations`) and is the only place that calls service
+scripts. Whatever a script does (raise, hang, return a port nobody listens on, die
+mid-session), the websocket gets a reason, the slot is freed and the server goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from .identity import Identity
+from .local_apps import LocalApplication
+from .reservations import NoSlotFree, Reservation, ReservationStore, State
+from .scripts import RemoteServiceScript, call, load_script
+from .settings import ServiceConfig, Settings
+
+log = logging.getLogger("websocketserver.services")
+
+RECLAIM_INTERVAL = 1.0
+"""How often never-activated reservations are checked against ``--timeout``."""
+
+
+class ServiceError(Exception):
+    """A request the services layer refuses; ``status`` is the HTTP status to answer."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class Service:
+    """A service type: its configuration and its one script object."""
+
+    config: ServiceConfig
+    script: RemoteServiceScript
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def group(self) -> str | None:
+        return self.config.options.get("group")
+
+
+class ServiceManager:
+    """Reservations, launches and stops for every configured service."""
+
+    def __init__(self, settings: Settings, store: ReservationStore, identity: Identity) -> None:
+        self.settings = settings
+        self.store = store
+        self.identity = identity
+        self.services: dict[str, Service] = {}
+        for config in settings.services:
+            if config.builtin_app is not None:
+                script: RemoteServiceScript = LocalApplication(
+                    config.builtin_app, settings.local_app_root, settings.local_app_command,
+                    settings.start_timeout)
+            else:
+                script = load_script(config)
+            self.services[config.name] = Service(config, script)
+        self._closers: dict[str, Callable[[str], None]] = {}
+        self._reclaimer: asyncio.Task[None] | None = None
+
+    # -- what a caller may see -----------------------------------------------------
+
+    def visible(self, user: str | None) -> list[Service]:
+        """Services ``user`` may see: those without a group, and their groups' ones."""
+        return [s for s in self.services.values()
+                if s.group is None or self.identity.is_member(user, s.group)]
+
+    def _service_for(self, name: str, user: str | None) -> Service:
+        service = self.services.get(name)
+        if service is None:
+            raise ServiceError(404, f"unknown service: {name}")
+        if service.group is not None and not self.identity.is_member(user, service.group):
+            if user is None:
+                raise ServiceError(403, f"service {name} is restricted to group "
+                                        f"{service.group}; caller is anonymous")
+            raise ServiceError(403, f"user {user} is not in group {service.group}")
+        return service
+
+    async def status(self, user: str | None) -> list[dict[str, Any]]:
+        """The ``/v1/status`` document: one object per service the caller may see."""
+        result = []
+        for service in self.visible(user):
+            instances = [
+                {"index": r.index, "token": r.token, "timestamp": r.timestamp,
+                 "options": r.options, "state": str(r.state), "owner": r.owner}
+                for r in await self.store.list(service.name)
+            ]
+            result.append({
+                "name": service.name,
+                "count": service.config.count,
+                "instances": instances,
+                "common_options": service.config.options,
+                "file_ext": service.config.options.get("file_ext", []),
+            })
+        return result
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    async def reserve(self, name: str, options: dict[str, Any], user: str | None) -> Reservation:
+        service = self._service_for(name, user)
+        try:
+            reservation = await self.store.reserve(name, service.config.count, options, user)
+        except NoSlotFree:
+            raise ServiceError(503, f"all {service.config.count} instances of {name} "
+                                    "are in use") from None
+        log.info("reserved %s index %d for %s", name, reservation.index, user or "anonymous")
+        return reservation
+
+    async def release(self, token: str) -> Reservation:
+        """End a reservation: forget it if unused, else close its tunnel (which stops it)."""
+        reservation = await self.store.transition(token, State.RESERVED, State.STOPPING)
+        if reservation is not None:
+            await self.store.remove(token)
+            log.info("released %s index %d (never used)", reservation.service,
+                     reservation.index)
+            return reservation
+        reservation = await self.store.get(token)
+        if reservation is None:
+            raise ServiceError(404, "unknown token")
+        closer = self._closers.get(token)
+        if closer is not None:
+            closer("reservation released")
+        return reservation
+
+    @contextlib.asynccontextmanager
+    async def activate(self, token: str, close: Callable[[str], None]
+                       ) -> AsyncIterator[tuple[str, int]]:
+        """Start the service of ``token`` and yield its (host, port); stop it on exit.
+
+        ``close(reason)`` is called if the reservation is released while in use.
+        Raises :class:`ServiceError` (404 unknown token, 409 already in use, 502 the
+        service failed to start) before yielding.
+        """
+        reservation = await self.store.transition(token, State.RESERVED, State.STARTING)
+        if reservation is None:
+            if await self.store.get(token) is None:
+                raise ServiceError(404, "unknown or expired token")
+            raise ServiceError(409, "token is already in use")
+        service = self.services[reservation.service]
+        self._closers[token] = close
+        started = False
+        try:
+            address = await self._start(service, reservation)
+            started = True
+            if await self.store.transition(token, State.STARTING, State.ACTIVE) is None:
+                raise ServiceError(410, "reservation released while starting")
+            yield address
+        finally:
+            self._closers.pop(token, None)
+            await self.store.transition(token, (State.STARTING, State.ACTIVE), State.STOPPING)
+            if started:
+                await self._stop(service, reservation.index)
+            await self.store.remove(token)
+            log.info("%s index %d is free", service.name, reservation.index)
+
+    async def _start(self, service: Service, reservation: Reservation) -> tuple[str, int]:
+        timeout = self.settings.start_timeout
+        began = time.monotonic()
+        start = asyncio.ensure_future(call(service.script.start, reservation.index,
+                                           dict(reservation.options)))
+        try:
+            host, port = await asyncio.wait_for(asyncio.shield(start), timeout)
+        except TimeoutError:
+            # A plain start() cannot be interrupted: stop the instance now, and again
+            # should the start finish later, so that nothing it launched survives.
+            start.add_done_callback(lambda _: asyncio.ensure_future(
+                self._stop(service, reservation.index)))
+            await self._stop(service, reservation.index)
+            raise ServiceError(504, f"{service.name} did not start within {timeout:g} s"
+                               ) from None
+        except asyncio.CancelledError:
+            start.cancel()
+            await self._stop(service, reservation.index)
+            raise
+        except Exception as exc:
+            log.warning("%s index %d failed to start: %s: %s", service.name,
+                        reservation.index, type(exc).__name__, exc)
+            await self._stop(service, reservation.index)
+            raise ServiceError(502, f"{service.name} failed to start: {exc}") from None
+        log.info("%s index %d started on %s:%s in %.2f s", service.name, reservation.index,
+                 host, port, time.monotonic() - began)
+        return str(host), int(port)
+
+    async def _stop(self, service: Service, index: int) -> None:
+        try:
+            await asyncio.wait_for(call(service.script.stop, index),
+                                   self.settings.stop_timeout)
+        except TimeoutError:
+            log.error("%s index %d: stop() did not return within %g s", service.name, index,
+                      self.settings.stop_timeout)
+        except Exception as exc:
+            log.error("%s index %d: stop() failed: %s: %s", service.name, index,
+                      type(exc).__name__, exc)
+
+    # -- housekeeping ----------------------------------------------------------------
+
+    def start_reclaiming(self) -> None:
+        """Begin reclaiming reservations unused for ``--timeout`` seconds."""
+        self._reclaimer = asyncio.create_task(self._reclaim_forever())
+
+    async def _reclaim_forever(self) -> None:
+        while True:
+            await asyncio.sleep(min(RECLAIM_INTERVAL, self.settings.timeout / 2))
+            limit = time.monotonic() - self.settings.timeout
+            for reservation in await self.store.list():
+                if reservation.state is State.RESERVED and reservation.changed < limit:
+                    if await self.store.transition(reservation.token, State.RESERVED,
+                                                   State.STOPPING):
+                        await self.store.remove(reservation.token)
+                        log.info("reclaimed unused reservation of %s index %d",
+                                 reservation.service, reservation.index)
+
+    async def close(self) -> None:
+        """Stop reclaiming; end every session (their tunnels stop their services)."""
+        if self._reclaimer is not None:
+            self._reclaimer.cancel()
+            await asyncio.gather(self._reclaimer, return_exceptions=True)
+        for close in list(self._closers.values()):
+            close("server shutting down")

@@ -1,0 +1,167 @@
+"""Validated settings: what the command line and the service config file say.
+
+Everything here is checked once, at start-up, so that a mistake is reported as one
+clear line before any socket is opened (see :class:`SettingsError`).
+"""
+
+from __future__ import annotations
+
+import json
+import ssl
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+
+BUILTIN_APPS = ("ensight", "envision")
+
+
+class SettingsError(Exception):
+    """A start-up problem the user must fix; its message is one line."""
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    """One service type of ``--remote_session_config`` (or a built-in one)."""
+
+    name: str
+    script: Path | None  # None for the built-in applications
+    count: int
+    options: dict[str, Any]
+    builtin_app: str | None = None
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the server needs to run; built by :mod:`websocketserver.cli`."""
+
+    ws_port: int  # -1: no websocket listener
+    http_directory: Path | None = None
+    http_port: int = 9090
+    cert: Path | None = None
+    key: Path | None = None
+    remote_session_config: Path | None = None
+    client_hostname: str = "localhost"
+    client_port: int | None = None
+    timeout: float = 300.0
+    local_sessions: tuple[tuple[str, int], ...] = ()
+    verbose: int = 0
+    log_file: Path | None = None
+    security_token: str | None = None
+    add_headers: tuple[tuple[str, str], ...] = ()
+    grpc_port: int | None = None
+    listen_address: str | None = None
+    ansys_install_root: Path | None = None
+    start_timeout: float = 60.0
+    stop_timeout: float = 10.0
+    max_message_size: int = 64 * 1024 * 1024
+    local_app_root: Path | None = None
+    local_app_command: str | None = None
+    trusted_proxies: tuple[str, ...] = ()
+    user_header: str = "X-Remote-User"
+    users_file: Path | None = None
+    groups_file: Path | None = None
+    services: tuple[ServiceConfig, ...] = field(default=())
+
+    @property
+    def tls(self) -> bool:
+        return self.cert is not None
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """A server context (TLS >= 1.2) for both listeners, or None for plain ws/http."""
+        if self.cert is None:
+            return None
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        try:
+            context.load_cert_chain(self.cert, self.key)
+        except (OSError, ssl.SSLError) as exc:
+            names = f"{self.cert}" + (f" / {self.key}" if self.key else "")
+            raise SettingsError(f"cannot load TLS certificate {names}: {_reason(exc)}") from None
+        return context
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc) or type(exc).__name__
+
+
+_SERVICE_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["script", "count"],
+    "properties": {
+        "script": {"type": "string", "minLength": 1},
+        "count": {"type": "integer", "minimum": 1},
+        "options": {
+            "type": "object",
+            "properties": {
+                "group": {"type": "string", "minLength": 1},
+                "file_ext": {"type": "array", "items": {"type": "string"}},
+            },
+        },
+    },
+}
+
+
+def load_service_config(path: Path) -> tuple[ServiceConfig, ...]:
+    """Read and validate ``--remote_session_config``; errors name the service and field."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise SettingsError(f"cannot read --remote_session_config {path}: {_reason(exc)}") from None
+    except UnicodeDecodeError:
+        raise SettingsError(f"--remote_session_config {path} is not UTF-8 text") from None
+    try:
+        document = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise SettingsError(
+            f"--remote_session_config {path}: invalid JSON at line {exc.lineno} "
+            f"column {exc.colno}: {exc.msg}"
+        ) from None
+    if not isinstance(document, dict):
+        raise SettingsError(
+            f"--remote_session_config {path}: expected a JSON object of services, "
+            f"got {type(document).__name__}"
+        )
+    validator = jsonschema.Draft202012Validator(_SERVICE_SCHEMA)
+    services = []
+    for name, entry in document.items():
+        error = jsonschema.exceptions.best_match(validator.iter_errors(entry))
+        if error is not None:
+            where = ".".join(str(p) for p in error.absolute_path) or _missing_field(error)
+            raise SettingsError(
+                f"--remote_session_config {path}: service {name!r}: "
+                f"field {where!r}: {_schema_message(error)}"
+            )
+        script = Path(entry["script"])
+        if not script.is_absolute():
+            script = path.resolve().parent / script
+        services.append(
+            ServiceConfig(
+                name=name,
+                script=script,
+                count=entry["count"],
+                options=dict(entry.get("options", {})),
+            )
+        )
+    return tuple(services)
+
+
+def _missing_field(error: jsonschema.ValidationError) -> str:
+    if error.validator == "required":
+        return str(error.message).split("'")[1]
+    return "(service)"
+
+
+def _schema_message(error: jsonschema.ValidationError) -> str:
+    if error.validator == "required":
+        return "is required"
+    if error.validator == "type":
+        return f"must be of type {error.validator_value}"
+    if error.validator == "minimum":
+        return f"must be >= {error.validator_value}"
+    if error.validator == "minLength":
+        return "must not be empty"
+    return error.message

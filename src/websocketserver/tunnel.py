@@ -1,0 +1,226 @@
+"""The hot path: relay one websocket to one TCP connection, both ways.
+
+Backend bytes arrive in :meth:`_Backend.data_received` and are queued as they are
+(no copy) for a single pump that sends each chunk as one binary frame. Backpressure
+holds in both directions with no unbounded buffer:
+
+* downstream, the pump awaits the websocket writer's drain; while it waits the
+  queue grows past ``HIGH_WATER`` and the backend socket stops being read, so the
+  service blocks in its own ``send``;
+* upstream, a message is written to the backend and, while the backend transport
+  is over its limit, no further message is read from the websocket (aiohttp then
+  stops reading that socket).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from aiohttp import WSCloseCode, WSMsgType, web
+
+log = logging.getLogger("websocketserver.tunnel")
+
+HIGH_WATER = 1024 * 1024
+"""Backend bytes queued for the browser before the backend socket is paused."""
+LOW_WATER = 256 * 1024
+CONNECT_TIMEOUT = 10.0
+MAX_REASON = 123  # bytes allowed in a websocket close reason
+
+
+@dataclass
+class TunnelStats:
+    """What a tunnel carried; logged when it closes."""
+
+    peer: str
+    target: str
+    started: float = field(default_factory=time.monotonic)
+    bytes_up: int = 0  # browser -> backend
+    bytes_down: int = 0  # backend -> browser
+
+
+class BackendError(Exception):
+    """The TCP backend could not be reached; the message is a close reason."""
+
+
+def close_reason(text: str) -> bytes:
+    """Encode ``text`` as a websocket close reason, cut to the protocol's limit."""
+    data = text.encode("utf-8")
+    if len(data) <= MAX_REASON:
+        return data
+    return data[: MAX_REASON - 3].decode("utf-8", "ignore").encode("utf-8") + b"..."
+
+
+def set_nodelay(transport: asyncio.BaseTransport) -> None:
+    sock = transport.get_extra_info("socket")
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+class _Backend(asyncio.Protocol):
+    """The TCP side; every event is handed straight to its :class:`Tunnel`."""
+
+    def __init__(self, tunnel: Tunnel) -> None:
+        self._tunnel = tunnel
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        set_nodelay(transport)
+        transport.set_write_buffer_limits(high=HIGH_WATER)  # type: ignore[attr-defined]
+
+    def data_received(self, data: bytes) -> None:
+        tunnel = self._tunnel
+        tunnel._queue.append(data)
+        tunnel._queued += len(data)
+        if tunnel._queued > HIGH_WATER and not tunnel._reading_paused:
+            tunnel._reading_paused = True
+            tunnel._transport.pause_reading()
+        tunnel._wake()
+
+    def eof_received(self) -> bool:
+        self._tunnel._backend_done("backend closed the connection")
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        reason = f"backend connection lost: {exc}" if exc else "backend closed the connection"
+        self._tunnel._backend_done(reason, exc is not None)
+        self._tunnel._writable_now()
+
+    def pause_writing(self) -> None:
+        self._tunnel._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._tunnel._writable_now()
+
+
+class Tunnel:
+    """One websocket relayed to one TCP backend; create, :meth:`connect`, :meth:`run`."""
+
+    def __init__(self, ws: web.WebSocketResponse, stats: TunnelStats) -> None:
+        self.ws = ws
+        self.stats = stats
+        self._transport: asyncio.Transport = None  # type: ignore[assignment]
+        self._queue: deque[bytes] = deque()
+        self._queued = 0
+        self._reading_paused = False
+        self._waiter: asyncio.Future[None] | None = None
+        self._done_reason: str | None = None
+        self._done_error = False
+        self._write_paused = False
+        self._writable: asyncio.Future[None] | None = None
+        self._close_code = WSCloseCode.OK
+        self._close_reason = ""
+
+    async def connect(self, host: str, port: int, timeout: float = CONNECT_TIMEOUT) -> None:
+        """Open the backend connection, or raise :class:`BackendError` with a reason."""
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(timeout):
+                transport, _ = await loop.create_connection(lambda: _Backend(self), host, port)
+        except TimeoutError:
+            raise BackendError(f"backend {host}:{port} did not answer") from None
+        except OSError as exc:
+            raise BackendError(f"cannot connect to backend {host}:{port}: "
+                               f"{exc.strerror or exc}") from None
+        self._transport = transport  # type: ignore[assignment]
+
+    async def run(self) -> None:
+        """Relay until either side closes, then close the other; never raises."""
+        upstream = asyncio.create_task(self._upstream())
+        try:
+            await self._downstream()
+        except (ConnectionError, RuntimeError):
+            self._close_reason = self._close_reason or "browser connection lost"
+        finally:
+            upstream.cancel()
+            await asyncio.gather(upstream, return_exceptions=True)
+            self._transport.close()
+            if not self.ws.closed:
+                await self.ws.close(code=self._close_code,
+                                    message=close_reason(self._close_reason))
+
+    def close(self, code: int, reason: str) -> None:
+        """End the tunnel from outside (shutdown, release); :meth:`run` does the rest."""
+        self._close_code = code
+        self._backend_done(reason)
+
+    @property
+    def reason(self) -> str:
+        return self._close_reason
+
+    # -- downstream: backend -> browser -------------------------------------------
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def _backend_done(self, reason: str, error: bool = False) -> None:
+        if self._done_reason is None:
+            self._done_reason = reason
+            self._done_error = error
+            self._wake()
+
+    async def _downstream(self) -> None:
+        queue = self._queue
+        send = self.ws.send_bytes
+        stats = self.stats
+        loop = asyncio.get_running_loop()
+        while True:
+            while queue:
+                data = queue.popleft()
+                self._queued -= len(data)
+                stats.bytes_down += len(data)
+                await send(data)
+            if self._reading_paused and self._queued <= LOW_WATER:
+                self._reading_paused = False
+                self._transport.resume_reading()
+            if self._done_reason is not None and not queue:
+                if not self._close_reason:
+                    self._close_reason = self._done_reason
+                    if self._done_error and self._close_code == WSCloseCode.OK:
+                        self._close_code = WSCloseCode.INTERNAL_ERROR
+                return
+            self._waiter = loop.create_future()
+            await self._waiter
+
+    # -- upstream: browser -> backend ---------------------------------------------
+
+    def _writable_now(self) -> None:
+        self._write_paused = False
+        writable = self._writable
+        self._writable = None
+        if writable is not None and not writable.done():
+            writable.set_result(None)
+
+    async def _upstream(self) -> None:
+        ws = self.ws
+        stats = self.stats
+        loop = asyncio.get_running_loop()
+        transport = self._transport
+        while True:
+            msg = await ws.receive()
+            kind = msg.type
+            if kind is WSMsgType.BINARY:
+                data = msg.data
+            elif kind is WSMsgType.TEXT:
+                data = msg.data.encode("utf-8")
+            else:
+                break
+            stats.bytes_up += len(data)
+            if transport.is_closing():
+                break
+            transport.write(data)
+            if self._write_paused:
+                self._writable = loop.create_future()
+                await self._writable
+        if kind is WSMsgType.ERROR:
+            self._close_reason = f"websocket error: {ws.exception()}"
+        else:
+            self._close_reason = self._close_reason or "browser closed the websocket"
+        self._backend_done(self._close_reason)

@@ -1,0 +1,152 @@
+"""The websocket listener: accept an upgrade on any path, pick its target, tunnel.
+
+Without ``?token=`` the target is ``--client_hostname:--client_port`` (basic mode);
+with one, the reserved service is started first (see :mod:`.services`). Requests
+that cannot be served are refused before the upgrade with an HTTP status and a JSON
+reason; failures after the upgrade close the websocket with a code and a reason
+that the page's ``CloseEvent.reason`` shows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+from aiohttp import WSCloseCode, web
+
+from .services import ServiceError, ServiceManager
+from .settings import Settings
+from .tunnel import BackendError, Tunnel, TunnelStats, close_reason, set_nodelay
+
+log = logging.getLogger("websocketserver.tunnel")
+
+START_FAILED = 1011  # websocket close code: the service behind the tunnel failed
+
+
+def json_error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status)
+
+
+def peer_of(request: web.BaseRequest) -> str:
+    peer = request.transport.get_extra_info("peername") if request.transport else None
+    if not peer:
+        return "?"
+    return f"[{peer[0]}]:{peer[1]}" if ":" in peer[0] else f"{peer[0]}:{peer[1]}"
+
+
+class WebSocketGateway:
+    """The aiohttp handler of the websocket port, and the registry of live tunnels."""
+
+    def __init__(self, settings: Settings, services: ServiceManager) -> None:
+        self.settings = settings
+        self.services = services
+        self.tunnels: set[Tunnel] = set()
+        self._handlers: set[asyncio.Task[object]] = set()
+        self._closing = False
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        if self._closing:
+            return json_error(503, "server is shutting down")
+        ws = web.WebSocketResponse(protocols=("binary",), compress=False,
+                                   max_msg_size=self.settings.max_message_size)
+        if not ws.can_prepare(request).ok:
+            return json_error(426, "this port serves websocket upgrades only")
+        token = request.query.get("token")
+        if token is None and self.settings.client_port is None:
+            return json_error(404, "no service here: no --client_port configured and no "
+                                   "?token= given")
+        if token is not None:
+            known = await self.services.store.get(token)
+            if known is None:
+                return json_error(404, "unknown or expired token")
+            if known.state != "reserved":
+                return json_error(409, "token is already in use")
+        task = asyncio.current_task()
+        assert task is not None
+        self._handlers.add(task)
+        try:
+            await ws.prepare(request)
+            set_nodelay(request.transport)
+            if token is None:
+                target = (self.settings.client_hostname, self.settings.client_port)
+                await self._tunnel(request, ws, target, None)
+            else:
+                await self._service_tunnel(request, ws, token)
+        finally:
+            self._handlers.discard(task)
+        return ws
+
+    async def _service_tunnel(self, request: web.Request, ws: web.WebSocketResponse,
+                              token: str) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        state: dict[str, Tunnel | str] = {}
+
+        def close(reason: str) -> None:  # a release or shutdown while in use
+            tunnel = state.get("tunnel")
+            if isinstance(tunnel, Tunnel):
+                tunnel.close(WSCloseCode.GOING_AWAY, reason)
+            elif "stopped" not in state:
+                state["stopped"] = reason
+                task.cancel()
+
+        try:
+            async with self.services.activate(token, close) as target:
+                deadline = time.monotonic() + self.settings.start_timeout
+                await self._tunnel(request, ws, target, deadline, state)
+        except ServiceError as exc:
+            await ws.close(code=START_FAILED, message=close_reason(str(exc)))
+        except asyncio.CancelledError:
+            reason = state.get("stopped")
+            if not isinstance(reason, str):
+                raise
+            task.uncancel()
+            await ws.close(code=WSCloseCode.GOING_AWAY, message=close_reason(reason))
+
+    async def _tunnel(self, request: web.Request, ws: web.WebSocketResponse,
+                      target: tuple[str, int], deadline: float | None,
+                      state: dict[str, Tunnel | str] | None = None) -> None:
+        host, port = target
+        stats = TunnelStats(peer=peer_of(request), target=f"{host}:{port}")
+        tunnel = Tunnel(ws, stats)
+        try:
+            await self._connect(tunnel, host, port, deadline)
+        except BackendError as exc:
+            log.warning("tunnel refused: %s -> %s: %s", stats.peer, stats.target, exc)
+            await ws.close(code=START_FAILED, message=close_reason(str(exc)))
+            return
+        if state is not None:
+            state["tunnel"] = tunnel
+        self.tunnels.add(tunnel)
+        log.info("tunnel open: %s -> %s", stats.peer, stats.target)
+        try:
+            await tunnel.run()
+        finally:
+            self.tunnels.discard(tunnel)
+            log.info("tunnel closed: %s -> %s, %d bytes up, %d bytes down, %.2f s (%s)",
+                     stats.peer, stats.target, stats.bytes_up, stats.bytes_down,
+                     time.monotonic() - stats.started, tunnel.reason)
+
+    @staticmethod
+    async def _connect(tunnel: Tunnel, host: str, port: int, deadline: float | None) -> None:
+        """Connect once, or keep trying until ``deadline`` while the port is not open yet."""
+        while True:
+            try:
+                await tunnel.connect(host, port)
+                return
+            except BackendError:
+                if deadline is None or time.monotonic() > deadline:
+                    raise
+            await asyncio.sleep(0.05)
+
+    async def close(self, timeout: float) -> None:
+        """Refuse new upgrades, close every tunnel and wait for their handlers."""
+        self._closing = True
+        for tunnel in list(self.tunnels):
+            tunnel.close(WSCloseCode.GOING_AWAY, "server shutting down")
+        if self._handlers:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await asyncio.gather(*self._handlers, return_exceptions=True)
