@@ -1,0 +1,175 @@
+"""Test helpers: free ports, the real server as a subprocess, process-tree checks."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples"
+LAUNCHER = ROOT / "websocketserver.py"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_port(port: int, timeout: float = 15.0, proc: subprocess.Popen | None = None) -> None:
+    """Wait until 127.0.0.1:port accepts a connection."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before port {port} opened")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"port {port} did not open") from None
+            time.sleep(0.05)
+
+
+class EchoBackend:
+    """examples/echo_server.py running as a real process on a free port."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.proc = subprocess.Popen(
+            [sys.executable, str(EXAMPLES / "echo_server.py"), str(self.port)])
+        wait_port(self.port, proc=self.proc)
+
+    def close(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
+class ServerProcess:
+    """The real command line, started as a subprocess on free ports."""
+
+    def __init__(self, *args: str, ws_port: int | None = None, http: bool = True,
+                 http_dir: Path | None = None, token: str | None = "K",
+                 tls: tuple[Path, Path] | None = None, log_dir: Path | None = None,
+                 env: dict[str, str] | None = None, launcher: list[str] | None = None) -> None:
+        self.ws_port = free_port() if ws_port is None else ws_port
+        self.http_port = free_port() if http else None
+        self.token = token
+        self.tls = tls
+        argv = list(launcher or [sys.executable, str(LAUNCHER)])
+        argv += ["--listen_address", "127.0.0.1"]
+        if http:
+            argv += ["--http_directory", str(http_dir or ROOT / "demo" / "www"),
+                     "--http_port", str(self.http_port)]
+        if token is not None:
+            argv += ["--security_token", token]
+        if tls is not None:
+            argv += ["--cert", str(tls[0]), "--key", str(tls[1])]
+        argv += [*args, str(self.ws_port)]
+        self.log_path = (log_dir or Path("/tmp")) / f"server-{self.ws_port}.log"
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in close()
+        self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT,
+                                     env={**os.environ, **(env or {})})
+        self.pid = self.proc.pid
+        if self.ws_port != -1:
+            wait_port(self.ws_port, proc=self.proc)
+        if self.http_port is not None:
+            wait_port(self.http_port, proc=self.proc)
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls else "http"
+
+    def ws_url(self, path: str = "/websockify", **query: str) -> str:
+        scheme = "wss" if self.tls else "ws"
+        qs = "&".join(f"{k}={v}" for k, v in query.items())
+        return f"{scheme}://127.0.0.1:{self.ws_port}{path}" + (f"?{qs}" if qs else "")
+
+    def url(self, path: str, *, auth: bool = True) -> str:
+        if auth and self.token is not None and path.startswith("/v"):
+            path += ("&" if "?" in path else "?") + f"security_token={self.token}"
+        return f"{self.scheme}://127.0.0.1:{self.http_port}{path}"
+
+    def get(self, path: str, *, auth: bool = True, headers: dict[str, str] | None = None,
+            context: ssl.SSLContext | None = None) -> tuple[int, dict[str, str], bytes]:
+        """GET a path; returns (status, headers, body) for any status."""
+        request = urllib.request.Request(self.url(path, auth=auth), headers=headers or {})
+        try:
+            with urllib.request.urlopen(request, timeout=30, context=context) as response:
+                return response.status, dict(response.headers), response.read()
+        except urllib.error.HTTPError as exc:
+            return exc.code, dict(exc.headers), exc.read()
+
+    def get_json(self, path: str, **kwargs: Any) -> tuple[int, Any]:
+        status, _, body = self.get(path, **kwargs)
+        return status, json.loads(body)
+
+    def descendants(self) -> list[psutil.Process]:
+        """Live (non-zombie) processes below the server's top process."""
+        try:
+            children = psutil.Process(self.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
+        alive = []
+        for child in children:
+            with contextlib.suppress(psutil.Error):
+                if child.status() != psutil.STATUS_ZOMBIE:
+                    alive.append(child)
+        return alive
+
+    def wait_exit(self, timeout: float = 10.0) -> int:
+        return self.proc.wait(timeout=timeout)
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def close(self) -> None:
+        """Stop the server (SIGTERM, then SIGKILL) and check nothing it started is left."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                for child in self.descendants():
+                    with contextlib.suppress(psutil.Error):
+                        child.kill()
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+
+
+def marked_processes() -> list[psutil.Process]:
+    """Processes anywhere on the machine that a service instance of a server started."""
+    found = []
+    for proc in psutil.process_iter():
+        with contextlib.suppress(psutil.Error):
+            if "WEBSOCKETSERVER_INSTANCE" in proc.environ() and \
+                    proc.status() != psutil.STATUS_ZOMBIE:
+                found.append(proc)
+    return found
+
+
+def wait_until(predicate: Any, timeout: float = 10.0, interval: float = 0.05) -> Any:
+    """Poll ``predicate`` until it returns something truthy; fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s: {predicate}")
+        time.sleep(interval)
