@@ -19,12 +19,12 @@ def echo() -> Iterator[EchoBackend]:
 
 @pytest.fixture
 def start_server(tmp_path: Path) -> Iterator:
-    """Start ``ServerProcess(*args, **kwargs)``; every one is stopped after the test."""
+    """Start ``ServerProcess.start(*args, **kwargs)``; each is stopped after the test."""
     started: list[ServerProcess] = []
 
     def start(*args: str, **kwargs) -> ServerProcess:
         kwargs.setdefault("log_dir", tmp_path)
-        server = ServerProcess(*args, **kwargs)
+        server = ServerProcess.start(*args, **kwargs)
         started.append(server)
         return server
 

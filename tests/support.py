@@ -59,35 +59,40 @@ class EchoBackend:
 
 
 class ServerProcess:
-    """The real command line, started as a subprocess on free ports."""
+    """The real command line as a subprocess; :meth:`start` builds a typical one."""
 
-    def __init__(self, *args: str, ws_port: int | None = None, http: bool = True,
-                 http_dir: Path | None = None, token: str | None = "K",
-                 tls: tuple[Path, Path] | None = None, log_dir: Path | None = None,
-                 env: dict[str, str] | None = None, launcher: list[str] | None = None) -> None:
-        self.ws_port = free_port() if ws_port is None else ws_port
-        self.http_port = free_port() if http else None
-        self.token = token
-        self.tls = tls
-        argv = list(launcher or [sys.executable, str(LAUNCHER)])
-        argv += ["--listen_address", "127.0.0.1"]
-        if http:
-            argv += ["--http_directory", str(http_dir or ROOT / "demo" / "www"),
-                     "--http_port", str(self.http_port)]
-        if token is not None:
-            argv += ["--security_token", token]
-        if tls is not None:
-            argv += ["--cert", str(tls[0]), "--key", str(tls[1])]
-        argv += [*args, str(self.ws_port)]
-        self.log_path = (log_dir or Path("/tmp")) / f"server-{self.ws_port}.log"
+    def __init__(self, argv: list[str], *, ws_port: int, http_port: int | None,
+                 token: str | None = None, tls: tuple[Path, Path] | None = None,
+                 log_dir: Path | None = None, env: dict[str, str] | None = None) -> None:
+        self.ws_port, self.http_port, self.token, self.tls = ws_port, http_port, token, tls
+        self.log_path = (log_dir or Path("/tmp")) / f"server-{ws_port}-{http_port}.log"
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in close()
         self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT,
                                      env={**os.environ, **(env or {})})
         self.pid = self.proc.pid
-        if self.ws_port != -1:
-            wait_port(self.ws_port, proc=self.proc)
-        if self.http_port is not None:
-            wait_port(self.http_port, proc=self.proc)
+        for port in (ws_port, http_port):
+            if port is not None and port != -1:
+                wait_port(port, proc=self.proc)
+
+    @classmethod
+    def start(cls, *args: str, ws_port: int | None = None, http: bool = True,
+              http_dir: Path | None = None, token: str | None = "K",
+              tls: tuple[Path, Path] | None = None, log_dir: Path | None = None,
+              env: dict[str, str] | None = None) -> ServerProcess:
+        """``websocketserver.py`` on 127.0.0.1 and free ports, with ``args`` added."""
+        ws_port = free_port() if ws_port is None else ws_port
+        http_port = free_port() if http else None
+        argv = [sys.executable, str(LAUNCHER), "--listen_address", "127.0.0.1"]
+        if http_port is not None:
+            argv += ["--http_directory", str(http_dir or ROOT / "demo" / "www"),
+                     "--http_port", str(http_port)]
+        if token is not None:
+            argv += ["--security_token", token]
+        if tls is not None:
+            argv += ["--cert", str(tls[0]), "--key", str(tls[1])]
+        argv += [*args, str(ws_port)]
+        return cls(argv, ws_port=ws_port, http_port=http_port, token=token, tls=tls,
+                   log_dir=log_dir, env=env)
 
     @property
     def scheme(self) -> str:
