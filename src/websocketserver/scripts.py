@@ -192,7 +192,8 @@ def wait_listening(port: int, timeout: float,
     """Block until TCP ``port`` listens; raise if ``proc`` exits first or time runs out."""
     deadline = time.monotonic() + timeout
     while not listening(port):
-        if proc is not None and proc.poll() is not None:
+        # Status 0 may be a launcher that daemonized: keep waiting for the port.
+        if proc is not None and proc.poll() not in (None, 0):
             raise RuntimeError(f"service process exited with status {proc.returncode} "
                                "before it listened")
         if time.monotonic() > deadline:
