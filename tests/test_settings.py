@@ -1,0 +1,64 @@
+"""Service config validation and TLS settings."""
+
+from __future__ import annotations
+
+import json
+import ssl
+from pathlib import Path
+
+import pytest
+import trustme
+
+from websocketserver.settings import Settings, SettingsError, load_service_config
+
+
+def write(tmp_path: Path, content: str) -> Path:
+    path = tmp_path / "services.json"
+    path.write_text(content)
+    return path
+
+
+def test_valid_config_resolves_scripts_relative_to_file(tmp_path: Path) -> None:
+    path = write(tmp_path, json.dumps({
+        "Local Software Session": {"script": "desktop.py", "count": 2,
+                                   "options": {"sizes": ["1600x1200"], "display_base": 100}},
+        "Cluster": {"script": "/abs/x.py", "count": 1,
+                    "options": {"group": "ClusterRendering", "file_ext": [".evsn"]}},
+    }))
+    first, second = load_service_config(path)
+    assert first.name == "Local Software Session" and first.count == 2
+    assert first.script == tmp_path.resolve() / "desktop.py"
+    assert first.options == {"sizes": ["1600x1200"], "display_base": 100}
+    assert second.script == Path("/abs/x.py")
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"a": ', "invalid JSON at line 1 column 7"),
+    ("[]", "expected a JSON object of services"),
+    ('{"svc": {"count": 1}}', "service 'svc': field 'script': is required"),
+    ('{"svc": {"script": "x.py"}}', "service 'svc': field 'count': is required"),
+    ('{"svc": {"script": "x.py", "count": 0}}', "service 'svc': field 'count': must be >= 1"),
+    ('{"svc": {"script": "x.py", "count": "2"}}', "field 'count': must be of type integer"),
+    ('{"svc": {"script": 5, "count": 1}}', "field 'script': must be of type string"),
+    ('{"svc": {"script": "x.py", "count": 1, "options": []}}', "field 'options'"),
+    ('{"svc": {"script": "x.py", "count": 1, "options": {"group": 3}}}',
+     "field 'options.group'"),
+    ('{"svc": 3}', "service 'svc'"),
+])
+def test_config_errors_name_service_and_field(tmp_path: Path, content: str,
+                                              message: str) -> None:
+    with pytest.raises(SettingsError) as error:
+        load_service_config(write(tmp_path, content))
+    assert message in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_tls_context_is_tls12_or_newer(tmp_path: Path) -> None:
+    ca = trustme.CA()
+    cert = ca.issue_cert("localhost")
+    cert.cert_chain_pems[0].write_to_path(tmp_path / "c.pem")
+    cert.private_key_pem.write_to_path(tmp_path / "k.pem")
+    context = Settings(ws_port=1, cert=tmp_path / "c.pem", key=tmp_path / "k.pem").ssl_context()
+    assert context is not None
+    assert context.minimum_version == ssl.TLSVersion.TLSv1_2
+    assert Settings(ws_port=1).ssl_context() is None
