@@ -1,0 +1,434 @@
+"""Benchmark websocketserver against websockify; print one table of medians and ratios.
+
+Usage: ``python bench/run.py [--quick] [--servers websockify,ours] [--reps N]``.
+
+Starts a TCP backend, the proxies and a picows client, each in its own process,
+on free 127.0.0.1 ports; alternates the servers run by run; stops every process
+it started on exit, error or Ctrl-C.  Raw samples go to ``bench/results/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import signal
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from types import FrameType
+
+from common import BenchError, raise_nofile_limit
+from servers import (
+    BENCH_DIR,
+    OURS,
+    PYTHON,
+    WEBSOCKIFY,
+    Processes,
+    ServerKind,
+    Tls,
+    TreeMemory,
+    Worker,
+    make_tls,
+    ours_available,
+    start_backend,
+    start_server,
+    tree_memory,
+)
+
+KiB = 1024
+MiB = 1024 * KiB
+SIZES = {"1 KiB": KiB, "64 KiB": 64 * KiB, "1 MiB": MiB}
+DIRECT = "direct"
+SAMPLE_TIMEOUT = 120.0
+IDLE_COUNTS = (2_000, 10_000)
+WEBSOCKIFY_IDLE_CAP = 500
+"""websockify forks a process per tunnel and each child inherits the parent's
+pipes; past ~510 tunnels a child's socket number exceeds 1023 and its
+``select()`` fails ("filedescriptor out of range"), so it is measured at 500."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How much work each measurement does."""
+
+    reps: int
+    down_bytes: dict[int, int]
+    up_bytes: dict[int, int]
+    latency_rounds: int
+    tunnel_seconds: float
+    wss_sizes: tuple[str, ...]
+
+
+QUICK = Plan(
+    reps=3,
+    down_bytes={KiB: 32 * MiB, 64 * KiB: 128 * MiB, MiB: 128 * MiB},
+    up_bytes={KiB: 16 * MiB, 64 * KiB: 64 * MiB, MiB: 64 * MiB},
+    latency_rounds=1_000,
+    tunnel_seconds=1.0,
+    wss_sizes=("64 KiB",),
+)
+FULL = Plan(
+    reps=7,
+    down_bytes={KiB: 128 * MiB, 64 * KiB: 512 * MiB, MiB: 512 * MiB},
+    up_bytes={KiB: 64 * MiB, 64 * KiB: 256 * MiB, MiB: 256 * MiB},
+    latency_rounds=5_000,
+    tunnel_seconds=3.0,
+    wss_sizes=tuple(SIZES),
+)
+
+
+@dataclass(frozen=True)
+class Target:
+    """A goal for ours: a ratio to websockify (``min``/``max``) or an absolute ``max``."""
+
+    text: str
+    check: Callable[[float | None, float | None], bool | None]
+
+
+def ratio_at_least(x: float) -> Target:
+    return Target(f"≥ {x:g}×", lambda ratio, _value: None if ratio is None else ratio >= x)
+
+
+def ratio_at_most(x: float) -> Target:
+    return Target(f"≤ {x:g}×", lambda ratio, _value: None if ratio is None else ratio <= x)
+
+
+def value_at_most(x: float, unit: str) -> Target:
+    return Target(f"≤ {x:g} {unit}", lambda _ratio, value: None if value is None else value <= x)
+
+
+@dataclass
+class Row:
+    """One line of the table: per-target samples, their medians and the target."""
+
+    label: str
+    unit: str
+    samples: dict[str, list[float]] = field(default_factory=dict)
+    target: Target | None = None
+    notes: dict[str, str] = field(default_factory=dict)
+    """Per-target cell override (e.g. a value measured at a capped count)."""
+
+    def median(self, name: str) -> float | None:
+        values = self.samples.get(name)
+        return statistics.median(values) if values else None
+
+    def ratio(self) -> float | None:
+        ours, theirs = self.median(OURS.name), self.median(WEBSOCKIFY.name)
+        if ours is None or theirs is None or theirs == 0:
+            return None
+        return ours / theirs
+
+    def holds(self) -> bool | None:
+        if self.target is None:
+            return None
+        return self.target.check(self.ratio(), self.median(OURS.name))
+
+
+def log(message: str) -> None:
+    """Progress goes to stderr; the table goes to stdout."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def alternate(names: Sequence[str], reps: int,
+              sample: Callable[[str], tuple[float, ...]]) -> dict[str, list[tuple[float, ...]]]:
+    """Run ``sample`` ``reps`` times per target, rotating the order every round."""
+    results: dict[str, list[tuple[float, ...]]] = {name: [] for name in names}
+    for rep in range(reps):
+        k = rep % len(names)
+        for name in [*names[k:], *names[:k]]:
+            results[name].append(sample(name))
+    return results
+
+
+def column(results: dict[str, list[tuple[float, ...]]], index: int) -> dict[str, list[float]]:
+    return {name: [values[index] for values in runs] for name, runs in results.items()}
+
+
+class Bench:
+    """One benchmark run: its processes, its client and the rows it has measured."""
+
+    def __init__(self, plan: Plan, kinds: Sequence[ServerKind], out_dir: Path) -> None:
+        self.plan = plan
+        self.kinds = kinds
+        self.procs = Processes(out_dir)
+        self.tls: Tls = make_tls(out_dir)
+        self.rows: list[Row] = []
+        self.client: Worker | None = None
+        self.backend_port = 0
+
+    def close(self) -> None:
+        self.procs.close()
+
+    def request(self, op: str, **args: object) -> dict[str, float]:
+        assert self.client is not None
+        return self.client.request(op, **args)
+
+    def run(self) -> list[Row]:
+        """All measurements, in order: ws, wss, idle memory."""
+        _backend, self.backend_port = start_backend(self.procs)
+        self.client = Worker(self.procs, "client", [PYTHON, str(BENCH_DIR / "client.py")])
+        urls = {DIRECT: f"tcp://127.0.0.1:{self.backend_port}"}
+        servers = [start_server(self.procs, kind, self.backend_port, None) for kind in self.kinds]
+        urls.update({server.kind.name: server.url for server in servers})
+        self.warm_up(urls)
+        for label, size in SIZES.items():
+            self.throughput("down", f"downstream, {label} writes", urls, size, ratio_at_least(1.7))
+        for label, size in SIZES.items():
+            self.throughput("up", f"upstream, {label} messages", urls, size, ratio_at_least(2.5))
+        self.latency(urls)
+        self.tunnels(urls)
+        for server in servers:
+            self.procs.stop(server.proc)
+
+        servers = [start_server(self.procs, kind, self.backend_port, self.tls)
+                   for kind in self.kinds]
+        wss_urls = {server.kind.name: server.url for server in servers}
+        self.warm_up(wss_urls)
+        for label in self.plan.wss_sizes:
+            self.throughput("down", f"wss downstream, {label} writes", wss_urls, SIZES[label],
+                            ratio_at_least(1.5))
+        for server in servers:
+            self.procs.stop(server.proc)
+
+        self.idle_memory()
+        return self.rows
+
+    def cafile(self, url: str) -> str | None:
+        return str(self.tls.ca) if url.startswith("wss:") else None
+
+    def warm_up(self, urls: dict[str, str]) -> None:
+        """One small untimed transfer each way per target."""
+        for url in urls.values():
+            for op in ("down", "up"):
+                self.request(op, url=url, total=4 * MiB, chunk=64 * KiB, timeout=SAMPLE_TIMEOUT,
+                             cafile=self.cafile(url))
+
+    def throughput(self, op: str, label: str, urls: dict[str, str], size: int,
+                   target: Target) -> None:
+        """Median MB/s of ``op`` ("down" or "up") with ``size``-byte writes/messages."""
+        total = (self.plan.down_bytes if op == "down" else self.plan.up_bytes)[size]
+
+        def sample(name: str) -> tuple[float, ...]:
+            url = urls[name]
+            reply = self.request(op, url=url, total=total, chunk=size, timeout=SAMPLE_TIMEOUT,
+                                 cafile=self.cafile(url))
+            return (reply["bytes"] / reply["seconds"] / 1e6,)
+
+        results = alternate(list(urls), self.plan.reps, sample)
+        self.add(Row(label, "MB/s", column(results, 0), target))
+
+    def latency(self, urls: dict[str, str]) -> None:
+        """p50/p99 of sequential 32-byte echo round trips."""
+
+        def sample(name: str) -> tuple[float, ...]:
+            reply = self.request("latency", url=urls[name], count=self.plan.latency_rounds,
+                                 size=32, warmup=100)
+            rtts = sorted(reply["rtts"])
+            return (rtts[len(rtts) // 2] * 1e6, rtts[int(len(rtts) * 0.99)] * 1e6)
+
+        results = alternate(list(urls), self.plan.reps, sample)
+        self.add(Row("round trip, 32 B, p50", "µs", column(results, 0), ratio_at_most(1.0)))
+        self.add(Row("round trip, 32 B, p99", "µs", column(results, 1)))
+
+    def tunnels(self, urls: dict[str, str]) -> None:
+        """Tunnels opened, used (one echo) and closed per second, 64 in parallel."""
+
+        def sample(name: str) -> tuple[float, ...]:
+            reply = self.request("tunnels", url=urls[name], parallel=64,
+                                 duration=self.plan.tunnel_seconds)
+            return (reply["tunnels"] / reply["seconds"],)
+
+        results = alternate(list(urls), self.plan.reps, sample)
+        self.add(Row("tunnels open+use+close, 64 parallel", "/s", column(results, 0),
+                      ratio_at_least(10)))
+
+    def idle_memory(self) -> None:
+        """RSS of each server's process tree while it holds many idle tunnels."""
+        measured: dict[str, dict[int, TreeMemory]] = {}
+        for kind in self.kinds:
+            measured[kind.name] = {}
+            for count in IDLE_COUNTS:
+                count = self.idle_capacity(kind, count)
+                if count not in measured[kind.name]:
+                    measured[kind.name][count] = self.hold(kind, count)
+        for wanted in IDLE_COUNTS:
+            target = value_at_most(500, "MB") if wanted == 10_000 else None
+            rss = Row(f"RSS, {wanted:,} idle tunnels", "MB", target=target)
+            pss = Row(f"PSS, {wanted:,} idle tunnels", "MB")
+            for name, by_count in measured.items():
+                self.fill_idle(rss, pss, name, wanted, by_count)
+            self.add(rss)
+            self.add(pss)
+
+    def idle_capacity(self, kind: ServerKind, wanted: int) -> int:
+        """How many idle tunnels this server can hold here (see WEBSOCKIFY_IDLE_CAP)."""
+        if kind is WEBSOCKIFY:
+            return min(wanted, WEBSOCKIFY_IDLE_CAP)
+        server = start_server(self.procs, kind, self.backend_port, None)
+        base_fds = tree_memory(server.proc.pid, with_pss=False).fds
+        self.procs.stop(server.proc)
+        return min(wanted, (raise_nofile_limit() - base_fds - 4) // 2)  # two sockets a tunnel
+
+    def hold(self, kind: ServerKind, count: int) -> TreeMemory:
+        """Start a fresh server, open ``count`` idle tunnels, measure, tear down."""
+        server = start_server(self.procs, kind, self.backend_port, None)
+        try:
+            reply = self.request("hold", url=server.url, count=count, parallel=64)
+            try:
+                time.sleep(1.0)
+                memory = tree_memory(server.proc.pid)
+            finally:
+                self.request("release")
+        finally:
+            self.procs.stop(server.proc)
+        log(f"  {kind.name}: {count:,} idle tunnels opened in {reply['seconds']:.1f} s: "
+            f"RSS {memory.rss / 1e6:,.0f} MB, PSS {memory.pss / 1e6:,.0f} MB, "
+            f"{memory.processes} processes")
+        return memory
+
+    @staticmethod
+    def fill_idle(rss: Row, pss: Row, name: str, wanted: int,
+                  by_count: dict[int, TreeMemory]) -> None:
+        """Put one server's idle figures for ``wanted`` tunnels in the rows."""
+        if wanted in by_count:
+            rss.samples[name] = [by_count[wanted].rss / 1e6]
+            pss.samples[name] = [by_count[wanted].pss / 1e6]
+            return
+        counts = sorted(by_count)
+        top = counts[-1]
+        if name == WEBSOCKIFY.name:
+            if wanted == IDLE_COUNTS[0]:
+                for row, value in ((rss, by_count[top].rss), (pss, by_count[top].pss)):
+                    row.notes[name] = f"{value / 1e6:,.0f} at {top:,} (a)"
+            else:
+                rss.notes[name] = pss.notes[name] = "— (a)"
+            return
+        if len(counts) < 2:
+            rss.notes[name] = pss.notes[name] = f"— (only {top:,} fit)"
+            return
+        low = counts[0]
+        for row, attr in ((rss, "rss"), (pss, "pss")):
+            at_low, at_top = getattr(by_count[low], attr), getattr(by_count[top], attr)
+            estimate = at_top + (at_top - at_low) / (top - low) * (wanted - top)
+            row.samples[name] = [estimate / 1e6]
+            row.notes[name] = f"≈ {estimate / 1e6:,.0f} (b: {at_top / 1e6:,.0f} at {top:,})"
+
+    def add(self, row: Row) -> None:
+        self.rows.append(row)
+        cells = ", ".join(f"{name} {format_value(row.median(name))}" for name in row.samples)
+        log(f"{row.label} ({row.unit}): {cells}")
+
+
+def format_value(value: float | None) -> str:
+    if value is None:
+        return "—"
+    if value >= 100:
+        return f"{value:,.0f}"
+    return f"{value:,.1f}"
+
+
+def render(rows: Sequence[Row], names: Sequence[str]) -> str:
+    """The results as a Markdown table plus its footnotes."""
+    titles = {DIRECT: "direct TCP", WEBSOCKIFY.name: "websockify", OURS.name: "ours"}
+    head = ["metric", *(titles[name] for name in names), "ours / websockify", "target", "holds"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        cells = [f"{row.label} ({row.unit})"]
+        for name in names:
+            cells.append(row.notes.get(name) or format_value(row.median(name)))
+        ratio = row.ratio()
+        cells.append("—" if ratio is None else f"{ratio:.2f}×")
+        cells.append(row.target.text if row.target else "")
+        holds = row.holds()
+        cells.append("" if row.target is None else {True: "yes", False: "**NO**", None: "n/a"}[holds])
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "Medians of the runs; MB = 10⁶ bytes. direct TCP = the client talks to the backend "
+        "without a proxy (the ceiling); it has no wss or idle-tunnel figures.",
+        f"(a) websockify forks a process per tunnel and fails past ~510 concurrent tunnels "
+        f"here (a child's socket number exceeds 1023: select() 'filedescriptor out of range'), "
+        f"so it is measured at {WEBSOCKIFY_IDLE_CAP}. Its RSS sum counts copy-on-write pages "
+        "once per process; PSS shares them out.",
+        "(b) 10,000 tunnels need 20,000 sockets in one process, more than this machine's "
+        "RLIMIT_NOFILE hard limit allows; the figure is measured at the count shown and "
+        "extrapolated linearly from the 2,000-tunnel measurement.",
+        "RSS/PSS are summed over the server's whole process tree, measured once on a fresh "
+        "server (ours: its supervisor plus the server process).",
+    ]
+    return "\n".join(lines)
+
+
+def machine() -> str:
+    """One line describing where this ran."""
+    model = platform.processor() or "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import os
+
+    return f"{os.cpu_count()} CPUs, {model}, Python {platform.python_version()}"
+
+
+def _terminate(signum: int, _frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the exit status (1 if a measurement failed)."""
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer, shorter runs (< 2 min)")
+    parser.add_argument("--reps", type=int, help="runs per server and metric")
+    parser.add_argument("--servers", help="comma-separated: websockify,ours "
+                                          "(default: both, ours only once it exists)")
+    args = parser.parse_args(argv)
+
+    plan = QUICK if args.quick else FULL
+    if args.reps:
+        plan = Plan(**{**asdict(plan), "reps": args.reps})
+    wanted = args.servers.split(",") if args.servers else ["websockify", "ours"]
+    kinds = [kind for kind in (WEBSOCKIFY, OURS) if kind.name in wanted]
+    if OURS in kinds and not ours_available():
+        log("src/websocketserver/tunnel.py does not exist yet: benchmarking websockify only")
+        kinds.remove(OURS)
+
+    raise_nofile_limit()
+    signal.signal(signal.SIGTERM, _terminate)
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    out_dir = BENCH_DIR / "results" / stamp
+    out_dir.mkdir(parents=True)
+    started = time.monotonic()
+    bench = Bench(plan, kinds, out_dir)
+    try:
+        rows = bench.run()
+    except BenchError as exc:
+        log(f"benchmark failed: {exc}\n(logs in {out_dir})")
+        return 1
+    finally:
+        bench.close()
+
+    names = [DIRECT, *(kind.name for kind in kinds)]
+    table = render(rows, names)
+    header = (f"{'quick' if args.quick else 'full'} run, {plan.reps} runs each, "
+              f"{datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}, {machine()}, "
+              f"{time.monotonic() - started:.0f} s")
+    print(header + "\n\n" + table)
+    (out_dir / "table.md").write_text(header + "\n\n" + table + "\n")
+    (out_dir / "samples.json").write_text(json.dumps(
+        [{"label": row.label, "unit": row.unit, "samples": row.samples, "notes": row.notes}
+         for row in rows], indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
