@@ -21,7 +21,16 @@ from urllib.parse import urlsplit
 import uvloop
 from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
 
-from common import ACK, BenchError, MODE_DOWN, MODE_ECHO, MODE_UP, header, raise_nofile_limit, send_json
+from common import (
+    ACK,
+    MODE_DOWN,
+    MODE_ECHO,
+    MODE_UP,
+    BenchError,
+    header,
+    raise_nofile_limit,
+    send_json,
+)
 
 PAYLOAD = memoryview(bytes(range(256)) * 4096)
 """1 MiB of upstream payload that messages are sliced from."""
@@ -106,7 +115,7 @@ class WsLink(_LinkBase, WSListener):
         else:
             length = bytes([0x80 | 127]) + size.to_bytes(8, "big")
         key = (MASK_KEY * (size // 4 + 1))[:size]
-        masked = (int.from_bytes(message, "little") ^ int.from_bytes(key, "little"))
+        masked = int.from_bytes(message, "little") ^ int.from_bytes(key, "little")
         frame = b"\x82" + length + MASK_KEY + masked.to_bytes(size, "little")
         return frame * count
 
@@ -207,7 +216,9 @@ async def _with_link(url: str, cafile: str | None, body: Callable[[Link], Awaita
         raise
 
 
-async def down(url: str, total: int, chunk: int, timeout: float, cafile: str | None = None) -> dict[str, Any]:
+async def down(
+    url: str, total: int, chunk: int, timeout: float, cafile: str | None = None
+) -> dict[str, Any]:
     """Backend streams ``total`` bytes in ``chunk``-sized writes; time until all arrived."""
     loop = asyncio.get_running_loop()
     received = 0
@@ -234,7 +245,9 @@ async def down(url: str, total: int, chunk: int, timeout: float, cafile: str | N
     return {"seconds": seconds, "bytes": received}
 
 
-async def up(url: str, total: int, chunk: int, timeout: float, cafile: str | None = None) -> dict[str, Any]:
+async def up(
+    url: str, total: int, chunk: int, timeout: float, cafile: str | None = None
+) -> dict[str, Any]:
     """Send ``total`` bytes in ``chunk``-sized messages; time until the backend's ACK.
 
     The messages are encoded before the clock starts and written in batches, so the
@@ -292,7 +305,9 @@ async def _echo_round(link: Link, message: bytes, timeout: float) -> None:
     link.on_data = _ignore
 
 
-async def latency(url: str, count: int, size: int, warmup: int, cafile: str | None = None) -> dict[str, Any]:
+async def latency(
+    url: str, count: int, size: int, warmup: int, cafile: str | None = None
+) -> dict[str, Any]:
     """Sequential echo round trips of ``size``-byte messages; return RTTs in seconds."""
     filler = bytes(range(size - 8)) if size > 8 else b""
 
@@ -310,7 +325,9 @@ async def latency(url: str, count: int, size: int, warmup: int, cafile: str | No
     return {"rtts": await _with_link(url, cafile, body)}
 
 
-async def tunnels(url: str, parallel: int, duration: float, cafile: str | None = None) -> dict[str, Any]:
+async def tunnels(
+    url: str, parallel: int, duration: float, cafile: str | None = None
+) -> dict[str, Any]:
     """``parallel`` workers open, use (one echo) and close tunnels for ``duration`` s."""
     done = 0
 
@@ -335,7 +352,9 @@ class Holder:
     def __init__(self) -> None:
         self.links: list[Link] = []
 
-    async def hold(self, url: str, count: int, parallel: int, cafile: str | None = None) -> dict[str, Any]:
+    async def hold(
+        self, url: str, count: int, parallel: int, cafile: str | None = None
+    ) -> dict[str, Any]:
         """Open ``count`` tunnels, each checked with one echo, and keep them open."""
         sem = asyncio.Semaphore(parallel)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import signal
 import statistics
@@ -21,8 +22,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
-from common import BenchError, raise_nofile_limit
 from servers import (
     BENCH_DIR,
     OURS,
@@ -37,8 +38,12 @@ from servers import (
     ours_available,
     start_backend,
     start_server,
+    tree_cpu,
+    tree_cpu_settled,
     tree_memory,
 )
+
+from common import BenchError, raise_nofile_limit
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -112,6 +117,8 @@ class Row:
     target: Target | None = None
     notes: dict[str, str] = field(default_factory=dict)
     """Per-target cell override (e.g. a value measured at a capped count)."""
+    in_table: bool = True
+    """False: only in the progress log and samples.json."""
 
     def median(self, name: str) -> float | None:
         values = self.samples.get(name)
@@ -134,8 +141,9 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def alternate(names: Sequence[str], reps: int,
-              sample: Callable[[str], tuple[float, ...]]) -> dict[str, list[tuple[float, ...]]]:
+def alternate(
+    names: Sequence[str], reps: int, sample: Callable[[str], tuple[float, ...]]
+) -> dict[str, list[tuple[float, ...]]]:
     """Run ``sample`` ``reps`` times per target, rotating the order every round."""
     results: dict[str, list[tuple[float, ...]]] = {name: [] for name in names}
     for rep in range(reps):
@@ -160,11 +168,12 @@ class Bench:
         self.rows: list[Row] = []
         self.client: Worker | None = None
         self.backend_port = 0
+        self.pids: dict[str, int] = {}
 
     def close(self) -> None:
         self.procs.close()
 
-    def request(self, op: str, **args: object) -> dict[str, float]:
+    def request(self, op: str, **args: Any) -> dict[str, Any]:
         assert self.client is not None
         return self.client.request(op, **args)
 
@@ -175,6 +184,7 @@ class Bench:
         urls = {DIRECT: f"tcp://127.0.0.1:{self.backend_port}"}
         servers = [start_server(self.procs, kind, self.backend_port, None) for kind in self.kinds]
         urls.update({server.kind.name: server.url for server in servers})
+        self.pids = {server.kind.name: server.proc.pid for server in servers}
         self.warm_up(urls)
         for label, size in SIZES.items():
             self.throughput("down", f"downstream, {label} writes", urls, size, ratio_at_least(1.7))
@@ -185,13 +195,20 @@ class Bench:
         for server in servers:
             self.procs.stop(server.proc)
 
-        servers = [start_server(self.procs, kind, self.backend_port, self.tls)
-                   for kind in self.kinds]
+        servers = [
+            start_server(self.procs, kind, self.backend_port, self.tls) for kind in self.kinds
+        ]
         wss_urls = {server.kind.name: server.url for server in servers}
+        self.pids = {server.kind.name: server.proc.pid for server in servers}
         self.warm_up(wss_urls)
         for label in self.plan.wss_sizes:
-            self.throughput("down", f"wss downstream, {label} writes", wss_urls, SIZES[label],
-                            ratio_at_least(1.5))
+            self.throughput(
+                "down",
+                f"wss downstream, {label} writes",
+                wss_urls,
+                SIZES[label],
+                ratio_at_least(1.5),
+            )
         for server in servers:
             self.procs.stop(server.proc)
 
@@ -205,29 +222,55 @@ class Bench:
         """One small untimed transfer each way per target."""
         for url in urls.values():
             for op in ("down", "up"):
-                self.request(op, url=url, total=4 * MiB, chunk=64 * KiB, timeout=SAMPLE_TIMEOUT,
-                             cafile=self.cafile(url))
+                self.request(
+                    op,
+                    url=url,
+                    total=4 * MiB,
+                    chunk=64 * KiB,
+                    timeout=SAMPLE_TIMEOUT,
+                    cafile=self.cafile(url),
+                )
 
-    def throughput(self, op: str, label: str, urls: dict[str, str], size: int,
-                   target: Target) -> None:
-        """Median MB/s of ``op`` ("down" or "up") with ``size``-byte writes/messages."""
+    def throughput(
+        self, op: str, label: str, urls: dict[str, str], size: int, target: Target
+    ) -> None:
+        """Median MB/s of ``op`` ("down" or "up") with ``size``-byte writes/messages,
+        and the server's CPU time per MB (the 1 KiB downstream one goes in the table:
+        there the backend's one-syscall-per-write is the bottleneck, not the proxy)."""
         total = (self.plan.down_bytes if op == "down" else self.plan.up_bytes)[size]
 
         def sample(name: str) -> tuple[float, ...]:
-            url = urls[name]
-            reply = self.request(op, url=url, total=total, chunk=size, timeout=SAMPLE_TIMEOUT,
-                                 cafile=self.cafile(url))
-            return (reply["bytes"] / reply["seconds"] / 1e6,)
+            url, pid = urls[name], self.pids.get(name)
+            cpu_before, size_before = tree_cpu(pid) if pid else (0.0, 0)
+            reply = self.request(
+                op,
+                url=url,
+                total=total,
+                chunk=size,
+                timeout=SAMPLE_TIMEOUT,
+                cafile=self.cafile(url),
+            )
+            cpu = tree_cpu_settled(pid, size_before) - cpu_before if pid else float("nan")
+            return reply["bytes"] / reply["seconds"] / 1e6, cpu * 1e3 / (reply["bytes"] / 1e6)
 
         results = alternate(list(urls), self.plan.reps, sample)
         self.add(Row(label, "MB/s", column(results, 0), target))
+        self.add(
+            Row(
+                f"{label}: server CPU",
+                "ms/MB",
+                {name: values for name, values in column(results, 1).items() if name != DIRECT},
+                in_table=op == "down" and size == KiB and not label.startswith("wss"),
+            )
+        )
 
     def latency(self, urls: dict[str, str]) -> None:
         """p50/p99 of sequential 32-byte echo round trips."""
 
         def sample(name: str) -> tuple[float, ...]:
-            reply = self.request("latency", url=urls[name], count=self.plan.latency_rounds,
-                                 size=32, warmup=100)
+            reply = self.request(
+                "latency", url=urls[name], count=self.plan.latency_rounds, size=32, warmup=100
+            )
             rtts = sorted(reply["rtts"])
             return (rtts[len(rtts) // 2] * 1e6, rtts[int(len(rtts) * 0.99)] * 1e6)
 
@@ -239,13 +282,15 @@ class Bench:
         """Tunnels opened, used (one echo) and closed per second, 64 in parallel."""
 
         def sample(name: str) -> tuple[float, ...]:
-            reply = self.request("tunnels", url=urls[name], parallel=64,
-                                 duration=self.plan.tunnel_seconds)
+            reply = self.request(
+                "tunnels", url=urls[name], parallel=64, duration=self.plan.tunnel_seconds
+            )
             return (reply["tunnels"] / reply["seconds"],)
 
         results = alternate(list(urls), self.plan.reps, sample)
-        self.add(Row("tunnels open+use+close, 64 parallel", "/s", column(results, 0),
-                      ratio_at_least(10)))
+        self.add(
+            Row("tunnels open+use+close, 64 parallel", "/s", column(results, 0), ratio_at_least(10))
+        )
 
     def idle_memory(self) -> None:
         """RSS of each server's process tree while it holds many idle tunnels."""
@@ -269,10 +314,13 @@ class Bench:
         """How many idle tunnels this server can hold here (see WEBSOCKIFY_IDLE_CAP)."""
         if kind is WEBSOCKIFY:
             return min(wanted, WEBSOCKIFY_IDLE_CAP)
+        limit = raise_nofile_limit()
+        if 2 * wanted + 64 <= limit:
+            return wanted
         server = start_server(self.procs, kind, self.backend_port, None)
         base_fds = tree_memory(server.proc.pid, with_pss=False).fds
         self.procs.stop(server.proc)
-        return min(wanted, (raise_nofile_limit() - base_fds - 4) // 2)  # two sockets a tunnel
+        return min(wanted, (limit - base_fds - 4) // 2)  # two sockets per tunnel
 
     def hold(self, kind: ServerKind, count: int) -> TreeMemory:
         """Start a fresh server, open ``count`` idle tunnels, measure, tear down."""
@@ -286,14 +334,17 @@ class Bench:
                 self.request("release")
         finally:
             self.procs.stop(server.proc)
-        log(f"  {kind.name}: {count:,} idle tunnels opened in {reply['seconds']:.1f} s: "
+        log(
+            f"  {kind.name}: {count:,} idle tunnels opened in {reply['seconds']:.1f} s: "
             f"RSS {memory.rss / 1e6:,.0f} MB, PSS {memory.pss / 1e6:,.0f} MB, "
-            f"{memory.processes} processes")
+            f"{memory.processes} processes"
+        )
         return memory
 
     @staticmethod
-    def fill_idle(rss: Row, pss: Row, name: str, wanted: int,
-                  by_count: dict[int, TreeMemory]) -> None:
+    def fill_idle(
+        rss: Row, pss: Row, name: str, wanted: int, by_count: dict[int, TreeMemory]
+    ) -> None:
         """Put one server's idle figures for ``wanted`` tunnels in the rows."""
         if wanted in by_count:
             rss.samples[name] = [by_count[wanted].rss / 1e6]
@@ -338,6 +389,8 @@ def render(rows: Sequence[Row], names: Sequence[str]) -> str:
     head = ["metric", *(titles[name] for name in names), "ours / websockify", "target", "holds"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
+        if not row.in_table:
+            continue
         cells = [f"{row.label} ({row.unit})"]
         for name in names:
             cells.append(row.notes.get(name) or format_value(row.median(name)))
@@ -345,7 +398,9 @@ def render(rows: Sequence[Row], names: Sequence[str]) -> str:
         cells.append("—" if ratio is None else f"{ratio:.2f}×")
         cells.append(row.target.text if row.target else "")
         holds = row.holds()
-        cells.append("" if row.target is None else {True: "yes", False: "**NO**", None: "n/a"}[holds])
+        cells.append(
+            "" if row.target is None else {True: "yes", False: "**NO**", None: "n/a"}[holds]
+        )
         lines.append("| " + " | ".join(cells) + " |")
     lines += [
         "",
@@ -374,8 +429,6 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    import os
-
     return f"{os.cpu_count()} CPUs, {model}, Python {platform.python_version()}"
 
 
@@ -385,12 +438,15 @@ def _terminate(signum: int, _frame: FrameType | None) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit status (1 if a measurement failed)."""
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="fewer, shorter runs (< 2 min)")
     parser.add_argument("--reps", type=int, help="runs per server and metric")
-    parser.add_argument("--servers", help="comma-separated: websockify,ours "
-                                          "(default: both, ours only once it exists)")
+    parser.add_argument(
+        "--servers",
+        help="comma-separated: websockify,ours (default: both, ours only once it exists)",
+    )
     args = parser.parse_args(argv)
 
     plan = QUICK if args.quick else FULL
@@ -419,14 +475,22 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     names = [DIRECT, *(kind.name for kind in kinds)]
     table = render(rows, names)
-    header = (f"{'quick' if args.quick else 'full'} run, {plan.reps} runs each, "
-              f"{datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}, {machine()}, "
-              f"{time.monotonic() - started:.0f} s")
+    header = (
+        f"{'quick' if args.quick else 'full'} run, {plan.reps} runs each, "
+        f"{datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}, {machine()}, "
+        f"{time.monotonic() - started:.0f} s"
+    )
     print(header + "\n\n" + table)
     (out_dir / "table.md").write_text(header + "\n\n" + table + "\n")
-    (out_dir / "samples.json").write_text(json.dumps(
-        [{"label": row.label, "unit": row.unit, "samples": row.samples, "notes": row.notes}
-         for row in rows], indent=1))
+    (out_dir / "samples.json").write_text(
+        json.dumps(
+            [
+                {"label": row.label, "unit": row.unit, "samples": row.samples, "notes": row.notes}
+                for row in rows
+            ],
+            indent=1,
+        )
+    )
     return 0
 
 

@@ -56,8 +56,14 @@ class Processes:
         self.log_dir = log_dir
         self.procs: list[subprocess.Popen[bytes]] = []
 
-    def spawn(self, name: str, argv: Sequence[str], *, pipes: bool = False,
-              env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    def spawn(
+        self,
+        name: str,
+        argv: Sequence[str],
+        *,
+        pipes: bool = False,
+        env: dict[str, str] | None = None,
+    ) -> subprocess.Popen[bytes]:
         """Start ``argv``; stderr (and stdout unless ``pipes``) go to ``log_dir/name.log``."""
         log = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - closed with the process
         proc = subprocess.Popen(
@@ -133,7 +139,9 @@ class Worker:
         ready, _, _ = select.select([stdout], [], [], timeout)
         line = stdout.readline() if ready else b""
         if not line:
-            raise BenchError(f"{self.name}: no reply within {timeout:.0f}s (exit code {self.proc.poll()})")
+            raise BenchError(
+                f"{self.name}: no reply within {timeout:.0f}s (exit code {self.proc.poll()})"
+            )
         reply: dict[str, Any] = json.loads(line)
         if "error" in reply:
             raise BenchError(reply["error"])
@@ -154,8 +162,17 @@ class ServerKind:
             if tls:
                 argv += ["--cert", str(tls.cert), "--key", str(tls.key), "--ssl-only"]
             return argv
-        argv = [PYTHON, "-m", "websocketserver", "--client_hostname", HOST,
-                "--client_port", str(backend_port), "--verbose", "0"]
+        argv = [
+            PYTHON,
+            "-m",
+            "websocketserver",
+            "--client_hostname",
+            HOST,
+            "--client_port",
+            str(backend_port),
+            "--verbose",
+            "0",
+        ]
         if tls:
             argv += ["--cert", str(tls.cert), "--key", str(tls.key)]
         return argv + [str(ws_port)]
@@ -206,16 +223,20 @@ def start_backend(procs: Processes) -> tuple[Worker, int]:
     return worker, port
 
 
-def wait_listening(proc: subprocess.Popen[bytes], port: int, name: str, log: Path,
-                   timeout: float = 20.0) -> None:
+def wait_listening(
+    proc: subprocess.Popen[bytes], port: int, name: str, log: Path, timeout: float = 20.0
+) -> None:
     """Wait until ``proc`` (or a descendant) has a listening socket on ``port``."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
             raise BenchError(f"{name} exited with {proc.returncode} at startup:\n{tail}")
-        if any(c.status == psutil.CONN_LISTEN and c.laddr.port == port
-               for p in _tree(proc.pid) for c in _connections(p)):
+        if any(
+            c.status == psutil.CONN_LISTEN and c.laddr.port == port
+            for p in _tree(proc.pid)
+            for c in _connections(p)
+        ):
             return
         time.sleep(0.1)
     raise BenchError(f"{name} is not listening on port {port} after {timeout:.0f}s")
@@ -234,6 +255,30 @@ def _connections(proc: psutil.Process) -> list[Any]:
         return proc.net_connections(kind="tcp")
     except (psutil.NoSuchProcess, psutil.AccessDenied):
         return []
+
+
+def tree_cpu(pid: int) -> tuple[float, int]:
+    """CPU seconds used by a process tree (reaped children included) and its size."""
+    total = 0.0
+    tree = _tree(pid)
+    for proc in tree:
+        try:
+            times = proc.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += times.user + times.system + times.children_user + times.children_system
+    return total, len(tree)
+
+
+def tree_cpu_settled(pid: int, size: int, timeout: float = 5.0) -> float:
+    """``tree_cpu`` once the tree is back to ``size`` processes, so that the CPU time
+    of per-connection children (websockify) has been added to their parent."""
+    deadline = time.monotonic() + timeout
+    while True:
+        seconds, now = tree_cpu(pid)
+        if now <= size or time.monotonic() > deadline:
+            return seconds
+        time.sleep(0.02)
 
 
 @dataclass(frozen=True)

@@ -113,6 +113,7 @@ class Tunnel:
         self._writable: asyncio.Future[None] | None = None
         self._close_code = WSCloseCode.OK
         self._close_reason = ""
+        self._downstream_task: asyncio.Task[None] | None = None
 
     async def connect(self, host: str, port: int, timeout: float = CONNECT_TIMEOUT) -> None:
         """Open the backend connection, or raise :class:`BackendError` with a reason."""
@@ -128,15 +129,23 @@ class Tunnel:
         self._transport = transport  # type: ignore[assignment]
 
     async def run(self) -> None:
-        """Relay until either side closes, then close the other; never raises."""
+        """Relay until either side closes, then close the other; never raises.
+
+        Whichever direction ends first ends the other: a browser that is gone must
+        not leave the pump waiting for a drain that will never come.
+        """
+        self._downstream_task = asyncio.create_task(self._downstream())
         upstream = asyncio.create_task(self._upstream())
         try:
-            await self._downstream()
-        except (ConnectionError, RuntimeError):
-            self._close_reason = self._close_reason or "browser connection lost"
+            await asyncio.wait((self._downstream_task, upstream),
+                               return_when=asyncio.FIRST_COMPLETED)
         finally:
-            upstream.cancel()
-            await asyncio.gather(upstream, return_exceptions=True)
+            for task in (self._downstream_task, upstream):
+                task.cancel()
+            for outcome in await asyncio.gather(self._downstream_task, upstream,
+                                                return_exceptions=True):
+                if isinstance(outcome, ConnectionError | RuntimeError):
+                    self._close_reason = self._close_reason or "browser connection lost"
             self._transport.close()
             if not self.ws.closed:
                 await self.ws.close(code=self._close_code,
@@ -145,7 +154,9 @@ class Tunnel:
     def close(self, code: int, reason: str) -> None:
         """End the tunnel from outside (shutdown, release); :meth:`run` does the rest."""
         self._close_code = code
-        self._backend_done(reason)
+        self._close_reason = self._close_reason or reason
+        if self._downstream_task is not None:
+            self._downstream_task.cancel()
 
     @property
     def reason(self) -> str:

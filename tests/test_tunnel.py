@@ -1,0 +1,173 @@
+"""The hot path in-process: byte-exact relay, closing, and backpressure both ways."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator
+
+import pytest
+import websockets
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from websocketserver.tunnel import BackendError, Tunnel, TunnelStats, close_reason
+
+FLOOD = 256 * 1024 * 1024
+BOUND = 48 * 1024 * 1024  # far below FLOOD: what kernel buffers + our limits may hold
+
+
+class Backend:
+    """A TCP server whose behaviour each test chooses."""
+
+    def __init__(self, behaviour) -> None:
+        self.behaviour = behaviour
+        self.server: asyncio.Server | None = None
+        self.progress = 0
+        self.eof = asyncio.Event()
+        self.done = asyncio.Event()
+
+    async def __aenter__(self) -> Backend:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        self.done.set()
+        self.server.close()
+
+    async def _serve(self, reader, writer) -> None:
+        try:
+            await self.behaviour(self, reader, writer)
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+
+async def echo(backend: Backend, reader, writer) -> None:
+    while data := await reader.read(65536):
+        writer.write(data)
+        await writer.drain()
+    backend.eof.set()
+
+
+async def flood(backend: Backend, reader, writer) -> None:
+    chunk = os.urandom(64 * 1024)
+    while backend.progress < FLOOD and not backend.done.is_set():
+        writer.write(chunk)
+        await writer.drain()
+        backend.progress += len(chunk)
+
+
+async def stall(backend: Backend, reader, writer) -> None:
+    await backend.done.wait()
+
+
+@pytest.fixture
+async def relay() -> AsyncIterator:
+    """Start an aiohttp server whose websockets tunnel to ``port``; yields a URL maker."""
+    tunnels: list[Tunnel] = []
+
+    async def handler(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse(protocols=("binary",), max_msg_size=0)
+        await ws.prepare(request)
+        tunnel = Tunnel(ws, TunnelStats(peer="test", target="backend"))
+        tunnels.append(tunnel)
+        try:
+            await tunnel.connect("127.0.0.1", int(request.query["port"]))
+        except BackendError as exc:
+            await ws.close(code=1011, message=close_reason(str(exc)))
+            return ws
+        await tunnel.run()
+        return ws
+
+    app = web.Application()
+    app.router.add_get("/", handler)
+    server = TestServer(app)
+    await server.start_server()
+    yield lambda port: f"ws://127.0.0.1:{server.port}/?port={port}", tunnels
+    await server.close()
+
+
+async def test_echo_is_byte_exact_and_counted(relay) -> None:
+    url, tunnels = relay
+    async with Backend(echo) as backend:
+        async with websockets.connect(url(backend.port), max_size=None) as ws:
+            data = os.urandom(3 * 1024 * 1024 + 7)
+            await ws.send(data)
+            received = bytearray()
+            while len(received) < len(data):
+                received += await ws.recv()
+            assert received == data
+            await ws.send("text")
+            assert await ws.recv() == b"text"
+        await asyncio.wait_for(backend.eof.wait(), 5)  # client close reached the backend
+    stats = tunnels[0].stats
+    assert stats.bytes_up == stats.bytes_down == len(data) + 4
+
+
+async def test_backend_close_ends_websocket_normally(relay) -> None:
+    async def greet(backend, reader, writer) -> None:
+        writer.write(b"hello")
+        await writer.drain()
+
+    url, _ = relay
+    async with Backend(greet) as backend:
+        async with websockets.connect(url(backend.port)) as ws:
+            assert await ws.recv() == b"hello"
+            with pytest.raises(websockets.ConnectionClosedOK) as closed:
+                await asyncio.wait_for(ws.recv(), 5)
+    assert closed.value.rcvd.code == 1000
+    assert closed.value.rcvd.reason == "backend closed the connection"
+
+
+async def test_refused_backend_gives_reason(relay) -> None:
+    url, _ = relay
+    async with Backend(echo) as backend:
+        port = backend.port
+    async with websockets.connect(url(port)) as ws:
+        with pytest.raises(websockets.ConnectionClosedError) as closed:
+            await asyncio.wait_for(ws.recv(), 5)
+    assert closed.value.rcvd.code == 1011
+    assert "cannot connect to backend" in closed.value.rcvd.reason
+
+
+async def test_downstream_backpressure_stops_a_flooding_backend(relay) -> None:
+    """A browser that stops reading must make the backend block, not the server buffer."""
+    url, tunnels = relay
+    async with Backend(flood) as backend:
+        async with websockets.connect(url(backend.port), max_size=None,
+                                      max_queue=1, close_timeout=1) as ws:
+            await ws.recv()  # the flood has started; now stop reading
+            await asyncio.sleep(2)
+            stalled_at = backend.progress
+            await asyncio.sleep(1)
+            assert backend.progress == stalled_at  # the backend is blocked
+            assert stalled_at < BOUND
+            assert tunnels[0]._queued < BOUND
+
+
+async def test_upstream_backpressure_blocks_a_flooding_browser(relay) -> None:
+    """A backend that stops reading must stall the browser's sends."""
+    url, _ = relay
+    sent = 0
+    chunk = os.urandom(64 * 1024)
+    async with Backend(stall) as backend:
+        async with websockets.connect(url(backend.port), write_limit=65536,
+                                      close_timeout=1) as ws:
+
+            async def send_forever() -> None:
+                nonlocal sent
+                while sent < FLOOD:
+                    await ws.send(chunk)
+                    sent += len(chunk)
+
+            sender = asyncio.create_task(send_forever())
+            await asyncio.sleep(2)
+            stalled_at = sent
+            await asyncio.sleep(1)
+            assert sent == stalled_at < BOUND  # the browser is blocked
+            backend.done.set()  # the backend goes away: the tunnel must end
+            with pytest.raises(websockets.ConnectionClosed):
+                await asyncio.wait_for(sender, 10)
