@@ -49,9 +49,8 @@ class BackendProtocol(asyncio.Protocol):
         if self.mode == MODE_ECHO:
             self.transport.write(data)
         elif self.mode == MODE_UP:
-            before = self.received
             self.received += len(data)
-            if before < self.total <= self.received:
+            if self.received >= self.total:  # a second ACK means too many bytes
                 self.transport.write(ACK.pack(self.received))
         else:
             self.transport.close()  # data in a mode that expects none: fail loudly

@@ -287,8 +287,11 @@ async def up(
     return {"seconds": seconds, "bytes": total}
 
 
-async def _echo_round(link: Link, message: bytes, timeout: float) -> None:
-    """Send one message on an echo link and wait for exactly it to come back."""
+async def _echo_round(link: Link, message: bytes) -> None:
+    """Send one message on an echo link and wait for exactly it to come back.
+
+    No timeout of its own (a timer per round would cost more than the round trip
+    itself): callers bound the whole run instead."""
     done = link.waiter = asyncio.get_running_loop().create_future()
     buf = bytearray()
 
@@ -299,7 +302,7 @@ async def _echo_round(link: Link, message: bytes, timeout: float) -> None:
 
     link.on_data = on_data
     link.write(message)
-    await asyncio.wait_for(done, timeout)
+    await done
     if buf != message:
         raise BenchError(f"echo mismatch: sent {len(message)} bytes, got {len(buf)}")
     link.on_data = _ignore
@@ -314,12 +317,13 @@ async def latency(
     async def body(link: Link) -> list[float]:
         link.write(header(MODE_ECHO))
         rtts = []
-        for i in range(warmup + count):
-            message = struct.pack("!Q", i) + filler
-            start = time.perf_counter()
-            await _echo_round(link, message, 10.0)
-            if i >= warmup:
-                rtts.append(time.perf_counter() - start)
+        async with asyncio.timeout(60 + (warmup + count) * 0.01):
+            for i in range(warmup + count):
+                message = struct.pack("!Q", i) + filler
+                start = time.perf_counter()
+                await _echo_round(link, message)
+                if i >= warmup:
+                    rtts.append(time.perf_counter() - start)
         return rtts
 
     return {"rtts": await _with_link(url, cafile, body)}
@@ -333,7 +337,7 @@ async def tunnels(
 
     async def one(link: Link) -> None:
         link.write(header(MODE_ECHO))
-        await _echo_round(link, b"tunnel-check", 10.0)
+        await _echo_round(link, b"tunnel-check")
 
     async def worker(deadline: float) -> None:
         nonlocal done
@@ -342,7 +346,8 @@ async def tunnels(
             done += 1
 
     start = time.perf_counter()
-    await asyncio.gather(*(worker(start + duration) for _ in range(parallel)))
+    async with asyncio.timeout(duration + 60):
+        await asyncio.gather(*(worker(start + duration) for _ in range(parallel)))
     return {"tunnels": done, "seconds": time.perf_counter() - start}
 
 
@@ -363,10 +368,11 @@ class Holder:
                 link = await connect(url, cafile)
                 self.links.append(link)
                 link.write(header(MODE_ECHO))
-                await _echo_round(link, b"idle-check", 30.0)
+                await _echo_round(link, b"idle-check")
 
         start = time.perf_counter()
-        await asyncio.gather(*(open_one() for _ in range(count)))
+        async with asyncio.timeout(60 + count * 0.05):
+            await asyncio.gather(*(open_one() for _ in range(count)))
         return {"held": len(self.links), "seconds": time.perf_counter() - start}
 
     async def release(self) -> dict[str, Any]:

@@ -70,7 +70,7 @@ class Plan:
 
 
 QUICK = Plan(
-    reps=3,
+    reps=5,
     down_bytes={KiB: 32 * MiB, 64 * KiB: 128 * MiB, MiB: 128 * MiB},
     up_bytes={KiB: 16 * MiB, 64 * KiB: 64 * MiB, MiB: 64 * MiB},
     latency_rounds=1_000,
@@ -78,10 +78,10 @@ QUICK = Plan(
     wss_sizes=("64 KiB",),
 )
 FULL = Plan(
-    reps=7,
-    down_bytes={KiB: 128 * MiB, 64 * KiB: 512 * MiB, MiB: 512 * MiB},
-    up_bytes={KiB: 64 * MiB, 64 * KiB: 256 * MiB, MiB: 256 * MiB},
-    latency_rounds=5_000,
+    reps=9,
+    down_bytes={KiB: 256 * MiB, 64 * KiB: 1024 * MiB, MiB: 1024 * MiB},
+    up_bytes={KiB: 128 * MiB, 64 * KiB: 512 * MiB, MiB: 512 * MiB},
+    latency_rounds=10_000,
     tunnel_seconds=3.0,
     wss_sizes=tuple(SIZES),
 )

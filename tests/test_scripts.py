@@ -1,0 +1,114 @@
+"""Service scripts: loading, sync/async calls, and the command helper."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import threading
+from pathlib import Path
+
+import psutil
+import pytest
+
+from support import EXAMPLES
+from websocketserver.scripts import (
+    CommandService,
+    RemoteServiceScript,
+    call,
+    free_port,
+    listening,
+    load_script,
+)
+from websocketserver.settings import ServiceConfig, SettingsError
+
+
+def config(tmp_path: Path, source: str | None, options: dict | None = None) -> ServiceConfig:
+    script = tmp_path / "svc.py"
+    if source is not None:
+        script.write_text(source)
+    return ServiceConfig(name="svc", script=script, count=1, options=options or {})
+
+
+def test_loads_the_one_subclass_with_common_options(tmp_path: Path) -> None:
+    source = ("from websocketserver import RemoteServiceScript\n"
+              "class Mine(RemoteServiceScript):\n    pass\n")
+    script = load_script(config(tmp_path, source, {"sizes": ["800x600"]}))
+    assert type(script).__name__ == "Mine" and isinstance(script, RemoteServiceScript)
+    assert script._common_options == {"sizes": ["800x600"]}
+
+
+@pytest.mark.parametrize("source, message", [
+    (None, "file not found"),
+    ("def broken(:\n", "import failed: SyntaxError"),
+    ("raise ValueError('nope')\n", "import failed: ValueError: nope"),
+    ("x = 1\n", "exactly one RemoteServiceScript subclass (found none)"),
+    ("from websocketserver import RemoteServiceScript as R\n"
+     "class A(R): pass\nclass B(R): pass\n", "(found A, B)"),
+    ("from websocketserver import RemoteServiceScript as R\n"
+     "class A(R):\n    def __init__(self, o):\n        raise KeyError('k')\n",
+     "A() failed: KeyError"),
+])
+def test_script_errors_name_service_and_script(tmp_path: Path, source, message) -> None:
+    with pytest.raises(SettingsError) as error:
+        load_script(config(tmp_path, source))
+    text = str(error.value)
+    assert text.startswith("service 'svc': script ") and message in text
+    assert "\n" not in text
+
+
+async def test_call_runs_plain_methods_off_the_loop_and_awaits_async_ones() -> None:
+    loop_thread = threading.get_ident()
+
+    def plain(x: int) -> tuple[int, int]:
+        return x * 2, threading.get_ident()
+
+    async def coroutine(x: int) -> int:
+        return x + 1
+
+    def failing() -> None:
+        raise OSError("bad")
+
+    result, thread = await call(plain, 21)
+    assert result == 42 and thread != loop_thread
+    assert await call(coroutine, 1) == 2
+    with pytest.raises(OSError, match="bad"):
+        await call(failing)
+
+
+class Echo(CommandService):
+    def command(self, index, options, port):
+        return [sys.executable, str(EXAMPLES / "echo_server.py"), str(port)]
+
+
+class Fails(CommandService):
+    def command(self, index, options, port):
+        return [sys.executable, "-c", "import sys; sys.exit(3)"]
+
+
+async def test_command_service_starts_listening_and_stops_tree() -> None:
+    service = Echo({})
+    host, port = await call(service.start, 0, {})
+    assert host == "127.0.0.1" and listening(port)
+    proc, _ = service._running[0]
+    await call(service.stop, 0)
+    assert not psutil.pid_exists(proc.pid) or psutil.Process(proc.pid).status() == "zombie"
+    assert not listening(port)
+
+
+async def test_command_that_exits_early_is_a_start_error() -> None:
+    with pytest.raises(RuntimeError, match="exited with status 3 before it listened"):
+        await call(Fails({}).start, 0, {})
+
+
+def test_free_port_is_free() -> None:
+    port = free_port()
+    assert not listening(port)
+
+
+async def test_hung_plain_method_does_not_block_the_loop() -> None:
+    release = threading.Event()
+    task = asyncio.ensure_future(call(release.wait))
+    await asyncio.sleep(0.05)
+    assert not task.done()
+    release.set()
+    assert await asyncio.wait_for(task, 5) is True
