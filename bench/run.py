@@ -460,6 +460,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     raise_nofile_limit()
     signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with it ignored
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     out_dir = BENCH_DIR / "results" / stamp
     out_dir.mkdir(parents=True)

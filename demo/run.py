@@ -6,6 +6,7 @@ Ctrl-C stops both.
 """
 
 import argparse
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -20,22 +21,24 @@ def main() -> int:
     parser.add_argument("--ws_port", type=int, default=8080)
     parser.add_argument("--http_port", type=int, default=9090)
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # clean up as for Ctrl-C
     backend_port = free_port()
-    ticker = subprocess.Popen([sys.executable, str(HERE / "ticker.py"), str(backend_port)])
+    children = [subprocess.Popen([sys.executable, str(HERE / "ticker.py"), str(backend_port)])]
     try:
-        wait_listening(backend_port, 10, ticker)
+        wait_listening(backend_port, 10, children[0])
         print(f"demo: open http://localhost:{args.http_port}/?port={args.ws_port} "
               "in a browser (Ctrl-C stops)", flush=True)
-        server = subprocess.run([
+        children.append(subprocess.Popen([
             sys.executable, "-m", "websocketserver", "--http_directory", str(HERE / "www"),
             "--http_port", str(args.http_port), "--client_port", str(backend_port),
-            "--verbose", "1", str(args.ws_port)])
-        return server.returncode
+            "--verbose", "1", str(args.ws_port)]))
+        return children[-1].wait()
     except KeyboardInterrupt:
         return 0
     finally:
-        ticker.terminate()
-        ticker.wait()
+        for child in reversed(children):
+            child.terminate()
+            child.wait()
 
 
 if __name__ == "__main__":
