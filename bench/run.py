@@ -471,6 +471,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BenchError as exc:
         log(f"benchmark failed: {exc}\n(logs in {out_dir})")
         return 1
+    except KeyboardInterrupt:
+        log("interrupted; stopping every process the benchmark started")
+        return 130
     finally:
         bench.close()
 

@@ -54,11 +54,11 @@ def _positive(text: str) -> float:
     return value
 
 
-def _size(text: str) -> int:
+def _count(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number of bytes: {text!r}") from None
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1: {text}")
     return value
@@ -137,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "Default: from --http_directory like any path")
     extra.add_argument("--start_timeout", metavar="seconds", type=_positive, default=60.0,
                        help="How long a service may take to start and listen. Default:60")
-    extra.add_argument("--max_message_size", metavar="bytes", type=_size,
+    extra.add_argument("--max_message_size", metavar="bytes", type=_count,
                        default=64 * 1024 * 1024,
                        help="Largest websocket message accepted from a client. "
                        "Default:67108864")
@@ -158,6 +158,28 @@ def build_parser() -> argparse.ArgumentParser:
     extra.add_argument("--groups_file", metavar="groups.json", type=Path,
                        help="JSON object of group -> [user names]. Default: the operating "
                        "system's groups")
+    limits = parser.add_argument_group("limits (see SECURITY.md)")
+    limits.add_argument("--allowed_origin", metavar="origin", action="append", default=[],
+                        help="Browser Origin allowed to open websockets, e.g. "
+                        "https://portal.example.com; repeatable. Default: any origin")
+    limits.add_argument("--max_tunnels", metavar="n", type=_count, default=10000,
+                        help="Most tunnels at once (beyond: 503). Default:10000")
+    limits.add_argument("--max_tunnels_per_client", metavar="n", type=_count, default=1000,
+                        help="Most tunnels from one client address (beyond: 429). "
+                        "Default:1000")
+    limits.add_argument("--max_tunnels_per_user", metavar="n", type=_count, default=100,
+                        help="Most tunnels of one known user (beyond: 429). Default:100")
+    limits.add_argument("--max_header_size", metavar="bytes", type=_count, default=8190,
+                        help="Longest HTTP request line or header (beyond: 400). "
+                        "Default:8190")
+    limits.add_argument("--handshake_timeout", metavar="seconds", type=_positive,
+                        default=10.0, help="Time a new connection has for its TLS handshake "
+                        "and request headers. Default:10")
+    limits.add_argument("--ping_interval", metavar="seconds", type=_positive,
+                        help="Ping each browser this often; close when no pong comes. "
+                        "Default: off")
+    limits.add_argument("--idle_timeout", metavar="seconds", type=_positive,
+                        help="Close a tunnel after this long without traffic. Default: off")
     return parser
 
 
@@ -232,6 +254,14 @@ def _settings(args: argparse.Namespace) -> Settings:
         user_header=args.user_header,
         users_file=args.users_file,
         groups_file=args.groups_file,
+        allowed_origins=tuple(args.allowed_origin),
+        max_tunnels=args.max_tunnels,
+        max_tunnels_per_client=args.max_tunnels_per_client,
+        max_tunnels_per_user=args.max_tunnels_per_user,
+        max_header_size=args.max_header_size,
+        handshake_timeout=args.handshake_timeout,
+        ping_interval=args.ping_interval,
+        idle_timeout=args.idle_timeout,
         services=tuple(services),
     )
 

@@ -77,15 +77,30 @@ class Identity:
                 return self._user_with_key(key.encode())
         return None
 
-    def _from_trusted_proxy(self, request: web.BaseRequest) -> bool:
-        peer = request.transport.get_extra_info("peername") if request.transport else None
-        if not peer:
-            return False
+    def _trusted(self, address: str) -> bool:
         try:
-            address = ipaddress.ip_address(peer[0])
+            ip = ipaddress.ip_address(address.strip())
         except ValueError:
             return False
-        return any(address in network for network in self._proxies)
+        return any(ip in network for network in self._proxies)
+
+    def _from_trusted_proxy(self, request: web.BaseRequest) -> bool:
+        return self._trusted(_peer_address(request))
+
+    def client_address(self, request: web.BaseRequest) -> str:
+        """The client's address: the peer, or from a trusted proxy its X-Forwarded-For.
+
+        The list is read from the right, skipping trusted proxies, so a client cannot
+        pass itself off as someone else by sending its own X-Forwarded-For.
+        """
+        address = _peer_address(request)
+        if not self._proxies or not self._trusted(address):
+            return address
+        for hop in reversed(request.headers.get("X-Forwarded-For", "").split(",")):
+            hop = hop.strip()
+            if hop and not self._trusted(hop):
+                return hop
+        return address
 
     def _user_with_key(self, key: bytes) -> str | None:
         found = None
@@ -101,6 +116,11 @@ class Identity:
         if self._groups is not None:
             return user in self._groups.get(group, ())
         return _os_member(user, group)
+
+
+def _peer_address(request: web.BaseRequest) -> str:
+    peer = request.transport.get_extra_info("peername") if request.transport else None
+    return str(peer[0]) if peer else "?"
 
 
 def _os_member(user: str, group: str) -> bool:

@@ -12,6 +12,7 @@ import asyncio
 import logging
 import re
 import signal
+import ssl
 import sys
 from collections.abc import Callable
 
@@ -21,6 +22,7 @@ from . import processes
 from .api import RestApi
 from .files import FileServer
 from .identity import Identity
+from .limits import GuardedSite, HandshakeGuard
 from .reservations import MemoryStore
 from .services import ServiceManager
 from .settings import Settings, SettingsError
@@ -44,6 +46,7 @@ class Server:
         self.api = RestApi(self.services, settings.security_token, self.request_stop)
         self.files = (FileServer(settings.http_directory, settings.ansys_install_root)
                       if settings.http_directory is not None else None)
+        self._guard = HandshakeGuard(settings.handshake_timeout)
         self._stop = asyncio.Event()
         self._runners: list[web.AppRunner] = []
 
@@ -55,24 +58,29 @@ class Server:
         """Open the listeners; a port in use is a :class:`SettingsError`."""
         context = self.settings.ssl_context()
         if self.settings.ws_port != -1:
-            ws_app = web.Application()
+            ws_app = self._application()
             ws_app.router.add_route("GET", "/{tail:.*}", self.gateway.handle)
             await self._listen(ws_app, self.settings.ws_port, context, "ws")
         if self.files is not None:
-            http_app = web.Application()
+            http_app = self._application()
             http_app.on_response_prepare.append(self._add_headers)
             http_app.router.add_route("*", "/{tail:.*}", self._http)
             await self._listen(http_app, self.settings.http_port, context, "http")
         self.services.start_reclaiming()
+        self.gateway.start_sweeping()
 
-    async def _listen(self, app: web.Application, port: int, context: object,
-                      scheme: str) -> None:
+    def _application(self) -> web.Application:
+        return web.Application(middlewares=[self._guard.middleware])
+
+    async def _listen(self, app: web.Application, port: int,
+                      context: ssl.SSLContext | None, scheme: str) -> None:
+        size = self.settings.max_header_size
         runner = web.AppRunner(app, access_log=None, handle_signals=False,
-                               shutdown_timeout=2.0)
+                               shutdown_timeout=2.0, max_line_size=size, max_field_size=size)
         await runner.setup()
         self._runners.append(runner)
-        site = web.TCPSite(runner, self.settings.listen_address, port,
-                           ssl_context=context, backlog=1024)  # type: ignore[arg-type]
+        site = GuardedSite(runner, self.settings.listen_address, port, ssl_context=context,
+                           backlog=1024, guard=self._guard)
         try:
             await site.start()
         except OSError as exc:

@@ -62,6 +62,14 @@ class Settings:
     user_header: str = "X-Remote-User"
     users_file: Path | None = None
     groups_file: Path | None = None
+    allowed_origins: tuple[str, ...] = ()
+    max_tunnels: int = 10000
+    max_tunnels_per_client: int = 1000
+    max_tunnels_per_user: int = 100
+    max_header_size: int = 8190
+    handshake_timeout: float = 10.0
+    ping_interval: float | None = None
+    idle_timeout: float | None = None
     services: tuple[ServiceConfig, ...] = field(default=())
 
     @property

@@ -16,6 +16,7 @@ import time
 
 from aiohttp import WSCloseCode, web
 
+from .limits import LimitExceeded, TunnelLimits, origin_allowed
 from .services import ServiceError, ServiceManager
 from .settings import Settings
 from .tunnel import BackendError, Tunnel, TunnelStats, close_reason, set_nodelay
@@ -42,43 +43,68 @@ class WebSocketGateway:
     def __init__(self, settings: Settings, services: ServiceManager) -> None:
         self.settings = settings
         self.services = services
+        self.identity = services.identity
+        self.limits = TunnelLimits(settings.max_tunnels, settings.max_tunnels_per_client,
+                                   settings.max_tunnels_per_user)
         self.tunnels: set[Tunnel] = set()
         self._handlers: set[asyncio.Task[object]] = set()
+        self._sweeper: asyncio.Task[None] | None = None
         self._closing = False
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        if self._closing:
-            return json_error(503, "server is shutting down")
-        ws = web.WebSocketResponse(protocols=("binary",), compress=False,
-                                   max_msg_size=self.settings.max_message_size)
-        if not ws.can_prepare(request).ok:
-            return json_error(426, "this port serves websocket upgrades only")
-        token = request.query.get("token")
-        if token is None and self.settings.client_port is None:
-            return json_error(404, "no service here: no --client_port configured and no "
-                                   "?token= given")
-        if token is not None:
-            known = await self.services.store.get(token)
-            if known is None:
-                return json_error(404, "unknown or expired token")
-            if known.state != "reserved":
-                return json_error(409, "token is already in use")
+        refusal = await self._refusal(request)
+        if refusal is not None:
+            status, message = refusal
+            log.warning("websocket refused (%d): %s: %s", status, peer_of(request), message)
+            return json_error(status, message)
+        client = self.identity.client_address(request)
+        user = self.identity.user(request)
+        try:
+            self.limits.acquire(client, user)
+        except LimitExceeded as exc:
+            log.warning("websocket refused (%d): %s", exc.status, exc)
+            return json_error(exc.status, str(exc))
         task = asyncio.current_task()
         assert task is not None
         self._handlers.add(task)
         try:
+            ws = web.WebSocketResponse(protocols=("binary",), compress=False,
+                                       max_msg_size=self.settings.max_message_size,
+                                       heartbeat=self.settings.ping_interval)
             await ws.prepare(request)
             set_nodelay(request.transport)
+            token = request.query.get("token")
             if token is None:
                 target = (self.settings.client_hostname, self.settings.client_port)
-                await self._tunnel(request, ws, target, None)
+                await self._tunnel(client, ws, target, None)  # type: ignore[arg-type]
             else:
-                await self._service_tunnel(request, ws, token)
+                await self._service_tunnel(client, ws, token)
+            return ws
         finally:
             self._handlers.discard(task)
-        return ws
+            self.limits.release(client, user)
 
-    async def _service_tunnel(self, request: web.Request, ws: web.WebSocketResponse,
+    async def _refusal(self, request: web.Request) -> tuple[int, str] | None:
+        """Why this upgrade request is refused before the handshake, if it is."""
+        if self._closing:
+            return 503, "server is shutting down"
+        if not web.WebSocketResponse(protocols=("binary",)).can_prepare(request).ok:
+            return 426, "this port serves websocket upgrades only"
+        if not origin_allowed(request.headers.get("Origin"), self.settings.allowed_origins):
+            return 403, f"origin not allowed: {request.headers.get('Origin')}"
+        token = request.query.get("token")
+        if token is None:
+            if self.settings.client_port is None:
+                return 404, "no service here: no --client_port configured and no ?token= given"
+            return None
+        known = await self.services.store.get(token)
+        if known is None:
+            return 404, "unknown or expired token"
+        if known.state != "reserved":
+            return 409, "token is already in use"
+        return None
+
+    async def _service_tunnel(self, client: str, ws: web.WebSocketResponse,
                               token: str) -> None:
         task = asyncio.current_task()
         assert task is not None
@@ -95,7 +121,7 @@ class WebSocketGateway:
         try:
             async with self.services.activate(token, close) as target:
                 deadline = time.monotonic() + self.settings.start_timeout
-                await self._tunnel(request, ws, target, deadline, state)
+                await self._tunnel(client, ws, target, deadline, state)
         except ServiceError as exc:
             await ws.close(code=START_FAILED, message=close_reason(str(exc)))
         except asyncio.CancelledError:
@@ -105,11 +131,11 @@ class WebSocketGateway:
             task.uncancel()
             await ws.close(code=WSCloseCode.GOING_AWAY, message=close_reason(reason))
 
-    async def _tunnel(self, request: web.Request, ws: web.WebSocketResponse,
+    async def _tunnel(self, client: str, ws: web.WebSocketResponse,
                       target: tuple[str, int], deadline: float | None,
                       state: dict[str, Tunnel | str] | None = None) -> None:
         host, port = target
-        stats = TunnelStats(peer=peer_of(request), target=f"{host}:{port}")
+        stats = TunnelStats(peer=client, target=f"{host}:{port}")
         tunnel = Tunnel(ws, stats)
         try:
             await self._connect(tunnel, host, port, deadline)
@@ -141,9 +167,32 @@ class WebSocketGateway:
                     raise
             await asyncio.sleep(0.05)
 
+    def start_sweeping(self) -> None:
+        """With ``--idle_timeout``, close tunnels that carry no traffic for that long."""
+        if self.settings.idle_timeout is not None:
+            self._sweeper = asyncio.create_task(self._sweep(self.settings.idle_timeout))
+
+    async def _sweep(self, timeout: float) -> None:
+        # Byte counters are compared between sweeps, so the hot path pays nothing.
+        seen: dict[Tunnel, tuple[int, int, float]] = {}
+        while True:
+            await asyncio.sleep(min(1.0, timeout / 4))
+            now = time.monotonic()
+            current = {}
+            for tunnel in self.tunnels:
+                counts = (tunnel.stats.bytes_up, tunnel.stats.bytes_down)
+                before = seen.get(tunnel)
+                since = before[2] if before is not None and before[:2] == counts else now
+                if now - since >= timeout:
+                    tunnel.close(WSCloseCode.GOING_AWAY, f"idle for {timeout:g} s")
+                current[tunnel] = (*counts, since)
+            seen = current
+
     async def close(self, timeout: float) -> None:
         """Refuse new upgrades, close every tunnel and wait for their handlers."""
         self._closing = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         for tunnel in list(self.tunnels):
             tunnel.close(WSCloseCode.GOING_AWAY, "server shutting down")
         if self._handlers:
