@@ -69,7 +69,8 @@ class WebSocketGateway:
         self._handlers.add(task)
         try:
             ws = web.WebSocketResponse(protocols=("binary",), compress=False,
-                                       max_msg_size=self.settings.max_message_size,
+                                       # aiohttp refuses a message of exactly max_msg_size
+                                       max_msg_size=self.settings.max_message_size + 1,
                                        heartbeat=self.settings.ping_interval)
             await ws.prepare(request)
             set_nodelay(request.transport)

@@ -1,0 +1,147 @@
+"""Faults on either side of a tunnel: the server closes cleanly and keeps serving."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import socket
+import struct
+import threading
+
+import psutil
+import pytest
+import websockets
+
+from support import free_port, wait_until
+
+
+class FaultyBackend:
+    """A TCP backend in a thread; ``behaviour(conn)`` decides what each connection gets."""
+
+    def __init__(self, behaviour) -> None:
+        self.port = free_port()
+        self.behaviour = behaviour
+        self.closed_by_peer = threading.Event()
+        self.sock = socket.create_server(("127.0.0.1", self.port))
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self.behaviour, args=(self, conn), daemon=True).start()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def reset(backend: FaultyBackend, conn: socket.socket) -> None:
+    conn.recv(100)
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    conn.close()  # RST
+
+
+def half_close(backend: FaultyBackend, conn: socket.socket) -> None:
+    conn.sendall(b"last words")
+    conn.shutdown(socket.SHUT_WR)
+    while conn.recv(65536):
+        pass
+    backend.closed_by_peer.set()
+    conn.close()
+
+
+def wait_for_peer_close(backend: FaultyBackend, conn: socket.socket) -> None:
+    conn.settimeout(30)
+    try:
+        while conn.recv(65536):
+            pass
+        backend.closed_by_peer.set()
+    finally:
+        conn.close()
+
+
+def flood(backend: FaultyBackend, conn: socket.socket) -> None:
+    chunk = os.urandom(1 << 20)
+    try:
+        for _ in range(1024):  # 1 GiB, if the browser ever read it
+            conn.sendall(chunk)
+    except OSError:
+        backend.closed_by_peer.set()
+    finally:
+        conn.close()
+
+
+@pytest.fixture
+def backend(request):
+    faulty = FaultyBackend(request.param)
+    yield faulty
+    faulty.close()
+
+
+async def closed(url: str, send: bytes = b"hello") -> tuple[int, str]:
+    async with websockets.connect(url) as ws:
+        await ws.send(send)
+        with pytest.raises(websockets.ConnectionClosed) as info:
+            while True:
+                await asyncio.wait_for(ws.recv(), 10)
+        return info.value.rcvd.code, info.value.rcvd.reason
+
+
+@pytest.mark.parametrize("backend", [reset], indirect=True)
+def test_backend_reset(start_server, backend) -> None:
+    server = start_server("--client_port", str(backend.port))
+    code, reason = asyncio.run(closed(server.ws_url()))
+    assert code == 1011 and "backend connection lost" in reason
+    assert server.get_json("/v1/status")[0] == 200
+
+
+@pytest.mark.parametrize("backend", [half_close], indirect=True)
+def test_backend_half_close_delivers_data_then_closes(start_server, backend) -> None:
+    server = start_server("--client_port", str(backend.port))
+
+    async def scenario() -> tuple[bytes, int]:
+        async with websockets.connect(server.ws_url()) as ws:
+            data = await asyncio.wait_for(ws.recv(), 10)
+            with pytest.raises(websockets.ConnectionClosed) as info:
+                await asyncio.wait_for(ws.recv(), 10)
+            return data, info.value.rcvd.code
+
+    assert asyncio.run(scenario()) == (b"last words", 1000)
+    assert backend.closed_by_peer.wait(10)  # and the server closed its side too
+
+
+@pytest.mark.parametrize("backend", [wait_for_peer_close], indirect=True)
+def test_browser_vanishing_without_close_frame_closes_backend(start_server, backend) -> None:
+    server = start_server("--client_port", str(backend.port))
+    key = base64.b64encode(os.urandom(16)).decode()
+    sock = socket.create_connection(("127.0.0.1", server.ws_port))
+    sock.sendall((f"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                  f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
+    assert sock.recv(4096).startswith(b"HTTP/1.1 101")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()  # RST, no close frame
+    assert backend.closed_by_peer.wait(10)
+    assert server.get_json("/v1/status")[0] == 200
+
+
+@pytest.mark.parametrize("backend", [flood], indirect=True)
+def test_flood_toward_stalled_browser_keeps_memory_bounded(start_server, backend) -> None:
+    """1 GiB offered to a browser that stops reading: the server's RSS barely moves."""
+    server = start_server("--client_port", str(backend.port))
+    [serving] = [p for p in psutil.Process(server.pid).children() if p.pid != server.pid]
+    before = serving.memory_info().rss
+
+    async def scenario() -> int:
+        async with websockets.connect(server.ws_url(), max_size=None, max_queue=1,
+                                      close_timeout=1) as ws:
+            await ws.recv()  # the flood is on; stop reading
+            await asyncio.sleep(3)
+            return serving.memory_info().rss
+
+    growth = asyncio.run(scenario()) - before
+    assert growth < 64 * 1024 * 1024, f"RSS grew by {growth / 2**20:.1f} MiB"
+    wait_until(backend.closed_by_peer.is_set, timeout=15)  # the backend got closed too
