@@ -19,6 +19,7 @@ from typing import Any
 from aiohttp import web
 
 from .identity import USER_KEY_PARAM
+from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .services import ServiceError, ServiceManager
 from .websocket import json_error
 
@@ -42,6 +43,7 @@ class RestApi:
             "stop": (self.stop, False),
             "status": (self.status, False),
             "status_view": (self.status_view, False),
+            "metrics": (self.metrics, False),
             "reserve": (self.reserve, True),
             "release": (self.release, True),
         }
@@ -101,40 +103,104 @@ class RestApi:
 
     async def status_view(self, request: web.Request, _: str) -> web.StreamResponse:
         services = await self.services.status(self._user(request))
+        if "fragment" in request.query:  # the live page refreshing itself
+            return web.Response(text=render_services(services), content_type="text/html")
         return web.Response(text=render_status(services), content_type="text/html")
 
+    async def metrics(self, request: web.Request, _: str) -> web.StreamResponse:
+        body = self.services.metrics.render(self.services.services,
+                                            await self.services.store.list())
+        return web.Response(body=body, headers={"Content-Type": METRICS_CONTENT_TYPE})
 
-def render_status(services: list[dict[str, Any]]) -> str:
-    """``/v1/status`` as a readable HTML page (refreshes itself every 5 s)."""
+
+def render_services(services: list[dict[str, Any]]) -> str:
+    """The dashboard's body: a card per service with its instances."""
     now = time.time()
     blocks = []
     for service in services:
+        name = html.escape(service["name"])
         rows = "".join(
-            f"<tr><td>{i['index']}</td><td class='state {html.escape(i['state'])}'>"
-            f"{html.escape(i['state'])}</td><td>{html.escape(i['owner'] or 'anonymous')}</td>"
-            f"<td>{_age(now - i['timestamp'])}</td><td><code>{html.escape(i['token'])}</code>"
-            f"</td><td><code>{html.escape(json.dumps(i['options']))}</code></td></tr>"
+            f"<tr><td>{i['index']}</td><td><span class='state {html.escape(i['state'])}'>"
+            f"{html.escape(i['state'])}</span></td>"
+            f"<td>{html.escape(i['owner'] or 'anonymous')}</td>"
+            f"<td>{_age(now - i['timestamp'])}</td>"
+            f"<td class='num'>{_bytes(i['bytes_down'])}</td>"
+            f"<td class='num'>{_bytes(i['bytes_up'])}</td>"
+            f"<td><code>{html.escape(json.dumps(i['options']))}</code></td>"
+            f"<td><code title='{html.escape(i['token'])}'>{html.escape(i['token'][:8])}…</code>"
+            f"</td><td><button data-release='{html.escape(i['token'])}'>release</button></td>"
+            "</tr>"
             for i in service["instances"]
-        ) or "<tr><td colspan='6' class='idle'>no instances</td></tr>"
-        used = len(service["instances"])
+        ) or "<tr><td colspan='9' class='idle'>no instances</td></tr>"
+        used, count = len(service["instances"]), service["count"]
+        reserve = (f"<button data-reserve='{name}'>reserve</button>" if used < count
+                   else "<span class='full'>all in use</span>")
         options = html.escape(json.dumps(service["common_options"]))
         blocks.append(
-            f"<section><h2>{html.escape(service['name'])} <small>{used} of "
-            f"{service['count']} in use</small></h2><p>common options: <code>{options}"
-            "</code></p><table><tr><th>index</th><th>state</th><th>owner</th><th>age</th>"
-            f"<th>token</th><th>options</th></tr>{rows}</table></section>"
+            f"<section><h2>{name} <small>{used} of {count} in use</small> {reserve}</h2>"
+            f"<p class='options'>common options: <code>{options}</code></p><table><tr>"
+            "<th>index</th><th>state</th><th>owner</th><th>age</th><th>bytes down</th>"
+            "<th>bytes up</th><th>options</th><th>token</th><th></th></tr>"
+            f"{rows}</table></section>"
         )
-    body = "".join(blocks) or "<p>No services are configured.</p>"
+    return "".join(blocks) or "<p class='idle'>No services are configured.</p>"
+
+
+_DASHBOARD_SCRIPT = """
+const params = new URLSearchParams(location.search);
+const auth = params.get('security_token');
+const withAuth = (path) => auth ? `${path}?security_token=${encodeURIComponent(auth)}` : path;
+async function refresh() {
+  const url = new URL(location.href);
+  url.searchParams.set('fragment', '1');
+  try {
+    const response = await fetch(url);
+    if (response.ok) {
+      document.getElementById('services').innerHTML = await response.text();
+      document.getElementById('updated').textContent =
+        'updated ' + new Date().toLocaleTimeString();
+    }
+  } catch (error) {
+    document.getElementById('updated').textContent = 'server unreachable';
+  }
+}
+document.addEventListener('click', async (event) => {
+  const reserve = event.target.dataset.reserve, release = event.target.dataset.release;
+  if (reserve) await fetch(withAuth(`/v1/reserve/${encodeURIComponent(reserve)}`));
+  if (release) await fetch(withAuth(`/v1/release/${encodeURIComponent(release)}`));
+  if (reserve || release) refresh();
+});
+setInterval(refresh, 2000);
+"""
+
+
+def render_status(services: list[dict[str, Any]]) -> str:
+    """``/v1/status_view``: the status as a live dashboard (refreshes every 2 s)."""
     return (
-        "<!DOCTYPE html><html><head><meta charset='utf-8'><meta http-equiv='refresh' "
-        "content='5'><title>websocketserver status</title><style>"
-        "body{font-family:system-ui,sans-serif;margin:2em;color:#222}"
-        "table{border-collapse:collapse;margin-bottom:1em}td,th{border:1px solid #ccc;"
-        "padding:.3em .8em;text-align:left}th{background:#f3f3f3}small{color:#666;"
-        "font-weight:normal}.active{color:#070}.starting{color:#b60}.stopping{color:#a00}"
-        ".idle{color:#888}</style></head><body><h1>websocketserver status</h1>"
-        f"{body}</body></html>"
+        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
+        "<title>websocketserver status</title><style>"
+        "body{font-family:system-ui,sans-serif;margin:2em;color:#222;background:#fafafa}"
+        "section{background:#fff;border:1px solid #ddd;border-radius:8px;padding:1em 1.5em;"
+        "margin-bottom:1.5em}h2{margin:0 0 .3em}small{color:#666;font-weight:normal;"
+        "font-size:.7em}table{border-collapse:collapse;width:100%}td,th{border-bottom:1px "
+        "solid #eee;padding:.35em .8em;text-align:left}th{color:#555;font-weight:600}"
+        ".num{text-align:right;font-variant-numeric:tabular-nums}.state{padding:.1em .5em;"
+        "border-radius:1em;background:#eee}.active{background:#d7f5dc;color:#075}"
+        ".starting{background:#fff1c9;color:#850}.stopping{background:#fde0e0;color:#a00}"
+        ".reserved{background:#e3ecff;color:#248}.idle,.options,#updated{color:#888}"
+        ".full{font-size:.6em;color:#a00}button{cursor:pointer}</style></head><body>"
+        "<h1>websocketserver status</h1><p id='updated'></p>"
+        f"<main id='services'>{render_services(services)}</main>"
+        f"<script>{_DASHBOARD_SCRIPT}</script></body></html>"
     )
+
+
+def _bytes(count: float) -> str:
+    exponent = 0
+    while count >= 1024 and exponent < 3:
+        count /= 1024
+        exponent += 1
+    return f"{count:,.0f} B" if exponent == 0 else f"{count:,.1f} {'KMG'[exponent - 1]}iB"
 
 
 def _age(seconds: float) -> str:

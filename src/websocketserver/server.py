@@ -23,6 +23,7 @@ from .api import RestApi
 from .files import FileServer
 from .identity import Identity
 from .limits import GuardedSite, HandshakeGuard
+from .metrics import Metrics
 from .reservations import MemoryStore
 from .services import ServiceManager
 from .settings import Settings, SettingsError
@@ -41,7 +42,8 @@ class Server:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.identity = Identity(settings)
-        self.services = ServiceManager(settings, MemoryStore(), self.identity)
+        self.metrics = Metrics()
+        self.services = ServiceManager(settings, MemoryStore(), self.identity, self.metrics)
         self.gateway = WebSocketGateway(settings, self.services)
         self.api = RestApi(self.services, settings.security_token, self.request_stop)
         self.files = (FileServer(settings.http_directory, settings.ansys_install_root)
@@ -58,19 +60,26 @@ class Server:
         """Open the listeners; a port in use is a :class:`SettingsError`."""
         context = self.settings.ssl_context()
         if self.settings.ws_port != -1:
-            ws_app = self._application()
+            ws_app = self._application("ws")
             ws_app.router.add_route("GET", "/{tail:.*}", self.gateway.handle)
             await self._listen(ws_app, self.settings.ws_port, context, "ws")
         if self.files is not None:
-            http_app = self._application()
+            http_app = self._application("http")
             http_app.on_response_prepare.append(self._add_headers)
             http_app.router.add_route("*", "/{tail:.*}", self._http)
             await self._listen(http_app, self.settings.http_port, context, "http")
         self.services.start_reclaiming()
         self.gateway.start_sweeping()
 
-    def _application(self) -> web.Application:
-        return web.Application(middlewares=[self._guard.middleware])
+    def _application(self, port_name: str) -> web.Application:
+        app = web.Application(middlewares=[self._guard.middleware])
+        counter = self.metrics.http_requests
+
+        async def count(request: web.Request, response: web.StreamResponse) -> None:
+            counter.labels(port_name, str(response.status)).inc()
+
+        app.on_response_prepare.append(count)
+        return app
 
     async def _listen(self, app: web.Application, port: int,
                       context: ssl.SSLContext | None, scheme: str) -> None:

@@ -18,9 +18,11 @@ from typing import Any
 
 from .identity import Identity
 from .local_apps import LocalApplication
+from .metrics import Metrics
 from .reservations import NoSlotFree, Reservation, ReservationStore, State
 from .scripts import RemoteServiceScript, call, load_script
 from .settings import ServiceConfig, Settings
+from .tunnel import TunnelStats
 
 log = logging.getLogger("websocketserver.services")
 
@@ -55,10 +57,12 @@ class Service:
 class ServiceManager:
     """Reservations, launches and stops for every configured service."""
 
-    def __init__(self, settings: Settings, store: ReservationStore, identity: Identity) -> None:
+    def __init__(self, settings: Settings, store: ReservationStore, identity: Identity,
+                 metrics: Metrics | None = None) -> None:
         self.settings = settings
         self.store = store
         self.identity = identity
+        self.metrics = metrics or Metrics()
         self.services: dict[str, Service] = {}
         for config in settings.services:
             if config.builtin_app is not None:
@@ -69,6 +73,7 @@ class ServiceManager:
                 script = load_script(config)
             self.services[config.name] = Service(config, script)
         self._closers: dict[str, Callable[[str], None]] = {}
+        self._traffic: dict[str, TunnelStats] = {}
         self._reclaimer: asyncio.Task[None] | None = None
 
     # -- what a caller may see -----------------------------------------------------
@@ -93,11 +98,7 @@ class ServiceManager:
         """The ``/v1/status`` document: one object per service the caller may see."""
         result = []
         for service in self.visible(user):
-            instances = [
-                {"index": r.index, "token": r.token, "timestamp": r.timestamp,
-                 "options": r.options, "state": str(r.state), "owner": r.owner}
-                for r in await self.store.list(service.name)
-            ]
+            instances = [self._instance(r) for r in await self.store.list(service.name)]
             result.append({
                 "name": service.name,
                 "count": service.config.count,
@@ -106,6 +107,18 @@ class ServiceManager:
                 "file_ext": service.config.options.get("file_ext", []),
             })
         return result
+
+    def _instance(self, reservation: Reservation) -> dict[str, Any]:
+        traffic = self._traffic.get(reservation.token)
+        return {"index": reservation.index, "token": reservation.token,
+                "timestamp": reservation.timestamp, "options": reservation.options,
+                "state": str(reservation.state), "owner": reservation.owner,
+                "bytes_up": traffic.bytes_up if traffic else 0,
+                "bytes_down": traffic.bytes_down if traffic else 0}
+
+    def attach(self, token: str, traffic: TunnelStats) -> None:
+        """Report ``traffic`` as the active session's byte counts in the status."""
+        self._traffic[token] = traffic
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -160,6 +173,7 @@ class ServiceManager:
             yield address
         finally:
             self._closers.pop(token, None)
+            self._traffic.pop(token, None)
             await self.store.transition(token, (State.STARTING, State.ACTIVE), State.STOPPING)
             if started:
                 await self._stop(service, reservation.index)
@@ -174,6 +188,7 @@ class ServiceManager:
         try:
             host, port = await asyncio.wait_for(asyncio.shield(start), timeout)
         except TimeoutError:
+            self.metrics.service_failed(service.name)
             # A plain start() cannot be interrupted: stop the instance now, and again
             # should the start finish later, so that nothing it launched survives.
             start.add_done_callback(lambda _: asyncio.ensure_future(
@@ -186,12 +201,15 @@ class ServiceManager:
             await self._stop(service, reservation.index)
             raise
         except Exception as exc:
+            self.metrics.service_failed(service.name)
             log.warning("%s index %d failed to start: %s: %s", service.name,
                         reservation.index, type(exc).__name__, exc)
             await self._stop(service, reservation.index)
             raise ServiceError(502, f"{service.name} failed to start: {exc}") from None
+        seconds = time.monotonic() - began
+        self.metrics.service_started(service.name, seconds)
         log.info("%s index %d started on %s:%s in %.2f s", service.name, reservation.index,
-                 host, port, time.monotonic() - began)
+                 host, port, seconds)
         return str(host), int(port)
 
     async def _stop(self, service: Service, index: int) -> None:

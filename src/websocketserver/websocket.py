@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 
 from aiohttp import WSCloseCode, web
 
@@ -35,6 +36,22 @@ def peer_of(request: web.BaseRequest) -> str:
     if not peer:
         return "?"
     return f"[{peer[0]}]:{peer[1]}" if ":" in peer[0] else f"{peer[0]}:{peer[1]}"
+
+
+class _Session:
+    """A service tunnel seen from its reservation: a release or shutdown ends it."""
+
+    def __init__(self, task: asyncio.Task[object]) -> None:
+        self.task = task
+        self.tunnel: Tunnel | None = None
+        self.stopped: str | None = None
+
+    def close(self, reason: str) -> None:
+        if self.tunnel is not None:
+            self.tunnel.close(WSCloseCode.GOING_AWAY, reason)
+        elif self.stopped is None:  # still starting: interrupt the start
+            self.stopped = reason
+            self.task.cancel()
 
 
 class WebSocketGateway:
@@ -109,32 +126,27 @@ class WebSocketGateway:
                               token: str) -> None:
         task = asyncio.current_task()
         assert task is not None
-        state: dict[str, Tunnel | str] = {}
-
-        def close(reason: str) -> None:  # a release or shutdown while in use
-            tunnel = state.get("tunnel")
-            if isinstance(tunnel, Tunnel):
-                tunnel.close(WSCloseCode.GOING_AWAY, reason)
-            elif "stopped" not in state:
-                state["stopped"] = reason
-                task.cancel()
-
+        session = _Session(task)
         try:
-            async with self.services.activate(token, close) as target:
+            async with self.services.activate(token, session.close) as target:
                 deadline = time.monotonic() + self.settings.start_timeout
-                await self._tunnel(client, ws, target, deadline, state)
+
+                def opened(tunnel: Tunnel) -> None:
+                    session.tunnel = tunnel
+                    self.services.attach(token, tunnel.stats)
+
+                await self._tunnel(client, ws, target, deadline, opened)
         except ServiceError as exc:
             await ws.close(code=START_FAILED, message=close_reason(str(exc)))
         except asyncio.CancelledError:
-            reason = state.get("stopped")
-            if not isinstance(reason, str):
+            if session.stopped is None:
                 raise
             task.uncancel()
-            await ws.close(code=WSCloseCode.GOING_AWAY, message=close_reason(reason))
+            await ws.close(code=WSCloseCode.GOING_AWAY, message=close_reason(session.stopped))
 
     async def _tunnel(self, client: str, ws: web.WebSocketResponse,
                       target: tuple[str, int], deadline: float | None,
-                      state: dict[str, Tunnel | str] | None = None) -> None:
+                      opened: Callable[[Tunnel], None] | None = None) -> None:
         host, port = target
         stats = TunnelStats(peer=client, target=f"{host}:{port}")
         tunnel = Tunnel(ws, stats)
@@ -144,14 +156,16 @@ class WebSocketGateway:
             log.warning("tunnel refused: %s -> %s: %s", stats.peer, stats.target, exc)
             await ws.close(code=START_FAILED, message=close_reason(str(exc)))
             return
-        if state is not None:
-            state["tunnel"] = tunnel
+        if opened is not None:
+            opened(tunnel)
         self.tunnels.add(tunnel)
+        self.services.metrics.tunnel_opened(tunnel)
         log.info("tunnel open: %s -> %s", stats.peer, stats.target)
         try:
             await tunnel.run()
         finally:
             self.tunnels.discard(tunnel)
+            self.services.metrics.tunnel_closed(tunnel)
             log.info("tunnel closed: %s -> %s, %d bytes up, %d bytes down, %.2f s (%s)",
                      stats.peer, stats.target, stats.bytes_up, stats.bytes_down,
                      time.monotonic() - stats.started, tunnel.reason)
