@@ -76,12 +76,13 @@ class ServerProcess:
 
     @classmethod
     def start(cls, *args: str, ws_port: int | None = None, http: bool = True,
+              http_port: int | None = None,
               http_dir: Path | None = None, token: str | None = "K",
               tls: tuple[Path, Path] | None = None, log_dir: Path | None = None,
               env: dict[str, str] | None = None) -> ServerProcess:
         """``websocketserver.py`` on 127.0.0.1 and free ports, with ``args`` added."""
         ws_port = free_port() if ws_port is None else ws_port
-        http_port = free_port() if http else None
+        http_port = (http_port or free_port()) if http else None
         argv = [sys.executable, str(LAUNCHER), "--listen_address", "127.0.0.1"]
         if http_port is not None:
             argv += ["--http_directory", str(http_dir or ROOT / "demo" / "www"),

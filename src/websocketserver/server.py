@@ -9,6 +9,7 @@ listeners, exit 0. :func:`run` wraps it all in the supervisor of
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import signal
@@ -161,7 +162,20 @@ async def serve(settings: Settings, started: Callable[[Server], None] | None = N
         await server.close()
 
 
+def _raise_file_limit() -> None:
+    """Each tunnel holds two sockets: allow as many open files as the system lets us."""
+    try:
+        import resource
+    except ImportError:  # not a POSIX system
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def _serve_process(settings: Settings) -> int:
+    _raise_file_limit()
     try:
         configure_logging(settings)
     except OSError as exc:

@@ -13,7 +13,7 @@ import pytest
 import websockets
 
 from support import wait_until
-from vnc_support import (
+from e2e.vnc_support import (
     DESKTOP_CONFIG,
     X_BINARIES,
     ServerInit,

@@ -1,0 +1,106 @@
+"""deploy/nginx.conf with real nginx in front: TLS at nginx, /websockify to the ws port."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import ssl
+import subprocess
+import urllib.request
+from pathlib import Path
+
+import pytest
+import trustme
+import websockets
+
+from support import ROOT, free_port, wait_port
+
+NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
+pytestmark = pytest.mark.skipif(not os.path.exists(NGINX),
+                                reason="nginx not installed (scripts/install-test-deps)")
+CONFIG = Path(__file__).parent / "scripts" / "services.json"
+
+
+@pytest.fixture
+def nginx(tmp_path: Path):
+    """Start nginx with deploy/nginx.conf, its ports and certificate replaced."""
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1", "localhost")
+    cert.cert_chain_pems[0].write_to_path(tmp_path / "cert.pem")
+    cert.private_key_pem.write_to_path(tmp_path / "key.pem")
+    ws_port, http_port, public_port = free_port(), free_port(), free_port()
+    site = (ROOT / "deploy" / "nginx.conf").read_text()
+    for old, new in (("127.0.0.1:8080", f"127.0.0.1:{ws_port}"),
+                     ("127.0.0.1:9090", f"127.0.0.1:{http_port}"),
+                     ("listen 443 ssl", f"listen 127.0.0.1:{public_port} ssl"),
+                     ("/etc/ssl/certs/viz.example.com.pem", str(tmp_path / "cert.pem")),
+                     ("/etc/ssl/private/viz.example.com.key", str(tmp_path / "key.pem"))):
+        assert old in site
+        site = site.replace(old, new)
+    (tmp_path / "site.conf").write_text(site)
+    (tmp_path / "nginx.conf").write_text(f"""
+        daemon off;
+        pid {tmp_path}/nginx.pid;
+        error_log {tmp_path}/error.log;
+        events {{}}
+        http {{
+            access_log {tmp_path}/access.log;
+            client_body_temp_path {tmp_path}/body;
+            proxy_temp_path {tmp_path}/proxy;
+            include {tmp_path}/site.conf;
+        }}
+    """)
+    proc = subprocess.Popen([NGINX, "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf")])
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    try:
+        wait_port(public_port, proc=proc)
+        yield {"ws": ws_port, "http": http_port, "public": public_port, "ssl": context}
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_reserve_and_tunnel_through_nginx(start_server, nginx) -> None:
+    server = start_server("--remote_session_config", str(CONFIG), "--trusted_proxy",
+                          "127.0.0.1", "--verbose", "1", ws_port=nginx["ws"],
+                          http_port=nginx["http"])
+    base = f"https://127.0.0.1:{nginx['public']}"
+    with urllib.request.urlopen(f"{base}/v1/reserve/echo?security_token=K",
+                                context=nginx["ssl"]) as response:
+        token = json.loads(response.read())["token"]
+    with urllib.request.urlopen(f"{base}/index.html", context=nginx["ssl"]) as response:
+        assert b"websocketserver demo" in response.read()
+
+    async def session() -> bytes:
+        url = f"wss://127.0.0.1:{nginx['public']}/websockify?token={token}"
+        async with websockets.connect(url, ssl=nginx["ssl"], max_size=None,
+                                      additional_headers={"X-Forwarded-For": "203.0.113.9"}
+                                      ) as ws:
+            data = os.urandom(1 << 20)
+            await ws.send(data)
+            received = bytearray()
+            while len(received) < len(data):
+                received += await asyncio.wait_for(ws.recv(), 10)
+            return bytes(received) == data
+
+    assert asyncio.run(session())
+    # the client address came from nginx's X-Forwarded-For (127.0.0.1 is trusted)
+    assert "tunnel open: 203.0.113.9 ->" in server.log()
+
+
+def test_forwarded_for_is_ignored_from_untrusted_peers(start_server, echo) -> None:
+    server = start_server("--client_port", str(echo.port), "--trusted_proxy", "10.0.0.1",
+                          "--verbose", "1")
+
+    async def session() -> None:
+        async with websockets.connect(server.ws_url(),
+                                      additional_headers={"X-Forwarded-For": "203.0.113.9"}
+                                      ) as ws:
+            await ws.send(b"x")
+            await ws.recv()
+
+    asyncio.run(session())
+    assert "tunnel open: 127.0.0.1 ->" in server.log()
