@@ -69,7 +69,11 @@ class WebSocketGateway:
         self._closing = False
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        refusal = await self._refusal(request)
+        ws = web.WebSocketResponse(protocols=("binary",), compress=False,
+                                   # aiohttp refuses a message of exactly max_msg_size
+                                   max_msg_size=self.settings.max_message_size + 1,
+                                   heartbeat=self.settings.ping_interval)
+        refusal = await self._refusal(request, ws)
         if refusal is not None:
             status, message = refusal
             log.warning("websocket refused (%d): %s: %s", status, peer_of(request), message)
@@ -85,10 +89,6 @@ class WebSocketGateway:
         assert task is not None
         self._handlers.add(task)
         try:
-            ws = web.WebSocketResponse(protocols=("binary",), compress=False,
-                                       # aiohttp refuses a message of exactly max_msg_size
-                                       max_msg_size=self.settings.max_message_size + 1,
-                                       heartbeat=self.settings.ping_interval)
             await ws.prepare(request)
             set_nodelay(request.transport)
             token = request.query.get("token")
@@ -102,11 +102,12 @@ class WebSocketGateway:
             self._handlers.discard(task)
             self.limits.release(client, user)
 
-    async def _refusal(self, request: web.Request) -> tuple[int, str] | None:
+    async def _refusal(self, request: web.Request,
+                       ws: web.WebSocketResponse) -> tuple[int, str] | None:
         """Why this upgrade request is refused before the handshake, if it is."""
         if self._closing:
             return 503, "server is shutting down"
-        if not web.WebSocketResponse(protocols=("binary",)).can_prepare(request).ok:
+        if not ws.can_prepare(request).ok:
             return 426, "this port serves websocket upgrades only"
         if not origin_allowed(request.headers.get("Origin"), self.settings.allowed_origins):
             return 403, f"origin not allowed: {request.headers.get('Origin')}"

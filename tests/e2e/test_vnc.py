@@ -7,12 +7,12 @@ basic mode tunnels to a desktop the test starts itself.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 
 import pytest
 import websockets
 
-from support import wait_until
 from e2e.vnc_support import (
     DESKTOP_CONFIG,
     X_BINARIES,
@@ -26,6 +26,7 @@ from e2e.vnc_support import (
     reserve,
     rfb_handshake,
 )
+from support import wait_until
 
 DESKTOP_PROCESSES = ["Xvfb", "x11vnc"]
 
@@ -118,17 +119,14 @@ def test_desktop_starts_when_its_display_is_taken(start_server, tmp_path) -> Non
         "script": str(DESKTOP_CONFIG.parent / "desktop_session.py"), "count": 1,
         "options": {"sizes": ["640x480"], "display_base": base}}}))
     server = start_server("--remote_session_config", str(config))
-    try:
-        occupant = XDesktop(display=base, vnc=False)
-    except RuntimeError:  # someone else holds the display already: just as good
-        occupant = None
-    try:
+    with contextlib.ExitStack() as stack:
+        try:
+            occupant = stack.enter_context(XDesktop(display=base, vnc=False))
+        except RuntimeError:  # someone else holds that display already: just as good
+            occupant = None
         init = asyncio.run(handshake(server.ws_url(token=reserve(server))))
         assert (init.width, init.height) == (640, 480)
-    finally:
-        if occupant is not None:
-            assert occupant.pids, "the occupying Xvfb died"
-            occupant.close()
+        assert occupant is None or occupant.pids, "the occupying Xvfb died"
     wait_until(lambda: instance_processes(server) == [], timeout=20)
 
 

@@ -11,7 +11,7 @@ import signal
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import psutil
 import pytest
@@ -80,17 +80,16 @@ def reserve(server: ServerProcess, query: str = "", **kwargs: Any) -> str:
     return body["token"]
 
 
-def read_display(fd: int, timeout: float) -> int:
-    """The display number Xvfb writes to its ``-displayfd`` once ready; closes ``fd``."""
-    with os.fdopen(fd, "rb", buffering=0) as ready:
-        data = b""
-        while not data.endswith(b"\n"):
-            if not select.select([ready], [], [], timeout)[0]:
-                raise TimeoutError(f"Xvfb was not ready within {timeout:g} s")
-            chunk = ready.read(16)
-            if not chunk:
-                raise RuntimeError("Xvfb exited before its display was ready")
-            data += chunk
+def read_display(ready: BinaryIO, timeout: float) -> int:
+    """The display number Xvfb writes to its ``-displayfd`` once it accepts clients."""
+    data = b""
+    while not data.endswith(b"\n"):
+        if not select.select([ready], [], [], timeout)[0]:
+            raise TimeoutError(f"Xvfb was not ready within {timeout:g} s")
+        chunk = ready.read(16)
+        if not chunk:
+            raise RuntimeError("Xvfb exited before its display was ready")
+        data += chunk
     return int(data)
 
 
@@ -107,12 +106,14 @@ class XDesktop:
         read_fd, write_fd = os.pipe()
         where = [] if display is None else [f":{display}"]
         try:
-            self._spawn(["Xvfb", *where, "-screen", "0", f"{size}x24", "-nolisten", "tcp",
-                         "-noreset", "-displayfd", str(write_fd)], pass_fds=[write_fd])
-        finally:
-            os.close(write_fd)
-        try:
-            self.display = f":{read_display(read_fd, timeout)}"
+            with os.fdopen(read_fd, "rb", buffering=0) as ready:
+                try:
+                    self._spawn(["Xvfb", *where, "-screen", "0", f"{size}x24", "-nolisten",
+                                 "tcp", "-noreset", "-displayfd", str(write_fd)],
+                                pass_fds=[write_fd])
+                finally:
+                    os.close(write_fd)
+                self.display = f":{read_display(ready, timeout)}"
             subprocess.run(["xsetroot", "-display", self.display, "-solid", color],
                            check=True, timeout=timeout)
             if vnc:
