@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import select
@@ -153,7 +154,6 @@ class ServerKind:
     """How to start one of the compared proxies."""
 
     name: str
-    label: str
 
     def argv(self, ws_port: int, backend_port: int, tls: Tls | None) -> list[str]:
         """Command line for a server on ws_port tunnelling to backend_port."""
@@ -175,7 +175,7 @@ class ServerKind:
         ]
         if tls:
             argv += ["--cert", str(tls.cert), "--key", str(tls.key)]
-        return argv + [str(ws_port)]
+        return argv + _ours_limit_flags() + [str(ws_port)]
 
     def env(self) -> dict[str, str]:
         """Extra environment: our package is run from the source tree."""
@@ -185,8 +185,26 @@ class ServerKind:
         return {"PYTHONPATH": str(REPO / "src") + (os.pathsep + path if path else "")}
 
 
-WEBSOCKIFY = ServerKind("websockify", "websockify")
-OURS = ServerKind("ours", "ours")
+@functools.cache
+def _ours_limit_flags() -> list[str]:
+    """Lift our tunnel limits where this version has them: all benchmark traffic
+    comes from one address, and the idle test holds up to 10,000 tunnels."""
+    help_text = subprocess.run(
+        [PYTHON, "-m", "websocketserver", "--help"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **OURS.env()},
+        cwd=REPO,
+    ).stdout
+    flags = []
+    for flag in ("--max_tunnels", "--max_tunnels_per_client"):
+        if f"{flag} " in help_text:
+            flags += [flag, "1000000"]
+    return flags
+
+
+WEBSOCKIFY = ServerKind("websockify")
+OURS = ServerKind("ours")
 
 
 def ours_available() -> bool:

@@ -63,10 +63,11 @@ class DesktopSession(CommandService):
 
     def command(self, index: int, options: dict[str, Any], port: int) -> list[str]:
         color = options.get("color") or self._common_options.get("color", DEFAULT_COLOR)
+        # "--opt=value": a reservation's value cannot pass for an option of its own
         return [sys.executable, str(Path(__file__).resolve()),
-                "--display", str(self._display_base + index),
-                "--size", self._sizes[index % len(self._sizes)],
-                "--color", str(color), "--name", f"desktop {index}", str(port)]
+                f"--display={self._display_base + index}",
+                f"--size={self._sizes[index % len(self._sizes)]}",
+                f"--color={color}", f"--name=desktop {index}", str(port)]
 
 
 def _die_with_parent() -> None:

@@ -70,6 +70,7 @@ class ServerProcess:
         self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT,
                                      env={**os.environ, **(env or {})})
         self.pid = self.proc.pid
+        self._serving_pid: int | None = None
         for port in (ws_port, http_port):
             if port is not None and port != -1:
                 wait_port(port, proc=self.proc)
@@ -136,11 +137,23 @@ class ServerProcess:
                     alive.append(child)
         return alive
 
+    def serving_pid(self) -> int:
+        """The server process proper: the supervisor's child running the same command."""
+        if self._serving_pid is None:
+            supervisor = psutil.Process(self.pid)
+            self._serving_pid = self.pid  # unless supervised (Linux)
+            for child in supervisor.children():
+                with contextlib.suppress(psutil.Error):
+                    if child.cmdline() == supervisor.cmdline():
+                        self._serving_pid = child.pid
+        return self._serving_pid
+
     def wait_exit(self, timeout: float = 10.0) -> int:
         return self.proc.wait(timeout=timeout)
 
     def log(self) -> str:
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         return self.log_path.read_text(errors="replace")
 
     def close(self) -> None:
@@ -158,12 +171,14 @@ class ServerProcess:
         self._log.close()
 
 
-def marked_processes() -> list[psutil.Process]:
-    """Processes anywhere on the machine that a service instance of a server started."""
+def marked_processes(server: ServerProcess | None = None) -> list[psutil.Process]:
+    """Live processes that service instances started (of one server, or of any)."""
+    prefix = f"{server.serving_pid()}-" if server is not None else ""
     found = []
     for proc in psutil.process_iter():
         with contextlib.suppress(psutil.Error):
-            if "WEBSOCKETSERVER_INSTANCE" in proc.environ() and \
+            marker = proc.environ().get("WEBSOCKETSERVER_INSTANCE")
+            if marker is not None and marker.startswith(prefix) and \
                     proc.status() != psutil.STATUS_ZOMBIE:
                 found.append(proc)
     return found

@@ -25,6 +25,8 @@ class Recorder(RemoteServiceScript):
             raise RuntimeError("asked to fail")
         if options.get("hang"):
             await asyncio.sleep(3600)
+        if options.get("slow"):
+            await asyncio.sleep(float(options["slow"]))
         return "127.0.0.1", 4242
 
     def stop(self, index):
@@ -55,6 +57,14 @@ async def test_activate_starts_and_stops(manager: ServiceManager) -> None:
     assert await manager.store.list() == []
 
 
+async def wait_empty(manager: ServiceManager, timeout: float = 5) -> None:
+    for _ in range(int(timeout / 0.05)):
+        if not await manager.store.list():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("the slot was not freed")
+
+
 @pytest.mark.parametrize("options, status", [({"fail": "1"}, 502), ({"hang": "1"}, 504)])
 async def test_start_failures_free_the_slot(manager: ServiceManager, options, status) -> None:
     reservation = await manager.reserve("rec", options, None)
@@ -62,8 +72,21 @@ async def test_start_failures_free_the_slot(manager: ServiceManager, options, st
         async with manager.activate(reservation.token, lambda reason: None):
             pass
     assert error.value.status == status
+    await wait_empty(manager)  # a hung start holds it one more start_timeout at most
     assert calls(manager)[-1] == ("stop", 0)
-    assert await manager.store.list() == []
+
+
+async def test_late_start_holds_its_slot_until_stopped(manager: ServiceManager) -> None:
+    """A start that returns after its timeout is stopped before its index is reused."""
+    slow = await manager.reserve("rec", {"slow": "0.8"}, None)
+    with pytest.raises(ServiceError):
+        async with manager.activate(slow.token, lambda reason: None):
+            pass
+    assert [r.index for r in await manager.store.list()] == [0]  # still held
+    assert (await manager.reserve("rec", {}, None)).index == 1
+    await asyncio.sleep(0.6)  # the slow start returns at 0.8 s
+    assert [r.index for r in await manager.store.list()] == [1]
+    assert calls(manager)[-2:] == [("stop", 0), ("stop", 0)]
 
 
 async def test_second_activation_and_unknown_token(manager: ServiceManager) -> None:

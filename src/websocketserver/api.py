@@ -56,7 +56,7 @@ class RestApi:
         if offered is None:
             scheme, _, value = request.headers.get("Authorization", "").partition(" ")
             offered = value.strip() if scheme.lower() == "bearer" else ""
-        return hmac.compare_digest(offered.encode(), self._token)
+        return hmac.compare_digest(offered.encode("utf-8", "surrogateescape"), self._token)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """Dispatch ``/vN/name[/argument]``."""

@@ -73,8 +73,8 @@ class Identity:
                 return name
         if self._keys:
             key = request.query.get(USER_KEY_PARAM) or request.headers.get(USER_KEY_HEADER)
-            if key:
-                return self._user_with_key(key.encode())
+            if key:  # header text may hold any bytes (surrogate-escaped)
+                return self._user_with_key(key.encode("utf-8", "surrogateescape"))
         return None
 
     def _trusted(self, address: str) -> bool:

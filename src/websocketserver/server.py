@@ -144,7 +144,26 @@ def configure_logging(settings: Settings) -> None:
     root.setLevel(level)
     if settings.verbose < 3:
         logging.getLogger("aiohttp").setLevel(max(level, logging.INFO))
+        logging.getLogger("aiohttp.server").addFilter(_ClientError(level))
     log.setLevel(min(level, logging.INFO))  # start and stop are always reported
+
+
+class _ClientError(logging.Filter):
+    """aiohttp logs a client's malformed request as an error with a traceback; it is
+    the client's fault, not the server's: make it one INFO line (tracebacks: -v 3)."""
+
+    def __init__(self, level: int) -> None:
+        super().__init__()
+        self.level = level
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[1] is not None:
+            error = record.exc_info[1]
+            record.msg = f"{record.getMessage()}: {type(error).__name__}: {error}"
+            record.args = None
+            record.exc_info = record.exc_text = None
+            record.levelno, record.levelname = logging.INFO, "INFO"
+        return record.levelno >= self.level
 
 
 async def serve(settings: Settings, started: Callable[[Server], None] | None = None) -> None:

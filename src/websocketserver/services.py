@@ -74,6 +74,7 @@ class ServiceManager:
             self.services[config.name] = Service(config, script)
         self._closers: dict[str, Callable[[str], None]] = {}
         self._traffic: dict[str, TunnelStats] = {}
+        self._abandoned: dict[str, asyncio.Task[None]] = {}
         self._reclaimer: asyncio.Task[None] | None = None
 
     # -- what a caller may see -----------------------------------------------------
@@ -175,10 +176,11 @@ class ServiceManager:
             self._closers.pop(token, None)
             self._traffic.pop(token, None)
             await self.store.transition(token, (State.STARTING, State.ACTIVE), State.STOPPING)
-            if started:
-                await self._stop(service, reservation.index)
-            await self.store.remove(token)
-            log.info("%s index %d is free", service.name, reservation.index)
+            if token not in self._abandoned:  # else _finish_abandoned frees the slot
+                if started:
+                    await self._stop(service, reservation.index)
+                await self.store.remove(token)
+                log.info("%s index %d is free", service.name, reservation.index)
 
     async def _start(self, service: Service, reservation: Reservation) -> tuple[str, int]:
         timeout = self.settings.start_timeout
@@ -189,16 +191,11 @@ class ServiceManager:
             host, port = await asyncio.wait_for(asyncio.shield(start), timeout)
         except TimeoutError:
             self.metrics.service_failed(service.name)
-            # A plain start() cannot be interrupted: stop the instance now, and again
-            # should the start finish later, so that nothing it launched survives.
-            start.add_done_callback(lambda _: asyncio.ensure_future(
-                self._stop(service, reservation.index)))
-            await self._stop(service, reservation.index)
+            self._abandon(service, reservation, start)
             raise ServiceError(504, f"{service.name} did not start within {timeout:g} s"
                                ) from None
         except asyncio.CancelledError:
-            start.cancel()
-            await self._stop(service, reservation.index)
+            self._abandon(service, reservation, start)
             raise
         except Exception as exc:
             self.metrics.service_failed(service.name)
@@ -211,6 +208,39 @@ class ServiceManager:
         log.info("%s index %d started on %s:%s in %.2f s", service.name, reservation.index,
                  host, port, seconds)
         return str(host), int(port)
+
+    def _abandon(self, service: Service, reservation: Reservation,
+                 start: asyncio.Future[tuple[str, int]]) -> None:
+        """Give up on a start() that is still running, without freeing its index yet.
+
+        A plain start() runs in a thread that cannot be interrupted; were its index
+        given to the next reservation at once, a late return would mix the two
+        instances up. The slot is held until the start ends (and is then stopped) or
+        for one more ``--start_timeout`` at most.
+        """
+        self._abandoned[reservation.token] = asyncio.create_task(
+            self._finish_abandoned(service, reservation, start))
+
+    async def _finish_abandoned(self, service: Service, reservation: Reservation,
+                                start: asyncio.Future[tuple[str, int]]) -> None:
+        index = reservation.index
+        try:
+            await self._stop(service, index)  # whatever it launched so far
+            try:
+                await asyncio.wait_for(asyncio.shield(start), self.settings.start_timeout)
+            except TimeoutError:
+                start.cancel()
+                log.error("%s index %d: start() still running %g s after it was abandoned; "
+                          "freeing the slot (anything it launches later ends when the "
+                          "server exits)", service.name, index, self.settings.start_timeout)
+                return
+            except Exception as exc:  # failed late: it may still have launched something
+                log.debug("%s index %d: abandoned start() failed: %s", service.name, index, exc)
+            await self._stop(service, index)  # the start finished late: stop what it made
+        finally:
+            self._abandoned.pop(reservation.token, None)
+            await self.store.remove(reservation.token)
+            log.info("%s index %d is free", service.name, index)
 
     async def _stop(self, service: Service, index: int) -> None:
         try:
@@ -248,3 +278,5 @@ class ServiceManager:
             await asyncio.gather(self._reclaimer, return_exceptions=True)
         for close in list(self._closers.values()):
             close("server shutting down")
+        for task in list(self._abandoned.values()):
+            task.cancel()

@@ -48,7 +48,7 @@ def test_ensight_launched_with_the_original_command(start_server, tmp_path) -> N
     assert argv[0] == "-batch" and argv[1] == "-vnc"
     assert argv[2].startswith("vnc://%3Frfb_port=") and argv[2].endswith("%26use_auth=0")
     assert argv[3] == "/data/car.case"
-    wait_until(lambda: marked_processes() == [])
+    wait_until(lambda: marked_processes(server) == [])
 
 
 def test_command_template_replaces_the_application(start_server) -> None:

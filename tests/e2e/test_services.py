@@ -64,11 +64,11 @@ def test_reserve_connect_echo_close_frees_slot(server) -> None:
                 received += await ws.recv()
             assert received == data
             assert [i["state"] for i in instances(server, "echo")] == ["active"]
-            assert len(marked_processes()) == 1
+            assert len(marked_processes(server)) == 1
 
     asyncio.run(session())
     wait_until(lambda: instances(server, "echo") == [])
-    wait_until(lambda: marked_processes() == [])
+    wait_until(lambda: marked_processes(server) == [])
     assert instances(server, "echo") == []
     # the index is reused
     reserve(server, "echo")
@@ -128,7 +128,7 @@ def test_release_stops_an_active_session(server) -> None:
             return closed.value.rcvd.code, closed.value.rcvd.reason
 
     assert asyncio.run(session()) == (1001, "reservation released")
-    wait_until(lambda: instances(server, "echo") == [] and marked_processes() == [])
+    wait_until(lambda: instances(server, "echo") == [] and marked_processes(server) == [])
 
 
 def test_second_websocket_on_active_token_is_refused(server) -> None:
@@ -174,7 +174,7 @@ def test_service_process_crash_ends_session(server) -> None:
         async with websockets.connect(server.ws_url(token=token)) as ws:
             await ws.send(b"x")
             await ws.recv()
-            [proc] = marked_processes()
+            [proc] = marked_processes(server)
             proc.kill()
             with pytest.raises(websockets.ConnectionClosed) as closed:
                 await asyncio.wait_for(ws.recv(), 10)
@@ -191,12 +191,12 @@ def test_daemonizing_service_leaves_nothing(server) -> None:
         async with websockets.connect(server.ws_url(token=token)) as ws:
             await ws.send(b"daemon")
             assert await asyncio.wait_for(ws.recv(), 10) == b"daemon"
-            [daemon] = marked_processes()
+            [daemon] = marked_processes(server)
             # re-parented to the server's supervisor (a child subreaper), not to init
             assert daemon.ppid() == server.pid
 
     asyncio.run(session())
-    wait_until(lambda: marked_processes() == [] and instances(server, "daemon") == [])
+    wait_until(lambda: marked_processes(server) == [] and instances(server, "daemon") == [])
 
 
 def test_sigterm_with_three_active_sessions_leaves_nothing(start_server) -> None:
@@ -208,7 +208,7 @@ def test_sigterm_with_three_active_sessions_leaves_nothing(start_server) -> None
         for ws in sockets:
             await ws.send(b"x")
             await asyncio.wait_for(ws.recv(), 10)
-        assert len(marked_processes()) == 3
+        assert len(marked_processes(server)) == 3
         procs = server.descendants()
         server.proc.terminate()
         codes = []
@@ -221,4 +221,4 @@ def test_sigterm_with_three_active_sessions_leaves_nothing(start_server) -> None
 
     assert asyncio.run(sessions()) == [1001, 1001, 1001]
     assert server.wait_exit(10) == 0
-    assert marked_processes() == []
+    assert marked_processes(server) == []

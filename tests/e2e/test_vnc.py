@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import json
 
+import psutil
 import pytest
 import websockets
 
@@ -26,7 +27,7 @@ from e2e.vnc_support import (
     reserve,
     rfb_handshake,
 )
-from support import wait_until
+from support import ServerProcess, wait_until
 
 DESKTOP_PROCESSES = ["Xvfb", "x11vnc"]
 
@@ -37,7 +38,7 @@ def _x_binaries() -> None:
 
 
 @pytest.fixture
-def desktop_server(start_server):
+def desktop_server(start_server) -> ServerProcess:
     """The real command line with the example desktop/echo config."""
     return start_server("--remote_session_config", str(DESKTOP_CONFIG))
 
@@ -109,6 +110,31 @@ def test_two_desktops_at_once(desktop_server) -> None:
     assert [i.name for i in inits] == ["desktop 0", "desktop 1"]
     wait_until(lambda: instance_processes(server) == [], timeout=20)
     wait_until(lambda: instances(server) == [], timeout=20)
+
+
+def test_server_stop_with_an_active_desktop_leaves_nothing(desktop_server) -> None:
+    """/v1/stop during a session: the websocket closes, Xvfb and x11vnc end, exit 0."""
+    server = desktop_server
+    token = reserve(server)
+
+    async def session() -> list[psutil.Process]:
+        async with asyncio.timeout(60):
+            async with websockets.connect(server.ws_url(token=token),
+                                          subprotocols=["binary"]) as ws:
+                await rfb_handshake(ws)
+                desktop = [p for p in server.descendants() if p.name() in DESKTOP_PROCESSES]
+                assert sorted(p.name() for p in desktop) == DESKTOP_PROCESSES
+                status, body = await asyncio.to_thread(server.get_json, "/v1/stop")
+                assert status == 200, body
+                with pytest.raises(websockets.ConnectionClosed):
+                    while True:
+                        await ws.recv()
+                return desktop
+
+    desktop = asyncio.run(session())
+    assert server.wait_exit(30) == 0
+    _, alive = psutil.wait_procs(desktop, timeout=5)
+    assert alive == []
 
 
 def test_desktop_starts_when_its_display_is_taken(start_server, tmp_path) -> None:
