@@ -10,16 +10,14 @@ from __future__ import annotations
 
 import ssl
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import trustme
-from playwright.sync_api import Browser, BrowserContext, Page, expect, sync_playwright
+from playwright.sync_api import Browser, BrowserContext, Page, expect
 
 from e2e.vnc_support import (
     ARTIFACTS,
-    CHROMIUM,
     DESKTOP_CONFIG,
     NOVNC,
     X_BINARIES,
@@ -33,22 +31,14 @@ from e2e.vnc_support import (
 )
 from support import ServerProcess, wait_until
 
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync"]
 TIMEOUT_MS = 30_000
 MIN_FRACTION = 0.95
 
 
 @pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    """Headless Debian Chromium (Playwright never downloads a browser here)."""
-    require(*X_BINARIES, paths=(Path(CHROMIUM), NOVNC / "core" / "rfb.js"))
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS,
-                                             timeout=TIMEOUT_MS)
-        yield browser
-        browser.close()
+def browser(chromium: Browser) -> Browser:
+    require(*X_BINARIES, paths=(NOVNC / "core" / "rfb.js",))
+    return chromium
 
 
 @pytest.fixture

@@ -1,0 +1,26 @@
+"""Fixtures of the end-to-end tests that drive a real browser."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from playwright.sync_api import Browser, sync_playwright
+
+from e2e.vnc_support import CHROMIUM, require
+
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync"]
+
+
+@pytest.fixture(scope="session")
+def chromium() -> Iterator[Browser]:
+    """Headless Debian Chromium (Playwright never downloads a browser here)."""
+    require(paths=(Path(CHROMIUM),))
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS,
+                                             timeout=30_000)
+        yield browser
+        browser.close()
