@@ -26,12 +26,12 @@ def main() -> int:
     children = [subprocess.Popen([sys.executable, str(HERE / "ticker.py"), str(backend_port)])]
     try:
         wait_listening(backend_port, 10, children[0])
-        print(f"demo: open http://localhost:{args.http_port}/?port={args.ws_port} "
+        print(f"demo: open http://127.0.0.1:{args.http_port}/?port={args.ws_port} "
               "in a browser (Ctrl-C stops)", flush=True)
         children.append(subprocess.Popen([
             sys.executable, "-m", "websocketserver", "--http_directory", str(HERE / "www"),
             "--http_port", str(args.http_port), "--client_port", str(backend_port),
-            "--verbose", "1", str(args.ws_port)]))
+            "--listen_address", "127.0.0.1", "--verbose", "1", str(args.ws_port)]))
         return children[-1].wait()
     except KeyboardInterrupt:
         return 0
