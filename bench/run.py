@@ -178,6 +178,16 @@ class Bench:
         assert self.client is not None
         return self.client.request(op, **args)
 
+    def request_timed(self, name: str, op: str, **args: Any) -> tuple[dict[str, Any], float]:
+        """``request``, plus the CPU seconds the target server's process tree spent
+        meanwhile (NaN for direct TCP)."""
+        pid = self.pids.get(name)
+        if pid is None:
+            return self.request(op, **args), float("nan")
+        before, size = tree_cpu(pid)
+        reply = self.request(op, **args)
+        return reply, tree_cpu_settled(pid, size) - before
+
     def run(self) -> list[Row]:
         """All measurements, in order: ws, wss, idle memory."""
         _backend, self.backend_port = start_backend(self.procs)
@@ -241,9 +251,9 @@ class Bench:
         total = (self.plan.down_bytes if op == "down" else self.plan.up_bytes)[size]
 
         def sample(name: str) -> tuple[float, ...]:
-            url, pid = urls[name], self.pids.get(name)
-            cpu_before, size_before = tree_cpu(pid) if pid else (0.0, 0)
-            reply = self.request(
+            url = urls[name]
+            reply, cpu = self.request_timed(
+                name,
                 op,
                 url=url,
                 total=total,
@@ -251,7 +261,6 @@ class Bench:
                 timeout=SAMPLE_TIMEOUT,
                 cafile=self.cafile(url),
             )
-            cpu = tree_cpu_settled(pid, size_before) - cpu_before if pid else float("nan")
             return reply["bytes"] / reply["seconds"] / 1e6, cpu * 1e3 / (reply["bytes"] / 1e6)
 
         results = alternate(list(urls), self.plan.reps, sample)
@@ -283,15 +292,16 @@ class Bench:
         """Tunnels opened, used (one echo) and closed per second, 64 in parallel."""
 
         def sample(name: str) -> tuple[float, ...]:
-            reply = self.request(
-                "tunnels", url=urls[name], parallel=64, duration=self.plan.tunnel_seconds
+            reply, cpu = self.request_timed(
+                name, "tunnels", url=urls[name], parallel=64, duration=self.plan.tunnel_seconds
             )
-            return (reply["tunnels"] / reply["seconds"],)
+            return reply["tunnels"] / reply["seconds"], cpu * 1e6 / reply["tunnels"]
 
         results = alternate(list(urls), self.plan.reps, sample)
-        self.add(
-            Row("tunnels open+use+close, 64 parallel", "/s", column(results, 0), ratio_at_least(10))
-        )
+        label = "tunnels open+use+close, 64 parallel"
+        self.add(Row(label, "/s", column(results, 0), ratio_at_least(10)))
+        cpu = {name: values for name, values in column(results, 1).items() if name != DIRECT}
+        self.add(Row(f"{label}: server CPU", "µs/tunnel", cpu))
 
     def idle_memory(self) -> None:
         """RSS of each server's process tree while it holds many idle tunnels."""
@@ -510,7 +520,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}, {machine()}, "
         f"{elapsed:.0f} s, other load {foreign_share:.0%}"
     )
-    print(header + "\n\n" + table)
     (out_dir / "table.md").write_text(header + "\n\n" + table + "\n")
     (out_dir / "samples.json").write_text(
         json.dumps(
@@ -521,6 +530,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             indent=1,
         )
     )
+    print(header + "\n\n" + table)
     return 0
 
 

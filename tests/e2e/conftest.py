@@ -15,9 +15,13 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
                  "--disable-sync"]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def chromium() -> Iterator[Browser]:
-    """Headless Debian Chromium (Playwright never downloads a browser here)."""
+    """Headless Debian Chromium (Playwright never downloads a browser here).
+
+    Module-scoped: Playwright's sync API keeps an event loop running in this thread
+    while it lives, and the other tests run event loops of their own.
+    """
     require(paths=(Path(CHROMIUM),))
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS,
