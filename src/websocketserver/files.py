@@ -76,7 +76,7 @@ class FileServer:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         try:
-            path = self.locate(request.raw_path.split("?", 1)[0])
+            path = self.locate(request.rel_url.raw_path)  # also for absolute-form targets
         except UnicodeDecodeError:
             path = None
         if path is None:

@@ -18,12 +18,13 @@ import sys
 from collections.abc import Callable
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from . import processes
 from .api import RestApi
 from .files import FileServer
 from .identity import Identity
-from .limits import GuardedSite, HandshakeGuard
+from .limits import GuardedSite, Handler, HandshakeGuard
 from .metrics import Metrics
 from .reservations import MemoryStore
 from .services import ServiceManager
@@ -73,7 +74,7 @@ class Server:
         self.gateway.start_sweeping()
 
     def _application(self, port_name: str) -> web.Application:
-        app = web.Application(middlewares=[self._guard.middleware])
+        app = web.Application(middlewares=[self._guard.middleware, _http_version])
         counter = self.metrics.http_requests
 
         async def count(request: web.Request, response: web.StreamResponse) -> None:
@@ -130,6 +131,15 @@ class Server:
         log.info("stopped")
 
 
+@web.middleware
+async def _http_version(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Only HTTP/1.0 and 1.1 are spoken here (aiohttp's parser lets others through)."""
+    if request.version not in ((1, 0), (1, 1)):
+        return json_error(505, f"HTTP/{request.version.major}.{request.version.minor} "
+                               "is not supported")
+    return await handler(request)
+
+
 def configure_logging(settings: Settings) -> None:
     """``--verbose``: 0 warnings, 1 one line per tunnel and service event, 2+ debug."""
     if settings.log_file is not None:
@@ -150,15 +160,16 @@ def configure_logging(settings: Settings) -> None:
 
 class _ClientError(logging.Filter):
     """aiohttp logs a client's malformed request as an error with a traceback; it is
-    the client's fault, not the server's: make it one INFO line (tracebacks: -v 3)."""
+    the client's fault, not the server's: make it one INFO line (tracebacks: -v 3).
+    A handler's own exception (a 500) stays an error with its traceback."""
 
     def __init__(self, level: int) -> None:
         super().__init__()
         self.level = level
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and record.exc_info[1] is not None:
-            error = record.exc_info[1]
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, HttpProcessingError):
             record.msg = f"{record.getMessage()}: {type(error).__name__}: {error}"
             record.args = None
             record.exc_info = record.exc_text = None

@@ -27,8 +27,12 @@ log = logging.getLogger("websocketserver.tunnel")
 START_FAILED = 1011  # websocket close code: the service behind the tunnel failed
 
 
-def json_error(status: int, message: str) -> web.Response:
-    return web.json_response({"error": message}, status=status)
+def json_error(status: int, message: str,
+               headers: dict[str, str] | None = None) -> web.Response:
+    return web.json_response({"error": message}, status=status, headers=headers)
+
+
+_UPGRADE_REQUIRED = {"Upgrade": "websocket", "Sec-WebSocket-Version": "13"}
 
 
 def peer_of(request: web.BaseRequest) -> str:
@@ -77,7 +81,7 @@ class WebSocketGateway:
         if refusal is not None:
             status, message = refusal
             log.warning("websocket refused (%d): %s: %s", status, peer_of(request), message)
-            return json_error(status, message)
+            return json_error(status, message, _UPGRADE_REQUIRED if status == 426 else None)
         client = self.identity.client_address(request)
         user = self.identity.user(request)
         try:
@@ -107,8 +111,17 @@ class WebSocketGateway:
         """Why this upgrade request is refused before the handshake, if it is."""
         if self._closing:
             return 503, "server is shutting down"
-        if not ws.can_prepare(request).ok:
-            return 426, "this port serves websocket upgrades only"
+        if request.version < (1, 1):
+            return 400, "websocket upgrades need HTTP/1.1"
+        try:
+            ready = ws.can_prepare(request).ok
+        except (web.HTTPException, ValueError):  # aiohttp chokes on some non-ASCII headers
+            ready = False
+        if not ready:
+            upgrade = request.headers.get("Upgrade", "").lower()
+            if upgrade == "websocket" and request.headers.get("Sec-WebSocket-Version") == "13":
+                return 400, "malformed websocket handshake"
+            return 426, "this port serves websocket upgrades only (version 13)"
         if not origin_allowed(request.headers.get("Origin"), self.settings.allowed_origins):
             return 403, f"origin not allowed: {request.headers.get('Origin')}"
         token = request.query.get("token")
