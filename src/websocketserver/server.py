@@ -192,16 +192,19 @@ async def serve(settings: Settings, started: Callable[[Server], None] | None = N
         await server.close()
 
 
-def _raise_file_limit() -> None:
-    """Each tunnel holds two sockets: allow as many open files as the system lets us."""
+def _raise_file_limit(wanted: int = 65536) -> None:
+    """Each tunnel holds two sockets: allow ``wanted`` open files if we may (root may
+    raise the hard limit), else as many as the hard limit lets us."""
     try:
         import resource
     except ImportError:  # not a POSIX system
         return
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY or hard > soft:
+    for limit in (max(wanted, hard), hard):
         with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            if limit > soft:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+            return
 
 
 def _serve_process(settings: Settings) -> int:
