@@ -19,7 +19,16 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from servers import BENCH_DIR, OURS, PYTHON, Processes, Worker, start_backend, start_server
+from servers import (
+    BENCH_DIR,
+    OURS,
+    PYTHON,
+    Processes,
+    Worker,
+    make_tls,
+    start_backend,
+    start_server,
+)
 
 from common import BenchError, raise_nofile_limit
 
@@ -29,14 +38,24 @@ MiB = 1024 * KiB
 TOP = 25
 
 
-def loads(client: Worker, url: str) -> dict[str, Callable[[], None]]:
+def loads(client: Worker, url: str, cafile: str | None) -> dict[str, Callable[[], object]]:
     """One unit of each load; the profiler repeats it until its time is up."""
+
+    def transfer(op: str, chunk: int) -> Callable[[], object]:
+        total = 256 * MiB if chunk > KiB else 32 * MiB
+        return lambda: client.request(
+            op, url=url, total=total, chunk=chunk, timeout=60, cafile=cafile
+        )
+
     return {
-        "down": lambda: client.request(
-            "down", url=url, total=256 * MiB, chunk=64 * KiB, timeout=60
+        "down": transfer("down", 64 * KiB),
+        "up": transfer("up", 64 * KiB),
+        "tunnels": lambda: client.request(
+            "tunnels", url=url, parallel=64, duration=2.0, cafile=cafile
         ),
-        "up": lambda: client.request("up", url=url, total=256 * MiB, chunk=64 * KiB, timeout=60),
-        "tunnels": lambda: client.request("tunnels", url=url, parallel=64, duration=2.0),
+        "down-1k": transfer("down", KiB),
+        "up-1k": transfer("up", KiB),
+        "up-1m": transfer("up", MiB),
     }
 
 
@@ -70,7 +89,7 @@ def profile(
     procs: Processes,
     server_pid: int,
     name: str,
-    unit: Callable[[], None],
+    unit: Callable[[], object],
     seconds: float,
     out_dir: Path,
     native: bool,
@@ -113,8 +132,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--seconds", type=float, default=10.0, help="sampling time per load")
-    parser.add_argument("--loads", default="down,up,tunnels")
+    parser.add_argument("--loads", default="down,up,tunnels", help="also: down-1k, up-1k, up-1m")
     parser.add_argument("--native", action="store_true", help="include C frames (slower)")
+    parser.add_argument("--wss", action="store_true", help="profile over TLS")
     args = parser.parse_args(argv)
     if PY_SPY is None:
         print("py-spy not found: pip install py-spy", file=sys.stderr)
@@ -125,9 +145,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     procs = Processes(out_dir)
     try:
         _backend, backend_port = start_backend(procs)
-        server = start_server(procs, OURS, backend_port, None)
+        tls = make_tls(out_dir) if args.wss else None
+        server = start_server(procs, OURS, backend_port, tls)
         client = Worker(procs, "client", [PYTHON, str(BENCH_DIR / "client.py")])
-        units = loads(client, server.url)
+        units = loads(client, server.url, str(tls.ca) if tls else None)
         for name in args.loads.split(","):
             report = profile(
                 procs, server.proc.pid, name, units[name], args.seconds, out_dir, args.native

@@ -66,17 +66,16 @@ class Processes:
         env: dict[str, str] | None = None,
     ) -> subprocess.Popen[bytes]:
         """Start ``argv``; stderr (and stdout unless ``pipes``) go to ``log_dir/name.log``."""
-        log = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - closed with the process
-        proc = subprocess.Popen(
-            list(argv),
-            stdin=subprocess.PIPE if pipes else subprocess.DEVNULL,
-            stdout=subprocess.PIPE if pipes else log,
-            stderr=log,
-            env={**os.environ, **(env or {})},
-            cwd=REPO,
-            start_new_session=True,
-        )
-        log.close()
+        with open(self.log_dir / f"{name}.log", "ab") as log:  # the child keeps its copy
+            proc = subprocess.Popen(
+                list(argv),
+                stdin=subprocess.PIPE if pipes else subprocess.DEVNULL,
+                stdout=subprocess.PIPE if pipes else log,
+                stderr=log,
+                env={**os.environ, **(env or {})},
+                cwd=REPO,
+                start_new_session=True,
+            )
         self.procs.append(proc)
         return proc
 

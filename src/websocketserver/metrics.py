@@ -7,9 +7,17 @@ when the page is scraped, so the tunnel's hot path pays nothing for them.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily
 
 from .reservations import Reservation, State
@@ -45,6 +53,10 @@ class Metrics:
         self.http_requests = Counter("websocketserver_http_requests",
                                      "HTTP answers by status", ["port", "status"],
                                      registry=self.registry)
+        self.tasks = Gauge("websocketserver_asyncio_tasks", "Tasks alive in the event loop",
+                           registry=self.registry)
+        self.tasks.set_function(lambda: len(asyncio.all_tasks()))
+        ProcessCollector(registry=self.registry)  # process_resident_memory_bytes, fds, ...
         self.registry.register(_BytesCollector(self))
 
     def tunnel_opened(self, tunnel: Tunnel) -> None:
