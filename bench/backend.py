@@ -22,14 +22,15 @@ PATTERN = bytes(range(256)) * 4096
 class BackendProtocol(asyncio.Protocol):
     """One backend connection; the mode is read from the first HEADER.size bytes."""
 
+    transport: asyncio.Transport  # set by connection_made
+
     def __init__(self) -> None:
-        self.transport: asyncio.Transport | None = None
         self.pending = bytearray()
         self.mode: bytes | None = None
         self.total = 0
         self.received = 0
         self.left = 0
-        self.chunk: memoryview | None = None
+        self.chunk = memoryview(b"")
         self.paused = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -96,8 +97,13 @@ async def serve(port: int) -> None:
     """Listen on 127.0.0.1:port until SIGTERM/SIGINT."""
     loop = asyncio.get_running_loop()
     stop = loop.create_future()
+
+    def request_stop() -> None:
+        if not stop.done():
+            stop.set_result(None)
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, lambda: stop.done() or stop.set_result(None))
+        loop.add_signal_handler(sig, request_stop)
     server = await loop.create_server(BackendProtocol, HOST, port, backlog=4096)
     send_json({"ready": True})
     async with server:

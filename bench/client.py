@@ -23,6 +23,7 @@ from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport, ws_
 
 from common import (
     ACK,
+    HOST,
     MODE_DOWN,
     MODE_ECHO,
     MODE_UP,
@@ -83,9 +84,7 @@ class _LinkBase:
 class WsLink(_LinkBase, WSListener):
     """picows client connection."""
 
-    def __init__(self) -> None:
-        _LinkBase.__init__(self)
-        self.transport: WSTransport | None = None
+    transport: WSTransport  # set by on_ws_connected
 
     def on_ws_connected(self, transport: WSTransport) -> None:
         self.transport = transport
@@ -136,9 +135,7 @@ class WsLink(_LinkBase, WSListener):
 class TcpLink(_LinkBase, asyncio.Protocol):
     """Raw TCP connection straight to the backend (the no-proxy ceiling)."""
 
-    def __init__(self) -> None:
-        _LinkBase.__init__(self)
-        self.transport: asyncio.Transport | None = None
+    transport: asyncio.Transport  # set by connection_made
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is no subclass
@@ -178,7 +175,7 @@ async def _wait_closed(closed: asyncio.Future[None], abort: Callable[[], None]) 
         raise BenchError("server did not close the connection") from None
 
 
-_ssl_contexts: dict[str, ssl.SSLContext] = {}
+_ssl_contexts: dict[str | None, ssl.SSLContext] = {}
 
 
 async def connect(url: str, cafile: str | None = None) -> Link:
@@ -186,14 +183,16 @@ async def connect(url: str, cafile: str | None = None) -> Link:
     parts = urlsplit(url)
     if parts.scheme == "tcp":
         loop = asyncio.get_running_loop()
-        _transport, link = await loop.create_connection(TcpLink, parts.hostname, parts.port)
-        return link
+        _transport, tcp_link = await loop.create_connection(
+            TcpLink, parts.hostname or HOST, parts.port or 0
+        )
+        return tcp_link
     context = None
     if parts.scheme == "wss":
         if cafile not in _ssl_contexts:
             _ssl_contexts[cafile] = ssl.create_default_context(cafile=cafile)
         context = _ssl_contexts[cafile]
-    _transport, link = await ws_connect(
+    _ws_transport, ws_link = await ws_connect(
         WsLink,
         url,
         ssl_context=context,
@@ -201,7 +200,7 @@ async def connect(url: str, cafile: str | None = None) -> Link:
         max_frame_size=64 << 20,
         extra_headers={"Sec-WebSocket-Protocol": "binary"},
     )
-    return link
+    return cast(WsLink, ws_link)
 
 
 async def _with_link(url: str, cafile: str | None, body: Callable[[Link], Awaitable[Any]]) -> Any:

@@ -28,7 +28,7 @@ log = logging.getLogger("websocketserver.api")
 TOKEN_PARAM = "security_token"
 _NOT_OPTIONS = {TOKEN_PARAM, USER_KEY_PARAM}
 
-Handler = Callable[[web.Request, str], Awaitable[web.StreamResponse]]
+Handler = Callable[[web.BaseRequest, str], Awaitable[web.StreamResponse]]
 
 
 class RestApi:
@@ -48,7 +48,7 @@ class RestApi:
             "release": (self.release, True),
         }
 
-    def authorized(self, request: web.Request) -> bool:
+    def authorized(self, request: web.BaseRequest) -> bool:
         """Whether the request carries the security token (always true without one)."""
         if self._token is None:
             return True
@@ -58,7 +58,7 @@ class RestApi:
             offered = value.strip() if scheme.lower() == "bearer" else ""
         return hmac.compare_digest(offered.encode("utf-8", "surrogateescape"), self._token)
 
-    async def handle(self, request: web.Request) -> web.StreamResponse:
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         """Dispatch ``/vN/name[/argument]``."""
         parts = request.path.strip("/").split("/")
         version, name, args = parts[0], parts[1] if len(parts) > 1 else "", parts[2:]
@@ -77,37 +77,37 @@ class RestApi:
         except ServiceError as exc:
             return json_error(exc.status, str(exc))
 
-    async def _holds_token(self, request: web.Request, name: str, args: list[str]) -> bool:
+    async def _holds_token(self, request: web.BaseRequest, name: str, args: list[str]) -> bool:
         return name == "release" and await self.services.store.get(args[0]) is not None
 
-    async def stop(self, request: web.Request, _: str) -> web.StreamResponse:
+    async def stop(self, request: web.BaseRequest, _: str) -> web.StreamResponse:
         log.info("stop requested over REST by %s", request.remote)
         self._stop()
         return web.json_response({"status": "stopping"})
 
-    def _user(self, request: web.Request) -> str | None:
+    def _user(self, request: web.BaseRequest) -> str | None:
         return self.services.identity.user(request)
 
-    async def status(self, request: web.Request, _: str) -> web.StreamResponse:
+    async def status(self, request: web.BaseRequest, _: str) -> web.StreamResponse:
         return web.json_response(await self.services.status(self._user(request)))
 
-    async def reserve(self, request: web.Request, name: str) -> web.StreamResponse:
+    async def reserve(self, request: web.BaseRequest, name: str) -> web.StreamResponse:
         options = {k: v for k, v in request.query.items() if k not in _NOT_OPTIONS}
         reservation = await self.services.reserve(name, options, self._user(request))
         return web.json_response({"token": reservation.token})
 
-    async def release(self, request: web.Request, token: str) -> web.StreamResponse:
+    async def release(self, request: web.BaseRequest, token: str) -> web.StreamResponse:
         reservation = await self.services.release(token)
         return web.json_response({"released": reservation.token,
                                   "service": reservation.service})
 
-    async def status_view(self, request: web.Request, _: str) -> web.StreamResponse:
+    async def status_view(self, request: web.BaseRequest, _: str) -> web.StreamResponse:
         services = await self.services.status(self._user(request))
         if "fragment" in request.query:  # the live page refreshing itself
             return web.Response(text=render_services(services), content_type="text/html")
         return web.Response(text=render_status(services), content_type="text/html")
 
-    async def metrics(self, request: web.Request, _: str) -> web.StreamResponse:
+    async def metrics(self, request: web.BaseRequest, _: str) -> web.StreamResponse:
         body = self.services.metrics.render(self.services.services,
                                             await self.services.store.list())
         return web.Response(body=body, headers={"Content-Type": METRICS_CONTENT_TYPE})

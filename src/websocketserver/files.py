@@ -74,28 +74,32 @@ class FileServer:
             return None
         return path if path.is_relative_to(base) else None
 
-    async def handle(self, request: web.Request) -> web.StreamResponse:
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         try:
             path = self.locate(request.rel_url.raw_path)  # also for absolute-form targets
         except UnicodeDecodeError:
             path = None
         if path is None:
-            raise web.HTTPNotFound(text="404: Not Found")
+            return _not_found()
         try:
             mode = path.stat().st_mode
         except OSError:
-            raise web.HTTPNotFound(text="404: Not Found") from None
+            return _not_found()
         if stat.S_ISDIR(mode):
             if not request.path.endswith("/"):
-                raise web.HTTPMovedPermanently(location=quote(request.path) + "/")
+                return web.Response(status=301, headers={"Location": quote(request.path) + "/"})
             index = path / "index.html"
             if index.is_file() and index.resolve().is_relative_to(path):
                 path = index
             else:
                 return _listing(request.path, path)
         elif not stat.S_ISREG(mode):
-            raise web.HTTPNotFound(text="404: Not Found")
+            return _not_found()
         return web.FileResponse(path, headers={"Content-Type": content_type(path)})
+
+
+def _not_found() -> web.Response:
+    return web.Response(status=404, text="404: Not Found")
 
 
 def _listing(url_path: str, directory: Path) -> web.Response:
@@ -103,7 +107,7 @@ def _listing(url_path: str, directory: Path) -> web.Response:
     try:
         entries = sorted(directory.iterdir(), key=lambda p: (not p.is_dir(), p.name.lower()))
     except OSError:
-        raise web.HTTPNotFound(text="404: Not Found") from None
+        return _not_found()
     title = html.escape(url_path)
     rows = []
     if url_path != "/":

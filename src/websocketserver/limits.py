@@ -16,32 +16,27 @@ import asyncio
 import logging
 import ssl
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Callable, Iterable
 
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
 log = logging.getLogger("websocketserver.limits")
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
 
 class HandshakeGuard:
     """Closes connections that have not sent a request's headers within ``timeout``.
 
-    Install :meth:`middleware` in the application and listen with a
-    :class:`GuardedSite`; the pair marks when each connection's first request
-    arrives.
+    Listen with a :class:`GuardedSite` and call :meth:`seen` for every request.
     """
 
     def __init__(self, timeout: float) -> None:
         self.timeout = timeout
         self._pending: set[RequestHandler] = set()
 
-    @web.middleware
-    async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+    def seen(self, request: web.BaseRequest) -> None:
+        """The request's headers arrived: its connection is past the handshake."""
         self._pending.discard(request.protocol)
-        return await handler(request)
 
     def protocol_factory(self, server: web.Server) -> Callable[[], RequestHandler]:
         loop = asyncio.get_running_loop()

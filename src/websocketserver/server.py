@@ -15,7 +15,7 @@ import re
 import signal
 import ssl
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
@@ -24,7 +24,7 @@ from . import processes
 from .api import RestApi
 from .files import FileServer
 from .identity import Identity
-from .limits import GuardedSite, Handler, HandshakeGuard
+from .limits import GuardedSite, HandshakeGuard
 from .metrics import Metrics
 from .reservations import MemoryStore
 from .services import ServiceManager
@@ -36,6 +36,8 @@ log = logging.getLogger("websocketserver.server")
 SHUTDOWN_TIMEOUT = 15.0
 """Upper bound for closing tunnels and stopping services at exit."""
 _API_PATH = re.compile(r"/v\d+(/|$)")
+
+Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 
 
 class Server:
@@ -52,7 +54,7 @@ class Server:
                       if settings.http_directory is not None else None)
         self._guard = HandshakeGuard(settings.handshake_timeout)
         self._stop = asyncio.Event()
-        self._runners: list[web.AppRunner] = []
+        self._runners: list[web.ServerRunner] = []
 
     def request_stop(self) -> None:
         """Begin the graceful shutdown (after the current request is answered)."""
@@ -62,32 +64,32 @@ class Server:
         """Open the listeners; a port in use is a :class:`SettingsError`."""
         context = self.settings.ssl_context()
         if self.settings.ws_port != -1:
-            ws_app = self._application("ws")
-            ws_app.router.add_route("GET", "/{tail:.*}", self.gateway.handle)
-            await self._listen(ws_app, self.settings.ws_port, context, "ws")
+            await self._listen(self.gateway.handle, self.settings.ws_port, context, "ws")
         if self.files is not None:
-            http_app = self._application("http")
-            http_app.on_response_prepare.append(self._add_headers)
-            http_app.router.add_route("*", "/{tail:.*}", self._http)
-            await self._listen(http_app, self.settings.http_port, context, "http")
+            await self._listen(self._http, self.settings.http_port, context, "http")
         self.services.start_reclaiming()
         self.gateway.start_sweeping()
 
-    def _application(self, port_name: str) -> web.Application:
-        app = web.Application(middlewares=[self._guard.middleware, _http_version])
+    async def _listen(self, handler: Handler, port: int, context: ssl.SSLContext | None,
+                      name: str) -> None:
+        """Serve ``handler`` on ``port``: aiohttp's low-level server, no router needed."""
+        extra_headers = self.settings.add_headers if name == "http" else ()
         counter = self.metrics.http_requests
 
-        async def count(request: web.Request, response: web.StreamResponse) -> None:
-            counter.labels(port_name, str(response.status)).inc()
+        async def dispatch(request: web.BaseRequest) -> web.StreamResponse:
+            self._guard.seen(request)
+            response = _protocol_error(request) or await handler(request)
+            for header, value in extra_headers:
+                if not response.prepared:
+                    response.headers[header] = value
+            if response.status != 101:  # an upgrade is counted when it happens
+                counter.labels(name, str(response.status)).inc()
+            return response
 
-        app.on_response_prepare.append(count)
-        return app
-
-    async def _listen(self, app: web.Application, port: int,
-                      context: ssl.SSLContext | None, scheme: str) -> None:
         size = self.settings.max_header_size
-        runner = web.AppRunner(app, access_log=None, handle_signals=False,
-                               shutdown_timeout=2.0, max_line_size=size, max_field_size=size)
+        runner = web.ServerRunner(
+            web.Server(dispatch, access_log=None, max_line_size=size, max_field_size=size),
+            handle_signals=False, shutdown_timeout=2.0)
         await runner.setup()
         self._runners.append(runner)
         site = GuardedSite(runner, self.settings.listen_address, port, ssl_context=context,
@@ -95,17 +97,13 @@ class Server:
         try:
             await site.start()
         except OSError as exc:
-            raise SettingsError(f"cannot listen on {scheme} port {port}: "
+            raise SettingsError(f"cannot listen on {name} port {port}: "
                                 f"{exc.strerror or exc}") from None
         secure = "s" if context is not None else ""
         for address in runner.addresses:
-            log.info("listening for %s%s on %s:%s", scheme, secure, *address[:2])
+            log.info("listening for %s%s on %s:%s", name, secure, *address[:2])
 
-    async def _add_headers(self, request: web.Request, response: web.StreamResponse) -> None:
-        for name, value in self.settings.add_headers:
-            response.headers[name] = value
-
-    async def _http(self, request: web.Request) -> web.StreamResponse:
+    async def _http(self, request: web.BaseRequest) -> web.StreamResponse:
         path = request.path
         log.debug("%s %s %s", request.remote, request.method, path)
         if _API_PATH.match(path):
@@ -131,13 +129,15 @@ class Server:
         log.info("stopped")
 
 
-@web.middleware
-async def _http_version(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Only HTTP/1.0 and 1.1 are spoken here (aiohttp's parser lets others through)."""
+def _protocol_error(request: web.BaseRequest) -> web.Response | None:
+    """Refuse what aiohttp's parser lets through but this server does not speak."""
     if request.version not in ((1, 0), (1, 1)):
         return json_error(505, f"HTTP/{request.version.major}.{request.version.minor} "
                                "is not supported")
-    return await handler(request)
+    expect = request.headers.get("Expect")
+    if expect is not None and expect.lower() != "100-continue":
+        return json_error(417, "unsupported Expect header")
+    return None
 
 
 def configure_logging(settings: Settings) -> None:

@@ -72,7 +72,7 @@ class WebSocketGateway:
         self._sweeper: asyncio.Task[None] | None = None
         self._closing = False
 
-    async def handle(self, request: web.Request) -> web.StreamResponse:
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         ws = web.WebSocketResponse(protocols=("binary",), compress=False,
                                    # aiohttp refuses a message of exactly max_msg_size
                                    max_msg_size=self.settings.max_message_size + 1,
@@ -94,6 +94,7 @@ class WebSocketGateway:
         self._handlers.add(task)
         try:
             await ws.prepare(request)
+            self.services.metrics.http_requests.labels("ws", "101").inc()
             set_nodelay(request.transport)
             token = request.query.get("token")
             if token is None:
@@ -106,11 +107,13 @@ class WebSocketGateway:
             self._handlers.discard(task)
             self.limits.release(client, user)
 
-    async def _refusal(self, request: web.Request,
+    async def _refusal(self, request: web.BaseRequest,
                        ws: web.WebSocketResponse) -> tuple[int, str] | None:
         """Why this upgrade request is refused before the handshake, if it is."""
         if self._closing:
             return 503, "server is shutting down"
+        if request.method != "GET":
+            return 405, "websocket upgrades are GET requests"
         if request.version < (1, 1):
             return 400, "websocket upgrades need HTTP/1.1"
         try:

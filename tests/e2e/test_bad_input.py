@@ -477,9 +477,9 @@ HTTP_CORPUS = {  # request, the status it must get, whether the answer is JSON {
                              200, False),
     "version HTTP/2.0": (b"GET / HTTP/2.0\r\n" + _CLOSE + b"\r\n", 505, True),
     "HTTP/0.9 request line": (b"GET /\r\n" + _CLOSE + b"\r\n", 505, True),
-    "asterisk-form target": (b"OPTIONS * HTTP/1.1\r\n" + _CLOSE + b"\r\n", 404, False),
-    "authority-form target": (b"CONNECT 127.0.0.1:22 HTTP/1.1\r\n" + _CLOSE + b"\r\n", 404,
-                              False),
+    "asterisk-form target": (b"OPTIONS * HTTP/1.1\r\n" + _CLOSE + b"\r\n", 405, True),
+    "authority-form target": (b"CONNECT 127.0.0.1:22 HTTP/1.1\r\n" + _CLOSE + b"\r\n", 405,
+                              True),
     "unknown Expect": (b"GET / HTTP/1.1\r\n" + _CLOSE + b"Expect: bogus\r\n\r\n", 417, False),
     "unsatisfiable Range": (b"GET /index.html HTTP/1.1\r\n" + _CLOSE
                             + b"Range: bytes=99999999-\r\n\r\n", 416, False),
@@ -876,10 +876,6 @@ def test_abrupt_disconnects_during_tls_do_no_harm(tls_server: ServerProcess,
 # -- server bugs found here (each strict xfail until it is fixed) --------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="aiohttp's default expect handler raises "
-                   "HTTPExpectationFailed(text='Unknown Expect: ' + value), which cannot be "
-                   "encoded for a non-ASCII value: 500; server.py should add its routes with "
-                   "an expect_handler of its own")
 @pytest.mark.parametrize("port_name", ["http", "ws"])
 def test_non_ascii_expect_is_417(server: ServerProcess, port_name: str) -> None:
     request = upgrade_request(headers=b"Expect: \xff\r\n")
