@@ -72,7 +72,7 @@ async def relay() -> AsyncIterator:
     async def handler(request: web.Request) -> web.WebSocketResponse:
         ws = web.WebSocketResponse(protocols=("binary",), max_msg_size=0)
         await ws.prepare(request)
-        tunnel = Tunnel(ws, TunnelStats(peer="test", target="backend"))
+        tunnel = Tunnel(request, ws, TunnelStats(peer="test", target="backend"))
         tunnels.append(tunnel)
         try:
             await tunnel.connect("127.0.0.1", int(request.query["port"]))

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import struct
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -27,7 +28,6 @@ log = logging.getLogger("websocketserver.tunnel")
 
 HIGH_WATER = 1024 * 1024
 """Backend bytes queued for the browser before the backend socket is paused."""
-LOW_WATER = 256 * 1024
 CONNECT_TIMEOUT = 10.0
 MAX_REASON = 123  # bytes allowed in a websocket close reason
 
@@ -53,6 +53,20 @@ def close_reason(text: str) -> bytes:
     if len(data) <= MAX_REASON:
         return data
     return data[: MAX_REASON - 3].decode("utf-8", "ignore").encode("utf-8") + b"..."
+
+
+_HEADER_SHORT = struct.Struct("!BB").pack
+_HEADER_MEDIUM = struct.Struct("!BBH").pack
+_HEADER_LONG = struct.Struct("!BBQ").pack
+
+
+def frame_header(length: int) -> bytes:
+    """The header of a final, unmasked binary frame of ``length`` bytes (RFC 6455 5.2)."""
+    if length < 126:
+        return _HEADER_SHORT(0x82, length)
+    if length < 65536:
+        return _HEADER_MEDIUM(0x82, 126, length)
+    return _HEADER_LONG(0x82, 127, length)
 
 
 def set_nodelay(transport: asyncio.BaseTransport) -> None:
@@ -99,7 +113,9 @@ class _Backend(asyncio.Protocol):
 class Tunnel:
     """One websocket relayed to one TCP backend; create, :meth:`connect`, :meth:`run`."""
 
-    def __init__(self, ws: web.WebSocketResponse, stats: TunnelStats) -> None:
+    def __init__(self, request: web.BaseRequest, ws: web.WebSocketResponse,
+                 stats: TunnelStats) -> None:
+        self._request = request
         self.ws = ws
         self.stats = stats
         self._transport: asyncio.Transport = None  # type: ignore[assignment]
@@ -178,17 +194,29 @@ class Tunnel:
             self._wake()
 
     async def _downstream(self) -> None:
+        # Frames are written straight to the browser's transport, header and payload
+        # in one writev, every queued chunk in one call: aiohttp's send_bytes() would
+        # make two write syscalls per frame (a tiny packet for the header) and a task
+        # switch per chunk. aiohttp still writes the control frames (pong, close),
+        # whole frames too, so the two never interleave.
         queue = self._queue
-        send = self.ws.send_bytes
+        transport = self._request.transport
+        drain = self._request.writer.drain
         stats = self.stats
         loop = asyncio.get_running_loop()
         while True:
-            while queue:
-                data = queue.popleft()
-                self._queued -= len(data)
-                stats.bytes_down += len(data)
-                await send(data)
-            if self._reading_paused and self._queued <= LOW_WATER:
+            if queue:
+                if transport is None or transport.is_closing():
+                    raise ConnectionResetError("browser connection lost")
+                frames: list[bytes] = []
+                while queue:
+                    data = queue.popleft()
+                    frames += (frame_header(len(data)), data)
+                    stats.bytes_down += len(data)
+                self._queued = 0
+                transport.writelines(frames)
+                await drain()  # returns at once unless the browser is backed up
+            if self._reading_paused:
                 self._reading_paused = False
                 self._transport.resume_reading()
             if self._done_reason is not None and not queue:

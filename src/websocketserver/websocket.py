@@ -99,9 +99,9 @@ class WebSocketGateway:
             token = request.query.get("token")
             if token is None:
                 target = (self.settings.client_hostname, self.settings.client_port)
-                await self._tunnel(client, ws, target, None)  # type: ignore[arg-type]
+                await self._tunnel(request, client, ws, target, None)  # type: ignore[arg-type]
             else:
-                await self._service_tunnel(client, ws, token)
+                await self._service_tunnel(request, client, ws, token)
             return ws
         finally:
             self._handlers.discard(task)
@@ -139,7 +139,8 @@ class WebSocketGateway:
             return 409, "token is already in use"
         return None
 
-    async def _service_tunnel(self, client: str, ws: web.WebSocketResponse,
+    async def _service_tunnel(self, request: web.BaseRequest, client: str,
+                              ws: web.WebSocketResponse,
                               token: str) -> None:
         task = asyncio.current_task()
         assert task is not None
@@ -152,7 +153,7 @@ class WebSocketGateway:
                     session.tunnel = tunnel
                     self.services.attach(token, tunnel.stats)
 
-                await self._tunnel(client, ws, target, deadline, opened)
+                await self._tunnel(request, client, ws, target, deadline, opened)
         except ServiceError as exc:
             await ws.close(code=START_FAILED, message=close_reason(str(exc)))
         except asyncio.CancelledError:
@@ -161,12 +162,12 @@ class WebSocketGateway:
             task.uncancel()
             await ws.close(code=WSCloseCode.GOING_AWAY, message=close_reason(session.stopped))
 
-    async def _tunnel(self, client: str, ws: web.WebSocketResponse,
+    async def _tunnel(self, request: web.BaseRequest, client: str, ws: web.WebSocketResponse,
                       target: tuple[str, int], deadline: float | None,
                       opened: Callable[[Tunnel], None] | None = None) -> None:
         host, port = target
         stats = TunnelStats(peer=client, target=f"{host}:{port}")
-        tunnel = Tunnel(ws, stats)
+        tunnel = Tunnel(request, ws, stats)
         try:
             await self._connect(tunnel, host, port, deadline)
         except BackendError as exc:
