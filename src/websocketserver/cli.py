@@ -7,6 +7,7 @@ problems (unreadable certificate, bad service config, port in use) exit with 1.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import ipaddress
 import os
 import sys
@@ -228,42 +229,18 @@ def _settings(args: argparse.Namespace) -> Settings:
                                       builtin_app=app))
     app_root = args.local_app_root or _env_path("WEBSOCKETSERVER_APP_ROOT",
                                                 "PYENSIGHT_ANSYS_INSTALLATION")
-    return Settings(
-        ws_port=args.ws_server_port,
-        http_directory=args.http_directory,
-        http_port=args.http_port,
-        cert=args.cert,
-        key=args.key,
-        remote_session_config=args.remote_session_config,
-        client_hostname=args.client_hostname,
-        client_port=args.client_port,
-        timeout=args.timeout,
-        local_sessions=tuple(local_sessions),
-        verbose=args.verbose,
-        log_file=args.log_file,
-        security_token=args.security_token,
-        add_headers=tuple(args.add_header),
-        grpc_port=args.grpc_port,
-        listen_address=args.listen_address,
-        ansys_install_root=args.ansys_install_root,
-        start_timeout=args.start_timeout,
-        max_message_size=args.max_message_size,
-        local_app_root=app_root,
-        local_app_command=args.local_app_command,
-        trusted_proxies=tuple(args.trusted_proxy),
-        user_header=args.user_header,
-        users_file=args.users_file,
-        groups_file=args.groups_file,
-        allowed_origins=tuple(args.allowed_origin),
-        max_tunnels=args.max_tunnels,
-        max_tunnels_per_client=args.max_tunnels_per_client,
-        max_tunnels_per_user=args.max_tunnels_per_user,
-        max_header_size=args.max_header_size,
-        handshake_timeout=args.handshake_timeout,
-        ping_interval=args.ping_interval,
-        idle_timeout=args.idle_timeout,
-        services=tuple(services),
-    )
+    derived = {
+        "ws_port": args.ws_server_port,
+        "local_sessions": tuple(local_sessions),
+        "add_headers": tuple(args.add_header),
+        "trusted_proxies": tuple(args.trusted_proxy),
+        "allowed_origins": tuple(args.allowed_origin),
+        "local_app_root": app_root,
+        "services": tuple(services),
+    }
+    as_given = {f.name: getattr(args, f.name) for f in dataclasses.fields(Settings)
+                if f.name in vars(args) and f.name not in derived}
+    return Settings(**as_given, **derived)
 
 
 def _env_path(*names: str) -> Path | None:
