@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import gc
 import logging
 import re
 import signal
@@ -32,6 +34,8 @@ from .settings import Settings, SettingsError
 from .websocket import WebSocketGateway, json_error
 
 log = logging.getLogger("websocketserver.server")
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt() parameters (malloc.h)
 
 SHUTDOWN_TIMEOUT = 15.0
 """Upper bound for closing tunnels and stopping services at exit."""
@@ -177,7 +181,7 @@ class _ClientError(logging.Filter):
         return record.levelno >= self.level
 
 
-async def serve(settings: Settings, started: Callable[[Server], None] | None = None) -> None:
+async def serve(settings: Settings) -> None:
     """Run a server until it is asked to stop; SIGTERM/SIGINT/SIGHUP ask too."""
     server = Server(settings)
     loop = asyncio.get_running_loop()
@@ -185,8 +189,7 @@ async def serve(settings: Settings, started: Callable[[Server], None] | None = N
         loop.add_signal_handler(signum, server.request_stop)
     try:
         await server.start()
-        if started is not None:
-            started(server)
+        gc.freeze()  # start-up objects live for ever: keep them out of collections
         await server.wait()
     finally:
         await server.close()
@@ -207,8 +210,24 @@ def _raise_file_limit(wanted: int = 65536) -> None:
             return
 
 
+def _tune_allocator() -> None:
+    """Keep glibc from mapping and unmapping a fresh buffer for every socket read.
+
+    uvloop reads into a new buffer of up to 256 KiB each time; above glibc's default
+    thresholds each one is an mmap, page faults and a munmap, which cost the
+    downstream relay about as much as the copying itself (see bench/README.md).
+    """
+    if sys.platform != "linux":
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(_M_MMAP_THRESHOLD, 4 * 1024 * 1024)
+        libc.mallopt(_M_TRIM_THRESHOLD, 32 * 1024 * 1024)
+
+
 def _serve_process(settings: Settings) -> int:
     _raise_file_limit()
+    _tune_allocator()
     try:
         configure_logging(settings)
     except OSError as exc:

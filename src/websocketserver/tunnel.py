@@ -127,16 +127,18 @@ class Tunnel:
         self._done_error = False
         self._write_paused = False
         self._writable: asyncio.Future[None] | None = None
+        self._batch: list[bytes] = []
+        self._loop = asyncio.get_running_loop()
         self._close_code = WSCloseCode.OK
         self._close_reason = ""
         self._downstream_task: asyncio.Task[None] | None = None
 
     async def connect(self, host: str, port: int, timeout: float = CONNECT_TIMEOUT) -> None:
         """Open the backend connection, or raise :class:`BackendError` with a reason."""
-        loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(timeout):
-                transport, _ = await loop.create_connection(lambda: _Backend(self), host, port)
+                transport, _ = await self._loop.create_connection(lambda: _Backend(self),
+                                                                  host, port)
         except TimeoutError:
             raise BackendError(f"backend {host}:{port} did not answer") from None
         except OSError as exc:
@@ -150,8 +152,8 @@ class Tunnel:
         Whichever direction ends first ends the other: a browser that is gone must
         not leave the pump waiting for a drain that will never come.
         """
-        self._downstream_task = asyncio.create_task(self._downstream())
-        upstream = asyncio.create_task(self._upstream())
+        self._downstream_task = self._loop.create_task(self._downstream())
+        upstream = self._loop.create_task(self._upstream())
         try:
             await asyncio.wait((self._downstream_task, upstream),
                                return_when=asyncio.FIRST_COMPLETED)
@@ -203,7 +205,7 @@ class Tunnel:
         transport = self._request.transport
         drain = self._request.writer.drain
         stats = self.stats
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         while True:
             if queue:
                 if transport is None or transport.is_closing():
@@ -238,11 +240,16 @@ class Tunnel:
             writable.set_result(None)
 
     async def _upstream(self) -> None:
+        # Messages are collected and written once per event-loop pass (one writev for
+        # a burst of small ones instead of a send() each).
         ws = self.ws
         stats = self.stats
-        loop = asyncio.get_running_loop()
-        transport = self._transport
+        loop = self._loop
+        batch = self._batch
         while True:
+            if self._write_paused:
+                self._writable = loop.create_future()
+                await self._writable
             msg = await ws.receive()
             kind = msg.type
             if kind is WSMsgType.BINARY:
@@ -252,14 +259,20 @@ class Tunnel:
             else:
                 break
             stats.bytes_up += len(data)
-            if transport.is_closing():
+            if self._transport.is_closing():
                 break
-            transport.write(data)
-            if self._write_paused:
-                self._writable = loop.create_future()
-                await self._writable
+            batch.append(data)
+            if len(batch) == 1:
+                loop.call_soon(self._flush_upstream)
+        self._flush_upstream()
         if kind is WSMsgType.ERROR:
             self._close_reason = f"websocket error: {ws.exception()}"
         else:
             self._close_reason = self._close_reason or "browser closed the websocket"
         self._backend_done(self._close_reason)
+
+    def _flush_upstream(self) -> None:
+        if self._batch:
+            if not self._transport.is_closing():
+                self._transport.writelines(self._batch)
+            self._batch.clear()
