@@ -145,7 +145,6 @@ async def test_downstream_backpressure_stops_a_flooding_backend(relay) -> None:
             await asyncio.sleep(1)
             assert backend.progress == stalled_at  # the backend is blocked
             assert stalled_at < BOUND
-            assert tunnels[0]._queued < BOUND
 
 
 async def test_upstream_backpressure_blocks_a_flooding_browser(relay) -> None:

@@ -1,15 +1,20 @@
 """The hot path: relay one websocket to one TCP connection, both ways.
 
-Backend bytes arrive in :meth:`_Backend.data_received` and are queued as they are
-(no copy) for a single pump that sends each chunk as one binary frame. Backpressure
-holds in both directions with no unbounded buffer:
+Downstream, each chunk the backend sends becomes one binary frame, written to the
+browser's transport right in :meth:`_Backend.data_received`: header and payload in
+one writev, no copy, no task switch. (aiohttp's ``send_bytes`` would cost a task
+hop per chunk and two write syscalls per frame, a tiny packet for the header.)
+aiohttp still writes the control frames (pong, close) of the same connection; both
+write whole frames, so they never interleave.
 
-* downstream, the pump awaits the websocket writer's drain; while it waits the
-  queue grows past ``HIGH_WATER`` and the backend socket stops being read, so the
-  service blocks in its own ``send``;
-* upstream, a message is written to the backend and, while the backend transport
-  is over its limit, no further message is read from the websocket (aiohttp then
-  stops reading that socket).
+Backpressure holds in both directions with no unbounded buffer:
+
+* downstream, when more than ``HIGH_WATER`` bytes wait in the browser's transport,
+  the backend socket stops being read until the transport drains, so the service
+  blocks in its own ``send``;
+* upstream, messages are written to the backend once per event-loop pass and,
+  while the backend transport is over ``HIGH_WATER``, no further message is read
+  from the websocket (aiohttp then stops reading that socket).
 """
 
 from __future__ import annotations
@@ -19,7 +24,6 @@ import logging
 import socket
 import struct
 import time
-from collections import deque
 from dataclasses import dataclass, field
 
 from aiohttp import WSCloseCode, WSMsgType, web
@@ -27,7 +31,7 @@ from aiohttp import WSCloseCode, WSMsgType, web
 log = logging.getLogger("websocketserver.tunnel")
 
 HIGH_WATER = 1024 * 1024
-"""Backend bytes queued for the browser before the backend socket is paused."""
+"""Bytes waiting in one side's transport before the other side stops being read."""
 CONNECT_TIMEOUT = 10.0
 MAX_REASON = 123  # bytes allowed in a websocket close reason
 
@@ -84,15 +88,22 @@ class _Backend(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         set_nodelay(transport)
         transport.set_write_buffer_limits(high=HIGH_WATER)  # type: ignore[attr-defined]
+        self._tunnel._transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
         tunnel = self._tunnel
-        tunnel._queue.append(data)
-        tunnel._queued += len(data)
-        if tunnel._queued > HIGH_WATER and not tunnel._reading_paused:
-            tunnel._reading_paused = True
+        browser = tunnel._browser
+        if browser is None or browser.is_closing():
             tunnel._transport.pause_reading()
-        tunnel._wake()
+            tunnel._backend_done("browser connection lost")
+            return
+        size = len(data)
+        tunnel.stats.bytes_down += size
+        browser.writelines((frame_header(size), data))
+        if browser.get_write_buffer_size() > HIGH_WATER and not tunnel._reading_paused:
+            tunnel._reading_paused = True  # until the browser's transport drains
+            tunnel._transport.pause_reading()
+            tunnel._wake()
 
     def eof_received(self) -> bool:
         self._tunnel._backend_done("backend closed the connection")
@@ -119,8 +130,7 @@ class Tunnel:
         self.ws = ws
         self.stats = stats
         self._transport: asyncio.Transport = None  # type: ignore[assignment]
-        self._queue: deque[bytes] = deque()
-        self._queued = 0
+        self._browser = request.transport
         self._reading_paused = False
         self._waiter: asyncio.Future[None] | None = None
         self._done_reason: str | None = None
@@ -137,14 +147,12 @@ class Tunnel:
         """Open the backend connection, or raise :class:`BackendError` with a reason."""
         try:
             async with asyncio.timeout(timeout):
-                transport, _ = await self._loop.create_connection(lambda: _Backend(self),
-                                                                  host, port)
+                await self._loop.create_connection(lambda: _Backend(self), host, port)
         except TimeoutError:
             raise BackendError(f"backend {host}:{port} did not answer") from None
         except OSError as exc:
             raise BackendError(f"cannot connect to backend {host}:{port}: "
                                f"{exc.strerror or exc}") from None
-        self._transport = transport  # type: ignore[assignment]
 
     async def run(self) -> None:
         """Relay until either side closes, then close the other; never raises.
@@ -196,39 +204,26 @@ class Tunnel:
             self._wake()
 
     async def _downstream(self) -> None:
-        # Frames are written straight to the browser's transport, header and payload
-        # in one writev, every queued chunk in one call: aiohttp's send_bytes() would
-        # make two write syscalls per frame (a tiny packet for the header) and a task
-        # switch per chunk. aiohttp still writes the control frames (pong, close),
-        # whole frames too, so the two never interleave.
-        queue = self._queue
-        transport = self._request.transport
+        # The data is written by _Backend.data_received; this waits out backpressure
+        # episodes (reading resumes once the browser's transport has drained) and the
+        # end of the backend.
         drain = self._request.writer.drain
-        stats = self.stats
         loop = self._loop
         while True:
-            if queue:
-                if transport is None or transport.is_closing():
-                    raise ConnectionResetError("browser connection lost")
-                frames: list[bytes] = []
-                while queue:
-                    data = queue.popleft()
-                    frames += (frame_header(len(data)), data)
-                    stats.bytes_down += len(data)
-                self._queued = 0
-                transport.writelines(frames)
-                await drain()  # returns at once unless the browser is backed up
             if self._reading_paused:
+                await drain()
                 self._reading_paused = False
-                self._transport.resume_reading()
-            if self._done_reason is not None and not queue:
+                if not self._transport.is_closing():
+                    self._transport.resume_reading()
+            if self._done_reason is not None:
                 if not self._close_reason:
                     self._close_reason = self._done_reason
                     if self._done_error and self._close_code == WSCloseCode.OK:
                         self._close_code = WSCloseCode.INTERNAL_ERROR
                 return
-            self._waiter = loop.create_future()
-            await self._waiter
+            if not self._reading_paused:
+                self._waiter = loop.create_future()
+                await self._waiter
 
     # -- upstream: browser -> backend ---------------------------------------------
 
