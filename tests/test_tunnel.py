@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 from collections.abc import AsyncIterator
 
 import pytest
@@ -102,6 +103,9 @@ async def test_echo_is_byte_exact_and_counted(relay) -> None:
             assert received == data
             await ws.send("text")
             assert await ws.recv() == b"text"
+            for transport in (tunnels[0]._transport, tunnels[0]._browser):  # both sockets
+                sock = transport.get_extra_info("socket")
+                assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
         await asyncio.wait_for(backend.eof.wait(), 5)  # client close reached the backend
     stats = tunnels[0].stats
     assert stats.bytes_up == stats.bytes_down == len(data) + 4

@@ -21,6 +21,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
+from prometheus_client import Counter
 
 from . import processes
 from .api import RestApi
@@ -78,7 +79,7 @@ class Server:
                       name: str) -> None:
         """Serve ``handler`` on ``port``: aiohttp's low-level server, no router needed."""
         extra_headers = self.settings.add_headers if name == "http" else ()
-        counter = self.metrics.http_requests
+        counters: dict[int, Counter] = {}
 
         async def dispatch(request: web.BaseRequest) -> web.StreamResponse:
             self._guard.seen(request)
@@ -86,8 +87,11 @@ class Server:
             for header, value in extra_headers:
                 if not response.prepared:
                     response.headers[header] = value
-            if response.status != 101:  # an upgrade is counted when it happens
-                counter.labels(name, str(response.status)).inc()
+            status = response.status
+            if status != 101:  # an upgrade is counted when it happens
+                if status not in counters:
+                    counters[status] = self.metrics.http_requests.labels(name, str(status))
+                counters[status].inc()
             return response
 
         size = self.settings.max_header_size

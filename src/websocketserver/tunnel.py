@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 import struct
 import time
 from dataclasses import dataclass, field
@@ -73,12 +72,6 @@ def frame_header(length: int) -> bytes:
     return _HEADER_LONG(0x82, 127, length)
 
 
-def set_nodelay(transport: asyncio.BaseTransport) -> None:
-    sock = transport.get_extra_info("socket")
-    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
 class _Backend(asyncio.Protocol):
     """The TCP side; every event is handed straight to its :class:`Tunnel`."""
 
@@ -86,7 +79,7 @@ class _Backend(asyncio.Protocol):
         self._tunnel = tunnel
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        set_nodelay(transport)
+        # TCP_NODELAY: uvloop and asyncio set it on every TCP socket already.
         transport.set_write_buffer_limits(high=HIGH_WATER)  # type: ignore[attr-defined]
         self._tunnel._transport = transport  # type: ignore[assignment]
 
@@ -160,11 +153,19 @@ class Tunnel:
         Whichever direction ends first ends the other: a browser that is gone must
         not leave the pump waiting for a drain that will never come.
         """
-        self._downstream_task = self._loop.create_task(self._downstream())
-        upstream = self._loop.create_task(self._upstream())
+        loop = self._loop
+        self._downstream_task = loop.create_task(self._downstream())
+        upstream = loop.create_task(self._upstream())
+        first_done = loop.create_future()
+
+        def finished(_: asyncio.Task[None]) -> None:
+            if not first_done.done():
+                first_done.set_result(None)
+
+        self._downstream_task.add_done_callback(finished)
+        upstream.add_done_callback(finished)
         try:
-            await asyncio.wait((self._downstream_task, upstream),
-                               return_when=asyncio.FIRST_COMPLETED)
+            await first_done
         finally:
             for task in (self._downstream_task, upstream):
                 task.cancel()

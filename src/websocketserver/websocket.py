@@ -20,7 +20,7 @@ from aiohttp import WSCloseCode, web
 from .limits import LimitExceeded, TunnelLimits, origin_allowed
 from .services import ServiceError, ServiceManager
 from .settings import Settings
-from .tunnel import BackendError, Tunnel, TunnelStats, close_reason, set_nodelay
+from .tunnel import BackendError, Tunnel, TunnelStats, close_reason
 
 log = logging.getLogger("websocketserver.tunnel")
 
@@ -70,6 +70,7 @@ class WebSocketGateway:
         self.tunnels: set[Tunnel] = set()
         self._handlers: set[asyncio.Task[object]] = set()
         self._sweeper: asyncio.Task[None] | None = None
+        self._upgrades = services.metrics.http_requests.labels("ws", "101")
         self._closing = False
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
@@ -94,8 +95,7 @@ class WebSocketGateway:
         self._handlers.add(task)
         try:
             await ws.prepare(request)
-            self.services.metrics.http_requests.labels("ws", "101").inc()
-            set_nodelay(request.transport)
+            self._upgrades.inc()
             token = request.query.get("token")
             if token is None:
                 target = (self.settings.client_hostname, self.settings.client_port)
