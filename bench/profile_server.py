@@ -19,6 +19,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from common import BenchError, raise_nofile_limit
 from servers import (
     BENCH_DIR,
     OURS,
@@ -29,8 +30,6 @@ from servers import (
     start_backend,
     start_server,
 )
-
-from common import BenchError, raise_nofile_limit
 
 PY_SPY = shutil.which("py-spy", path=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}")
 KiB = 1024

@@ -25,6 +25,8 @@ from types import FrameType
 from typing import Any
 
 import psutil
+
+from common import BenchError, raise_nofile_limit
 from servers import (
     BENCH_DIR,
     OURS,
@@ -43,8 +45,6 @@ from servers import (
     tree_cpu_settled,
     tree_memory,
 )
-
-from common import BenchError, raise_nofile_limit
 
 KiB = 1024
 MiB = 1024 * KiB
