@@ -18,6 +18,7 @@ from collections.abc import Callable
 from aiohttp import WSCloseCode, web
 
 from .limits import LimitExceeded, TunnelLimits, origin_allowed
+from .reservations import State
 from .services import ServiceError, ServiceManager
 from .settings import Settings
 from .tunnel import BackendError, Tunnel, TunnelStats, close_reason
@@ -135,7 +136,7 @@ class WebSocketGateway:
         known = await self.services.store.get(token)
         if known is None:
             return 404, "unknown or expired token"
-        if known.state != "reserved":
+        if known.state is not State.RESERVED:
             return 409, "token is already in use"
         return None
 
