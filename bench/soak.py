@@ -188,7 +188,8 @@ class Soak:
         await asyncio.gather(*pending)
 
     async def run(self) -> int:
-        connector = aiohttp.TCPConnector(limit=0)
+        # No keep-alive: pooled REST connections would look like leaked fds and tasks.
+        connector = aiohttp.TCPConnector(limit=0, force_close=True)
         async with aiohttp.ClientSession(connector=connector) as session:
             idle = await self.hold_idle(session, self.args.idle)
             await asyncio.sleep(1)
