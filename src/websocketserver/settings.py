@@ -72,10 +72,6 @@ class Settings:
     idle_timeout: float | None = None
     services: tuple[ServiceConfig, ...] = field(default=())
 
-    @property
-    def tls(self) -> bool:
-        return self.cert is not None
-
     def ssl_context(self) -> ssl.SSLContext | None:
         """A server context (TLS >= 1.2) for both listeners, or None for plain ws/http."""
         if self.cert is None:
