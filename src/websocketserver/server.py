@@ -84,9 +84,8 @@ class Server:
         async def dispatch(request: web.BaseRequest) -> web.StreamResponse:
             self._guard.seen(request)
             response = _protocol_error(request) or await handler(request)
-            for header, value in extra_headers:
-                if not response.prepared:
-                    response.headers[header] = value
+            if extra_headers and not response.prepared:
+                response.headers.update(extra_headers)
             status = response.status
             if status != 101:  # an upgrade is counted when it happens
                 if status not in counters:
