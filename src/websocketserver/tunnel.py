@@ -182,8 +182,9 @@ class Tunnel:
         """End the tunnel from outside (shutdown, release); :meth:`run` does the rest."""
         self._close_code = code
         self._close_reason = self._close_reason or reason
+        self._backend_done(reason)  # also ends a run() that has not started yet
         if self._downstream_task is not None:
-            self._downstream_task.cancel()
+            self._downstream_task.cancel()  # even while it waits for a drain
 
     @property
     def reason(self) -> str:
