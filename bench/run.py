@@ -161,9 +161,12 @@ def column(results: dict[str, list[tuple[float, ...]]], index: int) -> dict[str,
 class Bench:
     """One benchmark run: its processes, its client and the rows it has measured."""
 
-    def __init__(self, plan: Plan, kinds: Sequence[ServerKind], out_dir: Path) -> None:
+    def __init__(
+        self, plan: Plan, kinds: Sequence[ServerKind], out_dir: Path, only: set[str]
+    ) -> None:
         self.plan = plan
         self.kinds = kinds
+        self.only = only
         self.procs = Processes(out_dir)
         self.tls: Tls = make_tls(out_dir)
         self.rows: list[Row] = []
@@ -189,7 +192,7 @@ class Bench:
         return reply, tree_cpu_settled(pid, size) - before
 
     def run(self) -> list[Row]:
-        """All measurements, in order: ws, wss, idle memory."""
+        """The measurements of the ``--only`` groups, in order: ws, wss, idle memory."""
         _backend, self.backend_port = start_backend(self.procs)
         self.client = Worker(self.procs, "client", [PYTHON, str(BENCH_DIR / "client.py")])
         urls = {DIRECT: f"tcp://127.0.0.1:{self.backend_port}"}
@@ -197,15 +200,30 @@ class Bench:
         urls.update({server.kind.name: server.url for server in servers})
         self.pids = {server.kind.name: server.proc.pid for server in servers}
         self.warm_up(urls)
-        for label, size in SIZES.items():
-            self.throughput("down", f"downstream, {label} writes", urls, size, ratio_at_least(1.7))
-        for label, size in SIZES.items():
-            self.throughput("up", f"upstream, {label} messages", urls, size, ratio_at_least(2.5))
-        self.latency(urls)
-        self.tunnels(urls)
+        if "down" in self.only:
+            for label, size in SIZES.items():
+                self.throughput(
+                    "down", f"downstream, {label} writes", urls, size, ratio_at_least(1.7)
+                )
+        if "up" in self.only:
+            for label, size in SIZES.items():
+                self.throughput(
+                    "up", f"upstream, {label} messages", urls, size, ratio_at_least(2.5)
+                )
+        if "latency" in self.only:
+            self.latency(urls)
+        if "tunnels" in self.only:
+            self.tunnels(urls)
         for server in servers:
             self.procs.stop(server.proc)
+        if "wss" in self.only:
+            self.wss()
+        if "idle" in self.only:
+            self.idle_memory()
+        return self.rows
 
+    def wss(self) -> None:
+        """The downstream rows again, over TLS."""
         servers = [
             start_server(self.procs, kind, self.backend_port, self.tls) for kind in self.kinds
         ]
@@ -222,9 +240,6 @@ class Bench:
             )
         for server in servers:
             self.procs.stop(server.proc)
-
-        self.idle_memory()
-        return self.rows
 
     def cafile(self, url: str) -> str | None:
         return str(self.tls.ca) if url.startswith("wss:") else None
@@ -459,6 +474,9 @@ def others_cpu() -> dict[tuple[int, float], float]:
     return usage
 
 
+GROUPS = ("down", "up", "latency", "tunnels", "wss", "idle")
+
+
 def _terminate(signum: int, _frame: FrameType | None) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
@@ -474,7 +492,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--servers",
         help="comma-separated: websockify,ours (default: both, ours only once it exists)",
     )
+    parser.add_argument(
+        "--only",
+        help=f"comma-separated groups of rows to measure: {','.join(GROUPS)} (default: all)",
+    )
     args = parser.parse_args(argv)
+    only = set(args.only.split(",")) if args.only else set(GROUPS)
+    if only - set(GROUPS):
+        parser.error(f"--only: unknown group(s) {', '.join(sorted(only - set(GROUPS)))}")
 
     plan = QUICK if args.quick else FULL
     if args.reps:
@@ -493,7 +518,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out_dir.mkdir(parents=True)
     started = time.monotonic()
     others_before = others_cpu()
-    bench = Bench(plan, kinds, out_dir)
+    bench = Bench(plan, kinds, out_dir, only)
     try:
         rows = bench.run()
     except BenchError as exc:

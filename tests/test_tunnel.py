@@ -12,6 +12,7 @@ import websockets
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from websocketserver import tunnel as tunnel_module
 from websocketserver.tunnel import BackendError, Tunnel, TunnelStats, close_reason
 
 FLOOD = 256 * 1024 * 1024
@@ -76,7 +77,8 @@ async def relay() -> AsyncIterator:
         tunnel = Tunnel(request, ws, TunnelStats(peer="test", target="backend"))
         tunnels.append(tunnel)
         try:
-            await tunnel.connect("127.0.0.1", int(request.query["port"]))
+            await tunnel.connect(request.query.get("host", "127.0.0.1"),
+                                 int(request.query["port"]))
         except BackendError as exc:
             await ws.close(code=1011, message=close_reason(str(exc)))
             return ws
@@ -103,12 +105,40 @@ async def test_echo_is_byte_exact_and_counted(relay) -> None:
             assert received == data
             await ws.send("text")
             assert await ws.recv() == b"text"
-            for transport in (tunnels[0]._transport, tunnels[0]._browser):  # both sockets
-                sock = transport.get_extra_info("socket")
+            browser = tunnels[0]._browser.get_extra_info("socket")
+            for sock in (tunnels[0]._sock, browser):  # both sockets
                 assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
         await asyncio.wait_for(backend.eof.wait(), 5)  # client close reached the backend
     stats = tunnels[0].stats
     assert stats.bytes_up == stats.bytes_down == len(data) + 4
+
+
+async def test_backend_named_by_host_name(relay) -> None:
+    """A name goes through the resolver; every address is tried (localhost may be ::1
+    first, where the backend does not listen)."""
+    url, _ = relay
+    async with Backend(echo) as backend:
+        async with websockets.connect(url(backend.port) + "&host=localhost") as ws:
+            await ws.send(b"by name")
+            assert await ws.recv() == b"by name"
+
+
+async def test_burst_of_small_messages_keeps_order(relay, monkeypatch) -> None:
+    """More messages in one loop pass than one sendmsg takes (IOV_BATCH, made tiny
+    here) still reach the backend whole and in order."""
+    monkeypatch.setattr(tunnel_module, "IOV_BATCH", 3)
+    url, tunnels = relay
+    messages = [b"%05d," % i for i in range(3000)]
+    async with Backend(echo) as backend:
+        async with websockets.connect(url(backend.port), max_size=None) as ws:
+            for message in messages:
+                await ws.send(message)
+            received = bytearray()
+            expected = b"".join(messages)
+            while len(received) < len(expected):
+                received += await asyncio.wait_for(ws.recv(), 5)
+            assert received == expected
+    assert tunnels[0].stats.bytes_up == len(expected)
 
 
 async def test_backend_close_ends_websocket_normally(relay) -> None:
