@@ -9,6 +9,8 @@ answers one JSON line on stdout (operations: see ``serve``).  URLs are
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import json
 import ssl
 import struct
@@ -41,6 +43,20 @@ MASK_KEY = b"\x5a\xc3\x96\x3c"
 BATCH_BYTES = 256 << 10
 """Upstream messages are pre-encoded and written in batches of about this size."""
 CLOSE_TIMEOUT = 10.0
+
+
+def masked_frame(payload: bytes | memoryview, opcode: int = 0x2) -> bytes:
+    """A final client frame (masked, as RFC 6455 requires) carrying ``payload``."""
+    size = len(payload)
+    if size < 126:
+        length = bytes([0x80 | size])
+    elif size < 1 << 16:
+        length = bytes([0x80 | 126]) + size.to_bytes(2, "big")
+    else:
+        length = bytes([0x80 | 127]) + size.to_bytes(8, "big")
+    key = (MASK_KEY * (size // 4 + 1))[:size]
+    masked = int.from_bytes(payload, "little") ^ int.from_bytes(key, "little")
+    return bytes([0x80 | opcode]) + length + MASK_KEY + masked.to_bytes(size, "little")
 
 
 def _ignore(_data: bytes | memoryview) -> None:
@@ -106,17 +122,7 @@ class WsLink(_LinkBase, WSListener):
 
     def frames(self, message: memoryview, count: int) -> bytes:
         """``count`` masked binary frames carrying ``message``, ready for ``write_raw``."""
-        size = len(message)
-        if size < 126:
-            length = bytes([0x80 | size])
-        elif size < 1 << 16:
-            length = bytes([0x80 | 126]) + size.to_bytes(2, "big")
-        else:
-            length = bytes([0x80 | 127]) + size.to_bytes(8, "big")
-        key = (MASK_KEY * (size // 4 + 1))[:size]
-        masked = int.from_bytes(message, "little") ^ int.from_bytes(key, "little")
-        frame = b"\x82" + length + MASK_KEY + masked.to_bytes(size, "little")
-        return frame * count
+        return masked_frame(message) * count
 
     def write_raw(self, data: bytes) -> None:
         """Write pre-encoded frames straight to the socket, bypassing per-message calls."""
@@ -328,6 +334,114 @@ async def latency(
     return {"rtts": await _with_link(url, cafile, body)}
 
 
+PROBE_ECHO = b"tunnel-check"
+PROBE_KEY = base64.b64encode(b"websocket-bench!").decode()
+PROBE_ACCEPT = base64.b64encode(
+    hashlib.sha1((PROBE_KEY + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11").encode()).digest()
+)
+
+
+class TunnelProbe(asyncio.Protocol):
+    """One tunnel of the tunnels/s row, with as little client work as possible.
+
+    picows' ``ws_connect`` spends more CPU per connection (URL parsing, its own
+    connect logic) than our server spends per tunnel, and on two cores the client's
+    CPU is taken from the server. Here everything sent is pre-encoded bytes and the
+    replies are parsed just enough to check them: the 101 status and
+    Sec-WebSocket-Accept, the echo byte for byte across however many frames, and
+    the server's close frame. Any deviation fails the run."""
+
+    def __init__(self, request: bytes, done: asyncio.Future[None]) -> None:
+        self.request = request
+        self.done = done
+        self.buffer = b""
+        self.echo = b""
+        self.upgraded = False
+        self.closing = False
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.transport.write(self.request)
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        try:
+            if not self.upgraded and not self._handshake():
+                return
+            self._frames()
+        except BenchError as exc:
+            self._fail(exc)
+
+    def _handshake(self) -> bool:
+        end = self.buffer.find(b"\r\n\r\n")
+        if end < 0:
+            return False
+        head, self.buffer = self.buffer[:end].lower(), self.buffer[end + 4 :]
+        if not head.startswith(b"http/1.1 101 ") or (
+            b"\r\nsec-websocket-accept: " + PROBE_ACCEPT.lower() not in head
+        ):
+            raise BenchError(f"bad handshake reply: {head[:200]!r}")
+        self.upgraded = True
+        assert self.transport is not None
+        self.transport.write(masked_frame(header(MODE_ECHO)) + masked_frame(PROBE_ECHO))
+        return True
+
+    def _frames(self) -> None:
+        buffer = self.buffer
+        while len(buffer) >= 2:
+            opcode, size = buffer[0] & 0x0F, buffer[1]
+            if size & 0x80:
+                raise BenchError("masked frame from the server")
+            start = 2
+            if size == 126:
+                start, size = 4, int.from_bytes(buffer[2:4], "big")
+            elif size == 127:
+                start, size = 10, int.from_bytes(buffer[2:10], "big")
+            if len(buffer) < start + size:
+                break
+            payload, buffer = buffer[start : start + size], buffer[start + size :]
+            if opcode in (0x0, 0x1, 0x2):
+                self.echo += payload
+                if len(self.echo) >= len(PROBE_ECHO) and not self.closing:
+                    if self.echo != PROBE_ECHO:
+                        raise BenchError(f"echo mismatch: {self.echo[:100]!r}")
+                    self.closing = True
+                    assert self.transport is not None
+                    self.transport.write(masked_frame(b"\x03\xe8", opcode=0x8))
+            elif opcode == 0x8:
+                if not self.closing:
+                    raise BenchError(f"server closed the tunnel early: {payload[:125]!r}")
+                assert self.transport is not None
+                self.transport.close()  # like picows: drop TCP once the close is answered
+        self.buffer = buffer
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.done.done():
+            if self.closing:
+                self.done.set_result(None)
+            else:
+                self.done.set_exception(BenchError(f"connection lost: {exc}"))
+
+    def _fail(self, exc: BenchError) -> None:
+        if not self.done.done():
+            self.done.set_exception(exc)
+        if self.transport is not None:
+            self.transport.abort()
+
+
+async def probe_tunnel(host: str, port: int, request: bytes) -> None:
+    """Open, use and close one tunnel with :class:`TunnelProbe`."""
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
+    transport, _ = await loop.create_connection(lambda: TunnelProbe(request, done), host, port)
+    try:
+        await done
+    except BaseException:
+        transport.abort()
+        raise
+
+
 async def tunnels(
     url: str, parallel: int, duration: float, cafile: str | None = None
 ) -> dict[str, Any]:
@@ -338,10 +452,27 @@ async def tunnels(
         link.write(header(MODE_ECHO))
         await _echo_round(link, b"tunnel-check")
 
+    parts = urlsplit(url)
+    if parts.scheme == "ws":
+        host, port = parts.hostname or HOST, parts.port or 80
+        request = (
+            f"GET {parts.path or '/'} HTTP/1.1\r\nHost: {host}:{port}\r\n"
+            "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Key: {PROBE_KEY}\r\nSec-WebSocket-Version: 13\r\n"
+            "Sec-WebSocket-Protocol: binary\r\n\r\n"
+        ).encode()
+
+        async def once() -> None:
+            await probe_tunnel(host, port, request)
+    else:
+
+        async def once() -> None:
+            await _with_link(url, cafile, one)
+
     async def worker(deadline: float) -> None:
         nonlocal done
         while time.perf_counter() < deadline:
-            await _with_link(url, cafile, one)
+            await once()
             done += 1
 
     start = time.perf_counter()
