@@ -171,6 +171,8 @@ class ServerKind:
             str(backend_port),
             "--verbose",
             "0",
+            "--listen_address",
+            HOST,
         ]
         if tls:
             argv += ["--cert", str(tls.cert), "--key", str(tls.key)]

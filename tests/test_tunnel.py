@@ -181,6 +181,31 @@ async def test_downstream_backpressure_stops_a_flooding_backend(relay) -> None:
             assert stalled_at < BOUND
 
 
+async def test_reading_resumes_after_the_browser_drains(relay) -> None:
+    """A browser that stalls, then reads on, gets every byte in order: the backend is
+    paused and resumed as often as needed and nothing is lost."""
+    total = 64 * 1024 * 1024
+    pattern = bytes(range(256)) * 256  # 64 KiB, so offsets are checkable
+
+    async def counted_flood(backend: Backend, reader, writer) -> None:
+        for _ in range(total // len(pattern)):
+            writer.write(pattern)
+            await writer.drain()
+
+    url, tunnels = relay
+    async with Backend(counted_flood) as backend:
+        async with websockets.connect(url(backend.port), max_size=None,
+                                      max_queue=1) as ws:
+            received = bytearray(await ws.recv())
+            await asyncio.sleep(1)  # stalled: the server's reading must pause
+            assert tunnels[0]._reading_paused
+            with pytest.raises(websockets.ConnectionClosedOK):
+                while True:
+                    received += await asyncio.wait_for(ws.recv(), 10)
+    assert len(received) == total
+    assert received == pattern * (total // len(pattern))
+
+
 async def test_upstream_backpressure_blocks_a_flooding_browser(relay) -> None:
     """A backend that stops reading must stall the browser's sends."""
     url, _ = relay

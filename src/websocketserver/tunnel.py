@@ -144,7 +144,8 @@ class Tunnel:
         self._fd = -1
         self._browser = request.transport
         self._reading_paused = False
-        self._waiter: asyncio.Future[None] | None = None
+        self._ended: asyncio.Future[None] | None = None
+        self._drain_task: asyncio.Task[None] | None = None
         self._done_reason: str | None = None
         self._done_error = False
         self._write_paused = False
@@ -154,7 +155,6 @@ class Tunnel:
         self._loop = asyncio.get_running_loop()
         self._close_code = WSCloseCode.OK
         self._close_reason = ""
-        self._downstream_task: asyncio.Task[None] | None = None
 
     async def connect(self, host: str, port: int, timeout: float = CONNECT_TIMEOUT) -> None:
         """Open the backend connection, or raise :class:`BackendError` with a reason."""
@@ -173,29 +173,29 @@ class Tunnel:
     async def run(self) -> None:
         """Relay until either side closes, then close the other; never raises.
 
-        Whichever direction ends first ends the other: a browser that is gone must
-        not leave the pump waiting for a drain that will never come.
+        The upstream pump is the one task; downstream runs in the read callback and
+        only needs a task while it waits for the browser to drain. Whichever side
+        ends first ends the tunnel: ``_backend_done`` resolves ``_ended``.
         """
         loop = self._loop
-        self._downstream_task = loop.create_task(self._downstream())
+        self._ended = ended = loop.create_future()
         upstream = loop.create_task(self._upstream())
-        first_done = loop.create_future()
-
-        def finished(_: asyncio.Task[None]) -> None:
-            if not first_done.done():
-                first_done.set_result(None)
-
-        self._downstream_task.add_done_callback(finished)
-        upstream.add_done_callback(finished)
+        upstream.add_done_callback(lambda _: ended.done() or ended.set_result(None))
+        if self._done_reason is not None:  # close() came before run()
+            ended.set_result(None)
         try:
-            await first_done
+            await ended
         finally:
-            for task in (self._downstream_task, upstream):
+            tasks = [upstream] if self._drain_task is None else [upstream, self._drain_task]
+            for task in tasks:
                 task.cancel()
-            for outcome in await asyncio.gather(self._downstream_task, upstream,
-                                                return_exceptions=True):
+            for outcome in await asyncio.gather(*tasks, return_exceptions=True):
                 if isinstance(outcome, ConnectionError | RuntimeError):
                     self._close_reason = self._close_reason or "browser connection lost"
+            if not self._close_reason and self._done_reason is not None:
+                self._close_reason = self._done_reason
+                if self._done_error and self._close_code == WSCloseCode.OK:
+                    self._close_code = WSCloseCode.INTERNAL_ERROR
             self._close_backend()
             if not self.ws.closed:
                 await self.ws.close(code=self._close_code,
@@ -206,8 +206,6 @@ class Tunnel:
         self._close_code = code
         self._close_reason = self._close_reason or reason
         self._backend_done(reason)  # also ends a run() that has not started yet
-        if self._downstream_task is not None:
-            self._downstream_task.cancel()  # even while it waits for a drain
 
     @property
     def reason(self) -> str:
@@ -225,7 +223,9 @@ class Tunnel:
         if self._done_reason is None:
             self._done_reason = reason
             self._done_error = error
-            self._wake()
+            ended = self._ended
+            if ended is not None and not ended.done():
+                ended.set_result(None)
         if self._sock is not None and not self._reading_paused:
             self._reading_paused = True  # for good: nothing is relayed any more
             self._loop.remove_reader(self._fd)
@@ -245,7 +245,7 @@ class Tunnel:
         if browser.get_write_buffer_size() > HIGH_WATER and not self._reading_paused:
             self._reading_paused = True  # until the browser's transport drains
             self._loop.remove_reader(self._fd)
-            self._wake()
+            self._drain_task = self._loop.create_task(self._resume_when_drained())
 
     def _recv_frame(self) -> None:
         try:
@@ -262,34 +262,16 @@ class Tunnel:
         self.stats.bytes_down += size
         self._browser.writelines((frame_header(size), data))
 
-    def _wake(self) -> None:
-        waiter = self._waiter
-        if waiter is not None:
-            self._waiter = None
-            if not waiter.done():
-                waiter.set_result(None)
-
-    async def _downstream(self) -> None:
-        # The data is written by _on_readable; this waits out backpressure episodes
-        # (reading resumes once the browser's transport has drained) and the end of
-        # the backend.
-        drain = self._request.writer.drain
-        loop = self._loop
-        while True:
-            if self._reading_paused and self._done_reason is None:
-                await drain()
-                if self._sock is not None and self._done_reason is None:
-                    self._reading_paused = False
-                    loop.add_reader(self._fd, self._on_readable)
-            if self._done_reason is not None:
-                if not self._close_reason:
-                    self._close_reason = self._done_reason
-                    if self._done_error and self._close_code == WSCloseCode.OK:
-                        self._close_code = WSCloseCode.INTERNAL_ERROR
-                return
-            if not self._reading_paused:
-                self._waiter = loop.create_future()
-                await self._waiter
+    async def _resume_when_drained(self) -> None:
+        try:
+            await self._request.writer.drain()
+        except ConnectionError:
+            self._backend_done("browser connection lost")
+            return
+        self._drain_task = None
+        if self._sock is not None and self._done_reason is None:
+            self._reading_paused = False
+            self._loop.add_reader(self._fd, self._on_readable)
 
     # -- upstream: browser -> backend ---------------------------------------------
 
