@@ -32,26 +32,29 @@ class HandshakeGuard:
 
     def __init__(self, timeout: float) -> None:
         self.timeout = timeout
-        self._pending: set[RequestHandler] = set()
+        self._pending: dict[RequestHandler, asyncio.TimerHandle] = {}
 
     def seen(self, request: web.BaseRequest) -> None:
         """The request's headers arrived: its connection is past the handshake."""
-        self._pending.discard(request.protocol)
+        timer = self._pending.pop(request.protocol, None)  # type: ignore[arg-type]
+        if timer is not None:
+            # Cancelled now rather than left to fire: at thousands of connections a
+            # second, timers left pending would hold that many handlers for
+            # ``timeout`` seconds (memory, and work for the garbage collector).
+            timer.cancel()
 
     def protocol_factory(self, server: web.Server) -> Callable[[], RequestHandler]:
         loop = asyncio.get_running_loop()
 
         def connection() -> RequestHandler:
             handler = server()
-            self._pending.add(handler)
-            loop.call_later(self.timeout, self._expire, handler)
+            self._pending[handler] = loop.call_later(self.timeout, self._expire, handler)
             return handler
 
         return connection
 
     def _expire(self, handler: RequestHandler) -> None:
-        if handler in self._pending:
-            self._pending.discard(handler)
+        if self._pending.pop(handler, None) is not None:
             transport = handler.transport
             if transport is not None and not transport.is_closing():
                 peer = transport.get_extra_info("peername")
