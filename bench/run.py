@@ -33,6 +33,7 @@ from servers import (
     PYTHON,
     WEBSOCKIFY,
     Processes,
+    Server,
     ServerKind,
     Tls,
     TreeMemory,
@@ -173,6 +174,7 @@ class Bench:
         self.client: Worker | None = None
         self.backend_port = 0
         self.pids: dict[str, int] = {}
+        self.servers: dict[str, Server] = {}
 
     def close(self) -> None:
         self.procs.close()
@@ -196,10 +198,7 @@ class Bench:
         _backend, self.backend_port = start_backend(self.procs)
         self.client = Worker(self.procs, "client", [PYTHON, str(BENCH_DIR / "client.py")])
         urls = {DIRECT: f"tcp://127.0.0.1:{self.backend_port}"}
-        servers = [start_server(self.procs, kind, self.backend_port, None) for kind in self.kinds]
-        urls.update({server.kind.name: server.url for server in servers})
-        self.pids = {server.kind.name: server.proc.pid for server in servers}
-        self.warm_up(urls)
+        self.start_servers(urls, None)
         if "down" in self.only:
             for label, size in SIZES.items():
                 self.throughput(
@@ -214,8 +213,7 @@ class Bench:
             self.latency(urls)
         if "tunnels" in self.only:
             self.tunnels(urls)
-        for server in servers:
-            self.procs.stop(server.proc)
+        self.stop_servers()
         if "wss" in self.only:
             self.wss()
         if "idle" in self.only:
@@ -224,12 +222,8 @@ class Bench:
 
     def wss(self) -> None:
         """The downstream rows again, over TLS."""
-        servers = [
-            start_server(self.procs, kind, self.backend_port, self.tls) for kind in self.kinds
-        ]
-        wss_urls = {server.kind.name: server.url for server in servers}
-        self.pids = {server.kind.name: server.proc.pid for server in servers}
-        self.warm_up(wss_urls)
+        wss_urls: dict[str, str] = {}
+        self.start_servers(wss_urls, self.tls)
         for label in self.plan.wss_sizes:
             self.throughput(
                 "down",
@@ -238,8 +232,39 @@ class Bench:
                 SIZES[label],
                 ratio_at_least(1.5),
             )
-        for server in servers:
+        self.stop_servers()
+
+    def start_servers(self, urls: dict[str, str], tls: Tls | None) -> None:
+        """Start every compared server (over TLS with ``tls``); add their URLs."""
+        for kind in self.kinds:
+            self.servers[kind.name] = start_server(self.procs, kind, self.backend_port, tls)
+            urls[kind.name] = self.servers[kind.name].url
+            self.pids[kind.name] = self.servers[kind.name].proc.pid
+        self.warm_up(urls)
+
+    def stop_servers(self) -> None:
+        for server in self.servers.values():
             self.procs.stop(server.proc)
+        self.servers.clear()
+        self.pids.clear()
+
+    def restart(self, name: str, urls: dict[str, str]) -> None:
+        """Replace server ``name`` by a fresh instance before one sample.
+
+        Every sample of ours then runs in a new process, as every sample of
+        websockify does (it forks a process per tunnel): where the scheduler puts a
+        process on two shared cores moves a long-lived one's figures by ±10 % for
+        its whole life, and a median over one process's runs would keep that bias.
+        """
+        if name not in self.servers:
+            return  # direct TCP
+        old = self.servers[name]
+        self.procs.stop(old.proc)
+        server = start_server(self.procs, old.kind, self.backend_port, old.tls)
+        self.servers[name] = server
+        urls[name] = server.url
+        self.pids[name] = server.proc.pid
+        self.warm_up({name: server.url})
 
     def cafile(self, url: str) -> str | None:
         return str(self.tls.ca) if url.startswith("wss:") else None
@@ -266,6 +291,7 @@ class Bench:
         total = (self.plan.down_bytes if op == "down" else self.plan.up_bytes)[size]
 
         def sample(name: str) -> tuple[float, ...]:
+            self.restart(name, urls)
             url = urls[name]
             reply, cpu = self.request_timed(
                 name,
@@ -293,6 +319,7 @@ class Bench:
         """p50/p99 of sequential 32-byte echo round trips."""
 
         def sample(name: str) -> tuple[float, ...]:
+            self.restart(name, urls)
             reply = self.request(
                 "latency", url=urls[name], count=self.plan.latency_rounds, size=32, warmup=100
             )
@@ -307,6 +334,7 @@ class Bench:
         """Tunnels opened, used (one echo) and closed per second, 64 in parallel."""
 
         def sample(name: str) -> tuple[float, ...]:
+            self.restart(name, urls)
             reply, cpu = self.request_timed(
                 name, "tunnels", url=urls[name], parallel=64, duration=self.plan.tunnel_seconds
             )
