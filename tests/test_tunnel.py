@@ -229,3 +229,34 @@ async def test_upstream_backpressure_blocks_a_flooding_browser(relay) -> None:
             backend.done.set()  # the backend goes away: the tunnel must end
             with pytest.raises(websockets.ConnectionClosed):
                 await asyncio.wait_for(sender, 10)
+
+
+class _NoRequest:
+    """Enough of an aiohttp request for :meth:`Tunnel.connect`, which never uses it."""
+
+    transport = None
+
+
+async def test_backend_that_never_answers_times_out_without_leaking() -> None:
+    """A SYN that is never answered (the backend's accept queue is full) ends in a
+    reason after the timeout, and the half-open socket is closed."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        port = listener.getsockname()[1]
+        fillers = []
+        for _ in range(4):  # fill the accept queue: later SYNs are dropped
+            filler = socket.socket()
+            filler.setblocking(False)
+            try:
+                filler.connect(("127.0.0.1", port))
+            except BlockingIOError:
+                pass
+            fillers.append(filler)
+        fds_before = len(os.listdir("/proc/self/fd"))
+        tunnel = Tunnel(_NoRequest(), None, TunnelStats(peer="test", target="backend"))  # type: ignore[arg-type]
+        with pytest.raises(BackendError, match="did not answer"):
+            await tunnel.connect("127.0.0.1", port, timeout=0.5)
+        assert len(os.listdir("/proc/self/fd")) == fds_before
+        for filler in fillers:
+            filler.close()
