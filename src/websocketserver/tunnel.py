@@ -320,12 +320,11 @@ class Tunnel:
             return
         if self._sock is None:
             batch.clear()
-        elif self._unsent:  # still waiting for the backend: keep the order
-            self._unsent.extend(batch)
-            batch.clear()
-        else:
-            self._unsent = batch[:]
-            batch.clear()
+            return
+        waiting = bool(self._unsent)  # the backend is full: queue behind, keep the order
+        self._unsent.extend(batch)
+        batch.clear()
+        if not waiting:
             self._send_unsent()
 
     def _send_unsent(self) -> None:
