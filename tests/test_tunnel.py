@@ -6,14 +6,14 @@ import asyncio
 import os
 import socket
 from collections.abc import AsyncIterator
+from urllib.parse import parse_qsl, urlsplit
 
 import pytest
 import websockets
-from aiohttp import web
-from aiohttp.test_utils import TestServer
+from picows import WSUpgradeRequest, ws_create_server
 
 from websocketserver import tunnel as tunnel_module
-from websocketserver.tunnel import BackendError, Tunnel, TunnelStats, close_reason
+from websocketserver.tunnel import BackendError, Tunnel, TunnelStats
 
 FLOOD = 256 * 1024 * 1024
 BOUND = 48 * 1024 * 1024  # far below FLOOD: what kernel buffers + our limits may hold
@@ -68,29 +68,34 @@ async def stall(backend: Backend, reader, writer) -> None:
 
 @pytest.fixture
 async def relay() -> AsyncIterator:
-    """Start an aiohttp server whose websockets tunnel to ``port``; yields a URL maker."""
+    """A picows server whose websockets tunnel to ``?port=`` (and ``&host=``); yields a
+    URL maker and the list of tunnels opened."""
     tunnels: list[Tunnel] = []
+    tasks: set[asyncio.Task[None]] = set()
 
-    async def handler(request: web.Request) -> web.WebSocketResponse:
-        ws = web.WebSocketResponse(protocols=("binary",), max_msg_size=0)
-        await ws.prepare(request)
-        tunnel = Tunnel(request, ws, TunnelStats(peer="test", target="backend"))
-        tunnels.append(tunnel)
+    async def run(tunnel: Tunnel, host: str, port: int) -> None:
         try:
-            await tunnel.connect(request.query.get("host", "127.0.0.1"),
-                                 int(request.query["port"]))
+            await tunnel.connect(host, port)
         except BackendError as exc:
-            await ws.close(code=1011, message=close_reason(str(exc)))
-            return ws
-        await tunnel.run()
-        return ws
+            tunnel.close(1011, str(exc))
+        await tunnel.closed
 
-    app = web.Application()
-    app.router.add_get("/", handler)
-    server = TestServer(app)
-    await server.start_server()
-    yield lambda port: f"ws://127.0.0.1:{server.port}/?port={port}", tunnels
-    await server.close()
+    def factory(request: WSUpgradeRequest) -> Tunnel:
+        query = dict(parse_qsl(urlsplit(request.path.decode()).query))
+        tunnel = Tunnel(TunnelStats(peer="test", target="backend"), max_message=1 << 40)
+        tunnels.append(tunnel)
+        task = asyncio.get_running_loop().create_task(
+            run(tunnel, query.get("host", "127.0.0.1"), int(query["port"])))
+        tasks.add(task)
+        return tunnel
+
+    server = await ws_create_server(factory, "127.0.0.1", 0, max_frame_size=1 << 40)
+    port = server.sockets[0].getsockname()[1]
+    yield lambda backend: f"ws://127.0.0.1:{port}/?port={backend}", tunnels
+    server.close()
+    for tunnel in tunnels:
+        tunnel.close(1001, "test over")
+    await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 15)
 
 
 async def test_echo_is_byte_exact_and_counted(relay) -> None:
@@ -198,7 +203,7 @@ async def test_reading_resumes_after_the_browser_drains(relay) -> None:
                                       max_queue=1) as ws:
             received = bytearray(await ws.recv())
             await asyncio.sleep(1)  # stalled: the server's reading must pause
-            assert tunnels[0]._reading_paused
+            assert not tunnels[0]._reading
             with pytest.raises(websockets.ConnectionClosedOK):
                 while True:
                     received += await asyncio.wait_for(ws.recv(), 10)
@@ -231,12 +236,6 @@ async def test_upstream_backpressure_blocks_a_flooding_browser(relay) -> None:
                 await asyncio.wait_for(sender, 10)
 
 
-class _NoRequest:
-    """Enough of an aiohttp request for :meth:`Tunnel.connect`, which never uses it."""
-
-    transport = None
-
-
 async def test_backend_that_never_answers_times_out_without_leaking() -> None:
     """A SYN that is never answered (the backend's accept queue is full) ends in a
     reason after the timeout, and the half-open socket is closed."""
@@ -254,7 +253,7 @@ async def test_backend_that_never_answers_times_out_without_leaking() -> None:
                 pass
             fillers.append(filler)
         fds_before = len(os.listdir("/proc/self/fd"))
-        tunnel = Tunnel(_NoRequest(), None, TunnelStats(peer="test", target="backend"))  # type: ignore[arg-type]
+        tunnel = Tunnel(TunnelStats(peer="test", target="backend"), max_message=1024)
         with pytest.raises(BackendError, match="did not answer"):
             await tunnel.connect("127.0.0.1", port, timeout=0.5)
         assert len(os.listdir("/proc/self/fd")) == fds_before

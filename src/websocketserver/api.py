@@ -21,7 +21,6 @@ from aiohttp import web
 from .identity import USER_KEY_PARAM
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .services import ServiceError, ServiceManager
-from .websocket import json_error
 
 log = logging.getLogger("websocketserver.api")
 
@@ -29,6 +28,11 @@ TOKEN_PARAM = "security_token"
 _NOT_OPTIONS = {TOKEN_PARAM, USER_KEY_PARAM}
 
 Handler = Callable[[web.BaseRequest, str], Awaitable[web.StreamResponse]]
+
+
+def json_error(status: int, message: str) -> web.Response:
+    """An error answer of the HTTP port: ``{"error": message}``."""
+    return web.json_response({"error": message}, status=status)
 
 
 class RestApi:

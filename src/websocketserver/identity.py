@@ -15,17 +15,29 @@ for is anonymous and sees only services without a ``group``.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import ipaddress
 import json
+from collections.abc import Mapping
 from pathlib import Path
-
-from aiohttp import web
+from typing import Protocol
 
 from .settings import Settings, SettingsError
 
 USER_KEY_PARAM = "user_key"
 USER_KEY_HEADER = "X-User-Key"
+
+
+class Request(Protocol):
+    """What identity reads from a request: an aiohttp request or an upgrade request."""
+
+    @property
+    def headers(self) -> Mapping[str, str]: ...
+    @property
+    def query(self) -> Mapping[str, str]: ...
+    @property
+    def transport(self) -> asyncio.BaseTransport | None: ...
 
 
 def _load_json_object(path: Path, option: str) -> dict:
@@ -65,7 +77,7 @@ class Identity:
                                         f"{group!r}: expected a list of user names")
                 self._groups[group] = set(members)
 
-    def user(self, request: web.BaseRequest) -> str | None:
+    def user(self, request: Request) -> str | None:
         """The authenticated user of ``request``, or None when anonymous."""
         if self._proxies and self._from_trusted_proxy(request):
             name = request.headers.get(self._user_header, "").strip()
@@ -84,10 +96,10 @@ class Identity:
             return False
         return any(ip in network for network in self._proxies)
 
-    def _from_trusted_proxy(self, request: web.BaseRequest) -> bool:
+    def _from_trusted_proxy(self, request: Request) -> bool:
         return self._trusted(_peer_address(request))
 
-    def client_address(self, request: web.BaseRequest) -> str:
+    def client_address(self, request: Request) -> str:
         """The client's address: the peer, or from a trusted proxy its X-Forwarded-For.
 
         The list is read from the right, skipping trusted proxies, so a client cannot
@@ -118,7 +130,7 @@ class Identity:
         return _os_member(user, group)
 
 
-def _peer_address(request: web.BaseRequest) -> str:
+def _peer_address(request: Request) -> str:
     peer = request.transport.get_extra_info("peername") if request.transport else None
     return str(peer[0]) if peer else "?"
 

@@ -24,7 +24,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client import Counter
 
 from . import processes
-from .api import RestApi
+from .api import RestApi, json_error
 from .files import FileServer
 from .identity import Identity
 from .limits import GuardedSite, HandshakeGuard
@@ -32,7 +32,7 @@ from .metrics import Metrics
 from .reservations import MemoryStore
 from .services import ServiceManager
 from .settings import Settings, SettingsError
-from .websocket import WebSocketGateway, json_error
+from .websocket import WebSocketGateway
 
 log = logging.getLogger("websocketserver.server")
 
@@ -69,7 +69,13 @@ class Server:
         """Open the listeners; a port in use is a :class:`SettingsError`."""
         context = self.settings.ssl_context()
         if self.settings.ws_port != -1:
-            await self._listen(self.gateway.handle, self.settings.ws_port, context, "ws")
+            try:
+                addresses = await self.gateway.listen(self.settings.ws_port, context)
+            except OSError as exc:
+                raise SettingsError(f"cannot listen on ws port {self.settings.ws_port}: "
+                                    f"{exc.strerror or exc}") from None
+            for address in addresses:
+                log.info("listening for ws%s on %s:%s", "s" if context else "", *address)
         if self.files is not None:
             await self._listen(self._http, self.settings.http_port, context, "http")
         self.services.start_reclaiming()
@@ -78,7 +84,7 @@ class Server:
     async def _listen(self, handler: Handler, port: int, context: ssl.SSLContext | None,
                       name: str) -> None:
         """Serve ``handler`` on ``port``: aiohttp's low-level server, no router needed."""
-        extra_headers = self.settings.add_headers if name == "http" else ()
+        extra_headers = self.settings.add_headers
         counters: dict[int, Counter] = {}
 
         async def dispatch(request: web.BaseRequest) -> web.StreamResponse:

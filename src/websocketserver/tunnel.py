@@ -1,34 +1,40 @@
 """The hot path: relay one websocket to one TCP connection, both ways.
 
-The backend connection is a plain non-blocking socket watched with
-``loop.add_reader``/``add_writer`` rather than an asyncio transport: one ``recv`` of
-up to ``READ_SIZE`` per readiness event, written out in the same callback. (uvloop's
-transport reads 256 kB at most and copies every chunk out of its own buffer;
-measured against it, this path moves ~15 % more downstream with 64 KiB backend
-writes and ~30 % more with 1 MiB ones, see ``bench/README.md``.)
+A :class:`Tunnel` is a picows listener: picows parses the browser's frames in C and
+calls :meth:`Tunnel.on_ws_frame` for each, so the relay runs in callbacks, without a
+task or a queue. The backend connection is a plain non-blocking socket watched with
+``loop.add_reader``/``add_writer``: one ``recv`` of up to ``READ_SIZE`` per
+readiness event, written out in the same callback. (uvloop's transport reads
+256 kB at most and copies every chunk out of its own buffer; measured against it,
+this path moves ~15 % more downstream with 64 KiB backend writes and ~30 % more
+with 1 MiB ones, see ``bench/README.md``.)
 
 * **Downstream** (backend → browser), each chunk the backend sends becomes one binary
-  frame, written to the browser's transport right in the read callback: header and
-  payload in one writev, no copy, no task switch. (aiohttp's ``send_bytes`` would
-  cost a task hop per chunk and two write syscalls per frame.) aiohttp still writes
-  the control frames (pong, close, ping) of the same connection; both write whole
-  frames, so they never interleave.
-* **Upstream** (browser → backend), messages are collected and written once per
-  event-loop pass with one ``sendmsg``.
+  frame: header and payload written to the browser's transport in one writev, no
+  copy. picows writes the control frames (pong, close, ping) of the same
+  connection; both write whole frames, so they never interleave.
+* **Upstream** (browser → backend), message payloads are collected and written once
+  per event-loop pass with one ``sendmsg``. Fragmented messages are relayed
+  fragment by fragment, never reassembled.
 
 Backpressure holds in both directions with no unbounded buffer:
 
-* downstream, when more than ``HIGH_WATER`` bytes wait in the browser's transport,
-  the backend socket stops being read until the transport drains, so the service
-  blocks in its own ``send``;
-* upstream, as soon as the backend socket does not take a whole batch, no further
-  message is read from the websocket (aiohttp then stops reading that socket) until
-  the rest has been written.
+* downstream, when more than ``HIGH_WATER`` bytes wait in the browser's transport
+  (its ``pause_writing``), the backend socket stops being read until the transport
+  drains, so the service blocks in its own ``send``;
+* upstream, as soon as the backend socket does not take a whole batch (or, before
+  the backend is connected, once ``HIGH_WATER`` bytes wait), the browser's socket
+  stops being read until the rest has been written.
+
+The websocket checks picows leaves to its user are made here: reserved bits,
+message order of fragments, the message size limit across fragments, UTF-8 in
+text messages and close reasons, and the close codes allowed on the wire.
 """
 
 from __future__ import annotations
 
 import asyncio
+import codecs
 import logging
 import os
 import socket
@@ -36,18 +42,28 @@ import struct
 import time
 from dataclasses import dataclass, field
 
-from aiohttp import WSCloseCode, WSMsgType, web
+from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSProtocolError, WSTransport
 
 log = logging.getLogger("websocketserver.tunnel")
 
 HIGH_WATER = 1024 * 1024
-"""Bytes waiting in the browser's transport before the backend stops being read."""
+"""Bytes waiting in one direction before the sending side stops being read."""
 READ_SIZE = 1024 * 1024
 """Largest chunk read from the backend at once, so the largest frame sent."""
 IOV_BATCH = 512
 """Buffers per ``sendmsg`` call, well under the kernel's IOV_MAX (1024)."""
 CONNECT_TIMEOUT = 10.0
+CLOSE_TIMEOUT = 10.0
+"""How long the browser has to answer our close frame before its socket is closed."""
 MAX_REASON = 123  # bytes allowed in a websocket close reason
+
+_BINARY, _TEXT, _CONTINUATION = WSMsgType.BINARY, WSMsgType.TEXT, WSMsgType.CONTINUATION
+_CLOSE, _PING = WSMsgType.CLOSE, WSMsgType.PING
+
+
+def _wire_close_code(code: int) -> bool:
+    """Whether a peer may send this close code (RFC 6455 7.4.1, IANA registry)."""
+    return 1000 <= code <= 1003 or 1007 <= code <= 1014 or 3000 <= code <= 4999
 
 
 @dataclass
@@ -132,29 +148,38 @@ async def _open_socket(loop: asyncio.AbstractEventLoop, host: str, port: int) ->
     raise error or OSError(f"no address for {host}")
 
 
-class Tunnel:
-    """One websocket relayed to one TCP backend; create, :meth:`connect`, :meth:`run`."""
+class Tunnel(WSListener):
+    """One websocket relayed to one TCP backend.
 
-    def __init__(self, request: web.BaseRequest, ws: web.WebSocketResponse,
-                 stats: TunnelStats) -> None:
-        self._request = request
-        self.ws = ws
+    picows calls the ``on_ws_*`` methods; the owner calls :meth:`connect` once the
+    websocket is open, then awaits :attr:`closed`, which resolves when the browser's
+    connection is gone (by then the backend socket is closed too).
+    """
+
+    def __init__(self, stats: TunnelStats, max_message: int) -> None:
+        super().__init__()
         self.stats = stats
+        self.reason = ""
+        """Why the tunnel ended, for the log: the first cause wins."""
+        self._max_message = max_message
+        self._loop = asyncio.get_running_loop()
+        self.closed: asyncio.Future[None] = self._loop.create_future()
+        self._ws: WSTransport | None = None
+        self._browser: asyncio.Transport | None = None
+        self._browser_paused = False
         self._sock: socket.socket | None = None
         self._fd = -1
-        self._browser = request.transport
-        self._reading_paused = False
-        self._ended: asyncio.Future[None] | None = None
-        self._drain_task: asyncio.Task[None] | None = None
-        self._done_reason: str | None = None
-        self._done_error = False
-        self._write_paused = False
-        self._writable: asyncio.Future[None] | None = None
+        self._reading = False  # the backend socket is watched for reading
+        self._writing = False  # unsent data waits for the backend socket
+        self._ending = False  # a close frame went out, or the backend is gone
         self._batch: list[bytes] = []
         self._unsent: list[bytes | memoryview] = []
-        self._loop = asyncio.get_running_loop()
-        self._close_code = WSCloseCode.OK
-        self._close_reason = ""
+        self._pending = 0  # bytes received before the backend was connected
+        self._message: int | None = None  # size so far of a fragmented message
+        self._text: codecs.IncrementalDecoder | None = None  # its UTF-8 check, if text
+        self._close_timer: asyncio.TimerHandle | None = None
+
+    # -- the owner's side -----------------------------------------------------------
 
     async def connect(self, host: str, port: int, timeout: float = CONNECT_TIMEOUT) -> None:
         """Open the backend connection, or raise :class:`BackendError` with a reason."""
@@ -166,160 +191,179 @@ class Tunnel:
         except OSError as exc:
             raise BackendError(f"cannot connect to backend {host}:{port}: "
                                f"{exc.strerror or exc}") from None
+        if self._ending or self.closed.done():
+            sock.close()  # the browser left, or the tunnel was closed, meanwhile
+            return
         self._sock = sock
         self._fd = sock.fileno()
-        self._loop.add_reader(self._fd, self._on_readable)
-
-    async def run(self) -> None:
-        """Relay until either side closes, then close the other; never raises.
-
-        The upstream pump is the one task; downstream runs in the read callback and
-        only needs a task while it waits for the browser to drain. Whichever side
-        ends first ends the tunnel: ``_backend_done`` resolves ``_ended``.
-        """
-        loop = self._loop
-        self._ended = ended = loop.create_future()
-        upstream = loop.create_task(self._upstream())
-        upstream.add_done_callback(lambda _: ended.done() or ended.set_result(None))
-        if self._done_reason is not None:  # close() came before run()
-            ended.set_result(None)
-        try:
-            await ended
-        finally:
-            tasks = [upstream] if self._drain_task is None else [upstream, self._drain_task]
-            for task in tasks:
-                task.cancel()
-            for outcome in await asyncio.gather(*tasks, return_exceptions=True):
-                if isinstance(outcome, ConnectionError | RuntimeError):
-                    self._close_reason = self._close_reason or "browser connection lost"
-            if not self._close_reason and self._done_reason is not None:
-                self._close_reason = self._done_reason
-                if self._done_error and self._close_code == WSCloseCode.OK:
-                    self._close_code = WSCloseCode.INTERNAL_ERROR
-            self._close_backend()
-            if not self.ws.closed:
-                await self.ws.close(code=self._close_code,
-                                    message=close_reason(self._close_reason))
+        self._start_reading()
+        if self._batch:
+            self._loop.call_soon(self._flush_upstream)
+        if self._browser_paused and not self._writing:
+            self._resume_browser()
 
     def close(self, code: int, reason: str) -> None:
-        """End the tunnel from outside (shutdown, release); :meth:`run` does the rest."""
-        self._close_code = code
-        self._close_reason = self._close_reason or reason
-        self._backend_done(reason)  # also ends a run() that has not started yet
-
-    @property
-    def reason(self) -> str:
-        return self._close_reason
-
-    def _close_backend(self) -> None:
-        sock = self._sock
-        if sock is not None:
-            self._sock = None
-            self._loop.remove_reader(self._fd)
-            self._loop.remove_writer(self._fd)
-            sock.close()
-
-    def _backend_done(self, reason: str, error: bool = False) -> None:
-        if self._done_reason is None:
-            self._done_reason = reason
-            self._done_error = error
-            ended = self._ended
-            if ended is not None and not ended.done():
-                ended.set_result(None)
-        if self._sock is not None and not self._reading_paused:
-            self._reading_paused = True  # for good: nothing is relayed any more
-            self._loop.remove_reader(self._fd)
-
-    def _backend_lost(self, exc: OSError) -> None:
-        self._backend_done(f"backend connection lost: {exc}", error=True)
-        self._writable_now()
-
-    # -- downstream: backend -> browser -------------------------------------------
-
-    def _on_readable(self) -> None:
-        browser = self._browser
-        if browser is None or browser.is_closing():
-            self._backend_done("browser connection lost")
+        """End the tunnel: close the backend, send a close frame, await the answer."""
+        if not self.reason:
+            self.reason = reason
+        self._close_backend()
+        ws = self._ws
+        if ws is None or self._ending or self.closed.done():
             return
-        self._recv_frame()
-        if browser.get_write_buffer_size() > HIGH_WATER and not self._reading_paused:
-            self._reading_paused = True  # until the browser's transport drains
-            self._loop.remove_reader(self._fd)
-            self._drain_task = self._loop.create_task(self._resume_when_drained())
+        self._ending = True
+        ws.send_close(WSCloseCode(code), close_reason(reason))
+        if self._browser_paused:
+            self._resume_browser()  # to read the browser's answering close frame
+        self._close_timer = self._loop.call_later(CLOSE_TIMEOUT, ws.disconnect)
 
-    def _recv_frame(self) -> None:
+    # -- picows callbacks -------------------------------------------------------------
+
+    def on_ws_connected(self, transport: WSTransport) -> None:
+        self._ws = transport
+        self._browser = browser = transport.underlying_transport
+        browser.set_write_buffer_limits(high=HIGH_WATER)
+
+    def on_ws_disconnected(self, transport: WSTransport) -> None:
+        if not self.reason:
+            self.reason = "browser connection lost"
+        self._ending = True
+        self._close_backend()
+        if self._close_timer is not None:
+            self._close_timer.cancel()
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    def pause_writing(self) -> None:
+        """The browser's transport holds more than HIGH_WATER: stop reading the backend."""
+        if self._reading:
+            self._reading = False
+            self._loop.remove_reader(self._fd)
+
+    def resume_writing(self) -> None:
+        if self._sock is not None and not self._reading and not self._ending:
+            self._start_reading()
+
+    def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
+        if self._ending or transport.is_close_frame_sent:
+            self._after_close(transport, frame)
+            return
         try:
-            data = self._sock.recv(READ_SIZE)  # type: ignore[union-attr]
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as exc:
-            self._backend_lost(exc)
-            return
-        size = len(data)
-        if not size:
-            self._backend_done("backend closed the connection")
-            return
-        self.stats.bytes_down += size
-        self._browser.writelines((frame_header(size), data))
+            self._on_frame(transport, frame)
+        except WSProtocolError as exc:  # picows sends the close frame and disconnects
+            self._ending = True
+            self._close_backend()
+            if not self.reason:
+                self.reason = f"protocol error: {exc.args[1]}"
+            raise
 
-    async def _resume_when_drained(self) -> None:
+    def _after_close(self, transport: WSTransport, frame: WSFrame) -> None:
+        """A close frame went out: only the answer to it matters. (picows parses one
+        frame ahead, so a frame may come after the close it sent for the next one.)"""
+        if not self._ending:
+            self._ending = True
+            self._close_backend()
+            sent = transport.close_handshake.sent if transport.close_handshake else None
+            if not self.reason and sent is not None:
+                self.reason = f"protocol error: {sent.reason}"
+        if frame.msg_type is _CLOSE:
+            transport.disconnect()
+
+    def _on_frame(self, transport: WSTransport, frame: WSFrame) -> None:
+        kind = frame.msg_type
+        if frame.rsv1 or frame.rsv2 or frame.rsv3:
+            raise WSProtocolError(WSCloseCode.PROTOCOL_ERROR, "reserved bits set")
+        if kind is _BINARY or kind is _TEXT:
+            if self._message is not None:
+                raise WSProtocolError(WSCloseCode.PROTOCOL_ERROR,
+                                      "new message inside a fragmented one")
+            data = frame.get_payload_as_bytes()
+            if kind is _TEXT:
+                self._check_text(data, frame.fin)
+            if not frame.fin:
+                self._message = len(data)
+            self._relay(data)
+        elif kind is _CONTINUATION:
+            if self._message is None:
+                raise WSProtocolError(WSCloseCode.PROTOCOL_ERROR, "continuation without a message")
+            data = frame.get_payload_as_bytes()
+            self._message += len(data)
+            if self._message > self._max_message:
+                raise WSProtocolError(WSCloseCode.MESSAGE_TOO_BIG,
+                                      f"message over {self._max_message} bytes")
+            if self._text is not None:
+                self._check_text(data, frame.fin)
+            if frame.fin:
+                self._message = None
+            self._relay(data)
+        elif kind is _PING:
+            transport.send_pong(frame.get_payload_as_bytes())
+        elif kind is _CLOSE:
+            self._on_close_frame(transport, frame)
+        # a PONG needs nothing
+
+    # -- upstream: browser -> backend -----------------------------------------------
+
+    def _check_text(self, data: bytes, final: bool) -> None:
+        """Text messages must be UTF-8 (RFC 6455 8.1), also across fragments."""
         try:
-            await self._request.writer.drain()
-        except ConnectionError:
-            self._backend_done("browser connection lost")
-            return
-        self._drain_task = None
-        if self._sock is not None and self._done_reason is None:
-            self._reading_paused = False
-            self._loop.add_reader(self._fd, self._on_readable)
+            if final and self._text is None:
+                data.decode("utf-8")
+                return
+            if self._text is None:
+                self._text = codecs.getincrementaldecoder("utf-8")()
+            self._text.decode(data, final)
+        except UnicodeDecodeError:
+            raise WSProtocolError(WSCloseCode.INVALID_TEXT, "text is not UTF-8") from None
+        if final:
+            self._text = None
 
-    # -- upstream: browser -> backend ---------------------------------------------
-
-    def _writable_now(self) -> None:
-        self._write_paused = False
-        writable = self._writable
-        self._writable = None
-        if writable is not None and not writable.done():
-            writable.set_result(None)
-
-    async def _upstream(self) -> None:
-        # Messages are collected and written once per event-loop pass (one sendmsg
-        # for a burst of small ones instead of a send() each).
-        ws = self.ws
-        stats = self.stats
-        loop = self._loop
-        batch = self._batch
-        while True:
-            if self._write_paused:
-                self._writable = loop.create_future()
-                await self._writable
-            msg = await ws.receive()
-            kind = msg.type
-            if kind is WSMsgType.BINARY:
-                data = msg.data
-            elif kind is WSMsgType.TEXT:
-                data = msg.data.encode("utf-8")
-            else:
-                break
-            stats.bytes_up += len(data)
-            if self._sock is None or self._done_error:
-                break
-            batch.append(data)
-            if len(batch) == 1:
-                loop.call_soon(self._flush_upstream)
+    def _on_close_frame(self, transport: WSTransport, frame: WSFrame) -> None:
+        payload = frame.get_payload_as_bytes()
+        if len(payload) == 1:
+            raise WSProtocolError(WSCloseCode.PROTOCOL_ERROR, "close frame of one byte")
+        if payload:
+            code = int.from_bytes(payload[:2], "big")
+            if not _wire_close_code(code):
+                raise WSProtocolError(WSCloseCode.PROTOCOL_ERROR, f"close code {code}")
+            try:
+                payload[2:].decode("utf-8")
+            except UnicodeDecodeError:
+                raise WSProtocolError(WSCloseCode.INVALID_TEXT,
+                                      "close reason is not UTF-8") from None
+        if not self.reason:
+            self.reason = "browser closed the websocket"
         self._flush_upstream()
-        if kind is WSMsgType.ERROR:
-            self._close_reason = f"websocket error: {ws.exception()}"
-        else:
-            self._close_reason = self._close_reason or "browser closed the websocket"
-        self._backend_done(self._close_reason)
+        self._close_backend()
+        self._ending = True
+        transport.send_close(WSCloseCode.OK)
+        transport.disconnect()
+
+    def _relay(self, data: bytes) -> None:
+        if self._ending:
+            return  # the tunnel is closing: nothing goes on to the backend
+        self.stats.bytes_up += len(data)
+        batch = self._batch
+        batch.append(data)
+        if self._sock is None:  # still connecting: hold up to HIGH_WATER bytes
+            self._pending += len(data)
+            if self._pending > HIGH_WATER and not self._browser_paused:
+                self._pause_browser()
+        elif len(batch) == 1:
+            self._loop.call_soon(self._flush_upstream)
+
+    def _pause_browser(self) -> None:
+        self._browser_paused = True
+        self._browser.pause_reading()  # type: ignore[union-attr]
+
+    def _resume_browser(self) -> None:
+        self._browser_paused = False
+        browser = self._browser
+        if browser is not None and not browser.is_closing():
+            browser.resume_reading()
 
     def _flush_upstream(self) -> None:
         batch = self._batch
-        if not batch:
-            return
-        if self._sock is None:
-            batch.clear()
+        if not batch or self._sock is None:
             return
         waiting = bool(self._unsent)  # the backend is full: queue behind, keep the order
         self._unsent.extend(batch)
@@ -352,12 +396,53 @@ class Tunnel:
                 unsent[0] = memoryview(unsent[0])[sent:]
             if done < len(chunk):
                 break  # the socket is full
-        if unsent and not self._write_paused:
-            self._write_paused = True
+        if unsent and not self._writing:
+            self._writing = True
             self._loop.add_writer(self._fd, self._on_writable)
+            if not self._browser_paused:
+                self._pause_browser()
 
     def _on_writable(self) -> None:
         self._send_unsent()
         if not self._unsent and self._sock is not None:
+            self._writing = False
             self._loop.remove_writer(self._fd)
-            self._writable_now()
+            if self._browser_paused:
+                self._resume_browser()
+
+    # -- downstream: backend -> browser ---------------------------------------------
+
+    def _start_reading(self) -> None:
+        self._reading = True
+        self._loop.add_reader(self._fd, self._on_readable)
+
+    def _on_readable(self) -> None:
+        try:
+            data = self._sock.recv(READ_SIZE)  # type: ignore[union-attr]
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._backend_lost(exc)
+            return
+        size = len(data)
+        if not size:
+            self.close(WSCloseCode.OK, "backend closed the connection")
+            return
+        self.stats.bytes_down += size
+        self._browser.writelines((frame_header(size), data))  # type: ignore[union-attr]
+
+    def _backend_lost(self, exc: OSError) -> None:
+        self.close(WSCloseCode.INTERNAL_ERROR, f"backend connection lost: {exc}")
+
+    def _close_backend(self) -> None:
+        sock = self._sock
+        if sock is not None:
+            self._sock = None
+            if self._reading:
+                self._loop.remove_reader(self._fd)
+            if self._writing:
+                self._loop.remove_writer(self._fd)
+            self._reading = self._writing = False
+            self._batch.clear()
+            self._unsent.clear()
+            sock.close()

@@ -1,58 +1,189 @@
 """The websocket listener: accept an upgrade on any path, pick its target, tunnel.
 
 Without ``?token=`` the target is ``--client_hostname:--client_port`` (basic mode);
-with one, the reserved service is started first (see :mod:`.services`). Requests
-that cannot be served are refused before the upgrade with an HTTP status and a JSON
-reason; failures after the upgrade close the websocket with a code and a reason
-that the page's ``CloseEvent.reason`` shows.
+with one, the reserved service is started first (see :mod:`.services`).
+
+Each connection goes through two protocols:
+
+1. :class:`Handshake` reads the upgrade request (parsed by httptools, the llhttp
+   binding) and decides. A request that cannot be served is refused before the
+   upgrade with an HTTP status and a JSON reason, and the connection is closed.
+2. An accepted one is handed to picows, which answers ``101`` and from then on
+   parses frames in C for the :class:`~.tunnel.Tunnel` listener. picows is given
+   a canonical upgrade request built from the checked one, so every decision
+   about the request stays here, with its JSON reasons.
+
+Failures after the upgrade close the websocket with a code and a reason that the
+page's ``CloseEvent.reason`` shows.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextlib
+import http
+import json
 import logging
 import time
 from collections.abc import Callable
+from urllib.parse import parse_qsl
 
-from aiohttp import WSCloseCode, web
+import httptools
+from multidict import CIMultiDict, MultiDict
+from picows import WSAutoPingStrategy, WSCloseCode, WSUpgradeResponse, WSUpgradeResponseWithListener
+from picows.picows import WSProtocol
 
 from .limits import LimitExceeded, TunnelLimits, origin_allowed
 from .reservations import State
 from .services import ServiceError, ServiceManager
 from .settings import Settings
-from .tunnel import BackendError, Tunnel, TunnelStats, close_reason
+from .tunnel import BackendError, Tunnel, TunnelStats
 
 log = logging.getLogger("websocketserver.tunnel")
 
-START_FAILED = 1011  # websocket close code: the service behind the tunnel failed
+START_FAILED = WSCloseCode.INTERNAL_ERROR  # the service behind the tunnel failed
+MAX_HEADERS = 100
+"""Most header lines in an upgrade request (browsers send about 15)."""
+_NO_QUERY: MultiDict[str] = MultiDict()
 
 
-def json_error(status: int, message: str,
-               headers: dict[str, str] | None = None) -> web.Response:
-    return web.json_response({"error": message}, status=status, headers=headers)
+def json_body(message: str) -> bytes:
+    return json.dumps({"error": message}).encode()
 
 
-_UPGRADE_REQUIRED = {"Upgrade": "websocket", "Sec-WebSocket-Version": "13"}
+class UpgradeRequest:
+    """The parts of an upgrade request that the server looks at (see :mod:`.identity`)."""
+
+    __slots__ = ("method", "version", "target", "headers", "query", "transport")
+
+    def __init__(self, method: str, version: str, target: bytes,
+                 headers: CIMultiDict[str], transport: asyncio.Transport) -> None:
+        self.method = method
+        self.version = version
+        self.target = target
+        self.headers = headers
+        self.transport = transport
+        query = target.partition(b"?")[2]
+        self.query = (MultiDict(parse_qsl(query.decode("latin-1"), keep_blank_values=True))
+                      if query else _NO_QUERY)
 
 
-def peer_of(request: web.BaseRequest) -> str:
-    peer = request.transport.get_extra_info("peername") if request.transport else None
+def peer_of(transport: asyncio.BaseTransport) -> str:
+    peer = transport.get_extra_info("peername")
     if not peer:
         return "?"
     return f"[{peer[0]}]:{peer[1]}" if ":" in peer[0] else f"{peer[0]}:{peer[1]}"
 
 
+class Refusal(Exception):
+    """The upgrade request is refused with ``status`` and a JSON reason."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class _PicowsLog(logging.LoggerAdapter):
+    """picows reports a peer's protocol error as an ERROR; it is the peer's fault: INFO.
+    (A bug in our listener comes through ``exception()`` and stays an ERROR.)"""
+
+    def error(self, msg: object, *args: object, **kwargs: object) -> None:
+        self.info(msg, *args, **kwargs)  # type: ignore[arg-type]
+
+
+_PICOWS_LOG = _PicowsLog(logging.getLogger("websocketserver.websocket"), {})
+
+
+class Handshake(asyncio.Protocol):
+    """Reads one upgrade request on a new connection; refuses it or hands it to picows."""
+
+    def __init__(self, gateway: WebSocketGateway) -> None:
+        self._gateway = gateway
+        self._limit = gateway.settings.max_header_size
+        self._transport: asyncio.Transport | None = None
+        self._parser = httptools.HttpRequestParser(self)
+        self._target = b""
+        self._headers: CIMultiDict[str] = CIMultiDict()
+        self._complete = False
+        self._done = False
+        self._timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport  # type: ignore[assignment]
+        self._timer = asyncio.get_running_loop().call_later(
+            self._gateway.settings.handshake_timeout, self._expire)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._done = True
+        if self._timer is not None:
+            self._timer.cancel()
+
+    def _expire(self) -> None:
+        if not self._done and self._transport is not None:
+            self._done = True
+            log.warning("closing connection from %s: no request within %g s",
+                        peer_of(self._transport), self._gateway.settings.handshake_timeout)
+            self._transport.abort()
+
+    # httptools callbacks
+    def on_url(self, url: bytes) -> None:
+        self._target += url
+        if len(self._target) > self._limit:
+            raise Refusal(400, f"request line over {self._limit} bytes")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if len(name) > self._limit or len(value) > self._limit:
+            raise Refusal(400, f"header line over {self._limit} bytes")
+        if len(self._headers) >= MAX_HEADERS:
+            raise Refusal(400, f"more than {MAX_HEADERS} header lines")
+        self._headers.add(name.decode("latin-1"), value.decode("utf-8", "surrogateescape"))
+
+    def on_headers_complete(self) -> None:
+        self._complete = True
+
+    def data_received(self, data: bytes) -> None:
+        if self._done:
+            return
+        tail = b""
+        try:
+            try:
+                self._parser.feed_data(data)
+            except httptools.HttpParserUpgrade as exc:
+                tail = data[exc.args[0]:]
+            except httptools.HttpParserCallbackError as exc:
+                if isinstance(exc.__context__, Refusal):
+                    raise exc.__context__ from None
+                raise
+            except httptools.HttpParserError as exc:
+                raise Refusal(400, f"malformed HTTP request: {exc}") from None
+            if not self._complete:
+                if len(data) > 2 * self._limit:  # llhttp keeps no more than one line
+                    raise Refusal(400, "request headers too long")
+                return
+            self._done = True
+            self._timer.cancel()  # type: ignore[union-attr]
+            request = UpgradeRequest(
+                self._parser.get_method().decode("ascii"), self._parser.get_http_version(),
+                self._target, self._headers, self._transport)  # type: ignore[arg-type]
+            self._gateway.upgrade(request, tail)
+        except Refusal as refusal:
+            self._done = True
+            self._gateway.refuse(self._transport, refusal)  # type: ignore[arg-type]
+
+
 class _Session:
     """A service tunnel seen from its reservation: a release or shutdown ends it."""
 
-    def __init__(self, task: asyncio.Task[object]) -> None:
+    def __init__(self, task: asyncio.Task[object], tunnel: Tunnel) -> None:
         self.task = task
-        self.tunnel: Tunnel | None = None
+        self.tunnel = tunnel
+        self.running = False
         self.stopped: str | None = None
 
     def close(self, reason: str) -> None:
-        if self.tunnel is not None:
+        if self.running:
             self.tunnel.close(WSCloseCode.GOING_AWAY, reason)
         elif self.stopped is None:  # still starting: interrupt the start
             self.stopped = reason
@@ -60,7 +191,7 @@ class _Session:
 
 
 class WebSocketGateway:
-    """The aiohttp handler of the websocket port, and the registry of live tunnels."""
+    """The websocket port: its listener, the decisions on upgrades, the live tunnels."""
 
     def __init__(self, settings: Settings, services: ServiceManager) -> None:
         self.settings = settings
@@ -69,119 +200,194 @@ class WebSocketGateway:
         self.limits = TunnelLimits(settings.max_tunnels, settings.max_tunnels_per_client,
                                    settings.max_tunnels_per_user)
         self.tunnels: set[Tunnel] = set()
-        self._handlers: set[asyncio.Task[object]] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
         self._sweeper: asyncio.Task[None] | None = None
-        self._upgrades = services.metrics.http_requests.labels("ws", "101")
+        self._server: asyncio.Server | None = None
+        self._requests = services.metrics.http_requests
+        self._upgrades = self._requests.labels("ws", "101")
         self._closing = False
 
-    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
-        ws = web.WebSocketResponse(protocols=("binary",), compress=False,
-                                   # aiohttp refuses a message of exactly max_msg_size
-                                   max_msg_size=self.settings.max_message_size + 1,
-                                   heartbeat=self.settings.ping_interval)
-        refusal = await self._refusal(request, ws)
-        if refusal is not None:
-            status, message = refusal
-            log.warning("websocket refused (%d): %s: %s", status, peer_of(request), message)
-            return json_error(status, message, _UPGRADE_REQUIRED if status == 426 else None)
+    async def listen(self, port: int, context: object) -> list[tuple[str, int]]:
+        """Listen on ``port`` (TLS with ``context``); the addresses listened on."""
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: Handshake(self), self.settings.listen_address, port,
+            ssl=context, backlog=1024, reuse_address=True,  # type: ignore[arg-type]
+            ssl_handshake_timeout=self.settings.handshake_timeout if context else None)
+        return [sock.getsockname()[:2] for sock in self._server.sockets]
+
+    # -- deciding on an upgrade request ---------------------------------------------
+
+    def refuse(self, transport: asyncio.Transport, refusal: Refusal) -> None:
+        """Answer ``refusal`` as JSON and close the connection."""
+        status = refusal.status
+        log.warning("websocket refused (%d): %s: %s", status, peer_of(transport), refusal)
+        body = json_body(str(refusal))
+        extra = (b"Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n" if status == 426
+                 else b"")
+        transport.write(b"HTTP/1.1 %d %s\r\nContent-Type: application/json; charset=utf-8\r\n"
+                        b"Content-Length: %d\r\nConnection: close\r\n%s\r\n%s"
+                        % (status, http.HTTPStatus(status).phrase.encode(), len(body),
+                           extra, body))
+        transport.close()
+        self._requests.labels("ws", str(status)).inc()
+
+    def _check(self, request: UpgradeRequest) -> None:
+        """Raise :class:`Refusal` if the request is not a websocket upgrade we serve."""
+        if self._closing:
+            raise Refusal(503, "server is shutting down")
+        headers = request.headers
+        if request.version not in ("1.0", "1.1"):
+            raise Refusal(505, f"HTTP/{request.version} is not supported")
+        expect = headers.get("Expect")
+        if expect is not None and expect.lower() != "100-continue":
+            raise Refusal(417, "unsupported Expect header")
+        if request.version == "1.1" and len(headers.getall("Host", ())) != 1:
+            raise Refusal(400, "an HTTP/1.1 request needs one Host header")
+        if request.method != "GET":
+            raise Refusal(405, "websocket upgrades are GET requests")
+        if (headers.get("Upgrade", "").lower() != "websocket"
+                or headers.get("Sec-WebSocket-Version") != "13"):
+            raise Refusal(426, "this port serves websocket upgrades only (version 13)")
+        if request.version != "1.1":
+            raise Refusal(400, "websocket upgrades need HTTP/1.1")
+        connection = {t.strip().lower() for t in headers.get("Connection", "").split(",")}
+        if "upgrade" not in connection or not _valid_key(headers.get("Sec-WebSocket-Key")):
+            raise Refusal(400, "malformed websocket handshake")
+        origin = headers.get("Origin")
+        if not origin_allowed(origin, self.settings.allowed_origins):
+            raise Refusal(403, f"origin not allowed: {origin}")
+        if "token" not in request.query and self.settings.client_port is None:
+            raise Refusal(404, "no service here: no --client_port configured and no ?token= given")
+
+    async def _check_token(self, token: str) -> None:
+        known = await self.services.store.get(token)
+        if known is None:
+            raise Refusal(404, "unknown or expired token")
+        if known.state is not State.RESERVED:
+            raise Refusal(409, "token is already in use")
+
+    def upgrade(self, request: UpgradeRequest, tail: bytes) -> None:
+        """Decide on a complete upgrade request: refuse it, or open its tunnel."""
+        self._check(request)
+        token = request.query.get("token")
+        if token is None:
+            self._accept(request, tail, None)
+            return
+        transport = request.transport
+        transport.pause_reading()  # until the reservation has been looked up
+        task = asyncio.get_running_loop().create_task(self._upgrade_token(request, tail, token))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _upgrade_token(self, request: UpgradeRequest, tail: bytes, token: str) -> None:
+        transport = request.transport
+        try:
+            await self._check_token(token)
+        except Refusal as refusal:
+            if not transport.is_closing():
+                self.refuse(transport, refusal)
+            return
+        if transport.is_closing():
+            return
+        transport.resume_reading()
+        self._accept(request, tail, token)
+
+    def _accept(self, request: UpgradeRequest, tail: bytes, token: str | None) -> None:
         client = self.identity.client_address(request)
         user = self.identity.user(request)
         try:
             self.limits.acquire(client, user)
         except LimitExceeded as exc:
-            log.warning("websocket refused (%d): %s", exc.status, exc)
-            return json_error(exc.status, str(exc))
-        task = asyncio.current_task()
-        assert task is not None
-        self._handlers.add(task)
+            self.refuse(request.transport, Refusal(exc.status, str(exc)))
+            return
+        settings = self.settings
+        tunnel = Tunnel(TunnelStats(peer=client, target=""), settings.max_message_size)
+        offered = request.headers.get("Sec-WebSocket-Protocol", "")
+        extra = ({"Sec-WebSocket-Protocol": "binary"}
+                 if "binary" in (p.strip() for p in offered.split(",")) else None)
+        response = WSUpgradeResponseWithListener(WSUpgradeResponse.create_101_response(extra),
+                                                 tunnel)
+        ping = settings.ping_interval
+        protocol = WSProtocol(
+            None, None, False, lambda _: response, _PICOWS_LOG,
+            True,  # disconnect on an exception in the listener
+            None,  # the handshake timeout was ours
+            ping is not None, ping or 20.0, (ping or 20.0) / 2,
+            WSAutoPingStrategy.PING_WHEN_IDLE,
+            False,  # pings are answered by the tunnel, after its own checks
+            settings.max_message_size,
+            None, 16 * 1024)
+        transport = request.transport
+        protocol.connection_made(transport)
+        transport.set_protocol(protocol)
+        key = request.headers["Sec-WebSocket-Key"].encode("ascii")
+        _feed(protocol, b"GET / HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                        b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: %s\r\n\r\n%s"
+                        % (key, tail))
+        self._upgrades.inc()
+        task = asyncio.get_running_loop().create_task(
+            self._run(tunnel, client, user, token))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- running a tunnel -----------------------------------------------------------
+
+    async def _run(self, tunnel: Tunnel, client: str, user: str | None,
+                   token: str | None) -> None:
         try:
-            await ws.prepare(request)
-            self._upgrades.inc()
-            token = request.query.get("token")
             if token is None:
                 target = (self.settings.client_hostname, self.settings.client_port)
-                await self._tunnel(request, client, ws, target, None)  # type: ignore[arg-type]
+                await self._tunnel(tunnel, target, None)  # type: ignore[arg-type]
             else:
-                await self._service_tunnel(request, client, ws, token)
-            return ws
+                await self._service_tunnel(tunnel, token)
         finally:
-            self._handlers.discard(task)
             self.limits.release(client, user)
 
-    async def _refusal(self, request: web.BaseRequest,
-                       ws: web.WebSocketResponse) -> tuple[int, str] | None:
-        """Why this upgrade request is refused before the handshake, if it is."""
-        if self._closing:
-            return 503, "server is shutting down"
-        if request.method != "GET":
-            return 405, "websocket upgrades are GET requests"
-        if request.version < (1, 1):
-            return 400, "websocket upgrades need HTTP/1.1"
-        try:
-            ready = ws.can_prepare(request).ok
-        except (web.HTTPException, ValueError):  # aiohttp chokes on some non-ASCII headers
-            ready = False
-        if not ready:
-            upgrade = request.headers.get("Upgrade", "").lower()
-            if upgrade == "websocket" and request.headers.get("Sec-WebSocket-Version") == "13":
-                return 400, "malformed websocket handshake"
-            return 426, "this port serves websocket upgrades only (version 13)"
-        if not origin_allowed(request.headers.get("Origin"), self.settings.allowed_origins):
-            return 403, f"origin not allowed: {request.headers.get('Origin')}"
-        token = request.query.get("token")
-        if token is None:
-            if self.settings.client_port is None:
-                return 404, "no service here: no --client_port configured and no ?token= given"
-            return None
-        known = await self.services.store.get(token)
-        if known is None:
-            return 404, "unknown or expired token"
-        if known.state is not State.RESERVED:
-            return 409, "token is already in use"
-        return None
-
-    async def _service_tunnel(self, request: web.BaseRequest, client: str,
-                              ws: web.WebSocketResponse,
-                              token: str) -> None:
+    async def _service_tunnel(self, tunnel: Tunnel, token: str) -> None:
         task = asyncio.current_task()
         assert task is not None
-        session = _Session(task)
+        session = _Session(task, tunnel)
         try:
             async with self.services.activate(token, session.close) as target:
                 deadline = time.monotonic() + self.settings.start_timeout
 
-                def opened(tunnel: Tunnel) -> None:
-                    session.tunnel = tunnel
+                def opened() -> None:
+                    session.running = True
                     self.services.attach(token, tunnel.stats)
 
-                await self._tunnel(request, client, ws, target, deadline, opened)
+                await self._tunnel(tunnel, target, deadline, opened)
         except ServiceError as exc:
-            await ws.close(code=START_FAILED, message=close_reason(str(exc)))
+            tunnel.close(START_FAILED, str(exc))
+            await tunnel.closed
         except asyncio.CancelledError:
             if session.stopped is None:
                 raise
             task.uncancel()
-            await ws.close(code=WSCloseCode.GOING_AWAY, message=close_reason(session.stopped))
+            tunnel.close(WSCloseCode.GOING_AWAY, session.stopped)
+            await tunnel.closed
 
-    async def _tunnel(self, request: web.BaseRequest, client: str, ws: web.WebSocketResponse,
-                      target: tuple[str, int], deadline: float | None,
-                      opened: Callable[[Tunnel], None] | None = None) -> None:
+    async def _tunnel(self, tunnel: Tunnel, target: tuple[str, int], deadline: float | None,
+                      opened: Callable[[], None] | None = None) -> None:
         host, port = target
-        stats = TunnelStats(peer=client, target=f"{host}:{port}")
-        tunnel = Tunnel(request, ws, stats)
+        stats = tunnel.stats
+        stats.target = f"{host}:{port}"
         try:
             await self._connect(tunnel, host, port, deadline)
         except BackendError as exc:
             log.warning("tunnel refused: %s -> %s: %s", stats.peer, stats.target, exc)
-            await ws.close(code=START_FAILED, message=close_reason(str(exc)))
+            tunnel.close(START_FAILED, str(exc))
+            await tunnel.closed
             return
         if opened is not None:
-            opened(tunnel)
+            opened()
         self.tunnels.add(tunnel)
         self.services.metrics.tunnel_opened(tunnel)
         log.info("tunnel open: %s -> %s", stats.peer, stats.target)
+        if self._closing:  # shutdown began while it connected
+            tunnel.close(WSCloseCode.GOING_AWAY, "server shutting down")
         try:
-            await tunnel.run()
+            await tunnel.closed
         finally:
             self.tunnels.discard(tunnel)
             self.services.metrics.tunnel_closed(tunnel)
@@ -197,7 +403,7 @@ class WebSocketGateway:
                 await tunnel.connect(host, port)
                 return
             except BackendError:
-                if deadline is None or time.monotonic() > deadline:
+                if deadline is None or time.monotonic() > deadline or tunnel.closed.done():
                     raise
             await asyncio.sleep(0.05)
 
@@ -223,13 +429,34 @@ class WebSocketGateway:
             seen = current
 
     async def close(self, timeout: float) -> None:
-        """Refuse new upgrades, close every tunnel and wait for their handlers."""
+        """Stop listening, refuse new upgrades, close every tunnel and wait for them."""
         self._closing = True
+        if self._server is not None:
+            self._server.close()
         if self._sweeper is not None:
             self._sweeper.cancel()
         for tunnel in list(self.tunnels):
             tunnel.close(WSCloseCode.GOING_AWAY, "server shutting down")
-        if self._handlers:
+        if self._tasks:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(timeout):
-                    await asyncio.gather(*self._handlers, return_exceptions=True)
+                    await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+def _valid_key(key: str | None) -> bool:
+    """RFC 6455 4.2.1: the key is 16 bytes in base64."""
+    try:
+        return key is not None and len(base64.b64decode(key.encode("ascii"), validate=True)) == 16
+    except (UnicodeEncodeError, binascii.Error):
+        return False
+
+
+def _feed(protocol: WSProtocol, data: bytes) -> None:
+    """Give bytes to a buffered protocol as its transport would."""
+    view = memoryview(data)
+    while view:
+        buffer = protocol.get_buffer(len(view))
+        size = min(len(buffer), len(view))
+        buffer[:size] = view[:size]
+        protocol.buffer_updated(size)
+        view = view[size:]
