@@ -103,41 +103,66 @@ def frame_header(length: int) -> bytes:
     return _HEADER_LONG(0x82, 127, length)
 
 
-async def _connect(loop: asyncio.AbstractEventLoop, sock: socket.socket,
-                   address: tuple[str, int]) -> None:
-    """Connect a non-blocking socket to a resolved address. (uvloop's ``sock_connect``
-    would resolve the address again, through its thread pool.)"""
-    try:
-        sock.connect(address)
-        return
-    except (BlockingIOError, InterruptedError):
-        pass
-    connected = loop.create_future()
-    fd = sock.fileno()
-    loop.add_writer(fd, lambda: connected.done() or connected.set_result(None))
-    try:
-        await connected
-    finally:
-        loop.remove_writer(fd)
-    error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-    if error:
-        raise OSError(error, os.strerror(error))
+_Address = tuple[int, int, int, tuple]  # family, type, proto, sockaddr
+_numeric: dict[tuple[str, int], list[_Address]] = {}
 
 
-async def _open_socket(loop: asyncio.AbstractEventLoop, host: str, port: int) -> socket.socket:
-    """A connected non-blocking TCP socket: each address of ``host`` in turn."""
-    try:  # an address needs no lookup, so no trip through the resolver's threads
-        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
-                                       flags=socket.AI_NUMERICHOST)
+async def _addresses(loop: asyncio.AbstractEventLoop, host: str, port: int) -> list[_Address]:
+    """The addresses to try for ``host``: an IP address is parsed once and remembered
+    (no trip through the resolver's threads); a name is looked up every time."""
+    known = _numeric.get((host, port))
+    if known is not None:
+        return known
+    try:
+        found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_NUMERICHOST)
+        numeric = True
     except socket.gaierror:
-        addresses = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        found = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        numeric = False
+    addresses = [(family, kind, proto, address) for family, kind, proto, _, address in found]
+    if numeric and len(_numeric) < 1024:
+        _numeric[(host, port)] = addresses
+    return addresses
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+async def _open_socket(loop: asyncio.AbstractEventLoop, host: str, port: int,
+                       deadline: float) -> socket.socket:
+    """A connected non-blocking TCP socket: each address of ``host`` in turn, until
+    ``deadline`` (loop time). The connect is done here rather than by uvloop's
+    ``sock_connect``, which would resolve the address again, through its thread pool."""
     error: OSError | None = None
-    for family, kind, proto, _, address in addresses:
+    for family, kind, proto, address in await _addresses(loop, host, port):
         sock = socket.socket(family, kind, proto)
         try:
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            await _connect(loop, sock, address)
+            try:
+                sock.connect(address)
+                return sock
+            except (BlockingIOError, InterruptedError):
+                pass
+            connected = loop.create_future()
+            fd = sock.fileno()
+            loop.add_writer(fd, _resolve, connected)
+            timer = loop.call_at(deadline, connected.cancel)
+            try:
+                await connected
+            except asyncio.CancelledError:
+                if not connected.cancelled() or loop.time() < deadline:
+                    raise  # cancelled from outside, not by the timer
+                raise TimeoutError from None
+            finally:
+                timer.cancel()
+                loop.remove_writer(fd)
+            code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if code:
+                raise OSError(code, os.strerror(code))
             return sock
         except OSError as exc:
             sock.close()
@@ -184,8 +209,7 @@ class Tunnel(WSListener):
     async def connect(self, host: str, port: int, timeout: float = CONNECT_TIMEOUT) -> None:
         """Open the backend connection, or raise :class:`BackendError` with a reason."""
         try:
-            async with asyncio.timeout(timeout):
-                sock = await _open_socket(self._loop, host, port)
+            sock = await _open_socket(self._loop, host, port, self._loop.time() + timeout)
         except TimeoutError:
             raise BackendError(f"backend {host}:{port} did not answer") from None
         except OSError as exc:

@@ -205,6 +205,9 @@ class WebSocketGateway:
         self._server: asyncio.Server | None = None
         self._requests = services.metrics.http_requests
         self._upgrades = self._requests.labels("ws", "101")
+        self._responses = {  # the 101 answers, by whether the client offered "binary"
+            False: WSUpgradeResponse.create_101_response(),
+            True: WSUpgradeResponse.create_101_response({"Sec-WebSocket-Protocol": "binary"})}
         self._closing = False
 
     async def listen(self, port: int, context: object) -> list[tuple[str, int]]:
@@ -304,10 +307,8 @@ class WebSocketGateway:
         settings = self.settings
         tunnel = Tunnel(TunnelStats(peer=client, target=""), settings.max_message_size)
         offered = request.headers.get("Sec-WebSocket-Protocol", "")
-        extra = ({"Sec-WebSocket-Protocol": "binary"}
-                 if "binary" in (p.strip() for p in offered.split(",")) else None)
-        response = WSUpgradeResponseWithListener(WSUpgradeResponse.create_101_response(extra),
-                                                 tunnel)
+        binary = "binary" in (p.strip() for p in offered.split(","))
+        response = WSUpgradeResponseWithListener(self._responses[binary], tunnel)
         ping = settings.ping_interval
         protocol = WSProtocol(
             None, None, False, lambda _: response, _PICOWS_LOG,
@@ -326,25 +327,60 @@ class WebSocketGateway:
                         b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: %s\r\n\r\n%s"
                         % (key, tail))
         self._upgrades.inc()
-        task = asyncio.get_running_loop().create_task(
-            self._run(tunnel, client, user, token))
+        if token is None:
+            run = self._basic_tunnel(tunnel, client, user)
+        else:
+            run = self._service_tunnel(tunnel, client, user, token)
+        task = asyncio.get_running_loop().create_task(run)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
     # -- running a tunnel -----------------------------------------------------------
 
-    async def _run(self, tunnel: Tunnel, client: str, user: str | None,
-                   token: str | None) -> None:
+    async def _basic_tunnel(self, tunnel: Tunnel, client: str, user: str | None) -> None:
+        """Connect to ``--client_hostname:--client_port``; the task ends there, and the
+        end of the tunnel is handled by a callback (one task wake-up less per tunnel)."""
+        settings = self.settings
+        host, port = settings.client_hostname, settings.client_port
+        tunnel.stats.target = f"{host}:{port}"
         try:
-            if token is None:
-                target = (self.settings.client_hostname, self.settings.client_port)
-                await self._tunnel(tunnel, target, None)  # type: ignore[arg-type]
-            else:
-                await self._service_tunnel(tunnel, token)
+            await tunnel.connect(host, port)  # type: ignore[arg-type]
+        except BackendError as exc:
+            log.warning("tunnel refused: %s -> %s: %s", client, tunnel.stats.target, exc)
+            tunnel.close(START_FAILED, str(exc))
+            tunnel.closed.add_done_callback(lambda _: self.limits.release(client, user))
+            return
+        self._opened(tunnel)
+
+        def ended(_: object) -> None:
+            self._ended(tunnel)
+            self.limits.release(client, user)
+
+        tunnel.closed.add_done_callback(ended)
+
+    def _opened(self, tunnel: Tunnel) -> None:
+        self.tunnels.add(tunnel)
+        self.services.metrics.tunnel_opened(tunnel)
+        log.info("tunnel open: %s -> %s", tunnel.stats.peer, tunnel.stats.target)
+        if self._closing:  # shutdown began while it connected
+            tunnel.close(WSCloseCode.GOING_AWAY, "server shutting down")
+
+    def _ended(self, tunnel: Tunnel) -> None:
+        self.tunnels.discard(tunnel)
+        self.services.metrics.tunnel_closed(tunnel)
+        stats = tunnel.stats
+        log.info("tunnel closed: %s -> %s, %d bytes up, %d bytes down, %.2f s (%s)",
+                 stats.peer, stats.target, stats.bytes_up, stats.bytes_down,
+                 time.monotonic() - stats.started, tunnel.reason)
+
+    async def _service_tunnel(self, tunnel: Tunnel, client: str, user: str | None,
+                              token: str) -> None:
+        try:
+            await self._run_service(tunnel, token)
         finally:
             self.limits.release(client, user)
 
-    async def _service_tunnel(self, tunnel: Tunnel, token: str) -> None:
+    async def _run_service(self, tunnel: Tunnel, token: str) -> None:
         task = asyncio.current_task()
         assert task is not None
         session = _Session(task, tunnel)
@@ -367,43 +403,35 @@ class WebSocketGateway:
             tunnel.close(WSCloseCode.GOING_AWAY, session.stopped)
             await tunnel.closed
 
-    async def _tunnel(self, tunnel: Tunnel, target: tuple[str, int], deadline: float | None,
-                      opened: Callable[[], None] | None = None) -> None:
+    async def _tunnel(self, tunnel: Tunnel, target: tuple[str, int], deadline: float,
+                      opened: Callable[[], None]) -> None:
+        """Connect to a service as soon as its port is open, and relay until the end."""
         host, port = target
-        stats = tunnel.stats
-        stats.target = f"{host}:{port}"
+        tunnel.stats.target = f"{host}:{port}"
         try:
-            await self._connect(tunnel, host, port, deadline)
+            await self._connect_until(tunnel, host, port, deadline)
         except BackendError as exc:
-            log.warning("tunnel refused: %s -> %s: %s", stats.peer, stats.target, exc)
+            log.warning("tunnel refused: %s -> %s: %s", tunnel.stats.peer,
+                        tunnel.stats.target, exc)
             tunnel.close(START_FAILED, str(exc))
             await tunnel.closed
             return
-        if opened is not None:
-            opened()
-        self.tunnels.add(tunnel)
-        self.services.metrics.tunnel_opened(tunnel)
-        log.info("tunnel open: %s -> %s", stats.peer, stats.target)
-        if self._closing:  # shutdown began while it connected
-            tunnel.close(WSCloseCode.GOING_AWAY, "server shutting down")
+        opened()
+        self._opened(tunnel)
         try:
             await tunnel.closed
         finally:
-            self.tunnels.discard(tunnel)
-            self.services.metrics.tunnel_closed(tunnel)
-            log.info("tunnel closed: %s -> %s, %d bytes up, %d bytes down, %.2f s (%s)",
-                     stats.peer, stats.target, stats.bytes_up, stats.bytes_down,
-                     time.monotonic() - stats.started, tunnel.reason)
+            self._ended(tunnel)
 
     @staticmethod
-    async def _connect(tunnel: Tunnel, host: str, port: int, deadline: float | None) -> None:
-        """Connect once, or keep trying until ``deadline`` while the port is not open yet."""
+    async def _connect_until(tunnel: Tunnel, host: str, port: int, deadline: float) -> None:
+        """Keep trying until ``deadline`` while the service's port is not open yet."""
         while True:
             try:
                 await tunnel.connect(host, port)
                 return
             except BackendError:
-                if deadline is None or time.monotonic() > deadline or tunnel.closed.done():
+                if time.monotonic() > deadline or tunnel.closed.done():
                     raise
             await asyncio.sleep(0.05)
 
@@ -437,10 +465,11 @@ class WebSocketGateway:
             self._sweeper.cancel()
         for tunnel in list(self.tunnels):
             tunnel.close(WSCloseCode.GOING_AWAY, "server shutting down")
-        if self._tasks:
+        waiting = [*self._tasks, *(tunnel.closed for tunnel in self.tunnels)]
+        if waiting:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(timeout):
-                    await asyncio.gather(*self._tasks, return_exceptions=True)
+                    await asyncio.gather(*waiting, return_exceptions=True)
 
 
 def _valid_key(key: str | None) -> bool:
