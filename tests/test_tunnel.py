@@ -129,7 +129,7 @@ async def test_backend_named_by_host_name(relay) -> None:
 
 
 async def test_burst_of_small_messages_keeps_order(relay, monkeypatch) -> None:
-    """More messages in one loop pass than one sendmsg takes (IOV_BATCH, made tiny
+    """More messages in one read than one sendmsg takes (IOV_BATCH, made tiny
     here) still reach the backend whole and in order."""
     monkeypatch.setattr(tunnel_module, "IOV_BATCH", 3)
     url, tunnels = relay

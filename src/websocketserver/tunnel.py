@@ -13,9 +13,10 @@ with 1 MiB ones, see ``bench/README.md``.)
   frame: header and payload written to the browser's transport in one writev, no
   copy. picows writes the control frames (pong, close, ping) of the same
   connection; both write whole frames, so they never interleave.
-* **Upstream** (browser → backend), message payloads are collected and written once
-  per event-loop pass with one ``sendmsg``. Fragmented messages are relayed
-  fragment by fragment, never reassembled.
+* **Upstream** (browser → backend), the payloads of the frames that one read of the
+  browser's socket brought are written with one ``sendmsg``, right after the last of
+  them (picows marks it). Fragmented messages are relayed fragment by fragment,
+  never reassembled.
 
 Backpressure holds in both directions with no unbounded buffer:
 
@@ -181,11 +182,14 @@ class Tunnel(WSListener):
     connection is gone (by then the backend socket is closed too).
     """
 
+    __slots__ = ("stats", "reason", "closed", "_max_message", "_loop", "_ws", "_browser",
+                 "_browser_paused", "_sock", "_fd", "_reading", "_writing", "_ending", "_batch",
+                 "_unsent", "_pending", "_message", "_text", "_close_timer")
+
     def __init__(self, stats: TunnelStats, max_message: int) -> None:
         super().__init__()
         self.stats = stats
-        self.reason = ""
-        """Why the tunnel ended, for the log: the first cause wins."""
+        self.reason = ""  # why the tunnel ended, for the log: the first cause wins
         self._max_message = max_message
         self._loop = asyncio.get_running_loop()
         self.closed: asyncio.Future[None] = self._loop.create_future()
@@ -221,8 +225,7 @@ class Tunnel(WSListener):
         self._sock = sock
         self._fd = sock.fileno()
         self._start_reading()
-        if self._batch:
-            self._loop.call_soon(self._flush_upstream)
+        self._flush_upstream()
         if self._browser_paused and not self._writing:
             self._resume_browser()
 
@@ -279,6 +282,8 @@ class Tunnel(WSListener):
             if not self.reason:
                 self.reason = f"protocol error: {exc.args[1]}"
             raise
+        if frame.last_in_buffer and self._batch:
+            self._flush_upstream()  # what one read of the browser brought: one sendmsg
 
     def _after_close(self, transport: WSTransport, frame: WSFrame) -> None:
         """A close frame went out: only the answer to it matters. (picows parses one
@@ -372,8 +377,6 @@ class Tunnel(WSListener):
             self._pending += len(data)
             if self._pending > HIGH_WATER and not self._browser_paused:
                 self._pause_browser()
-        elif len(batch) == 1:
-            self._loop.call_soon(self._flush_upstream)
 
     def _pause_browser(self) -> None:
         self._browser_paused = True
