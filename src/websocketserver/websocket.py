@@ -44,6 +44,9 @@ from .tunnel import BackendError, Tunnel, TunnelStats
 log = logging.getLogger("websocketserver.tunnel")
 
 START_FAILED = WSCloseCode.INTERNAL_ERROR  # the service behind the tunnel failed
+READ_BUFFER = 2048
+"""picows' first read buffer per connection (it doubles as messages need): 2 KiB holds
+what noVNC sends, and 10,000 idle tunnels hold 140 MB less than with its 16 KiB."""
 MAX_HEADERS = 100
 """Most header lines in an upgrade request (browsers send about 15)."""
 _NO_QUERY: MultiDict[str] = MultiDict()
@@ -318,7 +321,7 @@ class WebSocketGateway:
             WSAutoPingStrategy.PING_WHEN_IDLE,
             False,  # pings are answered by the tunnel, after its own checks
             settings.max_message_size,
-            None, 16 * 1024)
+            None, READ_BUFFER)
         transport = request.transport
         protocol.connection_made(transport)
         transport.set_protocol(protocol)
