@@ -177,8 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
                         default=10.0, help="Time a new connection has for its TLS handshake "
                         "and request headers. Default:10")
     limits.add_argument("--ping_interval", metavar="seconds", type=_positive,
-                        help="Ping each browser this often; close when no pong comes. "
-                        "Default: off")
+                        help="Ping a browser that has sent nothing for this long; close "
+                        "when no pong comes within half of it. Default: off")
     limits.add_argument("--idle_timeout", metavar="seconds", type=_positive,
                         help="Close a tunnel after this long without traffic. Default: off")
     return parser

@@ -165,5 +165,7 @@ def test_ping_interval_drops_a_silent_peer(start_server, echo) -> None:
             received += chunk
         assert received.startswith(b"HTTP/1.1 101")
         assert b"\x89" in received  # a ping frame was sent
+        close = received.index(b"\x88", received.index(b"\x89"))  # then a close frame:
+        assert received[close + 2:close + 4] == b"\x03\xe9"  # 1001, going away
         assert time.monotonic() - began < 5
     wait_until(lambda: server.get_json("/v1/status")[0] == 200)
