@@ -174,6 +174,12 @@ async def _open_socket(loop: asyncio.AbstractEventLoop, host: str, port: int,
     raise error or OSError(f"no address for {host}")
 
 
+def _sent_reason(transport: WSTransport) -> str:
+    """Why picows closed the websocket by itself (a protocol error it found), if it did."""
+    sent = transport.close_handshake.sent if transport.close_handshake else None
+    return f"closed with {int(sent.code)}: {sent.reason}" if sent is not None else ""
+
+
 class Tunnel(WSListener):
     """One websocket relayed to one TCP backend.
 
@@ -252,7 +258,7 @@ class Tunnel(WSListener):
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
         if not self.reason:
-            self.reason = "browser connection lost"
+            self.reason = _sent_reason(transport) or "browser connection lost"
         self._ending = True
         self._close_backend()
         if self._close_timer is not None:
@@ -291,9 +297,8 @@ class Tunnel(WSListener):
         if not self._ending:
             self._ending = True
             self._close_backend()
-            sent = transport.close_handshake.sent if transport.close_handshake else None
-            if not self.reason and sent is not None:
-                self.reason = f"protocol error: {sent.reason}"
+            if not self.reason:
+                self.reason = _sent_reason(transport)
         if frame.msg_type is _CLOSE:
             transport.disconnect()
 

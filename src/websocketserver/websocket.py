@@ -89,11 +89,16 @@ class Refusal(Exception):
 
 
 class _PicowsLog(logging.LoggerAdapter):
-    """picows reports a peer's protocol error as an ERROR; it is the peer's fault: INFO.
-    (A bug in our listener comes through ``exception()`` and stays an ERROR.)"""
+    """picows logs every connection and disconnection at INFO, where this server logs
+    one line per tunnel: DEBUG. It reports a peer's protocol error as an ERROR; that
+    is the peer's fault: INFO. (A bug in our listener comes through ``exception()``
+    and stays an ERROR with its traceback.)"""
+
+    def info(self, msg: object, *args: object, **kwargs: object) -> None:
+        self.log(logging.DEBUG, msg, *args, **kwargs)  # type: ignore[arg-type]
 
     def error(self, msg: object, *args: object, **kwargs: object) -> None:
-        self.info(msg, *args, **kwargs)  # type: ignore[arg-type]
+        self.log(logging.INFO, msg, *args, **kwargs)  # type: ignore[arg-type]
 
 
 _PICOWS_LOG = _PicowsLog(logging.getLogger("websocketserver.websocket"), {})
