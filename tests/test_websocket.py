@@ -143,6 +143,24 @@ async def test_refusal_is_json_and_closes(gateway) -> None:
     writer.close()
 
 
+async def test_a_header_that_never_ends_is_refused(gateway) -> None:
+    """httptools holds a header line until its end: the bytes before the end of the
+    request head are bounded too (4 x --max_header_size), not just each finished line."""
+    _, port = gateway
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET / HTTP/1.1\r\nHost: x\r\nX-Long: ")
+    try:
+        for _ in range(20):  # 80 KiB in 4 KiB pieces, each far under the line limit
+            writer.write(b"a" * 4096)
+            await writer.drain()
+    except ConnectionError:
+        pass  # refused and closed before the end
+    answer = await asyncio.wait_for(reader.read(), 5)
+    assert answer.startswith(b"HTTP/1.1 400 "), answer[:100]
+    assert b"request head over" in answer
+    writer.close()
+
+
 async def test_close_ends_the_tunnel_and_frees_its_count(gateway) -> None:
     websockets, port = gateway
     reader, writer = await upgrade(port, request())

@@ -115,6 +115,7 @@ class Handshake(asyncio.Protocol):
         self._target = b""
         self._headers: CIMultiDict[str] = CIMultiDict()
         self._complete = False
+        self._received = 0
         self._done = False
         self._timer: asyncio.TimerHandle | None = None
 
@@ -167,8 +168,9 @@ class Handshake(asyncio.Protocol):
             except httptools.HttpParserError as exc:
                 raise Refusal(400, f"malformed HTTP request: {exc}") from None
             if not self._complete:
-                if len(data) > 2 * self._limit:  # llhttp keeps no more than one line
-                    raise Refusal(400, "request headers too long")
+                self._received += len(data)
+                if self._received > 4 * self._limit:  # httptools holds a line until its end
+                    raise Refusal(400, f"request head over {4 * self._limit} bytes")
                 return
             self._done = True
             self._timer.cancel()  # type: ignore[union-attr]
