@@ -31,7 +31,7 @@ from collections.abc import Callable
 from urllib.parse import parse_qsl
 
 import httptools
-from multidict import CIMultiDict, MultiDict
+from multidict import CIMultiDict, MultiDict, MultiDictProxy
 from picows import WSAutoPingStrategy, WSCloseCode, WSUpgradeResponse, WSUpgradeResponseWithListener
 from picows.picows import WSProtocol
 
@@ -49,7 +49,7 @@ READ_BUFFER = 2048
 what noVNC sends, and 10,000 idle tunnels hold 140 MB less than with its 16 KiB."""
 MAX_HEADERS = 100
 """Most header lines in an upgrade request (browsers send about 15)."""
-_NO_QUERY: MultiDict[str] = MultiDict()
+_NO_QUERY: MultiDictProxy[str] = MultiDictProxy(MultiDict())
 
 
 def json_body(message: str) -> bytes:
@@ -69,8 +69,9 @@ class UpgradeRequest:
         self.headers = headers
         self.transport = transport
         query = target.partition(b"?")[2]
-        self.query = (MultiDict(parse_qsl(query.decode("latin-1"), keep_blank_values=True))
-                      if query else _NO_QUERY)
+        self.query = (MultiDictProxy(MultiDict(parse_qsl(
+            query.decode("utf-8", "surrogateescape"), keep_blank_values=True)))
+            if query else _NO_QUERY)
 
 
 def peer_of(transport: asyncio.BaseTransport) -> str:
