@@ -32,7 +32,7 @@ from .metrics import Metrics
 from .reservations import MemoryStore
 from .services import ServiceManager
 from .settings import Settings, SettingsError
-from .websocket import WebSocketGateway
+from .websocket import WebSocketGateway, protocol_refusal
 
 log = logging.getLogger("websocketserver.server")
 
@@ -42,7 +42,7 @@ SHUTDOWN_TIMEOUT = 15.0
 """Upper bound for closing tunnels and stopping services at exit."""
 _API_PATH = re.compile(r"/v\d+(/|$)")
 
-Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
+Listen = Callable[[int, ssl.SSLContext | None], Awaitable[list[tuple[str, int]]]]
 
 
 class Server:
@@ -59,7 +59,7 @@ class Server:
                       if settings.http_directory is not None else None)
         self._guard = HandshakeGuard(settings.handshake_timeout)
         self._stop = asyncio.Event()
-        self._runners: list[web.ServerRunner] = []
+        self._runner: web.ServerRunner | None = None
 
     def request_stop(self) -> None:
         """Begin the graceful shutdown (after the current request is answered)."""
@@ -69,34 +69,37 @@ class Server:
         """Open the listeners; a port in use is a :class:`SettingsError`."""
         context = self.settings.ssl_context()
         if self.settings.ws_port != -1:
-            try:
-                addresses = await self.gateway.listen(self.settings.ws_port, context)
-            except OSError as exc:
-                raise SettingsError(f"cannot listen on ws port {self.settings.ws_port}: "
-                                    f"{exc.strerror or exc}") from None
-            for address in addresses:
-                log.info("listening for ws%s on %s:%s", "s" if context else "", *address)
+            await self._open("ws", self.settings.ws_port, context, self.gateway.listen)
         if self.files is not None:
-            await self._listen(self._http, self.settings.http_port, context, "http")
+            await self._open("http", self.settings.http_port, context, self._listen_http)
         self.services.start_reclaiming()
         self.gateway.start_sweeping()
 
-    async def _listen(self, handler: Handler, port: int, context: ssl.SSLContext | None,
-                      name: str) -> None:
-        """Serve ``handler`` on ``port``: aiohttp's low-level server, no router needed."""
+    async def _open(self, name: str, port: int, context: ssl.SSLContext | None,
+                    listen: Listen) -> None:
+        try:
+            addresses = await listen(port, context)
+        except OSError as exc:
+            raise SettingsError(f"cannot listen on {name} port {port}: "
+                                f"{exc.strerror or exc}") from None
+        for address in addresses:
+            log.info("listening for %s%s on %s:%s", name, "s" if context else "", *address[:2])
+
+    async def _listen_http(self, port: int,
+                           context: ssl.SSLContext | None) -> list[tuple[str, int]]:
+        """Serve the HTTP port: aiohttp's low-level server, no router needed."""
         extra_headers = self.settings.add_headers
         counters: dict[int, Counter] = {}
 
         async def dispatch(request: web.BaseRequest) -> web.StreamResponse:
             self._guard.seen(request)
-            response = _protocol_error(request) or await handler(request)
+            response = _protocol_error(request) or await self._http(request)
             if extra_headers and not response.prepared:
                 response.headers.update(extra_headers)
             status = response.status
-            if status != 101:  # an upgrade is counted when it happens
-                if status not in counters:
-                    counters[status] = self.metrics.http_requests.labels(name, str(status))
-                counters[status].inc()
+            if status not in counters:
+                counters[status] = self.metrics.http_requests.labels("http", str(status))
+            counters[status].inc()
             return response
 
         size = self.settings.max_header_size
@@ -104,17 +107,11 @@ class Server:
             web.Server(dispatch, access_log=None, max_line_size=size, max_field_size=size),
             handle_signals=False, shutdown_timeout=2.0)
         await runner.setup()
-        self._runners.append(runner)
+        self._runner = runner
         site = GuardedSite(runner, self.settings.listen_address, port, ssl_context=context,
                            backlog=1024, guard=self._guard)
-        try:
-            await site.start()
-        except OSError as exc:
-            raise SettingsError(f"cannot listen on {name} port {port}: "
-                                f"{exc.strerror or exc}") from None
-        secure = "s" if context is not None else ""
-        for address in runner.addresses:
-            log.info("listening for %s%s on %s:%s", name, secure, *address[:2])
+        await site.start()
+        return runner.addresses
 
     async def _http(self, request: web.BaseRequest) -> web.StreamResponse:
         path = request.path
@@ -137,20 +134,16 @@ class Server:
         log.info("shutting down")
         await self.services.close()
         await self.gateway.close(SHUTDOWN_TIMEOUT)
-        for runner in reversed(self._runners):
-            await runner.cleanup()
+        if self._runner is not None:
+            await self._runner.cleanup()
         log.info("stopped")
 
 
 def _protocol_error(request: web.BaseRequest) -> web.Response | None:
     """Refuse what aiohttp's parser lets through but this server does not speak."""
-    if request.version not in ((1, 0), (1, 1)):
-        return json_error(505, f"HTTP/{request.version.major}.{request.version.minor} "
-                               "is not supported")
-    expect = request.headers.get("Expect")
-    if expect is not None and expect.lower() != "100-continue":
-        return json_error(417, "unsupported Expect header")
-    return None
+    version = f"{request.version.major}.{request.version.minor}"
+    refusal = protocol_refusal(version, request.headers.get("Expect"))
+    return json_error(refusal.status, str(refusal)) if refusal is not None else None
 
 
 def configure_logging(settings: Settings) -> None:

@@ -237,17 +237,21 @@ class Tunnel(WSListener):
 
     def close(self, code: int, reason: str) -> None:
         """End the tunnel: close the backend, send a close frame, await the answer."""
-        if not self.reason:
-            self.reason = reason
-        self._close_backend()
-        ws = self._ws
-        if ws is None or self._ending or self.closed.done():
+        ws = None if self._ending or self.closed.done() else self._ws  # None: no close frame
+        self._stop(reason)
+        if ws is None:
             return
-        self._ending = True
         ws.send_close(WSCloseCode(code), close_reason(reason))
         if self._browser_paused:
             self._resume_browser()  # to read the browser's answering close frame
         self._close_timer = self._loop.call_later(CLOSE_TIMEOUT, ws.disconnect)
+
+    def _stop(self, reason: str) -> None:
+        """Relay nothing more: note why (the first cause wins), close the backend."""
+        if not self.reason:
+            self.reason = reason
+        self._ending = True
+        self._close_backend()
 
     # -- picows callbacks -------------------------------------------------------------
 
@@ -257,10 +261,7 @@ class Tunnel(WSListener):
         browser.set_write_buffer_limits(high=HIGH_WATER)
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
-        if not self.reason:
-            self.reason = _sent_reason(transport) or "browser connection lost"
-        self._ending = True
-        self._close_backend()
+        self._stop(_sent_reason(transport) or "browser connection lost")
         if self._close_timer is not None:
             self._close_timer.cancel()
         if not self.closed.done():
@@ -283,10 +284,7 @@ class Tunnel(WSListener):
         try:
             self._on_frame(transport, frame)
         except WSProtocolError as exc:  # picows sends the close frame and disconnects
-            self._ending = True
-            self._close_backend()
-            if not self.reason:
-                self.reason = f"protocol error: {exc.args[1]}"
+            self._stop(f"protocol error: {exc.args[1]}")
             raise
         if frame.last_in_buffer and self._batch:
             self._flush_upstream()  # what one read of the browser brought: one sendmsg
@@ -295,10 +293,7 @@ class Tunnel(WSListener):
         """A close frame went out: only the answer to it matters. (picows parses one
         frame ahead, so a frame may come after the close it sent for the next one.)"""
         if not self._ending:
-            self._ending = True
-            self._close_backend()
-            if not self.reason:
-                self.reason = _sent_reason(transport)
+            self._stop(_sent_reason(transport))
         if frame.msg_type is _CLOSE:
             transport.disconnect()
 
@@ -364,17 +359,13 @@ class Tunnel(WSListener):
             except UnicodeDecodeError:
                 raise WSProtocolError(WSCloseCode.INVALID_TEXT,
                                       "close reason is not UTF-8") from None
-        if not self.reason:
-            self.reason = "browser closed the websocket"
         self._flush_upstream()
-        self._close_backend()
-        self._ending = True
-        transport.send_close(WSCloseCode.OK)
+        self._stop("browser closed the websocket")
+        if not transport.is_close_frame_sent:  # a failed flush may have sent one
+            transport.send_close(WSCloseCode.OK)
         transport.disconnect()
 
     def _relay(self, data: bytes) -> None:
-        if self._ending:
-            return  # the tunnel is closing: nothing goes on to the backend
         self.stats.bytes_up += len(data)
         batch = self._batch
         batch.append(data)

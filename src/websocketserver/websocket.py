@@ -26,6 +26,7 @@ import contextlib
 import http
 import json
 import logging
+import ssl
 import time
 from collections.abc import Callable
 from urllib.parse import parse_qsl
@@ -87,6 +88,15 @@ class Refusal(Exception):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status = status
+
+
+def protocol_refusal(version: str, expect: str | None) -> Refusal | None:
+    """What neither port speaks: HTTP other than 1.0 and 1.1, an unknown ``Expect``."""
+    if version not in ("1.0", "1.1"):
+        return Refusal(505, f"HTTP/{version} is not supported")
+    if expect is not None and expect.lower() != "100-continue":
+        return Refusal(417, "unsupported Expect header")
+    return None
 
 
 class _PicowsLog(logging.LoggerAdapter):
@@ -221,12 +231,12 @@ class WebSocketGateway:
             True: WSUpgradeResponse.create_101_response({"Sec-WebSocket-Protocol": "binary"})}
         self._closing = False
 
-    async def listen(self, port: int, context: object) -> list[tuple[str, int]]:
+    async def listen(self, port: int, context: ssl.SSLContext | None) -> list[tuple[str, int]]:
         """Listen on ``port`` (TLS with ``context``); the addresses listened on."""
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
             lambda: Handshake(self), self.settings.listen_address, port,
-            ssl=context, backlog=1024, reuse_address=True,  # type: ignore[arg-type]
+            ssl=context, backlog=1024, reuse_address=True,
             ssl_handshake_timeout=self.settings.handshake_timeout if context else None)
         return [sock.getsockname()[:2] for sock in self._server.sockets]
 
@@ -251,11 +261,9 @@ class WebSocketGateway:
         if self._closing:
             raise Refusal(503, "server is shutting down")
         headers = request.headers
-        if request.version not in ("1.0", "1.1"):
-            raise Refusal(505, f"HTTP/{request.version} is not supported")
-        expect = headers.get("Expect")
-        if expect is not None and expect.lower() != "100-continue":
-            raise Refusal(417, "unsupported Expect header")
+        refusal = protocol_refusal(request.version, headers.get("Expect"))
+        if refusal is not None:
+            raise refusal
         if request.version == "1.1" and len(headers.getall("Host", ())) != 1:
             raise Refusal(400, "an HTTP/1.1 request needs one Host header")
         if request.method != "GET":
@@ -357,8 +365,7 @@ class WebSocketGateway:
         try:
             await tunnel.connect(host, port)  # type: ignore[arg-type]
         except BackendError as exc:
-            log.warning("tunnel refused: %s -> %s: %s", client, tunnel.stats.target, exc)
-            tunnel.close(START_FAILED, str(exc))
+            self._refused(tunnel, exc)
             tunnel.closed.add_done_callback(lambda _: self.limits.release(client, user))
             return
         self._opened(tunnel)
@@ -368,6 +375,11 @@ class WebSocketGateway:
             self.limits.release(client, user)
 
         tunnel.closed.add_done_callback(ended)
+
+    @staticmethod
+    def _refused(tunnel: Tunnel, exc: BackendError) -> None:
+        log.warning("tunnel refused: %s -> %s: %s", tunnel.stats.peer, tunnel.stats.target, exc)
+        tunnel.close(START_FAILED, str(exc))
 
     def _opened(self, tunnel: Tunnel) -> None:
         self.tunnels.add(tunnel)
@@ -422,9 +434,7 @@ class WebSocketGateway:
         try:
             await self._connect_until(tunnel, host, port, deadline)
         except BackendError as exc:
-            log.warning("tunnel refused: %s -> %s: %s", tunnel.stats.peer,
-                        tunnel.stats.target, exc)
-            tunnel.close(START_FAILED, str(exc))
+            self._refused(tunnel, exc)
             await tunnel.closed
             return
         opened()
