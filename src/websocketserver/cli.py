@@ -65,6 +65,12 @@ def _count(text: str) -> int:
     return value
 
 
+def _count_or_zero(text: str) -> int:
+    if text.strip() == "0":
+        return 0
+    return _count(text)
+
+
 def _header(text: str) -> tuple[str, str]:
     name, sep, value = text.partition("=")
     name = name.strip()
@@ -181,6 +187,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "when no pong comes within half of it. Default: off")
     limits.add_argument("--idle_timeout", metavar="seconds", type=_positive,
                         help="Close a tunnel after this long without traffic. Default: off")
+    tuning = parser.add_argument_group("performance")
+    tuning.add_argument("--relay_processes", metavar="n", type=_count_or_zero, default=1,
+                        help="Processes that relay basic-mode ws tunnels beside the main one "
+                        "(0: all in the main process; not used with TLS). Default:1")
     return parser
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterable
+from typing import Protocol
 
 from prometheus_client import (
     CollectorRegistry,
@@ -21,7 +22,14 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily
 
 from .reservations import Reservation, State
-from .tunnel import Tunnel
+from .tunnel import TunnelStats
+
+
+class Carrier(Protocol):
+    """A tunnel as metrics see it: a :class:`~.tunnel.Tunnel` in this process, or a
+    relay process's tunnel seen from the main one (its bytes come when it ends)."""
+
+    stats: TunnelStats
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -31,7 +39,7 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        self._open: set[Tunnel] = set()
+        self._open: set[Carrier] = set()
         self._closed_bytes = {"up": 0, "down": 0}
         self.tunnels_total = Counter("websocketserver_tunnels", "Tunnels opened",
                                      registry=self.registry)
@@ -59,11 +67,11 @@ class Metrics:
         ProcessCollector(registry=self.registry)  # process_resident_memory_bytes, fds, ...
         self.registry.register(_BytesCollector(self))
 
-    def tunnel_opened(self, tunnel: Tunnel) -> None:
+    def tunnel_opened(self, tunnel: Carrier) -> None:
         self.tunnels_total.inc()
         self._open.add(tunnel)
 
-    def tunnel_closed(self, tunnel: Tunnel) -> None:
+    def tunnel_closed(self, tunnel: Carrier) -> None:
         self._open.discard(tunnel)
         self._closed_bytes["up"] += tunnel.stats.bytes_up
         self._closed_bytes["down"] += tunnel.stats.bytes_down

@@ -39,6 +39,11 @@ def _prctl(option: int, value: int) -> bool:
         return False
 
 
+def die_with_parent() -> None:
+    """Have the kernel send this process SIGTERM when its parent exits (Linux)."""
+    _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 def terminate(processes: Iterable[psutil.Process], grace: float = 3.0) -> None:
     """SIGTERM each process, wait up to ``grace`` seconds, then SIGKILL what is left."""
     alive = []
@@ -98,7 +103,7 @@ def run_supervised(serve: Callable[[], int]) -> int:
         return serve()
     pid = os.fork()
     if pid == 0:
-        _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        die_with_parent()
         code = 1
         try:
             code = serve()

@@ -13,6 +13,7 @@ import contextlib
 import ctypes
 import gc
 import logging
+import os
 import re
 import signal
 import ssl
@@ -29,6 +30,7 @@ from .files import FileServer
 from .identity import Identity
 from .limits import GuardedSite, HandshakeGuard
 from .metrics import Metrics
+from .relay import RelayPool
 from .reservations import MemoryStore
 from .services import ServiceManager
 from .settings import Settings, SettingsError
@@ -48,12 +50,14 @@ Listen = Callable[[int, ssl.SSLContext | None], Awaitable[list[tuple[str, int]]]
 class Server:
     """Both listeners and everything behind them; ``start``, ``wait``, ``close``."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, relays: RelayPool | None = None) -> None:
         self.settings = settings
         self.identity = Identity(settings)
         self.metrics = Metrics()
         self.services = ServiceManager(settings, MemoryStore(), self.identity, self.metrics)
         self.gateway = WebSocketGateway(settings, self.services)
+        if relays is not None:
+            self.gateway.attach_relays(relays)
         self.api = RestApi(self.services, settings.security_token, self.request_stop)
         self.files = (FileServer(settings.http_directory, settings.ansys_install_root)
                       if settings.http_directory is not None else None)
@@ -183,9 +187,9 @@ class _ClientError(logging.Filter):
         return record.levelno >= self.level
 
 
-async def serve(settings: Settings) -> None:
+async def serve(settings: Settings, relays: RelayPool | None = None) -> None:
     """Run a server until it is asked to stop; SIGTERM/SIGINT/SIGHUP ask too."""
-    server = Server(settings)
+    server = Server(settings, relays)
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         loop.add_signal_handler(signum, server.request_stop)
@@ -241,9 +245,11 @@ def _serve_process(settings: Settings) -> int:
         loop_factory = uvloop.new_event_loop
     except ImportError:  # uvloop is not available on Windows
         loop_factory = None
+    relays = (RelayPool.fork(settings, settings.relay_processes)
+              if _relaying(settings) else None)
     try:
         with asyncio.Runner(loop_factory=loop_factory) as runner:
-            runner.run(serve(settings))
+            runner.run(serve(settings, relays))
     except SettingsError as exc:
         print(f"websocketserver.py: error: {exc}", file=sys.stderr)
         return 1
@@ -251,6 +257,14 @@ def _serve_process(settings: Settings) -> int:
         log.exception("internal error; the server stopped")
         return 1
     return 0
+
+
+def _relaying(settings: Settings) -> bool:
+    """Relay processes serve basic mode on a plain websocket port (a TLS session cannot
+    move between processes), where processes can fork."""
+    return (settings.relay_processes > 0 and settings.ws_port != -1
+            and settings.client_port is not None and settings.cert is None
+            and hasattr(os, "fork"))
 
 
 def run(settings: Settings) -> int:

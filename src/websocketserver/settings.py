@@ -70,6 +70,7 @@ class Settings:
     handshake_timeout: float = 10.0
     ping_interval: float | None = None
     idle_timeout: float | None = None
+    relay_processes: int = 1
     services: tuple[ServiceConfig, ...] = field(default=())
 
     def ssl_context(self) -> ssl.SSLContext | None:

@@ -28,7 +28,8 @@ import json
 import logging
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl
 
 import httptools
@@ -41,6 +42,9 @@ from .reservations import State
 from .services import ServiceError, ServiceManager
 from .settings import Settings
 from .tunnel import BackendError, Tunnel, TunnelStats
+
+if TYPE_CHECKING:
+    from .relay import RelayPool
 
 log = logging.getLogger("websocketserver.tunnel")
 
@@ -220,16 +224,22 @@ class WebSocketGateway:
         self.identity = services.identity
         self.limits = TunnelLimits(settings.max_tunnels, settings.max_tunnels_per_client,
                                    settings.max_tunnels_per_user)
-        self.tunnels: set[Tunnel] = set()
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._sweeper: asyncio.Task[None] | None = None
+        metrics = services.metrics
+        self.live = LiveTunnels(settings, metrics.tunnel_opened, metrics.tunnel_closed)
+        self.relays: RelayPool | None = None  # see attach_relays
         self._server: asyncio.Server | None = None
-        self._requests = services.metrics.http_requests
+        self._requests = metrics.http_requests
         self._upgrades = self._requests.labels("ws", "101")
-        self._responses = {  # the 101 answers, by whether the client offered "binary"
-            False: WSUpgradeResponse.create_101_response(),
-            True: WSUpgradeResponse.create_101_response({"Sec-WebSocket-Protocol": "binary"})}
-        self._closing = False
+
+    @property
+    def tunnels(self) -> set[Tunnel]:
+        """The tunnels open in this process."""
+        return self.live.tunnels
+
+    def attach_relays(self, relays: RelayPool) -> None:
+        """Hand basic-mode tunnels to relay processes (see :mod:`.relay`)."""
+        self.relays = relays
+        relays.attach(self.limits, self.services.metrics)
 
     async def listen(self, port: int, context: ssl.SSLContext | None) -> list[tuple[str, int]]:
         """Listen on ``port`` (TLS with ``context``); the addresses listened on."""
@@ -258,7 +268,7 @@ class WebSocketGateway:
 
     def _check(self, request: UpgradeRequest) -> None:
         """Raise :class:`Refusal` if the request is not a websocket upgrade we serve."""
-        if self._closing:
+        if self.live.closing:
             raise Refusal(503, "server is shutting down")
         headers = request.headers
         refusal = protocol_refusal(request.version, headers.get("Expect"))
@@ -298,9 +308,7 @@ class WebSocketGateway:
             return
         transport = request.transport
         transport.pause_reading()  # until the reservation has been looked up
-        task = asyncio.get_running_loop().create_task(self._upgrade_token(request, tail, token))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self.live.spawn(self._upgrade_token(request, tail, token))
 
     async def _upgrade_token(self, request: UpgradeRequest, tail: bytes, token: str) -> None:
         transport = request.transport
@@ -323,78 +331,25 @@ class WebSocketGateway:
         except LimitExceeded as exc:
             self.refuse(request.transport, Refusal(exc.status, str(exc)))
             return
-        settings = self.settings
-        tunnel = Tunnel(TunnelStats(peer=client, target=""), settings.max_message_size)
+        key = request.headers["Sec-WebSocket-Key"].encode("ascii")
         offered = request.headers.get("Sec-WebSocket-Protocol", "")
         binary = "binary" in (p.strip() for p in offered.split(","))
-        response = WSUpgradeResponseWithListener(self._responses[binary], tunnel)
-        ping = settings.ping_interval
-        protocol = WSProtocol(
-            None, None, False, lambda _: response, _PICOWS_LOG,
-            True,  # disconnect on an exception in the listener
-            None,  # the handshake timeout was ours
-            ping is not None, ping or 20.0, (ping or 20.0) / 2,
-            WSAutoPingStrategy.PING_WHEN_IDLE,
-            False,  # pings are answered by the tunnel, after its own checks
-            settings.max_message_size,
-            None, READ_BUFFER)
         transport = request.transport
+        self._upgrades.inc()
+        if token is None and self.relays is not None and self.relays.hand_over(
+                transport, key, binary, tail, client, user):
+            return
+        tunnel = Tunnel(TunnelStats(peer=client, target=""), self.settings.max_message_size)
+        protocol = websocket_protocol(tunnel, binary, self.settings)
         protocol.connection_made(transport)
         transport.set_protocol(protocol)
-        key = request.headers["Sec-WebSocket-Key"].encode("ascii")
-        _feed(protocol, b"GET / HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                        b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: %s\r\n\r\n%s"
-                        % (key, tail))
-        self._upgrades.inc()
+        answer_upgrade(protocol, key, tail)
         if token is None:
-            run = self._basic_tunnel(tunnel, client, user)
+            self.live.spawn(self.live.basic(tunnel, lambda: self.limits.release(client, user)))
         else:
-            run = self._service_tunnel(tunnel, client, user, token)
-        task = asyncio.get_running_loop().create_task(run)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+            self.live.spawn(self._service_tunnel(tunnel, client, user, token))
 
     # -- running a tunnel -----------------------------------------------------------
-
-    async def _basic_tunnel(self, tunnel: Tunnel, client: str, user: str | None) -> None:
-        """Connect to ``--client_hostname:--client_port``; the task ends there, and the
-        end of the tunnel is handled by a callback (one task wake-up less per tunnel)."""
-        settings = self.settings
-        host, port = settings.client_hostname, settings.client_port
-        tunnel.stats.target = f"{host}:{port}"
-        try:
-            await tunnel.connect(host, port)  # type: ignore[arg-type]
-        except BackendError as exc:
-            self._refused(tunnel, exc)
-            tunnel.closed.add_done_callback(lambda _: self.limits.release(client, user))
-            return
-        self._opened(tunnel)
-
-        def ended(_: object) -> None:
-            self._ended(tunnel)
-            self.limits.release(client, user)
-
-        tunnel.closed.add_done_callback(ended)
-
-    @staticmethod
-    def _refused(tunnel: Tunnel, exc: BackendError) -> None:
-        log.warning("tunnel refused: %s -> %s: %s", tunnel.stats.peer, tunnel.stats.target, exc)
-        tunnel.close(START_FAILED, str(exc))
-
-    def _opened(self, tunnel: Tunnel) -> None:
-        self.tunnels.add(tunnel)
-        self.services.metrics.tunnel_opened(tunnel)
-        log.info("tunnel open: %s -> %s", tunnel.stats.peer, tunnel.stats.target)
-        if self._closing:  # shutdown began while it connected
-            tunnel.close(WSCloseCode.GOING_AWAY, "server shutting down")
-
-    def _ended(self, tunnel: Tunnel) -> None:
-        self.tunnels.discard(tunnel)
-        self.services.metrics.tunnel_closed(tunnel)
-        stats = tunnel.stats
-        log.info("tunnel closed: %s -> %s, %d bytes up, %d bytes down, %.2f s (%s)",
-                 stats.peer, stats.target, stats.bytes_up, stats.bytes_down,
-                 time.monotonic() - stats.started, tunnel.reason)
 
     async def _service_tunnel(self, tunnel: Tunnel, client: str, user: str | None,
                               token: str) -> None:
@@ -434,15 +389,15 @@ class WebSocketGateway:
         try:
             await self._connect_until(tunnel, host, port, deadline)
         except BackendError as exc:
-            self._refused(tunnel, exc)
+            self.live.refused(tunnel, exc)
             await tunnel.closed
             return
         opened()
-        self._opened(tunnel)
+        self.live.opened(tunnel)
         try:
             await tunnel.closed
         finally:
-            self._ended(tunnel)
+            self.live.ended(tunnel)
 
     @staticmethod
     async def _connect_until(tunnel: Tunnel, host: str, port: int, deadline: float) -> None:
@@ -455,6 +410,84 @@ class WebSocketGateway:
                 if time.monotonic() > deadline or tunnel.closed.done():
                     raise
             await asyncio.sleep(0.05)
+
+    def start_sweeping(self) -> None:
+        self.live.start_sweeping()
+
+    async def close(self, timeout: float) -> None:
+        """Stop listening, refuse new upgrades, close every tunnel and wait for them."""
+        self.live.closing = True
+        if self._server is not None:
+            self._server.close()
+        waiting = [self.live.close(timeout)]
+        if self.relays is not None:
+            waiting.append(self.relays.close(timeout))
+        await asyncio.gather(*waiting)
+
+
+class LiveTunnels:
+    """The tunnels open in one process: run them, log them, sweep idle ones, close all.
+
+    The main process has one for the tunnels it relays itself, and each relay process
+    one for the tunnels handed to it; ``opened``/``ended`` report to their owner.
+    """
+
+    def __init__(self, settings: Settings, opened: Callable[[Tunnel], None],
+                 ended: Callable[[Tunnel], None]) -> None:
+        self.settings = settings
+        self.tunnels: set[Tunnel] = set()
+        self.closing = False
+        self._on_opened = opened
+        self._on_ended = ended
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._sweeper: asyncio.Task[None] | None = None
+
+    def spawn(self, coroutine: Coroutine[object, object, None]) -> None:
+        """Run ``coroutine`` as a task that :meth:`close` waits for."""
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def basic(self, tunnel: Tunnel, done: Callable[[], None]) -> None:
+        """Connect to ``--client_hostname:--client_port``; the task ends there, and the
+        end of the tunnel is handled by a callback (one task wake-up less per tunnel).
+        ``done`` is called once the tunnel is over, however it ended."""
+        settings = self.settings
+        host, port = settings.client_hostname, settings.client_port
+        tunnel.stats.target = f"{host}:{port}"
+        try:
+            await tunnel.connect(host, port)  # type: ignore[arg-type]
+        except BackendError as exc:
+            self.refused(tunnel, exc)
+            tunnel.closed.add_done_callback(lambda _: done())
+            return
+        self.opened(tunnel)
+
+        def ended(_: object) -> None:
+            self.ended(tunnel)
+            done()
+
+        tunnel.closed.add_done_callback(ended)
+
+    @staticmethod
+    def refused(tunnel: Tunnel, exc: BackendError) -> None:
+        log.warning("tunnel refused: %s -> %s: %s", tunnel.stats.peer, tunnel.stats.target, exc)
+        tunnel.close(START_FAILED, str(exc))
+
+    def opened(self, tunnel: Tunnel) -> None:
+        self.tunnels.add(tunnel)
+        self._on_opened(tunnel)
+        log.info("tunnel open: %s -> %s", tunnel.stats.peer, tunnel.stats.target)
+        if self.closing:  # shutdown began while it connected
+            tunnel.close(WSCloseCode.GOING_AWAY, "server shutting down")
+
+    def ended(self, tunnel: Tunnel) -> None:
+        self.tunnels.discard(tunnel)
+        self._on_ended(tunnel)
+        stats = tunnel.stats
+        log.info("tunnel closed: %s -> %s, %d bytes up, %d bytes down, %.2f s (%s)",
+                 stats.peer, stats.target, stats.bytes_up, stats.bytes_down,
+                 time.monotonic() - stats.started, tunnel.reason)
 
     def start_sweeping(self) -> None:
         """With ``--idle_timeout``, close tunnels that carry no traffic for that long."""
@@ -477,15 +510,13 @@ class WebSocketGateway:
                 current[tunnel] = (*counts, since)
             seen = current
 
-    async def close(self, timeout: float) -> None:
-        """Stop listening, refuse new upgrades, close every tunnel and wait for them."""
-        self._closing = True
-        if self._server is not None:
-            self._server.close()
+    async def close(self, timeout: float, reason: str = "server shutting down") -> None:
+        """Refuse new tunnels, close every open one and wait (at most ``timeout``)."""
+        self.closing = True
         if self._sweeper is not None:
             self._sweeper.cancel()
         for tunnel in list(self.tunnels):
-            tunnel.close(WSCloseCode.GOING_AWAY, "server shutting down")
+            tunnel.close(WSCloseCode.GOING_AWAY, reason)
         waiting = [*self._tasks, *(tunnel.closed for tunnel in self.tunnels)]
         if waiting:
             with contextlib.suppress(TimeoutError):
@@ -499,6 +530,34 @@ def _valid_key(key: str | None) -> bool:
         return key is not None and len(base64.b64decode(key.encode("ascii"), validate=True)) == 16
     except (UnicodeEncodeError, binascii.Error):
         return False
+
+
+_RESPONSES = {  # the 101 answers, by whether the client offered the "binary" subprotocol
+    False: WSUpgradeResponse.create_101_response(),
+    True: WSUpgradeResponse.create_101_response({"Sec-WebSocket-Protocol": "binary"})}
+
+
+def websocket_protocol(tunnel: Tunnel, binary: bool, settings: Settings) -> WSProtocol:
+    """The picows protocol that will answer an accepted upgrade and feed ``tunnel``."""
+    response = WSUpgradeResponseWithListener(_RESPONSES[binary], tunnel)
+    ping = settings.ping_interval
+    return WSProtocol(
+        None, None, False, lambda _: response, _PICOWS_LOG,
+        True,  # disconnect on an exception in the listener
+        None,  # the handshake timeout was ours
+        ping is not None, ping or 20.0, (ping or 20.0) / 2,
+        WSAutoPingStrategy.PING_WHEN_IDLE,
+        False,  # pings are answered by the tunnel, after its own checks
+        settings.max_message_size,
+        None, READ_BUFFER)
+
+
+def answer_upgrade(protocol: WSProtocol, key: bytes, tail: bytes) -> None:
+    """Give ``protocol`` (already connected) the canonical request of a checked upgrade
+    and the bytes that followed it: it answers 101 and reads on."""
+    _feed(protocol, b"GET / HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                    b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: %s\r\n\r\n%s"
+                    % (key, tail))
 
 
 def _feed(protocol: WSProtocol, data: bytes) -> None:

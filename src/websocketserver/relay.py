@@ -1,0 +1,370 @@
+"""Relay processes: basic-mode tunnels relayed outside the main process.
+
+Opening a tunnel costs the server ~250 µs of CPU, half of it kernel work on the
+sockets, and one process does that on one core only (~4,000 tunnels/s here). So the
+main process keeps every decision about a request — the checks, the limits, the
+identity, the JSON refusals, reservations and services — and hands each accepted
+basic-mode websocket to a relay process: the socket itself (``SCM_RIGHTS`` over a
+``SOCK_SEQPACKET`` pair), its checked ``Sec-WebSocket-Key`` and the bytes that came
+after the request. The relay answers ``101``, connects the backend and relays until
+the end, then reports it, so that the main process releases the tunnel's limits and
+counts it. Measured with ``bench/``: tunnels/s +40 to +50 % on two cores, see
+``bench/README.md``.
+
+What stays in the main process: service tunnels (``?token=``: their service's life
+is tied to the reservation), and every tunnel when the port speaks TLS (a TLS
+session cannot move between processes). ``--relay_processes 0`` keeps everything in
+the main process.
+
+Relays are forked at start-up, before any event loop exists. A relay whose main
+process is gone closes its tunnels and exits (and the kernel sends it SIGTERM, see
+``PR_SET_PDEATHSIG``); a relay that dies is logged, its tunnels' limits are
+released, and its share of new tunnels goes to the others or the main process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import logging
+import os
+import pickle
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from .limits import TunnelLimits
+from .metrics import Metrics
+from .processes import die_with_parent
+from .settings import Settings
+from .tunnel import Tunnel, TunnelStats
+from .websocket import LiveTunnels, answer_upgrade, websocket_protocol
+
+log = logging.getLogger("websocketserver.relay")
+
+MAX_MESSAGE = 64 * 1024
+"""Largest message on a channel; a hand-over with a longer tail stays in the main
+process (a tail is what a client sent after its request, before the ``101``)."""
+
+Message = tuple[Any, ...]
+
+
+class Channel:
+    """One end of a ``SOCK_SEQPACKET`` pair: whole messages, optionally with file
+    descriptors, sent without ever blocking the event loop."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self._queue: list[tuple[bytes, list[int]]] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._on_message: Callable[[Message, list[int]], None] = lambda _m, _f: None
+        self._on_eof: Callable[[], None] = lambda: None
+        self.open = True
+
+    def attach(self, on_message: Callable[[Message, list[int]], None],
+               on_eof: Callable[[], None]) -> None:
+        """Start reading in the running loop."""
+        self._loop = asyncio.get_running_loop()
+        self._on_message, self._on_eof = on_message, on_eof
+        self._sock.setblocking(False)
+        self._loop.add_reader(self._sock.fileno(), self._read)
+
+    def send(self, message: Message, fds: list[int] | None = None) -> None:
+        """Send ``message``; the channel owns ``fds`` and closes them once sent."""
+        data = pickle.dumps(message, pickle.HIGHEST_PROTOCOL)
+        self._queue.append((data, fds or []))
+        if len(self._queue) == 1:
+            self._flush()
+
+    def _flush(self) -> None:
+        queue = self._queue
+        while queue and self.open:
+            data, fds = queue[0]
+            try:
+                socket.send_fds(self._sock, [data], fds)
+            except (BlockingIOError, InterruptedError):
+                if self._loop is not None:
+                    self._loop.add_writer(self._sock.fileno(), self._writable)
+                return
+            except OSError:
+                self._closed()
+                return
+            queue.pop(0)
+            for fd in fds:
+                os.close(fd)
+
+    def _writable(self) -> None:
+        assert self._loop is not None
+        self._loop.remove_writer(self._sock.fileno())
+        self._flush()
+
+    def _read(self) -> None:
+        while self.open:
+            try:
+                data, fds, _flags, _ = socket.recv_fds(self._sock, MAX_MESSAGE, 1)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                data, fds = b"", []
+            if not data:
+                self._closed()
+                return
+            self._on_message(pickle.loads(data), fds)
+
+    def _closed(self) -> None:
+        if not self.open:
+            return
+        self.open = False
+        if self._loop is not None:
+            self._loop.remove_reader(self._sock.fileno())
+            self._loop.remove_writer(self._sock.fileno())
+        for _, fds in self._queue:
+            for fd in fds:
+                os.close(fd)
+        self._queue.clear()
+        self._sock.close()
+        self._on_eof()
+
+
+class RemoteTunnel:
+    """The main process's record of a tunnel in a relay: what its end releases."""
+
+    __slots__ = ("stats", "client", "user", "relay", "opened")
+
+    def __init__(self, stats: TunnelStats, client: str, user: str | None,
+                 relay: _RelayProcess) -> None:
+        self.stats = stats
+        self.client = client
+        self.user = user
+        self.relay = relay
+        self.opened = False
+
+
+class _RelayProcess:
+    __slots__ = ("pid", "channel", "tunnels")
+
+    def __init__(self, pid: int, channel: Channel) -> None:
+        self.pid = pid
+        self.channel = channel
+        self.tunnels: dict[int, RemoteTunnel] = {}
+
+
+class RelayPool:
+    """The main process's side: hand basic tunnels to the relays in turn, and learn
+    when each one opens and ends."""
+
+    def __init__(self, relays: list[_RelayProcess]) -> None:
+        self._relays = relays
+        self._next = 0
+        self._ids = 0
+        self._limits: TunnelLimits | None = None
+        self._metrics: Metrics | None = None
+        self._all_closed: asyncio.Future[None] | None = None
+
+    @classmethod
+    def fork(cls, settings: Settings, count: int) -> RelayPool:
+        """Start ``count`` relay processes; call before any event loop or thread exists."""
+        sys.stdout.flush()
+        sys.stderr.flush()
+        relays: list[_RelayProcess] = []
+        ends: list[socket.socket] = []  # the main process's ends, closed in later relays
+        for _ in range(count):
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            pid = os.fork()
+            if pid == 0:
+                for end in (*ends, ours):
+                    end.close()
+                os._exit(_relay_main(settings, theirs))
+            theirs.close()
+            ends.append(ours)
+            relays.append(_RelayProcess(pid, Channel(ours)))
+        return cls(relays)
+
+    @property
+    def pids(self) -> list[int]:
+        return [relay.pid for relay in self._relays]
+
+    def attach(self, limits: TunnelLimits, metrics: Metrics) -> None:
+        """Start listening to the relays; their ends release ``limits``."""
+        self._limits, self._metrics = limits, metrics
+        for relay in self._relays:
+            relay.channel.attach(lambda m, f, r=relay: self._report(r, m, f),
+                                 lambda r=relay: self._relay_gone(r))
+
+    def hand_over(self, transport: asyncio.Transport, key: bytes, binary: bool,
+                  tail: bytes, client: str, user: str | None) -> bool:
+        """Give an accepted basic-mode websocket to a relay; False: keep it here."""
+        relay = self._pick()
+        if relay is None or len(tail) > MAX_MESSAGE // 2:
+            return False
+        sock = transport.get_extra_info("socket")
+        if sock is None:
+            return False
+        self._ids += 1
+        tunnel_id = self._ids
+        relay.tunnels[tunnel_id] = RemoteTunnel(TunnelStats(peer=client, target=""),
+                                                client, user, relay)
+        transport.pause_reading()
+        relay.channel.send(("tunnel", tunnel_id, key, binary, tail, client),
+                           [os.dup(sock.fileno())])
+        transport.close()  # the relay holds the connection now
+        return True
+
+    def _pick(self) -> _RelayProcess | None:
+        relays = self._relays
+        for _ in range(len(relays)):
+            relay = relays[self._next % len(relays)]
+            self._next += 1
+            if relay.channel.open:
+                return relay
+        return None
+
+    def _report(self, relay: _RelayProcess, message: Message, fds: list[int]) -> None:
+        for fd in fds:  # a relay sends none; never leak one
+            os.close(fd)
+        kind, tunnel_id = message[0], message[1]
+        record = relay.tunnels.get(tunnel_id)
+        if record is None:
+            return
+        assert self._metrics is not None
+        if kind == "opened":
+            record.stats.target = message[2]
+            record.opened = True
+            self._metrics.tunnel_opened(record)
+        elif kind == "ended":
+            record.stats.bytes_up, record.stats.bytes_down = message[2], message[3]
+            self._end(relay, tunnel_id)
+
+    def _end(self, relay: _RelayProcess, tunnel_id: int) -> None:
+        record = relay.tunnels.pop(tunnel_id)
+        assert self._limits is not None and self._metrics is not None
+        self._limits.release(record.client, record.user)
+        if record.opened:
+            self._metrics.tunnel_closed(record)
+
+    def _relay_gone(self, relay: _RelayProcess) -> None:
+        if self._all_closed is None:
+            log.error("relay process %d exited; %d tunnels lost, new ones go elsewhere",
+                      relay.pid, len(relay.tunnels))
+        for tunnel_id in list(relay.tunnels):
+            self._end(relay, tunnel_id)
+        if self._all_closed is not None and not any(r.channel.open for r in self._relays):
+            if not self._all_closed.done():
+                self._all_closed.set_result(None)
+
+    async def close(self, timeout: float) -> None:
+        """Ask every relay to close its tunnels and exit; wait ``timeout``, then kill."""
+        self._all_closed = asyncio.get_running_loop().create_future()
+        for relay in self._relays:
+            if relay.channel.open:
+                relay.channel.send(("close", "server shutting down"))
+        if any(relay.channel.open for relay in self._relays):
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await self._all_closed
+        for relay in self._relays:
+            await _reap(relay.pid)
+
+
+async def _reap(pid: int, grace: float = 2.0) -> None:
+    """Wait for a relay process to exit (it was asked to), killing it past ``grace``."""
+    deadline = time.monotonic() + grace
+    while True:
+        try:
+            done, _ = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if done:
+            return
+        if time.monotonic() > deadline:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+            return
+        await asyncio.sleep(0.01)
+
+
+# -- the relay process ----------------------------------------------------------------
+
+
+def _relay_main(settings: Settings, sock: socket.socket) -> int:
+    """Body of a relay process (a fork of the main one before its loop started)."""
+    die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process leads the shutdown
+    try:
+        import uvloop
+        loop_factory = uvloop.new_event_loop
+    except ImportError:
+        loop_factory = None
+    try:
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
+            runner.run(_Relay(settings, Channel(sock)).serve())
+    except Exception:
+        log.exception("relay process failed")
+        return 1
+    finally:
+        logging.shutdown()
+    return 0
+
+
+class _Relay:
+    """A relay process's loop: adopt handed-over websockets, relay, report."""
+
+    def __init__(self, settings: Settings, channel: Channel) -> None:
+        self.settings = settings
+        self.channel = channel
+        self.live = LiveTunnels(settings, self._opened, lambda _tunnel: None)
+        self._ids: dict[Tunnel, int] = {}
+        self._stop: asyncio.Future[str] | None = None
+
+    async def serve(self) -> None:
+        self._stop = asyncio.get_running_loop().create_future()
+        self.channel.attach(self._on_message, self._main_gone)
+        self.live.start_sweeping()
+        gc.freeze()
+        reason = await self._stop
+        await self.live.close(self.settings.stop_timeout, reason)
+
+    def _main_gone(self) -> None:
+        if self._stop is not None and not self._stop.done():
+            self._stop.set_result("server shutting down")
+
+    def _on_message(self, message: Message, fds: list[int]) -> None:
+        if message[0] == "close":
+            for fd in fds:
+                os.close(fd)
+            if self._stop is not None and not self._stop.done():
+                self._stop.set_result(message[1])
+            return
+        _, tunnel_id, key, binary, tail, peer = message
+        sock = socket.socket(fileno=fds[0])
+        tunnel = Tunnel(TunnelStats(peer=peer, target=""), self.settings.max_message_size)
+        self._ids[tunnel] = tunnel_id
+        self.live.spawn(self._run(sock, tunnel, key, binary, tail))
+
+    async def _run(self, sock: socket.socket, tunnel: Tunnel, key: bytes, binary: bool,
+                   tail: bytes) -> None:
+        protocol = websocket_protocol(tunnel, binary, self.settings)
+        try:
+            await asyncio.get_running_loop().connect_accepted_socket(lambda: protocol, sock)
+        except OSError as exc:
+            log.info("websocket from %s lost before its 101: %s", tunnel.stats.peer, exc)
+            sock.close()
+            self._ended(tunnel)
+            return
+        answer_upgrade(protocol, key, tail)
+        await self.live.basic(tunnel, lambda: self._ended(tunnel))
+
+    def _opened(self, tunnel: Tunnel) -> None:
+        self.channel.send(("opened", self._ids[tunnel], tunnel.stats.target))
+
+    def _ended(self, tunnel: Tunnel) -> None:
+        tunnel_id = self._ids.pop(tunnel)
+        if self.channel.open:
+            self.channel.send(("ended", tunnel_id, tunnel.stats.bytes_up,
+                               tunnel.stats.bytes_down))
