@@ -64,6 +64,7 @@ def test_grpc_flags_are_accepted() -> None:
     (["--timeout", "-5", "1"], "must be > 0"),
     (["--trusted_proxy", "nonsense", "1"], "not an IP address"),
     (["--remote_session_config", "/nonexistent.json", "1"], "cannot read"),
+    (["--relay_processes", "-1", "1"], "must be >= 0"),
 ])
 def test_usage_errors_are_one_line_exit_2(argv: list[str], message: str) -> None:
     result = subprocess.run([sys.executable, str(LAUNCHER), *argv], capture_output=True,

@@ -55,20 +55,22 @@ def _positive(text: str) -> float:
     return value
 
 
-def _count(text: str) -> int:
+def _whole(text: str, minimum: int) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1: {text}")
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"must be >= {minimum}: {text}")
     return value
 
 
+def _count(text: str) -> int:
+    return _whole(text, 1)
+
+
 def _count_or_zero(text: str) -> int:
-    if text.strip() == "0":
-        return 0
-    return _count(text)
+    return _whole(text, 0)
 
 
 def _header(text: str) -> tuple[str, str]:

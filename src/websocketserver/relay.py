@@ -75,6 +75,10 @@ class Channel:
 
     def send(self, message: Message, fds: list[int] | None = None) -> None:
         """Send ``message``; the channel owns ``fds`` and closes them once sent."""
+        if not self.open:  # the other process is gone: nobody to tell
+            for fd in fds or ():
+                os.close(fd)
+            return
         data = pickle.dumps(message, pickle.HIGHEST_PROTOCOL)
         self._queue.append((data, fds or []))
         if len(self._queue) == 1:
@@ -294,8 +298,9 @@ async def _reap(pid: int, grace: float = 2.0) -> None:
 
 def _relay_main(settings: Settings, sock: socket.socket) -> int:
     """Body of a relay process (a fork of the main one before its loop started)."""
-    die_with_parent()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process leads the shutdown
+    die_with_parent()  # SIGTERM: close the tunnels and go (see _Relay.serve)
+    for signum in (signal.SIGINT, signal.SIGHUP):  # a terminal's: the main process leads
+        signal.signal(signum, signal.SIG_IGN)
     try:
         import uvloop
         loop_factory = uvloop.new_event_loop
@@ -323,8 +328,10 @@ class _Relay:
         self._stop: asyncio.Future[str] | None = None
 
     async def serve(self) -> None:
-        self._stop = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        self._stop = loop.create_future()
         self.channel.attach(self._on_message, self._main_gone)
+        loop.add_signal_handler(signal.SIGTERM, self._main_gone)
         self.live.start_sweeping()
         gc.freeze()
         reason = await self._stop
