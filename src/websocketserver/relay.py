@@ -137,14 +137,12 @@ class Channel:
 class RemoteTunnel:
     """The main process's record of a tunnel in a relay: what its end releases."""
 
-    __slots__ = ("stats", "client", "user", "relay", "opened")
+    __slots__ = ("stats", "client", "user", "opened")
 
-    def __init__(self, stats: TunnelStats, client: str, user: str | None,
-                 relay: _RelayProcess) -> None:
+    def __init__(self, stats: TunnelStats, client: str, user: str | None) -> None:
         self.stats = stats
         self.client = client
         self.user = user
-        self.relay = relay
         self.opened = False
 
 
@@ -188,10 +186,6 @@ class RelayPool:
             relays.append(_RelayProcess(pid, Channel(ours)))
         return cls(relays)
 
-    @property
-    def pids(self) -> list[int]:
-        return [relay.pid for relay in self._relays]
-
     def attach(self, limits: TunnelLimits, metrics: Metrics) -> None:
         """Start listening to the relays; their ends release ``limits``."""
         self._limits, self._metrics = limits, metrics
@@ -211,7 +205,7 @@ class RelayPool:
         self._ids += 1
         tunnel_id = self._ids
         relay.tunnels[tunnel_id] = RemoteTunnel(TunnelStats(peer=client, target=""),
-                                                client, user, relay)
+                                                client, user)
         transport.pause_reading()
         relay.channel.send(("tunnel", tunnel_id, key, binary, tail, client),
                            [os.dup(sock.fileno())])
