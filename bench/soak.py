@@ -4,11 +4,13 @@
     python bench/soak.py --quick         # 1,000 idle tunnels, 1 minute
 
 A cycle is: reserve a service over REST, open a websocket with the token (the server
-"starts" the service), one echo, close (the server stops it, the slot is freed).
-Snapshots of the server (RSS, open fds, asyncio tasks, child processes, reservations,
-open tunnels) are taken after the idle tunnels are up, every minute, after the churn
-and after the idle tunnels are closed; the report compares them. Exit status 1 when
-something leaked, 0 otherwise. Every process it starts is stopped at the end.
+"starts" the service), one echo, close (the server stops it, the slot is freed); then
+one basic-mode tunnel (relayed by a relay process), one echo, close. Snapshots of the
+server (RSS and open fds summed over the main and relay processes, asyncio tasks of
+the main process, relay and service processes, reservations, open tunnels) are taken
+after the idle tunnels are up, every minute, after the churn and after the idle
+tunnels are closed; the report compares them. Exit status 1 when something leaked,
+0 otherwise. Every process it starts is stopped at the end.
 """
 
 from __future__ import annotations
@@ -119,6 +121,8 @@ class Soak:
     async def snapshot(self, session: aiohttp.ClientSession, label: str) -> None:
         supervisor = psutil.Process(self.server.pid)
         [serving] = supervisor.children()
+        relays = [c for c in serving.children() if c.cmdline() == serving.cmdline()]
+        tree = [serving, *relays]  # the idle basic-mode tunnels live in the relays
         async with session.get(f"http://127.0.0.1:{self.http_port}/v1/metrics",
                                params={"security_token": TOKEN}) as response:
             text = await response.text()
@@ -127,10 +131,11 @@ class Soak:
         reservations = sum(v for k, v in metrics.items()
                            if k.startswith("websocketserver_reservations{"))
         self.snapshots.append((label, {
-            "RSS MB": serving.memory_info().rss / 1e6,
-            "open fds": serving.num_fds(),
+            "RSS MB": sum(proc.memory_info().rss for proc in tree) / 1e6,
+            "open fds": sum(proc.num_fds() for proc in tree),
             "asyncio tasks": metrics["websocketserver_asyncio_tasks"],
-            "child processes": len(serving.children(recursive=True)),
+            "relay processes": len(relays),
+            "service processes": len(serving.children(recursive=True)) - len(relays),
             "reservations": reservations,
             "tunnels open": metrics["websocketserver_tunnels_open"],
             "cycles done": self.cycles,
@@ -164,6 +169,12 @@ class Soak:
                 await ws.send_bytes(token.encode())
                 message = await ws.receive(timeout=30)
                 if message.data != token.encode():
+                    raise RuntimeError(f"echo mismatch: {message!r}")
+            async with session.ws_connect(  # a basic-mode tunnel: through a relay process
+                    f"ws://127.0.0.1:{self.ws_port}/websockify") as ws:
+                await ws.send_bytes(b"basic")
+                message = await ws.receive(timeout=30)
+                if message.data != b"basic":
                     raise RuntimeError(f"echo mismatch: {message!r}")
             self.cycles += 1
         except Exception as exc:  # every failure is reported at the end
@@ -219,7 +230,7 @@ class Soak:
             leaks.append(f"{over['open fds'] - up['open fds']:.0f} more open fds after the churn")
         if over["asyncio tasks"] > up["asyncio tasks"] + 16:
             leaks.append(f"{over['asyncio tasks'] - up['asyncio tasks']:.0f} more tasks")
-        if closed["tunnels open"] or closed["reservations"] or closed["child processes"]:
+        if closed["tunnels open"] or closed["reservations"] or closed["service processes"]:
             leaks.append("tunnels, reservations or processes left after everything closed")
         rate = over["cycles done"] / (self.args.minutes * 60)
         print(f"\ncycles: {over['cycles done']:,.0f} ({rate:.0f}/s), failures: "
