@@ -468,7 +468,8 @@ def render(rows: Sequence[Row], names: Sequence[str]) -> str:
         "RLIMIT_NOFILE hard limit allows; the figure is measured at the count shown and "
         "extrapolated linearly from the 2,000-tunnel measurement.",
         "RSS/PSS are summed over the server's whole process tree, measured once on a fresh "
-        "server (ours: its supervisor plus the server process).",
+        "server (ours: its supervisor, the server process and its relay process; over TLS "
+        "no relay).",
     ]
     return "\n".join(lines)
 
