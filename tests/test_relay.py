@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import os
+import pickle
 import socket
 
 import pytest
 
-from websocketserver.relay import Channel
+from websocketserver.relay import Channel, _Relay
+from websocketserver.settings import Settings
 
 
 def test_messages_and_descriptors_arrive_in_order_past_a_full_buffer() -> None:
@@ -69,3 +71,16 @@ def test_the_other_end_closing_is_reported_once() -> None:
         assert ends == ["eof"] and not channel.open
 
     asyncio.run(scenario())
+
+
+def test_a_hand_over_without_its_socket_is_reported_as_ended() -> None:
+    """At its open-file limit a relay gets the message but not the descriptor: the main
+    process must still hear that the tunnel is over, to release its limits."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    relay = _Relay(Settings(ws_port=1, client_port=2), Channel(ours))
+    relay._on_message(("tunnel", 7, b"key", True, b"", "127.0.0.1"), [])
+    theirs.settimeout(5)
+    data, fds, _, _ = socket.recv_fds(theirs, 4096, 1)
+    assert pickle.loads(data) == ("ended", 7, 0, 0) and fds == []
+    ours.close()
+    theirs.close()

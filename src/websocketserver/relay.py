@@ -343,6 +343,11 @@ class _Relay:
                 self._stop.set_result(message[1])
             return
         _, tunnel_id, key, binary, tail, peer = message
+        if not fds:  # not passed: this process is at its open-file limit
+            log.warning("websocket from %s lost in the hand-over: no file descriptor left",
+                        peer)
+            self.channel.send(("ended", tunnel_id, 0, 0))
+            return
         sock = socket.socket(fileno=fds[0])
         tunnel = Tunnel(TunnelStats(peer=peer, target=""), self.settings.max_message_size)
         self._ids[tunnel] = tunnel_id
