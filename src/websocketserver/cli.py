@@ -190,9 +190,11 @@ def build_parser() -> argparse.ArgumentParser:
     limits.add_argument("--idle_timeout", metavar="seconds", type=_positive,
                         help="Close a tunnel after this long without traffic. Default: off")
     tuning = parser.add_argument_group("performance")
-    tuning.add_argument("--relay_processes", metavar="n", type=_count_or_zero, default=1,
+    tuning.add_argument("--relay_processes", metavar="n", type=_count_or_zero,
+                        default=1 if (os.cpu_count() or 1) > 1 else 0,
                         help="Processes that relay basic-mode ws tunnels beside the main one "
-                        "(0: all in the main process; not used with TLS). Default:1")
+                        "(0: all in the main process; not used with TLS). Default:1 (0 on "
+                        "a machine with one CPU)")
     return parser
 
 
