@@ -59,15 +59,19 @@ async def main(total: int, seconds: float) -> int:
                 break
             except OSError:
                 await asyncio.sleep(0.05)
-        serving = psutil.Process(server.pid).children()[0]
-        before = serving.memory_info().rss
+        processes = psutil.Process(server.pid).children(recursive=True)  # server, relay
+
+        def rss() -> int:
+            return sum(proc.memory_info().rss for proc in processes)
+
+        before = rss()
         peak = before
         async with websockets.connect(f"ws://127.0.0.1:{ws_port}/", max_size=None,
                                       max_queue=1, close_timeout=1) as ws:
             await ws.recv()  # the flood has begun; from now on the browser reads nothing
             deadline = time.monotonic() + seconds
             while time.monotonic() < deadline:
-                peak = max(peak, serving.memory_info().rss)
+                peak = max(peak, rss())
                 await asyncio.sleep(0.1)
         print(f"flood of {total / 2**30:g} GiB toward a browser that stopped reading, "
               f"held {seconds:g} s ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})")
