@@ -11,7 +11,8 @@ Each connection goes through two protocols:
 2. An accepted one is handed to picows, which answers ``101`` and from then on
    parses frames in C for the :class:`~.tunnel.Tunnel` listener. picows is given
    a canonical upgrade request built from the checked one, so every decision
-   about the request stays here, with its JSON reasons.
+   about the request stays here, with its JSON reasons. A basic-mode one goes to
+   a relay process instead, which does the same there (see :mod:`.relay`).
 
 Failures after the upgrade close the websocket with a code and a reason that the
 page's ``CloseEvent.reason`` shows.
