@@ -13,7 +13,6 @@ import contextlib
 import ctypes
 import gc
 import logging
-import os
 import re
 import signal
 import ssl
@@ -261,10 +260,10 @@ def _serve_process(settings: Settings) -> int:
 
 def _relaying(settings: Settings) -> bool:
     """Relay processes serve basic mode on a plain websocket port (a TLS session cannot
-    move between processes), where processes can fork."""
+    move between processes), on Linux (``SOCK_SEQPACKET`` Unix sockets, fork)."""
     return (settings.relay_processes > 0 and settings.ws_port != -1
             and settings.client_port is not None and settings.cert is None
-            and hasattr(os, "fork"))
+            and sys.platform == "linux")
 
 
 def run(settings: Settings) -> int:
