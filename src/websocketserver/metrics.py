@@ -24,14 +24,14 @@ from prometheus_client.core import CounterMetricFamily
 from .reservations import Reservation, State
 from .tunnel import TunnelStats
 
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
 
 class Carrier(Protocol):
     """A tunnel as metrics see it: a :class:`~.tunnel.Tunnel` in this process, or a
     relay process's tunnel seen from the main one (its bytes come when it ends)."""
 
     stats: TunnelStats
-
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 class Metrics:

@@ -137,11 +137,10 @@ class Channel:
 class RemoteTunnel:
     """The main process's record of a tunnel in a relay: what its end releases."""
 
-    __slots__ = ("stats", "client", "user", "opened")
+    __slots__ = ("stats", "user", "opened")
 
-    def __init__(self, stats: TunnelStats, client: str, user: str | None) -> None:
-        self.stats = stats
-        self.client = client
+    def __init__(self, stats: TunnelStats, user: str | None) -> None:
+        self.stats = stats  # its peer is the client address the limits counted
         self.user = user
         self.opened = False
 
@@ -204,8 +203,7 @@ class RelayPool:
             return False
         self._ids += 1
         tunnel_id = self._ids
-        relay.tunnels[tunnel_id] = RemoteTunnel(TunnelStats(peer=client, target=""),
-                                                client, user)
+        relay.tunnels[tunnel_id] = RemoteTunnel(TunnelStats(peer=client, target=""), user)
         transport.pause_reading()
         relay.channel.send(("tunnel", tunnel_id, key, binary, tail, client),
                            [os.dup(sock.fileno())])
@@ -240,7 +238,7 @@ class RelayPool:
     def _end(self, relay: _RelayProcess, tunnel_id: int) -> None:
         record = relay.tunnels.pop(tunnel_id)
         assert self._limits is not None and self._metrics is not None
-        self._limits.release(record.client, record.user)
+        self._limits.release(record.stats.peer, record.user)
         if record.opened:
             self._metrics.tunnel_closed(record)
 
@@ -370,7 +368,5 @@ class _Relay:
         self.channel.send(("opened", self._ids[tunnel], tunnel.stats.target))
 
     def _ended(self, tunnel: Tunnel) -> None:
-        tunnel_id = self._ids.pop(tunnel)
-        if self.channel.open:
-            self.channel.send(("ended", tunnel_id, tunnel.stats.bytes_up,
-                               tunnel.stats.bytes_down))
+        self.channel.send(("ended", self._ids.pop(tunnel), tunnel.stats.bytes_up,
+                           tunnel.stats.bytes_down))
