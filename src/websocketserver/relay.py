@@ -71,7 +71,7 @@ class Channel:
         self._loop = asyncio.get_running_loop()
         self._on_message, self._on_eof = on_message, on_eof
         self._sock.setblocking(False)
-        self._loop.add_reader(self._sock.fileno(), self._read)
+        self._loop.add_reader(self._sock.fileno(), self.receive)
 
     def send(self, message: Message, fds: list[int] | None = None) -> None:
         """Send ``message``; the channel owns ``fds`` and closes them once sent."""
@@ -106,7 +106,8 @@ class Channel:
         self._loop.remove_writer(self._sock.fileno())
         self._flush()
 
-    def _read(self) -> None:
+    def receive(self) -> None:
+        """Handle every message waiting now (the loop calls this when some arrive)."""
         while self.open:
             try:
                 data, fds, _flags, _ = socket.recv_fds(self._sock, MAX_MESSAGE, 1)
@@ -209,6 +210,16 @@ class RelayPool:
                            [os.dup(sock.fileno())])
         transport.close()  # the relay holds the connection now
         return True
+
+    def receive(self) -> None:
+        """Take in the relays' waiting reports now, not at the loop's next turn.
+
+        A relay reports a tunnel's end before the browser can see it; reading that
+        before refusing a client at its limit makes an immediate reconnect find its
+        slot free, whatever order the loop would have handled the two in.
+        """
+        for relay in self._relays:
+            relay.channel.receive()
 
     def _pick(self) -> _RelayProcess | None:
         relays = self._relays

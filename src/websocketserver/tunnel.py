@@ -41,6 +41,7 @@ import os
 import socket
 import struct
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSProtocolError, WSTransport
@@ -185,12 +186,13 @@ class Tunnel(WSListener):
 
     picows calls the ``on_ws_*`` methods; the owner calls :meth:`connect` once the
     websocket is open, then awaits :attr:`closed`, which resolves when the browser's
-    connection is gone (by then the backend socket is closed too).
+    connection is gone (by then the backend socket is closed too). What the tunnel
+    holds (a limit's slot) is given back earlier, see :meth:`when_stopped`.
     """
 
     __slots__ = ("stats", "reason", "closed", "_max_message", "_loop", "_ws", "_browser",
                  "_browser_paused", "_sock", "_fd", "_reading", "_writing", "_ending", "_batch",
-                 "_unsent", "_pending", "_message", "_text", "_close_timer")
+                 "_unsent", "_pending", "_message", "_text", "_close_timer", "_on_stop")
 
     def __init__(self, stats: TunnelStats, max_message: int) -> None:
         super().__init__()
@@ -213,6 +215,7 @@ class Tunnel(WSListener):
         self._message: int | None = None  # size so far of a fragmented message
         self._text: codecs.IncrementalDecoder | None = None  # its UTF-8 check, if text
         self._close_timer: asyncio.TimerHandle | None = None
+        self._on_stop: Callable[[], None] | None = None
 
     # -- the owner's side -----------------------------------------------------------
 
@@ -235,6 +238,20 @@ class Tunnel(WSListener):
         if self._browser_paused and not self._writing:
             self._resume_browser()
 
+    @property
+    def stopped(self) -> bool:
+        """The tunnel relays nothing more (it is closing, or closed)."""
+        return self._ending
+
+    def when_stopped(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once, as soon as the tunnel relays nothing more: before its
+        close frame or FIN reaches the browser, so that a client which reconnects at
+        once finds the slot it held free (at once if it already stopped)."""
+        if self._ending:
+            callback()
+        else:
+            self._on_stop = callback
+
     def close(self, code: int, reason: str) -> None:
         """End the tunnel: close the backend, send a close frame, await the answer."""
         ws = None if self._ending or self.closed.done() else self._ws  # None: no close frame
@@ -252,6 +269,9 @@ class Tunnel(WSListener):
             self.reason = reason
         self._ending = True
         self._close_backend()
+        callback, self._on_stop = self._on_stop, None
+        if callback is not None:
+            callback()
 
     # -- picows callbacks -------------------------------------------------------------
 

@@ -328,7 +328,7 @@ class WebSocketGateway:
         client = self.identity.client_address(request)
         user = self.identity.user(request)
         try:
-            self.limits.acquire(client, user)
+            self._acquire(client, user)
         except LimitExceeded as exc:
             self.refuse(request.transport, Refusal(exc.status, str(exc)))
             return
@@ -349,6 +349,16 @@ class WebSocketGateway:
             self.live.spawn(self.live.basic(tunnel, lambda: self.limits.release(client, user)))
         else:
             self.live.spawn(self._service_tunnel(tunnel, client, user, token))
+
+    def _acquire(self, client: str, user: str | None) -> None:
+        """Take the tunnel's slot in the limits, or raise :class:`LimitExceeded`."""
+        try:
+            self.limits.acquire(client, user)
+        except LimitExceeded:
+            if self.relays is None:
+                raise
+            self.relays.receive()  # a relay may have freed one: its report is waiting
+            self.limits.acquire(client, user)
 
     # -- running a tunnel -----------------------------------------------------------
 
@@ -449,10 +459,12 @@ class LiveTunnels:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def basic(self, tunnel: Tunnel, done: Callable[[], None]) -> None:
+    async def basic(self, tunnel: Tunnel, released: Callable[[], None]) -> None:
         """Connect to ``--client_hostname:--client_port``; the task ends there, and the
         end of the tunnel is handled by a callback (one task wake-up less per tunnel).
-        ``done`` is called once the tunnel is over, however it ended."""
+        ``released`` is called once the tunnel stops relaying, however it ends, before
+        the browser learns of it (see :meth:`Tunnel.when_stopped`)."""
+        tunnel.when_stopped(released)
         settings = self.settings
         host, port = settings.client_hostname, settings.client_port
         tunnel.stats.target = f"{host}:{port}"
@@ -460,15 +472,11 @@ class LiveTunnels:
             await tunnel.connect(host, port)  # type: ignore[arg-type]
         except BackendError as exc:
             self.refused(tunnel, exc)
-            tunnel.closed.add_done_callback(lambda _: done())
+            return
+        if tunnel.stopped:  # the browser left while the backend connected
             return
         self.opened(tunnel)
-
-        def ended(_: object) -> None:
-            self.ended(tunnel)
-            done()
-
-        tunnel.closed.add_done_callback(ended)
+        tunnel.closed.add_done_callback(lambda _: self.ended(tunnel))
 
     @staticmethod
     def refused(tunnel: Tunnel, exc: BackendError) -> None:

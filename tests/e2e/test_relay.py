@@ -183,3 +183,33 @@ def test_two_relays_share_the_tunnels(start_server, echo) -> None:
             await ws.close()
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("relay_processes", ["0", "1"])
+def test_a_closed_tunnels_slot_is_free_once_its_close_frame_is_seen(
+        start_server, echo, relay_processes) -> None:
+    """A page that closes its websocket and opens another at once must not meet a 429:
+    the slot is given back before the close frame answering the browser's goes out."""
+    server = start_server("--client_port", str(echo.port), "--max_tunnels_per_client", "1",
+                          "--relay_processes", relay_processes)
+    close = struct.pack("!BB", 0x88, 0x82) + bytes(4) + struct.pack("!H", 1000)  # mask 0
+    for attempt in range(150):
+        key = base64.b64encode(os.urandom(16))
+        request = (b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                   b"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+                   b"Sec-WebSocket-Key: " + key + b"\r\n\r\n")
+        with socket.create_connection(("127.0.0.1", server.ws_port), timeout=10) as sock:
+            sock.sendall(request)
+            received = b""
+            while b"\r\n\r\n" not in received:
+                chunk = sock.recv(4096)
+                assert chunk, received
+                received += chunk
+            assert received.startswith(b"HTTP/1.1 101 "), (attempt, received)
+            sock.sendall(close)
+            answer = received.partition(b"\r\n\r\n")[2]
+            while len(answer) < 2:
+                chunk = sock.recv(4096)
+                assert chunk, answer
+                answer += chunk
+            assert answer[0] == 0x88, answer  # the server's close frame: reconnect now
