@@ -1,13 +1,28 @@
-"""Shared fixtures: an echo backend and a factory for real server processes."""
+"""Shared fixtures: an echo backend and a factory for real server processes.
+
+Also the Hypothesis profiles: ``quick`` (the default) keeps ``scripts/test`` fast,
+``full`` (``WEBSOCKETSERVER_FUZZ=full``, run nightly by ``bench/nightly.py``) is the long
+run. Both are derandomized: the same inputs on every run, so a failure reproduces.
+"""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from support import EchoBackend, ServerProcess
+
+FUZZ_ENV = "WEBSOCKETSERVER_FUZZ"
+"""Environment variable naming the Hypothesis profile: ``quick`` (default) or ``full``."""
+_COMMON = {"deadline": None, "derandomize": True, "database": None,
+           "suppress_health_check": [HealthCheck.too_slow, HealthCheck.filter_too_much]}
+settings.register_profile("quick", max_examples=400, **_COMMON)
+settings.register_profile("full", max_examples=6000, **_COMMON)
+settings.load_profile(os.environ.get(FUZZ_ENV) or "quick")
 
 
 @pytest.fixture

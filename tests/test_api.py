@@ -11,8 +11,8 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from websocketserver.api import RestApi, render_status
 from websocketserver.identity import Identity
-from websocketserver.reservations import MemoryStore
-from websocketserver.services import ServiceManager
+from websocketserver.reservations import MemoryStore, State
+from websocketserver.services import ServiceError, ServiceManager
 from websocketserver.settings import ServiceConfig, Settings
 
 SCRIPT = ("from websocketserver import RemoteServiceScript\n"
@@ -96,3 +96,99 @@ async def test_status_view_escapes_everything(api) -> None:
 def test_render_status_without_services() -> None:
     assert "No services are configured" in render_status([])
     assert json.dumps([])  # the JSON twin is simply []
+
+
+@pytest.fixture
+async def users_api(tmp_path: Path, request: pytest.FixtureRequest):
+    """The API with stand-alone identities; the security token is the param (or None)."""
+    script = tmp_path / "s.py"
+    script.write_text(SCRIPT)
+    users = tmp_path / "users.json"
+    users.write_text(json.dumps({"alice": "alice-key", "bob": "bob-key"}))
+    settings = Settings(ws_port=1, security_token=getattr(request, "param", None),
+                        users_file=users, services=(ServiceConfig("viewer", script, 3, {}),))
+    services = ServiceManager(settings, MemoryStore(), Identity(settings))
+    rest = RestApi(services, settings.security_token, lambda: None)
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", rest.handle)
+    async with TestClient(TestServer(app)) as client:
+        yield client, services
+
+
+async def _tokens(client: TestClient, query: str) -> list[str | None]:
+    [viewer] = await (await client.get(f"/v1/status?{query}")).json()
+    return [i["token"] for i in viewer["instances"]]
+
+
+async def test_a_users_token_is_shown_to_that_user_only(users_api) -> None:
+    client, _ = users_api
+    mine = (await (await client.get("/v1/reserve/viewer?user_key=alice-key")).json())["token"]
+    anonymous = (await (await client.get("/v1/reserve/viewer")).json())["token"]
+    assert await _tokens(client, "user_key=alice-key") == [mine, anonymous]
+    assert await _tokens(client, "user_key=bob-key") == [None, anonymous]
+    assert await _tokens(client, "") == [None, anonymous]
+    for query in ("user_key=bob-key", "user_key=bob-key&fragment=1"):
+        page = await (await client.get(f"/v1/status_view?{query}")).text()
+        assert mine[:8] not in page and "another user's" in page
+        assert page.count("data-release=") == 1
+    page = await (await client.get("/v1/status_view?user_key=alice-key")).text()
+    assert f"data-release='{mine}'" in page
+
+
+@pytest.mark.parametrize("users_api", ["s3cret"], indirect=True)
+async def test_the_security_token_holder_sees_and_releases_every_token(users_api) -> None:
+    client, _ = users_api
+    response = await client.get("/v1/reserve/viewer?user_key=alice-key&security_token=s3cret")
+    mine = (await response.json())["token"]
+    assert await _tokens(client, "security_token=s3cret") == [mine]
+    assert await _tokens(client, "security_token=s3cret&user_key=bob-key") == [mine]
+    refused = await client.get(f"/v1/release/{mine}?user_key=bob-key")  # holder, not admin
+    assert refused.status == 403 and "error" in await refused.json()
+    released = await client.get(f"/v1/release/{mine}?user_key=bob-key&security_token=s3cret")
+    assert released.status == 200
+
+
+async def test_release_of_a_users_token(users_api) -> None:
+    client, services = users_api
+    mine = (await (await client.get("/v1/reserve/viewer?user_key=alice-key")).json())["token"]
+    refused = await client.get(f"/v1/release/{mine}?user_key=bob-key")
+    assert refused.status == 403 and "error" in await refused.json()
+    assert mine not in (await refused.json())["error"]
+    assert len(await services.store.list()) == 1
+    assert (await client.get(f"/v1/release/{mine}")).status == 200  # anonymous holder
+    mine = (await (await client.get("/v1/reserve/viewer?user_key=alice-key")).json())["token"]
+    assert (await client.get(f"/v1/release/{mine}?user_key=alice-key")).status == 200
+    assert await services.store.list() == []
+
+
+async def test_release_while_an_upgrade_holds_the_claim(users_api) -> None:
+    """Claimed by a websocket that has not begun to start it: the release still wins."""
+    client, services = users_api
+    token = (await (await client.get("/v1/reserve/viewer")).json())["token"]
+    await services.claim(token, None)
+    assert (await client.get(f"/v1/release/{token}")).status == 200
+    with pytest.raises(ServiceError) as gone:
+        async with services.activate(token, lambda reason: None, claimed=True):
+            pass
+    assert gone.value.status == 410
+    assert await services.store.list() == []
+    token = (await (await client.get("/v1/reserve/viewer")).json())["token"]
+    await services.claim(token, None)
+    assert (await client.get(f"/v1/release/{token}")).status == 200
+    await services.unclaim(token)  # the upgrade gave up instead
+    assert await services.store.list() == []
+
+
+async def test_unclaim_makes_the_token_usable_again(users_api) -> None:
+    client, services = users_api
+    token = (await (await client.get("/v1/reserve/viewer?user_key=alice-key")).json())["token"]
+    with pytest.raises(ServiceError) as refused:
+        await services.claim(token, "bob")
+    assert refused.value.status == 403
+    await services.claim(token, "alice")
+    with pytest.raises(ServiceError) as in_use:
+        await services.claim(token, "alice")
+    assert in_use.value.status == 409
+    await services.unclaim(token)
+    assert [r.state for r in await services.store.list()] == [State.RESERVED]
+    assert (await services.claim(token, None)).state is State.STARTING

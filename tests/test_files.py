@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
+import os
+import time
+from email.utils import formatdate
 from pathlib import Path
 
 import pytest
@@ -54,6 +58,14 @@ def tree(tmp_path: Path) -> Path:
     (root / "link_out").symlink_to(tmp_path)
     (root / "link_file_out").symlink_to(tmp_path / "secret.txt")
     (root / "link_in.txt").symlink_to(root / "sub" / "a b.txt")
+    (root / "empty.txt").write_bytes(b"")
+    (root / "evil.example.com").mkdir()
+    (root / ".env").write_text("SECRET")
+    (root / ".git").mkdir()
+    (root / ".git" / "config").write_text("SECRET")
+    (root / "env_link").symlink_to(root / ".env")
+    (root / ".well-known").mkdir()
+    (root / ".well-known" / "security.txt").write_text("Contact: x")
     install = tmp_path / "install" / "ansys261" / "nexus"
     install.mkdir(parents=True)
     (install / "x.js").write_text("ansys")
@@ -146,3 +158,163 @@ async def test_traversal_over_http_is_refused(client: TestClient, url: str) -> N
     assert "SECRET" not in text and "root:" not in text
     assert status in (400, 404)
     assert "/tmp" not in text  # no absolute paths disclosed
+
+
+@pytest.mark.parametrize("url", ["/.env", "/.git/config", "/%2egit/config", "/env_link",
+                                 "/sub/../.env", "/.git/"])
+async def test_dotfiles_are_not_served(client: TestClient, url: str) -> None:
+    status, text = await raw_get(client.port, url)
+    assert status == 404 and "SECRET" not in text
+
+
+async def test_dotfiles_are_not_listed_but_well_known_is_served(client: TestClient,
+                                                                tree: Path) -> None:
+    (tree / "index.html").unlink()
+    listing = await (await client.get("/")).text()
+    assert ".env" not in listing and ".git" not in listing and "env_link" not in listing
+    assert ".well-known/" in listing and "sub/" in listing
+    response = await client.get("/.well-known/security.txt")
+    assert response.status == 200 and await response.text() == "Contact: x"
+
+
+async def test_listing_says_nothing_about_outside_targets(client: TestClient,
+                                                         tree: Path) -> None:
+    """A link out of the root is left out whether or not its target exists (issue 12.8)."""
+    sub = tree / "sub"
+    outside = sub.parent.parent / "outside.txt"
+    outside.write_text("x" * 12345)
+    (sub / "out_file").symlink_to(outside)
+    (sub / "out_dir").symlink_to(sub.parent.parent)
+    (sub / "passwd").symlink_to("/etc/passwd")
+    (sub / "dangling").symlink_to(sub.parent.parent / "nothing-here")
+    (sub / "dangling_in").symlink_to(sub / "no-such-file")
+    os.mkfifo(sub / "fifo")
+    first = await (await client.get("/sub/")).text()
+    outside.unlink()
+    second = await (await client.get("/sub/")).text()
+    assert first == second
+    for name in ("out_file", "out_dir", "passwd", "dangling", "fifo", "12,345"):
+        assert name not in first
+    assert "big.bin" in first and "a%20b.txt" in first
+
+
+@pytest.mark.parametrize("target, location", [
+    ("//evil.example.com", "/evil.example.com/"),
+    ("///evil.example.com", "/evil.example.com/"),
+    ("/.//evil.example.com", "/evil.example.com/"),
+    ("//evil.example.com?a=1&b=/x", "/evil.example.com/?a=1&b=/x"),
+    ("/sub?host=h&port=9", "/sub/?host=h&port=9"),
+    ("http://evil.example.com//evil.example.com", "/evil.example.com/"),
+])
+async def test_directory_redirect_stays_on_this_server(client: TestClient, target: str,
+                                                        location: str) -> None:
+    """Location is one absolute path, never ``//host`` (issue 12.9)."""
+    status, response = await raw_get(client.port, target)
+    assert status == 301
+    assert f"\r\nLocation: {location}\r\n" in response
+
+
+@pytest.mark.parametrize("target", ["/\\evil.example.com", "/%5Cevil.example.com",
+                                    "/%2Fevil.example.com", "/%2F%2Fevil.example.com"])
+async def test_no_redirect_through_escaped_slashes(client: TestClient, target: str) -> None:
+    status, _ = await raw_get(client.port, target)
+    assert status == 404
+
+
+BODY = bytes(range(256)) * 40  # sub/big.bin, 10240 bytes
+RANGES = [  # Range header, status, body expected, Content-Range expected
+    ("bytes=10-19", 206, BODY[10:20], "bytes 10-19/10240"),
+    ("bytes=10-", 206, BODY[10:], "bytes 10-10239/10240"),
+    ("bytes=-10", 206, BODY[-10:], "bytes 10230-10239/10240"),
+    ("bytes=-99999", 206, BODY, "bytes 0-10239/10240"),
+    ("bytes=0-99999", 206, BODY, "bytes 0-10239/10240"),
+    ("BYTES=0-0", 206, BODY[:1], "bytes 0-0/10240"),
+    ("bytes=-0", 416, b"", "bytes */10240"),
+    ("bytes=10240-", 416, b"", "bytes */10240"),
+    ("bytes=99999999999999999999-", 416, b"", "bytes */10240"),
+    ("bytes=10240-, -0", 416, b"", "bytes */10240"),
+    ("bytes=0-1, 20000-", 206, BODY[:2], "bytes 0-1/10240"),
+    ("bytes=5-2", 200, BODY, None),
+    ("bytes=0-1,5-6", 200, BODY, None),
+    ("bytes=0-1,1-2", 200, BODY, None),
+    ("bytes=0-1,5-2", 200, BODY, None),
+    ("items=0-1", 200, BODY, None),
+    ("bytes=", 200, BODY, None),
+    ("bytes=-", 200, BODY, None),
+    ("bytes=1" + "0" * 5000 + "-", 200, BODY, None),
+]
+
+
+@pytest.mark.parametrize("header, status, body, content_range", RANGES)
+async def test_range_semantics(client: TestClient, header: str, status: int, body: bytes,
+                               content_range: str | None) -> None:
+    """RFC 9110 §14: suffix 0 is unsatisfiable, invalid or multiple ranges give 200."""
+    response = await client.get("/sub/big.bin", headers={"Range": header})
+    assert response.status == status
+    assert await response.read() == body
+    assert response.headers.get("Content-Range") == content_range
+
+
+async def test_range_of_empty_file(client: TestClient) -> None:
+    response = await client.get("/empty.txt", headers={"Range": "bytes=0-"})
+    assert response.status == 416 and response.headers["Content-Range"] == "bytes */0"
+    response = await client.get("/empty.txt", headers={"Range": "bytes=-5"})
+    assert response.status == 200 and await response.read() == b""
+
+
+@pytest.fixture
+def old_big(tree: Path) -> float:
+    """sub/big.bin last modified 100 s ago, on a whole second: its Last-Modified is strong."""
+    mtime = float(int(time.time()) - 100)
+    os.utime(tree / "sub" / "big.bin", (mtime, mtime))
+    return mtime
+
+
+@pytest.mark.parametrize("if_range, partial", [
+    ("{etag}", True),
+    ("{date}", True),
+    ('"not-the-etag"', False),
+    ("W/{etag}", False),
+    ("{later}", False),
+    ("{earlier}", False),
+    ("not a validator", False),
+])
+async def test_if_range(client: TestClient, old_big: float, if_range: str,
+                        partial: bool) -> None:
+    """RFC 9110 §13.1.5: only the current strong ETag or exact date keeps the Range."""
+    etag = (await client.head("/sub/big.bin")).headers["ETag"]
+    value = if_range.format(etag=etag, date=formatdate(old_big, usegmt=True),
+                            later=formatdate(old_big + 86400, usegmt=True),
+                            earlier=formatdate(old_big - 86400, usegmt=True))
+    response = await client.get("/sub/big.bin",
+                                headers={"Range": "bytes=10-19", "If-Range": value})
+    assert response.status == (206 if partial else 200)
+    assert await response.read() == (BODY[10:20] if partial else BODY)
+
+
+async def test_if_range_date_of_this_second_is_weak(client: TestClient, tree: Path) -> None:
+    """A file changed within the last second may change again within its Last-Modified."""
+    (tree / "app.js").write_text("export {}")
+    response = await client.get("/app.js")
+    response = await client.get("/app.js", headers={
+        "Range": "bytes=0-0", "If-Range": response.headers["Last-Modified"]})
+    assert response.status == 200
+
+
+async def test_preconditions_come_before_range(client: TestClient) -> None:
+    etag = (await client.head("/sub/big.bin")).headers["ETag"]
+    response = await client.get("/sub/big.bin",
+                                headers={"Range": "bytes=-0", "If-None-Match": etag})
+    assert response.status == 304
+    response = await client.get("/sub/big.bin",
+                                headers={"Range": "bytes=0-0", "If-Match": '"other"'})
+    assert response.status == 412
+
+
+async def test_precompressed_sibling_is_not_substituted(client: TestClient,
+                                                        tree: Path) -> None:
+    """The file named is the file sent, so Range and validators refer to it."""
+    (tree / "app.js.gz").write_bytes(gzip.compress(b"stale"))
+    response = await client.get("/app.js", headers={"Accept-Encoding": "gzip"})
+    assert await response.text() == "export {}"
+    assert "Content-Encoding" not in response.headers

@@ -1,4 +1,4 @@
-"""The in-memory reservation store: lowest free index, atomic transitions."""
+"""The in-memory reservation store: lowest free index, atomic transitions and claims."""
 
 from __future__ import annotations
 
@@ -7,7 +7,15 @@ import uuid
 
 import pytest
 
-from websocketserver.reservations import MemoryStore, NoSlotFree, State
+from websocketserver.reservations import (
+    ClaimOutcome,
+    MemoryStore,
+    NoSlotFree,
+    Reservation,
+    State,
+    may_see,
+    may_use,
+)
 
 
 async def test_lowest_free_index_and_exhaustion() -> None:
@@ -42,3 +50,53 @@ async def test_concurrent_reservations_never_share_an_index() -> None:
     assert sorted(indexes) == [0, 1, 2, 3, 4]
     assert sum(isinstance(r, NoSlotFree) for r in results) == 5
     assert [r.index for r in await store.list("svc")] == [0, 1, 2, 3, 4]
+
+
+async def test_claim_moves_reserved_to_starting_once() -> None:
+    store = MemoryStore()
+    r = await store.reserve("svc", 1, {})
+    results = await asyncio.gather(*(store.claim(r.token, None) for _ in range(10)))
+    outcomes = [c.outcome for c in results]
+    assert outcomes.count(ClaimOutcome.CLAIMED) == 1
+    assert outcomes.count(ClaimOutcome.IN_USE) == 9
+    [won] = [c.reservation for c in results if c.outcome is ClaimOutcome.CLAIMED]
+    assert won is not None and won.state is State.STARTING and won.token == r.token
+    assert (await store.get(r.token)).state is State.STARTING
+    assert all(c.reservation.state is State.STARTING for c in results)
+    unknown = await store.claim("nope", None)
+    assert unknown.outcome is ClaimOutcome.UNKNOWN and unknown.reservation is None
+
+
+async def test_claim_yields_to_concurrent_transitions() -> None:
+    """A claim and a release racing for a reserved token: exactly one of them wins."""
+    store = MemoryStore()
+    for _ in range(20):
+        r = await store.reserve("svc", 1, {})
+        claim, released = await asyncio.gather(
+            store.claim(r.token, None), store.transition(r.token, State.RESERVED,
+                                                         State.STOPPING))
+        assert (claim.outcome is ClaimOutcome.CLAIMED) != (released is not None)
+        await store.remove(r.token)
+
+
+async def test_claim_of_a_users_token_is_refused_to_other_known_users() -> None:
+    store = MemoryStore()
+    r = await store.reserve("svc", 3, {}, owner="alice")
+    bob = await store.claim(r.token, "bob")
+    assert bob.outcome is ClaimOutcome.NOT_OWNER
+    assert (await store.get(r.token)).state is State.RESERVED  # nothing taken
+    assert (await store.claim(r.token, "alice")).outcome is ClaimOutcome.CLAIMED
+    assert (await store.claim(r.token, "bob")).outcome is ClaimOutcome.NOT_OWNER  # not 409
+    held = await store.reserve("svc", 3, {}, owner="alice")
+    assert (await store.claim(held.token, None)).outcome is ClaimOutcome.CLAIMED
+    anonymous = await store.reserve("svc", 3, {})
+    assert (await store.claim(anonymous.token, "bob")).outcome is ClaimOutcome.CLAIMED
+
+
+def test_who_may_use_and_see_a_token() -> None:
+    alices = Reservation("t", "svc", 0, {}, owner="alice")
+    anonymous = Reservation("u", "svc", 1, {})
+    assert may_use(alices, "alice") and may_use(alices, None) and not may_use(alices, "bob")
+    assert may_see(alices, "alice") and not may_see(alices, None)
+    assert not may_see(alices, "bob")
+    assert all(may_use(anonymous, u) and may_see(anonymous, u) for u in (None, "bob"))

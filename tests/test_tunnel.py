@@ -13,7 +13,7 @@ import websockets
 from picows import WSUpgradeRequest, ws_create_server
 
 from websocketserver import tunnel as tunnel_module
-from websocketserver.tunnel import BackendError, Tunnel, TunnelStats
+from websocketserver.tunnel import BackendError, Tunnel, TunnelStats, UpstreamBudget
 
 FLOOD = 256 * 1024 * 1024
 BOUND = 48 * 1024 * 1024  # far below FLOOD: what kernel buffers + our limits may hold
@@ -82,7 +82,8 @@ async def relay() -> AsyncIterator:
 
     def factory(request: WSUpgradeRequest) -> Tunnel:
         query = dict(parse_qsl(urlsplit(request.path.decode()).query))
-        tunnel = Tunnel(TunnelStats(peer="test", target="backend"), max_message=1 << 40)
+        tunnel = Tunnel(TunnelStats(peer="test", target="backend"), max_message=1 << 40,
+                        budget=UpstreamBudget(1 << 40))
         tunnels.append(tunnel)
         task = asyncio.get_running_loop().create_task(
             run(tunnel, query.get("host", "127.0.0.1"), int(query["port"])))
@@ -253,7 +254,8 @@ async def test_backend_that_never_answers_times_out_without_leaking() -> None:
                 pass
             fillers.append(filler)
         fds_before = len(os.listdir("/proc/self/fd"))
-        tunnel = Tunnel(TunnelStats(peer="test", target="backend"), max_message=1024)
+        tunnel = Tunnel(TunnelStats(peer="test", target="backend"), max_message=1024,
+                        budget=UpstreamBudget(1 << 40))
         with pytest.raises(BackendError, match="did not answer"):
             await tunnel.connect("127.0.0.1", port, timeout=0.5)
         assert len(os.listdir("/proc/self/fd")) == fds_before

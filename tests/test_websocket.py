@@ -161,6 +161,19 @@ async def test_a_header_that_never_ends_is_refused(gateway) -> None:
     writer.close()
 
 
+async def test_a_long_head_in_one_write_is_refused(gateway) -> None:
+    """The head limit (4 x --max_header_size) holds when the whole head, lines each
+    under the line limit, arrives in one write too (it got 101 at 40 KB)."""
+    _, port = gateway
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    lines = b"".join(b"X-Filler-%d: %s\r\n" % (n, b"a" * 4000) for n in range(10))
+    writer.write(request(lines))
+    answer = await asyncio.wait_for(reader.read(), 5)
+    assert answer.startswith(b"HTTP/1.1 400 "), answer[:100]
+    assert b"request head over" in answer
+    writer.close()
+
+
 async def test_close_ends_the_tunnel_and_frees_its_count(gateway) -> None:
     websockets, port = gateway
     reader, writer = await upgrade(port, request())
@@ -176,6 +189,19 @@ async def test_close_ends_the_tunnel_and_frees_its_count(gateway) -> None:
             break
         await asyncio.sleep(0.01)
     assert websockets.limits.total == 0 and not websockets.tunnels
+
+
+async def test_a_second_close_frame_is_ignored(gateway) -> None:
+    """Autobahn 7.1.2: a close frame, then another in the same write: the first is
+    answered with 1000, the second ignored (RFC 6455 5.5.1), not refused with 1002."""
+    _, port = gateway
+    reader, writer = await upgrade(port, request())
+    writer.write(frame(b"data"))
+    assert await read_echo(reader, 4) == b"data"
+    writer.write(frame(struct.pack("!H", 1000), opcode=0x8) * 2)
+    assert await asyncio.wait_for(read_frame(reader), 5) == (0x8, struct.pack("!H", 1000))
+    assert await asyncio.wait_for(reader.read(), 5) == b""
+    writer.close()
 
 
 async def test_shutdown_closes_tunnels_with_1001(gateway) -> None:

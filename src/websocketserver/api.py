@@ -4,6 +4,10 @@ Every call needs the security token when one is configured (``?security_token=``
 or ``Authorization: Bearer``), compared in constant time; the one exception is
 ``/v1/release/{token}``, which the holder of that reservation token may call.
 Errors are JSON ``{"error": "..."}`` with a fitting status.
+
+A token reserved by a known user is that user's: other callers see its instance
+with ``"token": null`` and may not release it (403); the security token's holder
+is an administrator, who sees and may release every one.
 """
 
 from __future__ import annotations
@@ -62,6 +66,10 @@ class RestApi:
             offered = value.strip() if scheme.lower() == "bearer" else ""
         return hmac.compare_digest(offered.encode("utf-8", "surrogateescape"), self._token)
 
+    def _admin(self, request: web.BaseRequest) -> bool:
+        """Whether the caller holds the configured security token (without one: nobody)."""
+        return self._token is not None and self.authorized(request)
+
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         """Dispatch ``/vN/name[/argument]``."""
         parts = request.path.strip("/").split("/")
@@ -93,7 +101,8 @@ class RestApi:
         return self.services.identity.user(request)
 
     async def status(self, request: web.BaseRequest, _: str) -> web.StreamResponse:
-        return web.json_response(await self.services.status(self._user(request)))
+        return web.json_response(await self.services.status(self._user(request),
+                                                            self._admin(request)))
 
     async def reserve(self, request: web.BaseRequest, name: str) -> web.StreamResponse:
         options = {k: v for k, v in request.query.items() if k not in _NOT_OPTIONS}
@@ -101,12 +110,13 @@ class RestApi:
         return web.json_response({"token": reservation.token})
 
     async def release(self, request: web.BaseRequest, token: str) -> web.StreamResponse:
-        reservation = await self.services.release(token)
+        reservation = await self.services.release(token, self._user(request),
+                                                  self._admin(request))
         return web.json_response({"released": reservation.token,
                                   "service": reservation.service})
 
     async def status_view(self, request: web.BaseRequest, _: str) -> web.StreamResponse:
-        services = await self.services.status(self._user(request))
+        services = await self.services.status(self._user(request), self._admin(request))
         if "fragment" in request.query:  # the live page refreshing itself
             return web.Response(text=render_services(services), content_type="text/html")
         return web.Response(text=render_status(services), content_type="text/html")
@@ -131,9 +141,7 @@ def render_services(services: list[dict[str, Any]]) -> str:
             f"<td class='num'>{_bytes(i['bytes_down'])}</td>"
             f"<td class='num'>{_bytes(i['bytes_up'])}</td>"
             f"<td><code>{html.escape(json.dumps(i['options']))}</code></td>"
-            f"<td><code title='{html.escape(i['token'])}'>{html.escape(i['token'][:8])}…</code>"
-            f"</td><td><button data-release='{html.escape(i['token'])}'>release</button></td>"
-            "</tr>"
+            f"{_token_cells(i['token'])}</tr>"
             for i in service["instances"]
         ) or "<tr><td colspan='9' class='idle'>no instances</td></tr>"
         used, count = len(service["instances"]), service["count"]
@@ -150,10 +158,22 @@ def render_services(services: list[dict[str, Any]]) -> str:
     return "".join(blocks) or "<p class='idle'>No services are configured.</p>"
 
 
+def _token_cells(token: str | None) -> str:
+    """The token and release cells of an instance; empty for another user's token."""
+    if token is None:
+        return "<td class='idle'>another user's</td><td></td>"
+    token = html.escape(token)
+    return (f"<td><code title='{token}'>{token[:8]}…</code></td>"
+            f"<td><button data-release='{token}'>release</button></td>")
+
+
 _DASHBOARD_SCRIPT = """
 const params = new URLSearchParams(location.search);
-const auth = params.get('security_token');
-const withAuth = (path) => auth ? `${path}?security_token=${encodeURIComponent(auth)}` : path;
+const auth = new URLSearchParams();
+for (const name of ['security_token', 'user_key']) {
+  if (params.get(name)) auth.set(name, params.get(name));
+}
+const withAuth = (path) => auth.size ? `${path}?${auth}` : path;
 async function refresh() {
   const url = new URL(location.href);
   url.searchParams.set('fragment', '1');

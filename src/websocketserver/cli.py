@@ -16,10 +16,12 @@ from pathlib import Path
 from typing import NoReturn
 
 from . import __version__
+from .install import discover
 from .settings import BUILTIN_APPS, ServiceConfig, Settings, SettingsError, load_service_config
 
 PROG = "websocketserver.py"
 TOKEN_ENV = "WEBSOCKETSERVER_SECURITY_TOKEN"
+APP_ROOT_ENV = "WEBSOCKETSERVER_APP_ROOT"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -138,12 +140,17 @@ def build_parser() -> argparse.ArgumentParser:
     grpc.add_argument("--grpc_allow_network_connections", action="store_true")
     grpc.add_argument("--grpc_disable_tls", action="store_true")
     grpc.add_argument("--grpc_uds_pathname", metavar="path")
+    grpc.add_argument("--separate_loops", action="store_true",
+                      help="Accepted for compatibility (the original ran REST and websockets on "
+                      "separate event loops); changes nothing here")
     extra = parser.add_argument_group("websocketserver options (not in the original)")
     extra.add_argument("--listen_address", metavar="address",
                        help="Address both listeners bind to. Default: all interfaces")
     extra.add_argument("--ansys_install_root", metavar="directory", type=Path,
                        help="Serve /ansysNNN/... URLs from directory/ansysNNN/... "
-                       "Default: from --http_directory like any path")
+                       "Default: the install tree the server lives in or the environment "
+                       "names ($PYENSIGHT_ANSYS_INSTALLATION, $CEI_HOME, $AWP_ROOTnnn), else "
+                       "--http_directory like any path")
     extra.add_argument("--start_timeout", metavar="seconds", type=_positive, default=60.0,
                        help="How long a service may take to start and listen. Default:60")
     extra.add_argument("--max_message_size", metavar="bytes", type=_count,
@@ -151,8 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="Largest websocket message accepted from a client. "
                        "Default:67108864")
     extra.add_argument("--local_app_root", metavar="directory", type=Path,
-                       help="Install directory of EnSight/EnVision for --local_session. "
-                       "Default: $WEBSOCKETSERVER_APP_ROOT, else $PYENSIGHT_ANSYS_INSTALLATION")
+                       help="Install directory of EnSight/EnVision for --local_session "
+                       "(bin/APP or CEI/bin/APP below it). Default: $WEBSOCKETSERVER_APP_ROOT, "
+                       "else the install found as for --ansys_install_root")
     extra.add_argument("--local_app_command", metavar="command",
                        help="Command line launching a --local_session application; "
                        "{app}, {root}, {port} and {target_pathname} are substituted")
@@ -187,6 +195,11 @@ def build_parser() -> argparse.ArgumentParser:
     limits.add_argument("--ping_interval", metavar="seconds", type=_positive,
                         help="Ping a browser that has sent nothing for this long; close "
                         "when no pong comes within half of it. Default: off")
+    limits.add_argument("--max_upstream_buffer", metavar="bytes", type=_count,
+                        default=64 * 1024 * 1024,
+                        help="Most bytes the tunnels of one process hold from browsers "
+                        "beyond 1 MiB each (large frames, a stalled backend); a tunnel that "
+                        "would exceed it is closed with 1009. Default:67108864")
     limits.add_argument("--idle_timeout", metavar="seconds", type=_positive,
                         help="Close a tunnel after this long without traffic. Default: off")
     tuning = parser.add_argument_group("performance")
@@ -198,17 +211,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_settings(argv: Sequence[str] | None = None) -> Settings:
-    """Parse the command line into :class:`Settings`, exiting with status 2 on bad usage."""
+def parse_settings(argv: Sequence[str] | None = None, location: Path | None = None) -> Settings:
+    """Parse the command line into :class:`Settings`, exiting with status 2 on bad usage.
+
+    ``location`` is the server's own path (argv[0]): an install tree around it is used
+    when no option names one (see :mod:`websocketserver.install`).
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return _settings(args)
+        return _settings(args, location)
     except SettingsError as exc:
         parser.error(str(exc))
 
 
-def _settings(args: argparse.Namespace) -> Settings:
+def _settings(args: argparse.Namespace, location: Path | None) -> Settings:
     local_sessions = []
     for app, count in args.local_session:
         if app not in BUILTIN_APPS:
@@ -241,15 +258,16 @@ def _settings(args: argparse.Namespace) -> Settings:
             raise SettingsError(f"--local_session {app}: service {name!r} is already defined")
         services.append(ServiceConfig(name=name, script=None, count=count, options={},
                                       builtin_app=app))
-    app_root = args.local_app_root or _env_path("WEBSOCKETSERVER_APP_ROOT",
-                                                "PYENSIGHT_ANSYS_INSTALLATION")
+    web_root, app_root, notes = _install(args, location, bool(local_sessions))
     derived = {
         "ws_port": args.ws_server_port,
         "local_sessions": tuple(local_sessions),
         "add_headers": tuple(args.add_header),
         "trusted_proxies": tuple(args.trusted_proxy),
         "allowed_origins": tuple(args.allowed_origin),
+        "ansys_install_root": web_root,
         "local_app_root": app_root,
+        "install_notes": notes,
         "services": tuple(services),
     }
     as_given = {f.name: getattr(args, f.name) for f in dataclasses.fields(Settings)
@@ -257,16 +275,40 @@ def _settings(args: argparse.Namespace) -> Settings:
     return Settings(**as_given, **derived)
 
 
-def _env_path(*names: str) -> Path | None:
-    for name in names:
-        if os.environ.get(name):
-            return Path(os.environ[name])
-    return None
+def _install(args: argparse.Namespace, location: Path | None,
+             local: bool) -> tuple[Path | None, Path | None, tuple[str, ...]]:
+    """The ``/ansys…`` root, the built-in applications' root, and start-up log lines
+    saying where each comes from. Options and ``$WEBSOCKETSERVER_APP_ROOT`` win; else
+    the install found around the server or in the environment."""
+    found = discover(location, os.environ)
+    notes = []
+    web_root, web_from = args.ansys_install_root, "--ansys_install_root"
+    if web_root is None and found is not None and found.nexus is not None:
+        web_root, web_from = found.nexus, found.found_by
+    if args.http_directory is not None:
+        notes.append(f"/ansys... URLs are served from {web_root} ({web_from})"
+                     if web_root is not None else
+                     "/ansys... URLs are served from --http_directory: no install found "
+                     "around the server or in $PYENSIGHT_ANSYS_INSTALLATION, $CEI_HOME, "
+                     "$AWP_ROOTnnn")
+    app_root, app_from = args.local_app_root, "--local_app_root"
+    if app_root is None and os.environ.get(APP_ROOT_ENV):
+        app_root, app_from = Path(os.environ[APP_ROOT_ENV]), f"${APP_ROOT_ENV}"
+    if app_root is None and found is not None:
+        app_root, app_from = found.cei, found.found_by
+    if app_root is None and os.environ.get("PYENSIGHT_ANSYS_INSTALLATION"):
+        app_root = Path(os.environ["PYENSIGHT_ANSYS_INSTALLATION"])  # named in the error
+        app_from = "$PYENSIGHT_ANSYS_INSTALLATION, which holds no install"
+    if local:
+        notes.append(f"built-in applications run from {app_root}/bin or {app_root}/CEI/bin "
+                     f"({app_from})" if app_root is not None else
+                     "built-in applications: no install found (set --local_app_root)")
+    return web_root, app_root, tuple(notes)
 
 
 def main(argv: Sequence[str] | None = None) -> NoReturn:
     """Entry point of the ``websocketserver`` command."""
-    settings = parse_settings(argv)
+    settings = parse_settings(argv, Path(sys.argv[0]))
     from .server import run  # imported late: `-h` and usage errors stay fast
 
     sys.exit(run(settings))

@@ -1,24 +1,34 @@
 """The HTTP file server: read-only files and directory listings under a root.
 
-Range requests, ETag / Last-Modified and conditional GETs come from aiohttp's
-``FileResponse``. This module's own job is to map a URL to a file without ever
-leaving the root: every percent-decoded segment is checked (no ``..``, no ``/`` or
-``\\`` or NUL hidden in an escape), and the final path, symlinks resolved, must
-still lie inside the root. Anything else is a plain 404, which says nothing about
-what exists outside.
+This module's job is to map a URL to a file without ever leaving the root: every
+percent-decoded segment is checked (no ``..``, no ``/`` or ``\\`` or NUL hidden in an
+escape, no dotfile), and the final path, symlinks resolved, must still lie inside the
+root. Anything else is a plain 404, which says nothing about what exists outside. A
+listing shows exactly the entries that could be fetched, so it says nothing about
+outside targets either, and a redirect only ever names a path on this server.
+
+Sending the file (sendfile, ETag / Last-Modified, conditional GETs) is aiohttp's
+``FileResponse``; the Range and If-Range headers are judged here, by RFC 9110, and
+aiohttp is handed at most one plain byte range (see :func:`_range_for`).
 """
 
 from __future__ import annotations
 
 import html
+import math
 import mimetypes
+import os
 import re
 import stat
 import time
 from pathlib import Path
 from urllib.parse import quote, unquote
 
-from aiohttp import web
+from aiohttp import hdrs, web
+from aiohttp.abc import AbstractStreamWriter
+from multidict import CIMultiDict
+
+from .install import version_folder
 
 _TYPES = mimetypes.MimeTypes()
 for _type, _ext in (
@@ -34,8 +44,13 @@ for _type, _ext in (
 ):
     _TYPES.add_type(_type, _ext)
 
-_ANSYS = re.compile(r"ansys\d+")
+_ANSYS = re.compile(r"ansys\d*")
 _BAD_CHARS = ("/", "\\", "\0")
+_WELL_KNOWN = ".well-known"  # RFC 8615 site metadata: the one dot-name served
+_RANGE_SPEC = re.compile(r"(\d*)-(\d*)", re.ASCII)
+# aiohttp answers 416 with ``Content-Range: bytes */LEN`` (LEN from the file it opened)
+# to a Range it cannot parse: the way to ask it for a 416 after its precondition checks.
+_UNSATISFIABLE = "bytes=*"
 
 
 def content_type(path: Path) -> str:
@@ -48,81 +63,236 @@ def content_type(path: Path) -> str:
     return kind
 
 
+def _hidden(name: str) -> bool:
+    """Dotfiles (``.git``, ``.env``, ``.htpasswd``...) are never listed or served."""
+    return name.startswith(".") and name != _WELL_KNOWN
+
+
+def _segments(raw_path: str) -> list[str] | None:
+    """The decoded segments of a raw URL path (``//`` and ``.`` dropped), None if refused.
+
+    Raises UnicodeDecodeError for an escape that is not UTF-8.
+    """
+    segments = []
+    for raw in raw_path.split("/"):
+        segment = unquote(raw, errors="strict") if "%" in raw else raw
+        if segment in ("", "."):
+            continue
+        if segment == ".." or any(c in segment for c in _BAD_CHARS) or _hidden(segment):
+            return None
+        segments.append(segment)
+    return segments
+
+
+def _contained(path: Path, base: Path) -> Path | None:
+    """``path`` with symlinks resolved if that exists inside ``base`` and is not hidden."""
+    try:
+        resolved = path.resolve(strict=True)
+    except (OSError, RuntimeError, ValueError):
+        return None
+    if not resolved.is_relative_to(base):
+        return None
+    if any(_hidden(part) for part in resolved.relative_to(base).parts):
+        return None
+    return resolved
+
+
 class FileServer:
-    """Serves ``root``; ``/ansysNNN/...`` from ``ansys_root`` when that is configured."""
+    """Serves ``root``; ``/ansysNNN/...`` from ``ansys_root`` when that is configured,
+    and ``/ansys/...`` (older clients) from its version folder (:func:`version_folder`)."""
 
     def __init__(self, root: Path, ansys_root: Path | None = None) -> None:
         self.root = root.resolve()
         self.ansys_root = ansys_root.resolve() if ansys_root is not None else None
+        self._ansys_folder = (version_folder(self.ansys_root)
+                              if self.ansys_root is not None else None)
 
     def locate(self, raw_path: str) -> Path | None:
         """The file or directory a raw (still percent-encoded) URL path names, or None."""
-        segments = []
-        for raw in raw_path.split("/"):
-            segment = unquote(raw, errors="strict") if "%" in raw else raw
-            if segment in ("", "."):
-                continue
-            if segment == ".." or any(c in segment for c in _BAD_CHARS):
-                return None
-            segments.append(segment)
+        segments = _segments(raw_path)
+        if segments is None:
+            return None
+        found = self._lookup(segments)
+        return found[1] if found is not None else None
+
+    def _lookup(self, segments: list[str]) -> tuple[Path, Path] | None:
+        """(the root the segments are under, the resolved path they name), or None."""
         base = self.root
         if self.ansys_root is not None and segments and _ANSYS.fullmatch(segments[0]):
             base = self.ansys_root
-        try:
-            path = base.joinpath(*segments).resolve(strict=True)
-        except (OSError, RuntimeError, ValueError):
-            return None
-        return path if path.is_relative_to(base) else None
+            if segments[0] == "ansys" and self._ansys_folder is not None:
+                segments = [self._ansys_folder, *segments[1:]]
+        path = _contained(base.joinpath(*segments), base)
+        return (base, path) if path is not None else None
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        raw_path = request.rel_url.raw_path  # also for absolute-form targets
         try:
-            path = self.locate(request.rel_url.raw_path)  # also for absolute-form targets
+            segments = _segments(raw_path)
         except UnicodeDecodeError:
-            path = None
-        if path is None:
             return _not_found()
+        found = self._lookup(segments) if segments is not None else None
+        if segments is None or found is None:
+            return _not_found()
+        base, path = found
         try:
-            mode = path.stat().st_mode
+            info = path.stat()
+            if stat.S_ISDIR(info.st_mode):
+                if not raw_path.endswith("/"):
+                    return _redirect_to_directory(segments, request.rel_url.raw_query_string)
+                index = _contained(path / "index.html", base)
+                if index is None or not index.is_relative_to(path) or not index.is_file():
+                    return _listing(request.path, path, base)
+                path, info = index, index.stat()
         except OSError:
             return _not_found()
-        if stat.S_ISDIR(mode):
-            if not request.path.endswith("/"):
-                return web.Response(status=301, headers={"Location": quote(request.path) + "/"})
-            index = path / "index.html"
-            if index.is_file() and index.resolve().is_relative_to(path):
-                path = index
-            else:
-                return _listing(request.path, path)
-        elif not stat.S_ISREG(mode):
+        if not stat.S_ISREG(info.st_mode):
             return _not_found()
-        return web.FileResponse(path, headers={"Content-Type": content_type(path)})
+        return _FileResponse(path, _range_for(request, info))
 
 
 def _not_found() -> web.Response:
     return web.Response(status=404, text="404: Not Found")
 
 
-def _listing(url_path: str, directory: Path) -> web.Response:
-    """A plain HTML index of ``directory``: folders first, then files, by name."""
+def _redirect_to_directory(segments: list[str], query: str) -> web.Response:
+    """301 to the directory's URL with a slash: built from the checked segments, so it
+    always starts with exactly one ``/`` and can never name another host (``//host``)."""
+    location = "/" + "".join(quote(segment, safe="") + "/" for segment in segments)
+    if query:  # kept (e.g. noVNC's ?host=&port=), any byte not allowed in a URI escaped
+        location += "?" + quote(query, safe="!$&'()*+,;=:@/?%~")
+    return web.Response(status=301, headers={"Location": location})
+
+
+_HIDDEN = {hdrs.RANGE.upper(), hdrs.IF_RANGE.upper(), hdrs.ACCEPT_ENCODING.upper()}
+
+
+class _FileResponse(web.FileResponse):
+    """aiohttp's FileResponse, shown the request with only the Range judged here.
+
+    Accept-Encoding is hidden from it too: else, for ``x.js``, it would send a sibling
+    ``x.js.gz`` or ``x.js.br`` if one exists, a different file from the one named, whose
+    length and validators the Range decision was not made on.
+    """
+
+    def __init__(self, path: Path, byte_range: str | None) -> None:
+        super().__init__(path, headers={"Content-Type": content_type(path)})
+        self._byte_range = byte_range
+
+    async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
+        headers: CIMultiDict[str] = CIMultiDict()
+        for name, value in request.headers.items():  # clone() encodes them as UTF-8:
+            if name.upper() not in _HIDDEN:  # a raw non-ASCII byte (a surrogate) becomes
+                headers.add(name, value.encode("utf-8", "surrogateescape")  # U+FFFD
+                            .decode("utf-8", "replace"))
+        if self._byte_range is not None:
+            headers[hdrs.RANGE] = self._byte_range
+        return await super().prepare(request.clone(headers=headers))
+
+
+def _etag(info: os.stat_result) -> str:
+    """The strong ETag aiohttp's FileResponse sends for a file with this stat."""
+    return f'"{info.st_mtime_ns:x}-{info.st_size:x}"'
+
+
+def _if_range_holds(request: web.BaseRequest, info: os.stat_result) -> bool:
+    """RFC 9110 §13.1.5: does the Range apply to the current representation?
+
+    Only a strong ETag equal to the file's, or a date equal to its Last-Modified (which
+    aiohttp sends as the mtime rounded up) that has been over for a second, so that the
+    file cannot have changed again within it since; a weak ETag never matches.
+    """
+    values = request.headers.getall(hdrs.IF_RANGE, [])
+    if not values:
+        return True
+    if len(values) > 1:
+        return False
+    value = values[0].strip()
+    if value.startswith(('"', "W/")):
+        return value == _etag(info)
+    date = request.if_range
+    last_modified = math.ceil(info.st_mtime)
+    return date is not None and date.timestamp() == last_modified \
+        and time.time() >= last_modified + 1
+
+
+def _range_for(request: web.BaseRequest, info: os.stat_result) -> str | None:
+    """The Range aiohttp is to serve: one ``bytes=FIRST-LAST``, :data:`_UNSATISFIABLE`
+    (416), or None for the whole file (200). RFC 9110 §14.
+
+    aiohttp alone answers ``bytes=-0`` with the whole file as 206, takes an If-Range
+    ETag for no If-Range and any later date as a match, and answers 416 to several
+    ranges, to an invalid range and to other units, all of which must be ignored (200).
+    Several satisfiable ranges would need multipart/byteranges, which aiohttp cannot
+    send: the whole file (200) answers them, as the RFC allows.
+    """
+    values = request.headers.getall(hdrs.RANGE, [])
+    if len(values) != 1 or not _if_range_holds(request, info):
+        return None
+    unit, equals, range_set = values[0].partition("=")
+    if not equals or unit.lower() != "bytes":
+        return None
+    specs = [spec.strip(" \t") for spec in range_set.split(",")]
+    if not any(specs):
+        return None
+    size = info.st_size
+    satisfiable: list[tuple[int, int]] = []
     try:
-        entries = sorted(directory.iterdir(), key=lambda p: (not p.is_dir(), p.name.lower()))
+        for spec in filter(None, specs):  # empty list elements are allowed, and ignored
+            match = _RANGE_SPEC.fullmatch(spec)
+            if match is None or match.group(0) == "-":
+                return None
+            first, last = match.groups()
+            if first and last and int(last) < int(first):
+                return None  # invalid: the whole Range is ignored
+            if first and int(first) < size:
+                satisfiable.append((int(first), min(int(last), size - 1) if last else size - 1))
+            elif not first and int(last) > 0:
+                if size == 0:
+                    return None  # a suffix of nothing: the (empty) whole file
+                satisfiable.append((max(size - int(last), 0), size - 1))
+    except ValueError:  # a number past int()'s digit limit: ignored, as the RFC allows
+        return None
+    if not satisfiable:
+        return _UNSATISFIABLE
+    if len(satisfiable) > 1:
+        return None
+    first_byte, last_byte = satisfiable[0]
+    return f"bytes={first_byte}-{last_byte}"
+
+
+def _listing(url_path: str, directory: Path, base: Path) -> web.Response:
+    """A plain HTML index of ``directory``: folders first, then files, by name.
+
+    Only what can be fetched is listed: an entry that is hidden, whose target lies
+    outside ``base``, dangles, or is neither a file nor a folder is left out, whatever
+    (and whether anything) it points to, so nothing outside the root shows here.
+    """
+    try:
+        names = [entry.name for entry in directory.iterdir()]
     except OSError:
         return _not_found()
+    entries = []
+    for name in names:
+        target = _contained(directory / name, base)
+        if _hidden(name) or target is None:
+            continue
+        try:
+            info = target.stat()
+        except OSError:
+            continue
+        if stat.S_ISDIR(info.st_mode) or stat.S_ISREG(info.st_mode):
+            entries.append((not stat.S_ISDIR(info.st_mode), name.lower(), name, info))
     title = html.escape(url_path)
     rows = []
     if url_path != "/":
         rows.append('<tr><td><a href="../">../</a></td><td></td><td></td></tr>')
-    for entry in entries:
-        try:
-            info = entry.stat()
-        except OSError:
-            continue  # a dangling symlink: nothing to serve
-        is_dir = stat.S_ISDIR(info.st_mode)
-        name = entry.name + ("/" if is_dir else "")
-        size = "" if is_dir else f"{info.st_size:,}"
+    for is_file, _, name, info in sorted(entries, key=lambda entry: entry[:2]):
+        shown = name if is_file else name + "/"
+        size = f"{info.st_size:,}" if is_file else ""
         when = time.strftime("%Y-%m-%d %H:%M", time.localtime(info.st_mtime))
         rows.append(
-            f'<tr><td><a href="{quote(name)}">{html.escape(name)}</a></td>'
+            f'<tr><td><a href="{quote(shown)}">{html.escape(shown)}</a></td>'
             f'<td class="size">{size}</td><td>{when}</td></tr>'
         )
     body = (

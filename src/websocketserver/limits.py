@@ -2,7 +2,9 @@
 
 * :class:`GuardedSite` listens like aiohttp's ``TCPSite`` but gives every connection
   ``--handshake_timeout`` seconds for its TLS handshake and its first request's
-  headers; a connection that dribbles (slowloris) is closed.
+  headers; a connection that dribbles (slowloris) is closed. (The requests after the
+  first are bounded by aiohttp's ``keepalive_timeout``, see ``server.py``.) It
+  accepts connections itself, so that running out of descriptors is logged.
 * :class:`TunnelLimits` counts tunnels globally, per client address and per user,
   and says why a new one is refused.
 * :func:`origin_allowed` is the websocket ``Origin`` policy (cross-site websocket
@@ -13,7 +15,10 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
+import math
+import socket
 import ssl
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -25,7 +30,8 @@ log = logging.getLogger("websocketserver.limits")
 
 
 class HandshakeGuard:
-    """Closes connections that have not sent a request's headers within ``timeout``.
+    """Closes connections that have not sent their first request's headers within
+    ``timeout``; the HTTP server's ``keepalive_timeout`` bounds the requests after it.
 
     Listen with a :class:`GuardedSite` and call :meth:`seen` for every request.
     """
@@ -36,7 +42,7 @@ class HandshakeGuard:
 
     def seen(self, request: web.BaseRequest) -> None:
         """The request's headers arrived: its connection is past the handshake."""
-        timer = self._pending.pop(request.protocol, None)  # type: ignore[arg-type]
+        timer = self._pending.pop(request.protocol, None)
         if timer is not None:
             # Cancelled now rather than left to fire: at thousands of connections a
             # second, timers left pending would hold that many handlers for
@@ -64,7 +70,8 @@ class HandshakeGuard:
 
 
 class GuardedSite(web.BaseSite):
-    """aiohttp's ``TCPSite``, with a :class:`HandshakeGuard` on every connection."""
+    """aiohttp's ``TCPSite``, with a :class:`HandshakeGuard` on every connection and an
+    :class:`Acceptor` that reports running out of descriptors."""
 
     def __init__(self, runner: web.BaseRunner, host: str | None, port: int, *,
                  ssl_context: ssl.SSLContext | None, backlog: int,
@@ -82,10 +89,149 @@ class GuardedSite(web.BaseSite):
         await super().start()
         server = self._runner.server
         assert isinstance(server, web.Server)
-        self._server = await asyncio.get_running_loop().create_server(
-            self._guard.protocol_factory(server), self._host, self._port,
-            ssl=self._ssl_context, backlog=self._backlog, reuse_address=True,
-            ssl_handshake_timeout=self._guard.timeout if self._ssl_context else None)
+        sockets = await _listen(self._host, self._port, self._backlog)
+        self._server = Acceptor(sockets, self._guard.protocol_factory(server),
+                                self._ssl_context, self._guard.timeout)
+
+
+ACCEPT_RETRY = 0.1
+"""Seconds accepting pauses after ``accept()`` failed (mostly: no descriptor left)."""
+ACCEPT_LOG_INTERVAL = 10.0
+"""At most one log line per this many seconds while ``accept()`` keeps failing."""
+
+_ACCEPT_BATCH = 128
+"""Connections accepted per wake-up at most: the rest wait for the next loop iteration."""
+_TRANSIENT = (BlockingIOError, InterruptedError, ConnectionAbortedError)
+_Starting = asyncio.Task[tuple[asyncio.Transport, asyncio.Protocol]]
+
+
+class Acceptor(asyncio.AbstractServer):
+    """Accepts on listening sockets and hands each connection to the event loop.
+
+    Why not ``loop.create_server``: under uvloop, libuv meets ``accept()`` failing
+    with EMFILE/ENFILE by accepting and dropping the waiting connections, and tells
+    nobody; the server then answers nothing and logs nothing. Here such a failure is
+    logged (once per :data:`ACCEPT_LOG_INTERVAL`) and accepting pauses for
+    :data:`ACCEPT_RETRY`, leaving new connections in the listen backlog until
+    descriptors are free again (the handshake and keep-alive timeouts free them).
+    """
+
+    def __init__(self, sockets: list[socket.socket], factory: Callable[[], asyncio.Protocol],
+                 context: ssl.SSLContext | None, handshake_timeout: float) -> None:
+        self._loop = asyncio.get_running_loop()
+        self.sockets = sockets
+        self._factory = factory
+        self._context = context
+        self._handshake_timeout = handshake_timeout if context is not None else None
+        self._starting: set[_Starting] = set()  # connections in their TLS handshake
+        self._retry: asyncio.TimerHandle | None = None
+        self._serving = True
+        self._logged_at = -math.inf
+        self._resume()
+
+    def _resume(self) -> None:
+        self._retry = None
+        for sock in self.sockets:
+            self._loop.add_reader(sock.fileno(), self._accept, sock)
+
+    def _accept(self, sock: socket.socket) -> None:
+        for _ in range(_ACCEPT_BATCH):
+            try:
+                conn, _ = sock.accept()
+            except _TRANSIENT:
+                return
+            except OSError as exc:
+                self._pause(sock, exc)
+                return
+            task = self._loop.create_task(self._loop.connect_accepted_socket(
+                self._factory, conn, ssl=self._context,
+                ssl_handshake_timeout=self._handshake_timeout))
+            self._starting.add(task)
+            task.add_done_callback(self._started)
+
+    def _started(self, task: _Starting) -> None:
+        self._starting.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            # A failed or timed-out TLS handshake: the client's doing, the connection is gone.
+            log.debug("connection not started: %s", task.exception())
+
+    def _pause(self, sock: socket.socket, exc: OSError) -> None:
+        """Stop accepting for a moment; say why, but not at every attempt."""
+        for listening in self.sockets:
+            self._loop.remove_reader(listening.fileno())
+        self._retry = self._loop.call_later(ACCEPT_RETRY, self._resume)
+        now = self._loop.time()
+        if now - self._logged_at < ACCEPT_LOG_INTERVAL:
+            return
+        self._logged_at = now
+        hint = ""
+        if exc.errno in (errno.EMFILE, errno.ENFILE):
+            hint = (f" (open-file limit {_open_file_limit()}: raise it, e.g. LimitNOFILE, "
+                    "or see who holds the connections)")
+        log.error("port %s: cannot accept connections: %s%s; new connections wait in the "
+                  "backlog", sock.getsockname()[1], exc, hint)
+
+    def close(self) -> None:
+        if not self._serving:
+            return
+        self._serving = False
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
+        else:
+            for sock in self.sockets:
+                self._loop.remove_reader(sock.fileno())
+        for sock in self.sockets:
+            sock.close()
+        for task in self._starting:
+            task.cancel()
+
+    def get_loop(self) -> asyncio.AbstractEventLoop:
+        return self._loop
+
+    def is_serving(self) -> bool:
+        return self._serving
+
+    async def start_serving(self) -> None:
+        """Accepting starts with the object: nothing to do."""
+
+    async def serve_forever(self) -> None:
+        raise NotImplementedError("an Acceptor is served by an aiohttp runner")
+
+    async def wait_closed(self) -> None:
+        if self._starting:
+            await asyncio.wait(self._starting)
+
+
+async def _listen(host: str | None, port: int, backlog: int) -> list[socket.socket]:
+    """Listening sockets on every address of ``host`` (``None``: all interfaces), as
+    ``loop.create_server`` makes them; an ``OSError`` if one cannot be bound."""
+    infos = await asyncio.get_running_loop().getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    sockets: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, address in dict.fromkeys(infos):
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+            sock.listen(backlog)
+            sock.setblocking(False)
+    except OSError:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
+def _open_file_limit() -> str:
+    try:
+        import resource
+    except ImportError:  # not a POSIX system
+        return "unknown"
+    return str(resource.getrlimit(resource.RLIMIT_NOFILE)[0])
 
 
 class LimitExceeded(Exception):

@@ -5,8 +5,11 @@ as the original did::
 
     {root}/bin/ensight -batch -vnc vnc://%3Frfb_port={port}%26use_auth=0 [target_pathname]
 
-``--local_app_root`` sets ``{root}``; ``--local_app_command`` replaces the whole
-command line, so that any VNC-serving program can stand in for the application.
+``{root}`` is ``--local_app_root`` or the install found at start-up (see
+:mod:`.install`), or its ``CEI`` folder: an install's version directory (``.../v261``,
+as ``$PYENSIGHT_ANSYS_INSTALLATION`` names it) holds the application under
+``v261/CEI/bin``. ``--local_app_command`` replaces the whole command line, so that any
+VNC-serving program can stand in for the application.
 A missing installation is not a start-up error (launchers always pass
 ``--local_session envision 5``): it is reported when a reservation is activated.
 """
@@ -39,14 +42,24 @@ class LocalApplication(CommandService):
         if self.root is None and "{root}" in self.template:
             raise RuntimeError(f"{self.app} is not installed here: no install directory "
                                "(set --local_app_root or $WEBSOCKETSERVER_APP_ROOT)")
+        roots = [self.root, self.root / "CEI"] if self.root is not None else [None]
+        tried: list[str] = []
+        for root in roots:
+            argv = self._argv(root, options, port)
+            if shutil.which(argv[0]) is not None or os.access(argv[0], os.X_OK):
+                return argv
+            tried.append(argv[0])
+        programs = list(dict.fromkeys(tried))  # the same when the command has no {root}
+        raise RuntimeError(f"{self.app} is not installed here: " + (
+            f"neither {programs[0]} nor {programs[1]} exists" if len(programs) > 1
+            else f"{programs[0]} not found"))
+
+    def _argv(self, root: Path | None, options: dict[str, Any], port: int) -> list[str]:
         target = options.get("target_pathname", "")
-        fields = {"app": self.app, "root": str(self.root), "port": str(port),
+        fields = {"app": self.app, "root": str(root), "port": str(port),
                   "target_pathname": target}
         argv = [arg.format(**fields) for arg in shlex.split(self.template)]
         argv = [arg for arg in argv if arg]  # an empty {target_pathname} adds nothing
         if target and "{target_pathname}" not in self.template:
             argv.append(target)
-        program = argv[0]
-        if shutil.which(program) is None and not os.access(program, os.X_OK):
-            raise RuntimeError(f"{self.app} is not installed here: {program} not found")
         return argv

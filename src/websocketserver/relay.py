@@ -358,7 +358,7 @@ class _Relay:
             self.channel.send(("ended", tunnel_id, 0, 0))
             return
         sock = socket.socket(fileno=fds[0])
-        tunnel = Tunnel(TunnelStats(peer=peer, target=""), self.settings.max_message_size)
+        tunnel = self.live.tunnel(peer)
         self._ids[tunnel] = tunnel_id
         self.live.spawn(self._run(sock, tunnel, key, binary, tail))
 

@@ -6,6 +6,10 @@ implementation for a single server. Everything outside this module goes through
 the interface's methods, all ``async`` and each atomic, never through a store's
 internals.
 
+A token reserved by a known user is bound to that user (:func:`may_use`): other
+known users may not use it. Its first websocket takes it with :meth:`~ReservationStore.claim`,
+one atomic step from reserved to starting, so of simultaneous upgrades one wins.
+
 Lifecycle of a token::
 
     reserved --first websocket--> starting --port accepts--> active
@@ -35,6 +39,15 @@ class NoSlotFree(Exception):
     """Every one of the service's ``count`` instances is taken."""
 
 
+class ClaimOutcome(enum.StrEnum):
+    """Why :meth:`ReservationStore.claim` did or did not hand a token to its caller."""
+
+    CLAIMED = "claimed"
+    UNKNOWN = "unknown"
+    NOT_OWNER = "not owner"
+    IN_USE = "in use"
+
+
 @dataclass(frozen=True)
 class Reservation:
     """One token's claim on instance ``index`` of ``service``."""
@@ -49,6 +62,30 @@ class Reservation:
     """When the reservation was made (seconds since the epoch)."""
     changed: float = field(default_factory=time.monotonic)
     """When the state last changed (monotonic clock)."""
+
+
+def may_use(reservation: Reservation, user: str | None) -> bool:
+    """Whether a caller known as ``user`` (None: anonymous) may use or release the token.
+
+    An anonymous reservation is anyone's who holds its token. A known user's one is
+    refused to other known users; an anonymous caller holding it may use it, since the
+    token is the capability (a launcher hands it to a page that carries no identity).
+    """
+    return reservation.owner is None or user is None or user == reservation.owner
+
+
+def may_see(reservation: Reservation, user: str | None) -> bool:
+    """Whether ``user`` may be shown the token: an anonymous one's, or their own."""
+    return reservation.owner is None or user == reservation.owner
+
+
+@dataclass(frozen=True)
+class Claim:
+    """The answer of :meth:`ReservationStore.claim`."""
+
+    outcome: ClaimOutcome
+    reservation: Reservation | None
+    """The token's reservation after the claim (starting, when claimed); None if unknown."""
 
 
 class ReservationStore(ABC):
@@ -67,6 +104,15 @@ class ReservationStore(ABC):
     async def transition(self, token: str, expected: State | tuple[State, ...],
                          new: State) -> Reservation | None:
         """Move ``token`` to ``new`` if it is in an ``expected`` state; None otherwise."""
+
+    @abstractmethod
+    async def claim(self, token: str, user: str | None) -> Claim:
+        """Take ``token`` for a websocket of ``user``, in one atomic step.
+
+        It moves from reserved to starting if it exists, :func:`may_use` allows
+        ``user`` and it is reserved; checked in that order, and whichever fails first
+        is the outcome. Of any number of simultaneous claims at most one succeeds.
+        """
 
     @abstractmethod
     async def remove(self, token: str) -> Reservation | None:
@@ -109,6 +155,19 @@ class MemoryStore(ReservationStore):
             updated = replace(current, state=new, changed=time.monotonic())
             self._by_token[token] = updated
             return updated
+
+    async def claim(self, token: str, user: str | None) -> Claim:
+        async with self._lock:
+            current = self._by_token.get(token)
+            if current is None:
+                return Claim(ClaimOutcome.UNKNOWN, None)
+            if not may_use(current, user):
+                return Claim(ClaimOutcome.NOT_OWNER, current)
+            if current.state is not State.RESERVED:
+                return Claim(ClaimOutcome.IN_USE, current)
+            claimed = replace(current, state=State.STARTING, changed=time.monotonic())
+            self._by_token[token] = claimed
+            return Claim(ClaimOutcome.CLAIMED, claimed)
 
     async def remove(self, token: str) -> Reservation | None:
         async with self._lock:

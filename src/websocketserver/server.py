@@ -18,9 +18,11 @@ import signal
 import ssl
 import sys
 from collections.abc import Awaitable, Callable
+from http import HTTPStatus
+from typing import Any
 
 from aiohttp import web
-from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestHandler
 from prometheus_client import Counter
 
 from . import processes
@@ -28,6 +30,7 @@ from .api import RestApi, json_error
 from .files import FileServer
 from .identity import Identity
 from .limits import GuardedSite, HandshakeGuard
+from .logs import configure_logging
 from .metrics import Metrics
 from .relay import RelayPool
 from .reservations import MemoryStore
@@ -106,8 +109,12 @@ class Server:
             return response
 
         size = self.settings.max_header_size
+        # keepalive_timeout bounds every later request's head as the guard bounds the
+        # first: aiohttp closes a connection whose next request is not complete this
+        # long after the previous answer, whether it is idle or half-way through a head.
         runner = web.ServerRunner(
-            web.Server(dispatch, access_log=None, max_line_size=size, max_field_size=size),
+            _HttpServer(dispatch, self.metrics, access_log=None, max_line_size=size,
+                        max_field_size=size, keepalive_timeout=self._guard.timeout),
             handle_signals=False, shutdown_timeout=2.0)
         await runner.setup()
         self._runner = runner
@@ -149,41 +156,44 @@ def _protocol_error(request: web.BaseRequest) -> web.Response | None:
     return json_error(refusal.status, str(refusal)) if refusal is not None else None
 
 
-def configure_logging(settings: Settings) -> None:
-    """``--verbose``: 0 warnings, 1 one line per tunnel and service event, 2+ debug."""
-    if settings.log_file is not None:
-        handler: logging.Handler = logging.FileHandler(settings.log_file, encoding="utf-8")
-    else:
-        handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    level = logging.WARNING if settings.verbose <= 0 else (
-        logging.INFO if settings.verbose == 1 else logging.DEBUG)
-    root.setLevel(level)
-    if settings.verbose < 3:
-        logging.getLogger("aiohttp").setLevel(max(level, logging.INFO))
-        logging.getLogger("aiohttp.server").addFilter(_ClientError(level))
-    log.setLevel(min(level, logging.INFO))  # start and stop are always reported
+class _HttpServer(web.Server):
+    """aiohttp's low-level server, its connections answering errors as :class:`_Handler`."""
+
+    def __init__(self, handler: Callable[[web.BaseRequest], Awaitable[web.StreamResponse]],
+                 metrics: Metrics, **kwargs: Any) -> None:
+        super().__init__(handler, **kwargs)
+        self.metrics = metrics
+        self._handler_kwargs = kwargs
+
+    def __call__(self) -> RequestHandler:
+        return _Handler(self, self.metrics, loop=asyncio.get_running_loop(),
+                        **self._handler_kwargs)
 
 
-class _ClientError(logging.Filter):
-    """aiohttp logs a client's malformed request as an error with a traceback; it is
-    the client's fault, not the server's: make it one INFO line (tracebacks: -v 3).
-    A handler's own exception (a 500) stays an error with its traceback."""
+class _Handler(RequestHandler):
+    """aiohttp's connection, with errors it answers itself (a malformed request, a
+    handler's exception) made JSON and counted like every other answer.
 
-    def __init__(self, level: int) -> None:
-        super().__init__()
-        self.level = level
+    aiohttp's own error page quotes the malformed request, and so any security token
+    in it; this one never says more than the status.
+    """
 
-    def filter(self, record: logging.LogRecord) -> bool:
-        error = record.exc_info[1] if record.exc_info else None
-        if isinstance(error, HttpProcessingError):
-            record.msg = f"{record.getMessage()}: {type(error).__name__}: {error}"
-            record.args = None
-            record.exc_info = record.exc_text = None
-            record.levelno, record.levelname = logging.INFO, "INFO"
-        return record.levelno >= self.level
+    __slots__ = ("_metrics",)
+
+    def __init__(self, manager: web.Server, metrics: Metrics, **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self._metrics = metrics
+
+    def handle_error(self, request: web.BaseRequest, status: int = 500,
+                     exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        super().handle_error(request, status, exc, message)  # logs; raises if answered
+        self._metrics.http_requests.labels("http", str(status)).inc()
+        reason = ("malformed HTTP request" if status == HTTPStatus.BAD_REQUEST
+                  else HTTPStatus(status).phrase.lower())
+        response = json_error(status, reason)
+        response.force_close()
+        return response
 
 
 async def serve(settings: Settings, relays: RelayPool | None = None) -> None:

@@ -19,7 +19,15 @@ from typing import Any
 from .identity import Identity
 from .local_apps import LocalApplication
 from .metrics import Metrics
-from .reservations import NoSlotFree, Reservation, ReservationStore, State
+from .reservations import (
+    ClaimOutcome,
+    NoSlotFree,
+    Reservation,
+    ReservationStore,
+    State,
+    may_see,
+    may_use,
+)
 from .scripts import RemoteServiceScript, call, load_script
 from .settings import ServiceConfig, Settings
 from .tunnel import TunnelStats
@@ -95,11 +103,16 @@ class ServiceManager:
             raise ServiceError(403, f"user {user} is not in group {service.group}")
         return service
 
-    async def status(self, user: str | None) -> list[dict[str, Any]]:
-        """The ``/v1/status`` document: one object per service the caller may see."""
+    async def status(self, user: str | None, admin: bool = False) -> list[dict[str, Any]]:
+        """The ``/v1/status`` document: one object per service the caller may see.
+
+        A known user's token is shown to that user and to an ``admin`` (the security
+        token's holder) only; to others its instance has ``"token": null``.
+        """
         result = []
         for service in self.visible(user):
-            instances = [self._instance(r) for r in await self.store.list(service.name)]
+            instances = [self._instance(r, admin or may_see(r, user))
+                         for r in await self.store.list(service.name)]
             result.append({
                 "name": service.name,
                 "count": service.config.count,
@@ -109,9 +122,10 @@ class ServiceManager:
             })
         return result
 
-    def _instance(self, reservation: Reservation) -> dict[str, Any]:
+    def _instance(self, reservation: Reservation, show_token: bool) -> dict[str, Any]:
         traffic = self._traffic.get(reservation.token)
-        return {"index": reservation.index, "token": reservation.token,
+        return {"index": reservation.index,
+                "token": reservation.token if show_token else None,
                 "timestamp": reservation.timestamp, "options": reservation.options,
                 "state": str(reservation.state), "owner": reservation.owner,
                 "bytes_up": traffic.bytes_up if traffic else 0,
@@ -133,8 +147,17 @@ class ServiceManager:
         log.info("reserved %s index %d for %s", name, reservation.index, user or "anonymous")
         return reservation
 
-    async def release(self, token: str) -> Reservation:
-        """End a reservation: forget it if unused, else close its tunnel (which stops it)."""
+    async def release(self, token: str, user: str | None = None, admin: bool = False
+                      ) -> Reservation:
+        """End a reservation: forget it if unused, else close its tunnel (which stops it).
+
+        Refused (403) to a known ``user`` other than its owner, unless ``admin``.
+        """
+        known = await self.store.get(token)
+        if known is None:
+            raise ServiceError(404, "unknown token")
+        if not admin and not may_use(known, user):
+            raise ServiceError(403, f"token is reserved by another user than {user}")
         reservation = await self.store.transition(token, State.RESERVED, State.STOPPING)
         if reservation is not None:
             await self.store.remove(token)
@@ -147,26 +170,51 @@ class ServiceManager:
         closer = self._closers.get(token)
         if closer is not None:
             closer("reservation released")
+        else:  # claimed by an upgrade not yet activating it: activate or unclaim frees it
+            await self.store.transition(token, State.STARTING, State.STOPPING)
         return reservation
 
+    async def claim(self, token: str, user: str | None) -> Reservation:
+        """Take ``token`` for a websocket of ``user`` (reserved -> starting, atomically).
+
+        Raises :class:`ServiceError`: 404 unknown token, 403 another known user's, 409
+        already in use. The winner must then :meth:`activate` it or :meth:`unclaim` it.
+        """
+        claim = await self.store.claim(token, user)
+        if claim.outcome is ClaimOutcome.UNKNOWN:
+            raise ServiceError(404, "unknown or expired token")
+        if claim.outcome is ClaimOutcome.NOT_OWNER:
+            raise ServiceError(403, f"token is reserved by another user than {user}")
+        if claim.outcome is ClaimOutcome.IN_USE:
+            raise ServiceError(409, "token is already in use")
+        assert claim.reservation is not None
+        return claim.reservation
+
+    async def unclaim(self, token: str) -> None:
+        """Give back a claimed token never activated (its websocket was not opened)."""
+        if await self.store.transition(token, State.STARTING, State.RESERVED) is None:
+            await self.store.remove(token)  # released meanwhile
+
     @contextlib.asynccontextmanager
-    async def activate(self, token: str, close: Callable[[str], None]
+    async def activate(self, token: str, close: Callable[[str], None], claimed: bool = False
                        ) -> AsyncIterator[tuple[str, int]]:
         """Start the service of ``token`` and yield its (host, port); stop it on exit.
 
-        ``close(reason)`` is called if the reservation is released while in use.
-        Raises :class:`ServiceError` (404 unknown token, 409 already in use, 502 the
-        service failed to start) before yielding.
+        ``claimed``: the caller won :meth:`claim` for it; else it is claimed here as by
+        an anonymous caller. ``close(reason)`` is called if the reservation is released
+        while in use. Raises :class:`ServiceError` (404 unknown token, 409 already in
+        use, 410 released once claimed, 502 the service failed to start) before yielding.
         """
-        reservation = await self.store.transition(token, State.RESERVED, State.STARTING)
+        reservation = (await self.store.get(token) if claimed
+                       else await self.claim(token, None))
         if reservation is None:
-            if await self.store.get(token) is None:
-                raise ServiceError(404, "unknown or expired token")
-            raise ServiceError(409, "token is already in use")
+            raise ServiceError(410, "reservation released")
         service = self.services[reservation.service]
         self._closers[token] = close
         started = False
         try:
+            if reservation.state is not State.STARTING:  # released before the closer was set
+                raise ServiceError(410, "reservation released")
             address = await self._start(service, reservation)
             started = True
             if await self.store.transition(token, State.STARTING, State.ACTIVE) is None:

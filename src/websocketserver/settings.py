@@ -56,6 +56,7 @@ class Settings:
     start_timeout: float = 60.0
     stop_timeout: float = 10.0
     max_message_size: int = 64 * 1024 * 1024
+    max_upstream_buffer: int = 64 * 1024 * 1024
     local_app_root: Path | None = None
     local_app_command: str | None = None
     trusted_proxies: tuple[str, ...] = ()
@@ -72,6 +73,7 @@ class Settings:
     idle_timeout: float | None = None
     relay_processes: int = 1
     services: tuple[ServiceConfig, ...] = field(default=())
+    install_notes: tuple[str, ...] = ()  # where /ansys... and the built-in apps come from
 
     def ssl_context(self) -> ssl.SSLContext | None:
         """A server context (TLS >= 1.2) for both listeners, or None for plain ws/http."""

@@ -25,7 +25,21 @@ Backpressure holds in both directions with no unbounded buffer:
   drains, so the service blocks in its own ``send``;
 * upstream, as soon as the backend socket does not take a whole batch (or, before
   the backend is connected, once ``HIGH_WATER`` bytes wait), the browser's socket
-  stops being read until the rest has been written.
+  stops being read until the rest has been written;
+* control frames: while the browser's transport is above ``HIGH_WATER``, pings are
+  answered by one pong, with the latest payload, once it drains (RFC 6455 5.5.3
+  allows answering only the most recent ping), so a ping flood from a browser that
+  never reads queues nothing;
+* large frames: picows holds a frame whole until its last byte, and its read buffer
+  keeps the size it grew to. What a tunnel holds upstream beyond ``HIGH_WATER``
+  (twice its largest partial frame, plus bytes waiting for the backend) is charged
+  to the process's :class:`UpstreamBudget`; a tunnel that would exceed it is closed
+  with 1009, so many tunnels of large messages cannot exhaust memory together.
+
+A browser that resets its connection while its socket is not being read (its
+backend stalled) is noticed by a check of the socket's TCP state every
+``RESET_CHECK`` seconds while paused, so the tunnel and its slot do not wait for
+the backend.
 
 The websocket checks picows leaves to its user are made here: reserved bits,
 message order of fragments, the message size limit across fragments, UTF-8 in
@@ -58,6 +72,9 @@ CONNECT_TIMEOUT = 10.0
 CLOSE_TIMEOUT = 10.0
 """How long the browser has to answer our close frame before its socket is closed."""
 MAX_REASON = 123  # bytes allowed in a websocket close reason
+RESET_CHECK = 1.0
+"""Seconds between checks of a paused browser socket's TCP state."""
+_TCP_CLOSE = 7  # tcp_info.tcpi_state after a reset (linux/tcp_states.h)
 
 _BINARY, _TEXT, _CONTINUATION = WSMsgType.BINARY, WSMsgType.TEXT, WSMsgType.CONTINUATION
 _CLOSE, _PING = WSMsgType.CLOSE, WSMsgType.PING
@@ -77,6 +94,25 @@ class TunnelStats:
     started: float = field(default_factory=time.monotonic)
     bytes_up: int = 0  # browser -> backend
     bytes_down: int = 0  # backend -> browser
+
+
+class UpstreamBudget:
+    """Upstream bytes that the tunnels of one process hold beyond ``HIGH_WATER`` each.
+
+    One per process (the main one and each relay): ``--max_upstream_buffer``.
+    """
+
+    __slots__ = ("limit", "used")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+
+def _frame_size(payload: int) -> int:
+    """Bytes a masked client frame with ``payload`` bytes takes on the wire (lengths not
+    in their shortest form are refused by picows, so this is exact)."""
+    return payload + (6 if payload < 126 else 8 if payload < 65536 else 14)
 
 
 class BackendError(Exception):
@@ -192,13 +228,23 @@ class Tunnel(WSListener):
 
     __slots__ = ("stats", "reason", "closed", "_max_message", "_loop", "_ws", "_browser",
                  "_browser_paused", "_sock", "_fd", "_reading", "_writing", "_ending", "_batch",
-                 "_unsent", "_pending", "_message", "_text", "_close_timer", "_on_stop")
+                 "_unsent", "_pending", "_message", "_text", "_close_timer", "_on_stop",
+                 "_budget", "_unparsed", "_peak", "_unsent_bytes", "_charged", "_full",
+                 "_pong", "_reset_timer")
 
-    def __init__(self, stats: TunnelStats, max_message: int) -> None:
+    def __init__(self, stats: TunnelStats, max_message: int, budget: UpstreamBudget) -> None:
         super().__init__()
         self.stats = stats
         self.reason = ""  # why the tunnel ended, for the log: the first cause wins
         self._max_message = max_message
+        self._budget = budget
+        self._unparsed = 0  # bytes picows holds that are not a whole frame yet
+        self._peak = 0  # the most it held: its read buffer keeps that size
+        self._unsent_bytes = 0  # the bytes in _unsent
+        self._charged = 0  # what this tunnel holds of the budget
+        self._full = False  # the browser's transport is above HIGH_WATER
+        self._pong: bytes | None = None  # the pong owed once it drains
+        self._reset_timer: asyncio.TimerHandle | None = None
         self._loop = asyncio.get_running_loop()
         self.closed: asyncio.Future[None] = self._loop.create_future()
         self._ws: WSTransport | None = None
@@ -284,20 +330,62 @@ class Tunnel(WSListener):
         self._stop(_sent_reason(transport) or "browser connection lost")
         if self._close_timer is not None:
             self._close_timer.cancel()
+        if self._reset_timer is not None:
+            self._reset_timer.cancel()
+        self._budget.used -= self._charged
+        self._charged = 0
         if not self.closed.done():
             self.closed.set_result(None)
 
     def pause_writing(self) -> None:
         """The browser's transport holds more than HIGH_WATER: stop reading the backend."""
+        self._full = True
         if self._reading:
             self._reading = False
             self._loop.remove_reader(self._fd)
 
     def resume_writing(self) -> None:
+        self._full = False
+        pong, self._pong = self._pong, None
+        if pong is not None and self._ws is not None and not self._ws.is_close_frame_sent:
+            self._ws.send_pong(pong)
         if self._sock is not None and not self._reading and not self._ending:
             self._start_reading()
 
+    # -- what picows holds: called by its protocol around each read (see websocket.py)
+
+    def received(self, size: int) -> None:
+        """``size`` bytes of the browser's were given to picows."""
+        self._unparsed += size
+
+    def parsed(self) -> None:
+        """picows has made frames of what it could: charge what it still holds."""
+        if self._unparsed > self._peak:
+            self._peak = self._unparsed
+        self._charge()
+
+    def _charge(self) -> None:
+        if self.closed.done():
+            return
+        charge = max(0, 2 * self._peak + self._unsent_bytes - HIGH_WATER)
+        budget = self._budget
+        if charge > self._charged and budget.used + charge - self._charged > budget.limit:
+            self._overflow()
+            return
+        budget.used += charge - self._charged
+        self._charged = charge
+
+    def _overflow(self) -> None:
+        """Closing without waiting for the browser's answer: it is still sending."""
+        ws = None if self._ending or self.closed.done() else self._ws
+        reason = f"upstream buffer of {self._budget.limit} bytes exhausted"
+        self._stop(reason)
+        if ws is not None:
+            ws.send_close(WSCloseCode.MESSAGE_TOO_BIG, close_reason(reason))
+            ws.disconnect()
+
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
+        self._unparsed -= _frame_size(frame.payload_size)
         if self._ending or transport.is_close_frame_sent:
             self._after_close(transport, frame)
             return
@@ -345,7 +433,10 @@ class Tunnel(WSListener):
                 self._message = None
             self._relay(data)
         elif kind is _PING:
-            transport.send_pong(frame.get_payload_as_bytes())
+            if self._full:  # owed once the browser reads again: only the latest
+                self._pong = frame.get_payload_as_bytes()
+            else:
+                transport.send_pong(frame.get_payload_as_bytes())
         elif kind is _CLOSE:
             self._on_close_frame(transport, frame)
         # a PONG needs nothing
@@ -385,6 +476,20 @@ class Tunnel(WSListener):
             transport.send_close(WSCloseCode.OK)
         transport.disconnect()
 
+    def closed_twice(self) -> None:
+        """The browser's close frame came with another close behind it (see
+        ``websocket._PicowsLog``): answer the first as usual, ignore the second."""
+        ws = self._ws
+        if ws is None or ws.is_close_frame_sent or ws.close_handshake is None:
+            return
+        first = ws.close_handshake.recv
+        code = int(first.code) if first is not None else -1
+        if code != 0 and not _wire_close_code(code):  # 0: no code (picows reads an
+            return  # explicit code 0 alike); an invalid one: picows' 1002 is right
+        self._flush_upstream()
+        self._stop("browser closed the websocket")
+        ws.send_close(WSCloseCode.OK)
+
     def _relay(self, data: bytes) -> None:
         self.stats.bytes_up += len(data)
         batch = self._batch
@@ -397,9 +502,31 @@ class Tunnel(WSListener):
     def _pause_browser(self) -> None:
         self._browser_paused = True
         self._browser.pause_reading()  # type: ignore[union-attr]
+        self._reset_timer = self._loop.call_later(RESET_CHECK, self._check_reset)
+
+    def _check_reset(self) -> None:
+        """A paused socket is not polled, so a reset would go unseen until the backend
+        drains: look at its TCP state instead."""
+        self._reset_timer = None
+        browser = self._browser
+        if not self._browser_paused or browser is None or browser.is_closing():
+            return
+        sock = browser.get_extra_info("socket")
+        try:
+            state = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
+        except (AttributeError, OSError):
+            return
+        if state == _TCP_CLOSE:
+            self._stop("browser connection reset")
+            browser.abort()
+        else:
+            self._reset_timer = self._loop.call_later(RESET_CHECK, self._check_reset)
 
     def _resume_browser(self) -> None:
         self._browser_paused = False
+        if self._reset_timer is not None:
+            self._reset_timer.cancel()
+            self._reset_timer = None
         browser = self._browser
         if browser is not None and not browser.is_closing():
             browser.resume_reading()
@@ -410,9 +537,12 @@ class Tunnel(WSListener):
             return
         waiting = bool(self._unsent)  # the backend is full: queue behind, keep the order
         self._unsent.extend(batch)
+        self._unsent_bytes += sum(map(len, batch))
         batch.clear()
         if not waiting:
             self._send_unsent()
+        if self._unsent_bytes:
+            self._charge()
 
     def _send_unsent(self) -> None:
         """Write what the backend socket takes; wait for writability for the rest."""
@@ -426,8 +556,10 @@ class Tunnel(WSListener):
                 break
             except OSError as exc:
                 unsent.clear()
+                self._unsent_bytes = 0
                 self._backend_lost(exc)
                 return
+            self._unsent_bytes -= sent
             done = 0
             for buf in chunk:
                 if sent < len(buf):
@@ -447,6 +579,7 @@ class Tunnel(WSListener):
 
     def _on_writable(self) -> None:
         self._send_unsent()
+        self._charge()
         if not self._unsent and self._sock is not None:
             self._writing = False
             self._loop.remove_writer(self._fd)
@@ -488,4 +621,5 @@ class Tunnel(WSListener):
             self._reading = self._writing = False
             self._batch.clear()
             self._unsent.clear()
+            self._unsent_bytes = 0
             sock.close()

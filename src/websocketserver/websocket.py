@@ -39,10 +39,9 @@ from picows import WSAutoPingStrategy, WSCloseCode, WSUpgradeResponse, WSUpgrade
 from picows.picows import WSProtocol
 
 from .limits import LimitExceeded, TunnelLimits, origin_allowed
-from .reservations import State
 from .services import ServiceError, ServiceManager
 from .settings import Settings
-from .tunnel import BackendError, Tunnel, TunnelStats
+from .tunnel import BackendError, Tunnel, TunnelStats, UpstreamBudget
 
 if TYPE_CHECKING:
     from .relay import RelayPool
@@ -104,20 +103,33 @@ def protocol_refusal(version: str, expect: str | None) -> Refusal | None:
     return None
 
 
-class _PicowsLog(logging.LoggerAdapter):
+_SECOND_CLOSE = "Received CLOSE for the second time"
+_PICOWS_LOGGER = logging.getLogger("websocketserver.websocket")
+
+
+class _PicowsLog(logging.LoggerAdapter):  # type: ignore[type-arg]
     """picows logs every connection and disconnection at INFO, where this server logs
     one line per tunnel: DEBUG. It reports a peer's protocol error as an ERROR; that
     is the peer's fault: INFO. (A bug in our listener comes through ``exception()``
-    and stays an ERROR with its traceback.)"""
+    and stays an ERROR with its traceback.)
+
+    One per connection, for one case: picows parses a frame ahead, so a second close
+    frame in the same read as the first is refused (1002) before the first reaches
+    the tunnel, where RFC 6455 5.5.1 says it is ignored. Its log call comes just before
+    its close frame; the tunnel answers 1000 first, and picows' close is then not sent.
+    """
+
+    def __init__(self, tunnel: Tunnel) -> None:
+        super().__init__(_PICOWS_LOGGER, None)
+        self._tunnel = tunnel
 
     def info(self, msg: object, *args: object, **kwargs: object) -> None:
         self.log(logging.DEBUG, msg, *args, **kwargs)  # type: ignore[arg-type]
 
     def error(self, msg: object, *args: object, **kwargs: object) -> None:
+        if args and _SECOND_CLOSE in str(args[0]):
+            self._tunnel.closed_twice()
         self.log(logging.INFO, msg, *args, **kwargs)  # type: ignore[arg-type]
-
-
-_PICOWS_LOG = _PicowsLog(logging.getLogger("websocketserver.websocket"), {})
 
 
 class Handshake(asyncio.Protocol):
@@ -183,10 +195,10 @@ class Handshake(asyncio.Protocol):
                 raise
             except httptools.HttpParserError as exc:
                 raise Refusal(400, f"malformed HTTP request: {exc}") from None
+            self._received += len(data) - len(tail)
+            if self._received > 4 * self._limit:  # httptools holds a line until its end
+                raise Refusal(400, f"request head over {4 * self._limit} bytes")
             if not self._complete:
-                self._received += len(data)
-                if self._received > 4 * self._limit:  # httptools holds a line until its end
-                    raise Refusal(400, f"request head over {4 * self._limit} bytes")
                 return
             self._done = True
             self._timer.cancel()  # type: ignore[union-attr]
@@ -293,12 +305,16 @@ class WebSocketGateway:
         if "token" not in request.query and self.settings.client_port is None:
             raise Refusal(404, "no service here: no --client_port configured and no ?token= given")
 
-    async def _check_token(self, token: str) -> None:
-        known = await self.services.store.get(token)
-        if known is None:
-            raise Refusal(404, "unknown or expired token")
-        if known.state is not State.RESERVED:
-            raise Refusal(409, "token is already in use")
+    async def _check_token(self, token: str, user: str | None) -> None:
+        """Claim ``token`` for this upgrade, or raise :class:`Refusal` (404, 403, 409).
+
+        The claim (reserved -> starting) is one store operation made before answering,
+        so of simultaneous upgrades with one token exactly one is answered 101.
+        """
+        try:
+            await self.services.claim(token, user)
+        except ServiceError as exc:
+            raise Refusal(exc.status, str(exc)) from None
 
     def upgrade(self, request: UpgradeRequest, tail: bytes) -> None:
         """Decide on a complete upgrade request: refuse it, or open its tunnel."""
@@ -308,30 +324,32 @@ class WebSocketGateway:
             self._accept(request, tail, None)
             return
         transport = request.transport
-        transport.pause_reading()  # until the reservation has been looked up
+        transport.pause_reading()  # until the reservation has been claimed
         self.live.spawn(self._upgrade_token(request, tail, token))
 
     async def _upgrade_token(self, request: UpgradeRequest, tail: bytes, token: str) -> None:
         transport = request.transport
         try:
-            await self._check_token(token)
+            await self._check_token(token, self.identity.user(request))
         except Refusal as refusal:
             if not transport.is_closing():
                 self.refuse(transport, refusal)
             return
-        if transport.is_closing():
-            return
-        transport.resume_reading()
-        self._accept(request, tail, token)
+        if not transport.is_closing():
+            transport.resume_reading()
+            if self._accept(request, tail, token):
+                return
+        await self.services.unclaim(token)  # no websocket after all: reserved again
 
-    def _accept(self, request: UpgradeRequest, tail: bytes, token: str | None) -> None:
+    def _accept(self, request: UpgradeRequest, tail: bytes, token: str | None) -> bool:
+        """Answer 101 and run the tunnel; False if a limit refused it (then answered)."""
         client = self.identity.client_address(request)
         user = self.identity.user(request)
         try:
             self._acquire(client, user)
         except LimitExceeded as exc:
             self.refuse(request.transport, Refusal(exc.status, str(exc)))
-            return
+            return False
         key = request.headers["Sec-WebSocket-Key"].encode("ascii")
         offered = request.headers.get("Sec-WebSocket-Protocol", "")
         binary = "binary" in (p.strip() for p in offered.split(","))
@@ -339,16 +357,17 @@ class WebSocketGateway:
         self._upgrades.inc()
         if token is None and self.relays is not None and self.relays.hand_over(
                 transport, key, binary, tail, client, user):
-            return
-        tunnel = Tunnel(TunnelStats(peer=client, target=""), self.settings.max_message_size)
+            return True
+        tunnel = self.live.tunnel(client)
         protocol = websocket_protocol(tunnel, binary, self.settings)
         protocol.connection_made(transport)
         transport.set_protocol(protocol)
         answer_upgrade(protocol, key, tail)
         if token is None:
             self.live.spawn(self.live.basic(tunnel, lambda: self.limits.release(client, user)))
-        else:
+        else:  # claimed by _upgrade_token
             self.live.spawn(self._service_tunnel(tunnel, client, user, token))
+        return True
 
     def _acquire(self, client: str, user: str | None) -> None:
         """Take the tunnel's slot in the limits, or raise :class:`LimitExceeded`."""
@@ -374,7 +393,7 @@ class WebSocketGateway:
         assert task is not None
         session = _Session(task, tunnel)
         try:
-            async with self.services.activate(token, session.close) as target:
+            async with self.services.activate(token, session.close, claimed=True) as target:
                 deadline = time.monotonic() + self.settings.start_timeout
 
                 def opened() -> None:
@@ -452,6 +471,12 @@ class LiveTunnels:
         self._on_ended = ended
         self._tasks: set[asyncio.Task[None]] = set()
         self._sweeper: asyncio.Task[None] | None = None
+        self.budget = UpstreamBudget(settings.max_upstream_buffer)
+
+    def tunnel(self, peer: str) -> Tunnel:
+        """A new tunnel for a browser at ``peer``, charged to this process's budget."""
+        return Tunnel(TunnelStats(peer=peer, target=""), self.settings.max_message_size,
+                      self.budget)
 
     def spawn(self, coroutine: Coroutine[object, object, None]) -> None:
         """Run ``coroutine`` as a task that :meth:`close` waits for."""
@@ -546,12 +571,27 @@ _RESPONSES = {  # the 101 answers, by whether the client offered the "binary" su
     True: WSUpgradeResponse.create_101_response({"Sec-WebSocket-Protocol": "binary"})}
 
 
+class _CountingProtocol(WSProtocol):
+    """picows' protocol, telling the tunnel what each read gave it: the tunnel keeps
+    what picows holds (a frame not yet whole) within its process's budget."""
+
+    def __init__(self, tunnel: Tunnel, *args: object) -> None:
+        super().__init__(*args)
+        self._tunnel = tunnel
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self._tunnel.received(nbytes)
+        super().buffer_updated(nbytes)
+        self._tunnel.parsed()
+
+
 def websocket_protocol(tunnel: Tunnel, binary: bool, settings: Settings) -> WSProtocol:
     """The picows protocol that will answer an accepted upgrade and feed ``tunnel``."""
     response = WSUpgradeResponseWithListener(_RESPONSES[binary], tunnel)
     ping = settings.ping_interval
-    return WSProtocol(
-        None, None, False, lambda _: response, _PICOWS_LOG,
+    return _CountingProtocol(
+        tunnel,
+        None, None, False, lambda _: response, _PicowsLog(tunnel),
         True,  # disconnect on an exception in the listener
         None,  # the handshake timeout was ours
         ping is not None, ping or 20.0, (ping or 20.0) / 2,

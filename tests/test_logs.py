@@ -1,0 +1,159 @@
+"""The log: secrets redacted, control characters escaped, the file private (0600)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from aiohttp.http_exceptions import LineTooLong
+
+from websocketserver.logs import REDACTED, SafeFormatter, configure_logging, escape
+from websocketserver.settings import Settings
+
+TOKEN = "Tok3n/s3cret+9f2c"
+GUID = "0B6E3C1E-5d7a-4c1f-9e2b-7a4d2c9f1e80"
+
+
+def record(msg: str, *args: object, exc: bool = False) -> logging.LogRecord:
+    exc_info = sys.exc_info() if exc else None
+    return logging.LogRecord("websocketserver.test", logging.INFO, __file__, 1, msg, args,
+                             exc_info)
+
+
+def formatted(msg: str, *args: object) -> str:
+    return SafeFormatter([TOKEN]).format(record(msg, *args))
+
+
+@pytest.mark.parametrize("text", [
+    f"token {TOKEN} in an argument",
+    "percent-encoded: /v1/status?x=Tok3n%2Fs3cret%2B9f2c",
+    f"bytes repr: {TOKEN.encode()!r}",
+    "GET /v1/status?security_token=other&x=1",
+    "GET /websockify?token=other",
+    "GET /?user_key=other",
+    "Authorization: Bearer other",
+    "{'Authorization': 'Bearer other', 'Host': 'h'}",
+    "X-User-Key: other",
+    f"reservation {GUID} released",
+])
+def test_secrets_in_arguments_are_redacted(text: str) -> None:
+    line = formatted("%s", text)
+    assert TOKEN not in line and "other" not in line and GUID not in line
+    assert REDACTED in line
+
+
+def test_what_is_no_secret_stays() -> None:
+    line = formatted("GET %s", "/v1/status?csrf_token=1&page=2 from 10.0.0.1")
+    assert line.endswith("GET /v1/status?csrf_token=1&page=2 from 10.0.0.1")
+
+
+def test_secrets_in_an_exception_are_redacted() -> None:
+    try:
+        raise ValueError(f"bad request line: GET /?security_token={TOKEN}")
+    except ValueError:
+        line = SafeFormatter([TOKEN]).format(record("failed", exc=True))
+    assert "ValueError: bad request line" in line
+    assert TOKEN not in line
+
+
+@pytest.mark.parametrize(("char", "escaped"), [
+    ("\n", "\\n"), ("\r", "\\r"), ("\t", "\\t"), ("\x00", "\\x00"), ("\x1b", "\\x1b"),
+    ("\x7f", "\\x7f"), ("\x85", "\\x85"), ("\x9f", "\\x9f"), ("\u2028", "\\u2028"),
+    ("\u2029", "\\u2029"), ("\udcff", "\\udcff"),
+])
+def test_control_characters_are_escaped(char: str, escaped: str) -> None:
+    assert escape(f"a{char}b") == f"a{escaped}b"
+    line = formatted("GET %s", f"/x{char}1999-12-31 23:59:59,999 ERROR forged")
+    assert len(line.splitlines()) == 1
+    assert line.endswith(f"GET /x{escaped}1999-12-31 23:59:59,999 ERROR forged")
+
+
+def test_printable_text_is_unchanged() -> None:
+    assert escape("/café/ü €\\x") == "/café/ü €\\x"
+
+
+def test_a_traceback_keeps_its_lines_but_cannot_forge_one() -> None:
+    try:
+        raise RuntimeError("bug\n1999-12-31 23:59:59,999 ERROR forged\x1b[2J")
+    except RuntimeError:
+        text = SafeFormatter().format(record("failed", exc=True))
+    first, *rest = text.split("\n")
+    assert first.endswith("failed")
+    assert rest[0] == "Traceback (most recent call last):"
+    assert all(line.startswith("    ") for line in rest[1:]), rest
+    assert "    1999-12-31 23:59:59,999 ERROR forged\\x1b[2J" in rest
+
+
+@pytest.fixture
+def logging_state() -> Iterator[None]:
+    """configure_logging sets process-wide state: put it back after the test."""
+    root, aiohttp_server = logging.getLogger(), logging.getLogger("aiohttp.server")
+    loggers = [logging.getLogger(name) for name in ("aiohttp", "websocketserver.server")]
+    saved = (root.handlers[:], root.level, [each.level for each in loggers],
+             aiohttp_server.filters[:])
+    yield
+    for handler in root.handlers:
+        if handler not in saved[0]:
+            handler.close()
+    root.handlers[:], root.level = saved[0], saved[1]
+    for each, level in zip(loggers, saved[2], strict=True):
+        each.setLevel(level)
+    aiohttp_server.filters[:] = saved[3]
+
+
+def configure(log_file: Path, verbose: int = 1) -> None:
+    configure_logging(Settings(ws_port=1, log_file=log_file, verbose=verbose,
+                               security_token=TOKEN))
+
+
+@pytest.mark.usefixtures("logging_state")
+def test_log_file_is_created_private(tmp_path: Path) -> None:
+    old = os.umask(0o022)
+    try:
+        configure(tmp_path / "server.log")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "server.log").stat().st_mode) == 0o600
+
+
+@pytest.mark.usefixtures("logging_state")
+def test_existing_log_file_is_made_private_and_appended(tmp_path: Path) -> None:
+    log_file = tmp_path / "server.log"
+    log_file.write_text("earlier\n")
+    log_file.chmod(0o644)
+    configure(log_file)
+    logging.getLogger("websocketserver.server").warning("now with %s", TOKEN)
+    assert stat.S_IMODE(log_file.stat().st_mode) == 0o600
+    lines = log_file.read_text().splitlines()
+    assert lines[0] == "earlier" and lines[1].endswith(f"now with {REDACTED}")
+
+
+@pytest.mark.usefixtures("logging_state")
+def test_configured_handler_redacts_and_escapes(tmp_path: Path) -> None:
+    log_file = tmp_path / "server.log"
+    configure(log_file, verbose=2)
+    logging.getLogger("websocketserver.server").debug(
+        "%s GET %s", "127.0.0.1", f"/x?security_token={TOKEN}\n1999-12-31 forged")
+    text = log_file.read_text()
+    assert TOKEN not in text
+    assert [line for line in text.splitlines() if line.startswith("1999")] == []
+
+
+@pytest.mark.usefixtures("logging_state")
+def test_malformed_request_is_one_line_without_the_request(tmp_path: Path) -> None:
+    """What aiohttp logs for a malformed request; its message quotes the request."""
+    log_file = tmp_path / "server.log"
+    configure(log_file)
+    try:
+        raise LineTooLong(b"/v1/status?user_key=alice-key&x=aaaa...", 8190)
+    except LineTooLong:
+        logging.getLogger("aiohttp.server").exception("Error handling request from %s",
+                                                      "127.0.0.1")
+    text = log_file.read_text()
+    assert text.endswith(" INFO aiohttp.server: Error handling request from 127.0.0.1: "
+                         "LineTooLong\n"), text
