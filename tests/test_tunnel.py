@@ -13,7 +13,8 @@ import websockets
 from picows import WSUpgradeRequest, ws_create_server
 
 from websocketserver import tunnel as tunnel_module
-from websocketserver.tunnel import BackendError, Tunnel, TunnelStats, UpstreamBudget
+from websocketserver.backend import BackendError
+from websocketserver.tunnel import Tunnel, TunnelStats, UpstreamBudget
 
 FLOOD = 256 * 1024 * 1024
 BOUND = 48 * 1024 * 1024  # far below FLOOD: what kernel buffers + our limits may hold

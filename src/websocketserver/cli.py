@@ -283,8 +283,8 @@ def _install(args: argparse.Namespace, location: Path | None,
     found = discover(location, os.environ)
     notes = []
     web_root, web_from = args.ansys_install_root, "--ansys_install_root"
-    if web_root is None and found is not None and found.nexus is not None:
-        web_root, web_from = found.nexus, found.found_by
+    if web_root is None and found is not None and found.web_root is not None:
+        web_root, web_from = found.web_root, found.found_by
     if args.http_directory is not None:
         notes.append(f"/ansys... URLs are served from {web_root} ({web_from})"
                      if web_root is not None else
@@ -295,7 +295,7 @@ def _install(args: argparse.Namespace, location: Path | None,
     if app_root is None and os.environ.get(APP_ROOT_ENV):
         app_root, app_from = Path(os.environ[APP_ROOT_ENV]), f"${APP_ROOT_ENV}"
     if app_root is None and found is not None:
-        app_root, app_from = found.cei, found.found_by
+        app_root, app_from = found.app_root, found.found_by
     if app_root is None and os.environ.get("PYENSIGHT_ANSYS_INSTALLATION"):
         app_root = Path(os.environ["PYENSIGHT_ANSYS_INSTALLATION"])  # named in the error
         app_from = "$PYENSIGHT_ANSYS_INSTALLATION, which holds no install"

@@ -15,7 +15,6 @@ for is anonymous and sees only services without a ``group``.
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import ipaddress
 import json
@@ -37,7 +36,7 @@ class Request(Protocol):
     @property
     def query(self) -> Mapping[str, str]: ...
     @property
-    def transport(self) -> asyncio.BaseTransport | None: ...
+    def remote(self) -> str | None: ...
 
 
 def _load_json_object(path: Path, option: str) -> dict:
@@ -131,8 +130,7 @@ class Identity:
 
 
 def _peer_address(request: Request) -> str:
-    peer = request.transport.get_extra_info("peername") if request.transport else None
-    return str(peer[0]) if peer else "?"
+    return request.remote or "?"
 
 
 def _os_member(user: str, group: str) -> bool:

@@ -40,11 +40,11 @@ TREE_ENVIRONMENT = ("PYENSIGHT_ANSYS_INSTALLATION", "CEI_HOME")
 
 @dataclass(frozen=True)
 class Install:
-    """An application tree (``bin/``, ``nexusNNN/``) and how it was found."""
+    """Where an install was found, and how (for the start-up log)."""
 
-    cei: Path
-    nexus: Path | None  # {cei}/nexusNNN, whose ansysNNN/ folders /ansysNNN/... name
-    found_by: str  # for the start-up log
+    app_root: Path  # the applications are {app_root}/bin/APP or {app_root}/CEI/bin/APP
+    web_root: Path | None  # {CEI}/nexusNNN, whose ansysNNN/ folders /ansysNNN/... name
+    found_by: str
 
 
 def discover(location: Path | None, environ: Mapping[str, str]) -> Install | None:
@@ -56,7 +56,7 @@ def discover(location: Path | None, environ: Mapping[str, str]) -> Install | Non
     for name, value in _environment(environ):
         for tree in (Path(value), Path(value) / "CEI"):
             if _is_tree(tree):
-                return Install(tree, _nexus_in(tree), f"${name}={value}")
+                return Install(Path(value), _nexus_in(tree), f"${name}={value}")
     return None
 
 

@@ -29,111 +29,20 @@ import contextlib
 import gc
 import logging
 import os
-import pickle
 import signal
 import socket
 import sys
 import time
-from collections.abc import Callable
-from typing import Any
 
+from .channel import MAX_MESSAGE, Channel, Ended, HandOver, Message, Opened, Stop
 from .limits import TunnelLimits
 from .metrics import Metrics
 from .processes import die_with_parent
 from .settings import Settings
 from .tunnel import Tunnel, TunnelStats
-from .websocket import LiveTunnels, answer_upgrade, websocket_protocol
+from .tunnels import LiveTunnels, answer_upgrade, websocket_protocol
 
 log = logging.getLogger("websocketserver.relay")
-
-MAX_MESSAGE = 64 * 1024
-"""Largest message on a channel; a hand-over with a longer tail stays in the main
-process (a tail is what a client sent after its request, before the ``101``)."""
-
-Message = tuple[Any, ...]
-
-
-class Channel:
-    """One end of a ``SOCK_SEQPACKET`` pair: whole messages, optionally with file
-    descriptors, sent without ever blocking the event loop."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        self._sock = sock
-        self._queue: list[tuple[bytes, list[int]]] = []
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._on_message: Callable[[Message, list[int]], None] = lambda _m, _f: None
-        self._on_eof: Callable[[], None] = lambda: None
-        self.open = True
-
-    def attach(self, on_message: Callable[[Message, list[int]], None],
-               on_eof: Callable[[], None]) -> None:
-        """Start reading in the running loop."""
-        self._loop = asyncio.get_running_loop()
-        self._on_message, self._on_eof = on_message, on_eof
-        self._sock.setblocking(False)
-        self._loop.add_reader(self._sock.fileno(), self.receive)
-
-    def send(self, message: Message, fds: list[int] | None = None) -> None:
-        """Send ``message``; the channel owns ``fds`` and closes them once sent."""
-        if not self.open:  # the other process is gone: nobody to tell
-            for fd in fds or ():
-                os.close(fd)
-            return
-        data = pickle.dumps(message, pickle.HIGHEST_PROTOCOL)
-        self._queue.append((data, fds or []))
-        if len(self._queue) == 1:
-            self._flush()
-
-    def _flush(self) -> None:
-        queue = self._queue
-        while queue and self.open:
-            data, fds = queue[0]
-            try:
-                socket.send_fds(self._sock, [data], fds)
-            except (BlockingIOError, InterruptedError):
-                if self._loop is not None:
-                    self._loop.add_writer(self._sock.fileno(), self._writable)
-                return
-            except OSError:
-                self._closed()
-                return
-            queue.pop(0)
-            for fd in fds:
-                os.close(fd)
-
-    def _writable(self) -> None:
-        assert self._loop is not None
-        self._loop.remove_writer(self._sock.fileno())
-        self._flush()
-
-    def receive(self) -> None:
-        """Handle every message waiting now (the loop calls this when some arrive)."""
-        while self.open:
-            try:
-                data, fds, _flags, _ = socket.recv_fds(self._sock, MAX_MESSAGE, 1)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
-                data, fds = b"", []
-            if not data:
-                self._closed()
-                return
-            self._on_message(pickle.loads(data), fds)
-
-    def _closed(self) -> None:
-        if not self.open:
-            return
-        self.open = False
-        if self._loop is not None:
-            self._loop.remove_reader(self._sock.fileno())
-            self._loop.remove_writer(self._sock.fileno())
-        for _, fds in self._queue:
-            for fd in fds:
-                os.close(fd)
-        self._queue.clear()
-        self._sock.close()
-        self._on_eof()
-
 
 class RemoteTunnel:
     """The main process's record of a tunnel in a relay: what its end releases."""
@@ -206,7 +115,7 @@ class RelayPool:
         tunnel_id = self._ids
         relay.tunnels[tunnel_id] = RemoteTunnel(TunnelStats(peer=client, target=""), user)
         transport.pause_reading()
-        relay.channel.send(("tunnel", tunnel_id, key, binary, tail, client),
+        relay.channel.send(HandOver(tunnel_id, key, binary, tail, client),
                            [os.dup(sock.fileno())])
         transport.close()  # the relay holds the connection now
         return True
@@ -233,18 +142,19 @@ class RelayPool:
     def _report(self, relay: _RelayProcess, message: Message, fds: list[int]) -> None:
         for fd in fds:  # a relay sends none; never leak one
             os.close(fd)
-        kind, tunnel_id = message[0], message[1]
-        record = relay.tunnels.get(tunnel_id)
+        if not isinstance(message, Opened | Ended):
+            return
+        record = relay.tunnels.get(message.tunnel_id)
         if record is None:
             return
         assert self._metrics is not None
-        if kind == "opened":
-            record.stats.target = message[2]
+        if isinstance(message, Opened):
+            record.stats.target = message.target
             record.opened = True
             self._metrics.tunnel_opened(record)
-        elif kind == "ended":
-            record.stats.bytes_up, record.stats.bytes_down = message[2], message[3]
-            self._end(relay, tunnel_id)
+        else:
+            record.stats.bytes_up, record.stats.bytes_down = message.bytes_up, message.bytes_down
+            self._end(relay, message.tunnel_id)
 
     def _end(self, relay: _RelayProcess, tunnel_id: int) -> None:
         record = relay.tunnels.pop(tunnel_id)
@@ -268,7 +178,7 @@ class RelayPool:
         self._all_closed = asyncio.get_running_loop().create_future()
         for relay in self._relays:
             if relay.channel.open:
-                relay.channel.send(("close", "server shutting down"))
+                relay.channel.send(Stop("server shutting down"))
         if any(relay.channel.open for relay in self._relays):
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(timeout):
@@ -345,22 +255,21 @@ class _Relay:
             self._stop.set_result("server shutting down")
 
     def _on_message(self, message: Message, fds: list[int]) -> None:
-        if message[0] == "close":
+        if not isinstance(message, HandOver):
             for fd in fds:
                 os.close(fd)
-            if self._stop is not None and not self._stop.done():
-                self._stop.set_result(message[1])
+            if isinstance(message, Stop) and self._stop is not None and not self._stop.done():
+                self._stop.set_result(message.reason)
             return
-        _, tunnel_id, key, binary, tail, peer = message
         if not fds:  # not passed: this process is at its open-file limit
             log.warning("websocket from %s lost in the hand-over: no file descriptor left",
-                        peer)
-            self.channel.send(("ended", tunnel_id, 0, 0))
+                        message.peer)
+            self.channel.send(Ended(message.tunnel_id, 0, 0))
             return
         sock = socket.socket(fileno=fds[0])
-        tunnel = self.live.tunnel(peer)
-        self._ids[tunnel] = tunnel_id
-        self.live.spawn(self._run(sock, tunnel, key, binary, tail))
+        tunnel = self.live.tunnel(message.peer)
+        self._ids[tunnel] = message.tunnel_id
+        self.live.spawn(self._run(sock, tunnel, message.key, message.binary, message.tail))
 
     async def _run(self, sock: socket.socket, tunnel: Tunnel, key: bytes, binary: bool,
                    tail: bytes) -> None:
@@ -376,8 +285,8 @@ class _Relay:
         await self.live.basic(tunnel, lambda: self._ended(tunnel))
 
     def _opened(self, tunnel: Tunnel) -> None:
-        self.channel.send(("opened", self._ids[tunnel], tunnel.stats.target))
+        self.channel.send(Opened(self._ids[tunnel], tunnel.stats.target))
 
     def _ended(self, tunnel: Tunnel) -> None:
-        self.channel.send(("ended", self._ids.pop(tunnel), tunnel.stats.bytes_up,
-                           tunnel.stats.bytes_down))
+        self.channel.send(Ended(self._ids.pop(tunnel), tunnel.stats.bytes_up,
+                             tunnel.stats.bytes_down))

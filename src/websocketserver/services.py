@@ -326,5 +326,7 @@ class ServiceManager:
             await asyncio.gather(self._reclaimer, return_exceptions=True)
         for close in list(self._closers.values()):
             close("server shutting down")
-        for task in list(self._abandoned.values()):
+        abandoned = list(self._abandoned.values())
+        for task in abandoned:
             task.cancel()
+        await asyncio.gather(*abandoned, return_exceptions=True)

@@ -41,24 +41,36 @@ backend stalled) is noticed by a check of the socket's TCP state every
 ``RESET_CHECK`` seconds while paused, so the tunnel and its slot do not wait for
 the backend.
 
-The websocket checks picows leaves to its user are made here: reserved bits,
-message order of fragments, the message size limit across fragments, UTF-8 in
-text messages and close reasons, and the close codes allowed on the wire.
+The websocket rules picows leaves to its user are decided by
+:class:`~.frames.FrameChecker` (reserved bits, fragment order, the message size
+across fragments, UTF-8, close codes); the tunnel does what it answers. Its life is
+one :class:`TunnelState`, moved only along ``_TRANSITIONS``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import codecs
+import enum
 import logging
-import os
 import socket
-import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSProtocolError, WSTransport
+from picows import WSCloseCode, WSFrame, WSListener, WSProtocolError, WSTransport
+
+from . import backend
+from .frames import (
+    FORWARD,
+    Closed,
+    Fail,
+    FrameChecker,
+    Pong,
+    close_reason,
+    frame_header,
+    frame_size,
+    wire_close_code,
+)
 
 log = logging.getLogger("websocketserver.tunnel")
 
@@ -68,22 +80,11 @@ READ_SIZE = 1024 * 1024
 """Largest chunk read from the backend at once, so the largest frame sent."""
 IOV_BATCH = 512
 """Buffers per ``sendmsg`` call, well under the kernel's IOV_MAX (1024)."""
-CONNECT_TIMEOUT = 10.0
 CLOSE_TIMEOUT = 10.0
 """How long the browser has to answer our close frame before its socket is closed."""
-MAX_REASON = 123  # bytes allowed in a websocket close reason
 RESET_CHECK = 1.0
 """Seconds between checks of a paused browser socket's TCP state."""
 _TCP_CLOSE = 7  # tcp_info.tcpi_state after a reset (linux/tcp_states.h)
-
-_BINARY, _TEXT, _CONTINUATION = WSMsgType.BINARY, WSMsgType.TEXT, WSMsgType.CONTINUATION
-_CLOSE, _PING = WSMsgType.CLOSE, WSMsgType.PING
-
-
-def _wire_close_code(code: int) -> bool:
-    """Whether a peer may send this close code (RFC 6455 7.4.1, IANA registry)."""
-    return 1000 <= code <= 1003 or 1007 <= code <= 1014 or 3000 <= code <= 4999
-
 
 @dataclass
 class TunnelStats:
@@ -109,106 +110,23 @@ class UpstreamBudget:
         self.used = 0
 
 
-def _frame_size(payload: int) -> int:
-    """Bytes a masked client frame with ``payload`` bytes takes on the wire (lengths not
-    in their shortest form are refused by picows, so this is exact)."""
-    return payload + (6 if payload < 126 else 8 if payload < 65536 else 14)
+class TunnelState(enum.IntEnum):
+    """Where a tunnel is in its life; ordered, so ``state >= STOPPED`` reads "ended"."""
+
+    CONNECTING = 0  # the websocket is open, the backend not connected yet
+    RELAYING = 1  # both connections open: bytes flow
+    STOPPED = 2  # relays nothing more; the close handshake may still be under way
+    CLOSED = 3  # the browser's connection is gone
 
 
-class BackendError(Exception):
-    """The TCP backend could not be reached; the message is a close reason."""
-
-
-def close_reason(text: str) -> bytes:
-    """Encode ``text`` as a websocket close reason, cut to the protocol's limit."""
-    data = text.encode("utf-8")
-    if len(data) <= MAX_REASON:
-        return data
-    return data[: MAX_REASON - 3].decode("utf-8", "ignore").encode("utf-8") + b"..."
-
-
-_HEADER_SHORT = struct.Struct("!BB").pack
-_HEADER_MEDIUM = struct.Struct("!BBH").pack
-_HEADER_LONG = struct.Struct("!BBQ").pack
-
-
-def frame_header(length: int) -> bytes:
-    """The header of a final, unmasked binary frame of ``length`` bytes (RFC 6455 5.2)."""
-    if length < 126:
-        return _HEADER_SHORT(0x82, length)
-    if length < 65536:
-        return _HEADER_MEDIUM(0x82, 126, length)
-    return _HEADER_LONG(0x82, 127, length)
-
-
-_Address = tuple[int, int, int, tuple]  # family, type, proto, sockaddr
-_numeric: dict[tuple[str, int], list[_Address]] = {}
-
-
-async def _addresses(loop: asyncio.AbstractEventLoop, host: str, port: int) -> list[_Address]:
-    """The addresses to try for ``host``: an IP address is parsed once and remembered
-    (no trip through the resolver's threads); a name is looked up every time."""
-    known = _numeric.get((host, port))
-    if known is not None:
-        return known
-    try:
-        found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
-                                   flags=socket.AI_NUMERICHOST)
-        numeric = True
-    except socket.gaierror:
-        found = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        numeric = False
-    addresses = [(family, kind, proto, address) for family, kind, proto, _, address in found]
-    if numeric and len(_numeric) < 1024:
-        _numeric[(host, port)] = addresses
-    return addresses
-
-
-def _resolve(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)
-
-
-async def _open_socket(loop: asyncio.AbstractEventLoop, host: str, port: int,
-                       deadline: float) -> socket.socket:
-    """A connected non-blocking TCP socket: each address of ``host`` in turn, until
-    ``deadline`` (loop time). The connect is done here rather than by uvloop's
-    ``sock_connect``, which would resolve the address again, through its thread pool."""
-    error: OSError | None = None
-    for family, kind, proto, address in await _addresses(loop, host, port):
-        sock = socket.socket(family, kind, proto)
-        try:
-            sock.setblocking(False)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            try:
-                sock.connect(address)
-                return sock
-            except (BlockingIOError, InterruptedError):
-                pass
-            connected = loop.create_future()
-            fd = sock.fileno()
-            loop.add_writer(fd, _resolve, connected)
-            timer = loop.call_at(deadline, connected.cancel)
-            try:
-                await connected
-            except asyncio.CancelledError:
-                if not connected.cancelled() or loop.time() < deadline:
-                    raise  # cancelled from outside, not by the timer
-                raise TimeoutError from None
-            finally:
-                timer.cancel()
-                loop.remove_writer(fd)
-            code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-            if code:
-                raise OSError(code, os.strerror(code))
-            return sock
-        except OSError as exc:
-            sock.close()
-            error = exc
-        except BaseException:
-            sock.close()
-            raise
-    raise error or OSError(f"no address for {host}")
+_TRANSITIONS = {
+    TunnelState.CONNECTING: {TunnelState.RELAYING, TunnelState.STOPPED},
+    TunnelState.RELAYING: {TunnelState.STOPPED},
+    TunnelState.STOPPED: {TunnelState.CLOSED},
+    TunnelState.CLOSED: set(),
+}
+_CONNECTING, _RELAYING, _STOPPED, _CLOSED = TunnelState
+_CLOSE_OPCODE = 0x8
 
 
 def _sent_reason(transport: WSTransport) -> str:
@@ -226,17 +144,17 @@ class Tunnel(WSListener):
     holds (a limit's slot) is given back earlier, see :meth:`when_stopped`.
     """
 
-    __slots__ = ("stats", "reason", "closed", "_max_message", "_loop", "_ws", "_browser",
-                 "_browser_paused", "_sock", "_fd", "_reading", "_writing", "_ending", "_batch",
-                 "_unsent", "_pending", "_message", "_text", "_close_timer", "_on_stop",
-                 "_budget", "_unparsed", "_peak", "_unsent_bytes", "_charged", "_full",
-                 "_pong", "_reset_timer")
+    __slots__ = ("stats", "reason", "closed", "state", "_checker", "_loop", "_ws", "_browser",
+                 "_browser_paused", "_sock", "_fd", "_reading", "_writing", "_batch",
+                 "_unsent", "_pending", "_close_timer", "_on_stop", "_budget", "_unparsed",
+                 "_peak", "_unsent_bytes", "_charged", "_full", "_pong", "_reset_timer")
 
     def __init__(self, stats: TunnelStats, max_message: int, budget: UpstreamBudget) -> None:
         super().__init__()
         self.stats = stats
         self.reason = ""  # why the tunnel ended, for the log: the first cause wins
-        self._max_message = max_message
+        self.state = _CONNECTING
+        self._checker = FrameChecker(max_message)
         self._budget = budget
         self._unparsed = 0  # bytes picows holds that are not a whole frame yet
         self._peak = 0  # the most it held: its read buffer keeps that size
@@ -254,29 +172,26 @@ class Tunnel(WSListener):
         self._fd = -1
         self._reading = False  # the backend socket is watched for reading
         self._writing = False  # unsent data waits for the backend socket
-        self._ending = False  # a close frame went out, or the backend is gone
         self._batch: list[bytes] = []
         self._unsent: list[bytes | memoryview] = []
         self._pending = 0  # bytes received before the backend was connected
-        self._message: int | None = None  # size so far of a fragmented message
-        self._text: codecs.IncrementalDecoder | None = None  # its UTF-8 check, if text
         self._close_timer: asyncio.TimerHandle | None = None
         self._on_stop: Callable[[], None] | None = None
 
     # -- the owner's side -----------------------------------------------------------
 
-    async def connect(self, host: str, port: int, timeout: float = CONNECT_TIMEOUT) -> None:
-        """Open the backend connection, or raise :class:`BackendError` with a reason."""
-        try:
-            sock = await _open_socket(self._loop, host, port, self._loop.time() + timeout)
-        except TimeoutError:
-            raise BackendError(f"backend {host}:{port} did not answer") from None
-        except OSError as exc:
-            raise BackendError(f"cannot connect to backend {host}:{port}: "
-                               f"{exc.strerror or exc}") from None
-        if self._ending or self.closed.done():
+    def _move(self, state: TunnelState) -> None:
+        assert state in _TRANSITIONS[self.state], f"{self.state.name} -> {state.name}"
+        self.state = state
+
+    async def connect(self, host: str, port: int,
+                      timeout: float = backend.CONNECT_TIMEOUT) -> None:
+        """Open the backend connection, or raise :class:`~.backend.BackendError`."""
+        sock = await backend.connect(host, port, timeout)
+        if self.state is not _CONNECTING:
             sock.close()  # the browser left, or the tunnel was closed, meanwhile
             return
+        self._move(_RELAYING)
         self._sock = sock
         self._fd = sock.fileno()
         self._start_reading()
@@ -287,20 +202,20 @@ class Tunnel(WSListener):
     @property
     def stopped(self) -> bool:
         """The tunnel relays nothing more (it is closing, or closed)."""
-        return self._ending
+        return self.state >= _STOPPED
 
     def when_stopped(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` once, as soon as the tunnel relays nothing more: before its
         close frame or FIN reaches the browser, so that a client which reconnects at
         once finds the slot it held free (at once if it already stopped)."""
-        if self._ending:
+        if self.state >= _STOPPED:
             callback()
         else:
             self._on_stop = callback
 
     def close(self, code: int, reason: str) -> None:
         """End the tunnel: close the backend, send a close frame, await the answer."""
-        ws = None if self._ending or self.closed.done() else self._ws  # None: no close frame
+        ws = self._ws if self.state < _STOPPED else None  # None: no close frame
         self._stop(reason)
         if ws is None:
             return
@@ -313,7 +228,9 @@ class Tunnel(WSListener):
         """Relay nothing more: note why (the first cause wins), close the backend."""
         if not self.reason:
             self.reason = reason
-        self._ending = True
+        if self.state >= _STOPPED:
+            return
+        self._move(_STOPPED)
         self._close_backend()
         callback, self._on_stop = self._on_stop, None
         if callback is not None:
@@ -334,8 +251,8 @@ class Tunnel(WSListener):
             self._reset_timer.cancel()
         self._budget.used -= self._charged
         self._charged = 0
-        if not self.closed.done():
-            self.closed.set_result(None)
+        self._move(_CLOSED)
+        self.closed.set_result(None)
 
     def pause_writing(self) -> None:
         """The browser's transport holds more than HIGH_WATER: stop reading the backend."""
@@ -349,7 +266,7 @@ class Tunnel(WSListener):
         pong, self._pong = self._pong, None
         if pong is not None and self._ws is not None and not self._ws.is_close_frame_sent:
             self._ws.send_pong(pong)
-        if self._sock is not None and not self._reading and not self._ending:
+        if self._sock is not None and not self._reading and self.state < _STOPPED:
             self._start_reading()
 
     # -- what picows holds: called by its protocol around each read (see websocket.py)
@@ -365,7 +282,7 @@ class Tunnel(WSListener):
         self._charge()
 
     def _charge(self) -> None:
-        if self.closed.done():
+        if self.state is _CLOSED:
             return
         charge = max(0, 2 * self._peak + self._unsent_bytes - HIGH_WATER)
         budget = self._budget
@@ -377,7 +294,7 @@ class Tunnel(WSListener):
 
     def _overflow(self) -> None:
         """Closing without waiting for the browser's answer: it is still sending."""
-        ws = None if self._ending or self.closed.done() else self._ws
+        ws = self._ws if self.state < _STOPPED else None
         reason = f"upstream buffer of {self._budget.limit} bytes exhausted"
         self._stop(reason)
         if ws is not None:
@@ -385,106 +302,59 @@ class Tunnel(WSListener):
             ws.disconnect()
 
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
-        self._unparsed -= _frame_size(frame.payload_size)
-        if self._ending or transport.is_close_frame_sent:
+        self._unparsed -= frame_size(frame.payload_size)
+        if self.state >= _STOPPED or transport.is_close_frame_sent:
             self._after_close(transport, frame)
             return
-        try:
-            self._on_frame(transport, frame)
-        except WSProtocolError as exc:  # picows sends the close frame and disconnects
-            self._stop(f"protocol error: {exc.args[1]}")
-            raise
+        data = frame.get_payload_as_bytes()
+        verdict = self._checker.check(frame.msg_type, frame.fin,
+                                      frame.rsv1 or frame.rsv2 or frame.rsv3, data)
+        if verdict is FORWARD:
+            self._relay(data)
+            if frame.last_in_buffer:
+                self._flush_upstream()  # what one read of the browser brought: one sendmsg
+            return
+        kind = type(verdict)
+        if kind is Pong:
+            self._answer_ping(transport, data)
+        elif kind is Closed:
+            self._flush_upstream()
+            self._stop("browser closed the websocket")
+            transport.send_close(WSCloseCode.OK)
+            transport.disconnect()
+            return
+        elif kind is Fail:
+            assert isinstance(verdict, Fail)
+            self._stop(f"protocol error: {verdict.reason}")
+            # picows sends the close frame and disconnects, as for its own errors
+            raise WSProtocolError(WSCloseCode(verdict.code), verdict.reason)
         if frame.last_in_buffer and self._batch:
-            self._flush_upstream()  # what one read of the browser brought: one sendmsg
+            self._flush_upstream()
 
     def _after_close(self, transport: WSTransport, frame: WSFrame) -> None:
         """A close frame went out: only the answer to it matters. (picows parses one
         frame ahead, so a frame may come after the close it sent for the next one.)"""
-        if not self._ending:
-            self._stop(_sent_reason(transport))
-        if frame.msg_type is _CLOSE:
+        self._stop(_sent_reason(transport))
+        if frame.msg_type == _CLOSE_OPCODE:
             transport.disconnect()
 
-    def _on_frame(self, transport: WSTransport, frame: WSFrame) -> None:
-        kind = frame.msg_type
-        if frame.rsv1 or frame.rsv2 or frame.rsv3:
-            raise WSProtocolError(WSCloseCode.PROTOCOL_ERROR, "reserved bits set")
-        if kind is _BINARY or kind is _TEXT:
-            if self._message is not None:
-                raise WSProtocolError(WSCloseCode.PROTOCOL_ERROR,
-                                      "new message inside a fragmented one")
-            data = frame.get_payload_as_bytes()
-            if kind is _TEXT:
-                self._check_text(data, frame.fin)
-            if not frame.fin:
-                self._message = len(data)
-            self._relay(data)
-        elif kind is _CONTINUATION:
-            if self._message is None:
-                raise WSProtocolError(WSCloseCode.PROTOCOL_ERROR, "continuation without a message")
-            data = frame.get_payload_as_bytes()
-            self._message += len(data)
-            if self._message > self._max_message:
-                raise WSProtocolError(WSCloseCode.MESSAGE_TOO_BIG,
-                                      f"message over {self._max_message} bytes")
-            if self._text is not None:
-                self._check_text(data, frame.fin)
-            if frame.fin:
-                self._message = None
-            self._relay(data)
-        elif kind is _PING:
-            if self._full:  # owed once the browser reads again: only the latest
-                self._pong = frame.get_payload_as_bytes()
-            else:
-                transport.send_pong(frame.get_payload_as_bytes())
-        elif kind is _CLOSE:
-            self._on_close_frame(transport, frame)
-        # a PONG needs nothing
+    def _answer_ping(self, transport: WSTransport, payload: bytes) -> None:
+        if self._full:  # owed once the browser reads again: only the latest
+            self._pong = payload
+        else:
+            transport.send_pong(payload)
 
     # -- upstream: browser -> backend -----------------------------------------------
 
-    def _check_text(self, data: bytes, final: bool) -> None:
-        """Text messages must be UTF-8 (RFC 6455 8.1), also across fragments."""
-        try:
-            if final and self._text is None:
-                data.decode("utf-8")
-                return
-            if self._text is None:
-                self._text = codecs.getincrementaldecoder("utf-8")()
-            self._text.decode(data, final)
-        except UnicodeDecodeError:
-            raise WSProtocolError(WSCloseCode.INVALID_TEXT, "text is not UTF-8") from None
-        if final:
-            self._text = None
-
-    def _on_close_frame(self, transport: WSTransport, frame: WSFrame) -> None:
-        payload = frame.get_payload_as_bytes()
-        if len(payload) == 1:
-            raise WSProtocolError(WSCloseCode.PROTOCOL_ERROR, "close frame of one byte")
-        if payload:
-            code = int.from_bytes(payload[:2], "big")
-            if not _wire_close_code(code):
-                raise WSProtocolError(WSCloseCode.PROTOCOL_ERROR, f"close code {code}")
-            try:
-                payload[2:].decode("utf-8")
-            except UnicodeDecodeError:
-                raise WSProtocolError(WSCloseCode.INVALID_TEXT,
-                                      "close reason is not UTF-8") from None
-        self._flush_upstream()
-        self._stop("browser closed the websocket")
-        if not transport.is_close_frame_sent:  # a failed flush may have sent one
-            transport.send_close(WSCloseCode.OK)
-        transport.disconnect()
-
     def closed_twice(self) -> None:
         """The browser's close frame came with another close behind it (see
-        ``websocket._PicowsLog``): answer the first as usual, ignore the second."""
+        ``tunnels._PicowsLog``): answer the first as usual, ignore the second."""
         ws = self._ws
         if ws is None or ws.is_close_frame_sent or ws.close_handshake is None:
             return
         first = ws.close_handshake.recv
         code = int(first.code) if first is not None else -1
-        if code != 0 and not _wire_close_code(code):  # 0: no code (picows reads an
+        if code != 0 and not wire_close_code(code):  # 0: no code (picows reads an
             return  # explicit code 0 alike); an invalid one: picows' 1002 is right
         self._flush_upstream()
         self._stop("browser closed the websocket")

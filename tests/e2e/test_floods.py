@@ -138,6 +138,10 @@ def test_ping_flood_through_a_reservation_token(start_server) -> None:
     status, reply = server.get_json("/v1/reserve/echo")
     assert status == 200
     sock = upgrade(server.ws_port, f"/websockify?token={reply['token']}")
+    sock.sendall(frame_header(0x2, 5) + b"ready")  # the service is up once it echoes
+    echoed = b""
+    while b"ready" not in echoed:
+        echoed += sock.recv(100)
     before = tree_rss(server)
     sent = ping_flood(sock)
     growth = tree_rss(server) - before

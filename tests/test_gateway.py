@@ -13,10 +13,11 @@ from collections.abc import AsyncIterator
 import pytest
 
 from websocketserver.identity import Identity
+from websocketserver.metrics import Metrics
 from websocketserver.reservations import MemoryStore
 from websocketserver.services import ServiceManager
 from websocketserver.settings import Settings
-from websocketserver.websocket import WebSocketGateway
+from websocketserver.gateway import WebSocketGateway
 
 
 def request(extra: bytes = b"", connection: bytes = b"Upgrade", version: bytes = b"13") -> bytes:
@@ -71,8 +72,9 @@ async def gateway() -> AsyncIterator[tuple[WebSocketGateway, int]]:
     settings = Settings(ws_port=1, client_hostname="127.0.0.1",
                         client_port=backend.sockets[0].getsockname()[1],
                         listen_address="127.0.0.1")
-    services = ServiceManager(settings, MemoryStore(), Identity(settings))
-    websockets = WebSocketGateway(settings, services)
+    identity, metrics = Identity(settings), Metrics()
+    services = ServiceManager(settings, MemoryStore(), identity, metrics)
+    websockets = WebSocketGateway(settings, services, identity, metrics)
     (_, port), = await websockets.listen(0, None)
     yield websockets, port
     await websockets.close(5)

@@ -1,0 +1,248 @@
+"""The websocket port: accept an upgrade on any path, pick its target, tunnel.
+
+Without ``?token=`` the target is ``--client_hostname:--client_port`` (basic mode);
+with one, the reserved service is started first (see :mod:`.services`).
+
+Each connection goes through two protocols:
+
+1. :class:`~.handshake.Handshake` reads the upgrade request, and
+   :func:`~.protocol.decide` judges it; a request that cannot be served is refused
+   before the upgrade with an HTTP status and a JSON reason.
+2. An accepted one is handed to picows (:mod:`.tunnels`), which answers ``101`` and
+   from then on parses frames in C for the :class:`~.tunnel.Tunnel`. A basic-mode
+   one goes to a relay process instead, which does the same there (:mod:`.relay`).
+
+Failures after the upgrade close the websocket with a code and a reason that the
+page's ``CloseEvent.reason`` shows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import time
+from collections.abc import Callable
+
+from picows import WSCloseCode
+from prometheus_client import Counter
+
+from .backend import BackendError
+from .handshake import Handshake, write_refusal
+from .identity import Identity
+from .limits import LimitExceeded, TunnelLimits
+from .metrics import Metrics
+from .protocol import Accept, Policy, Refusal, UpgradeRequest, decide, limit_refusal
+from .relay import RelayPool
+from .services import ServiceError, ServiceManager
+from .settings import Settings
+from .tunnel import Tunnel
+from .tunnels import START_FAILED, LiveTunnels, answer_upgrade, websocket_protocol
+
+
+class _Session:
+    """A service tunnel seen from its reservation: a release or shutdown ends it."""
+
+    def __init__(self, task: asyncio.Task[object], tunnel: Tunnel) -> None:
+        self.task = task
+        self.tunnel = tunnel
+        self.running = False
+        self.stopped: str | None = None
+
+    def close(self, reason: str) -> None:
+        if self.running:
+            self.tunnel.close(WSCloseCode.GOING_AWAY, reason)
+        elif self.stopped is None:  # still starting: interrupt the start
+            self.stopped = reason
+            self.task.cancel()
+
+
+class WebSocketGateway:
+    """The websocket port: its listener, the decisions on upgrades, the live tunnels.
+
+    ``relays``: hand basic-mode tunnels to relay processes (``None``: none running).
+    """
+
+    def __init__(self, settings: Settings, services: ServiceManager, identity: Identity,
+                 metrics: Metrics, relays: RelayPool | None = None) -> None:
+        self.settings = settings
+        self.services = services
+        self.identity = identity
+        self.limits = TunnelLimits(settings.max_tunnels, settings.max_tunnels_per_client,
+                                   settings.max_tunnels_per_user)
+        self.live = LiveTunnels(settings, metrics.tunnel_opened, metrics.tunnel_closed)
+        self.relays = relays
+        if relays is not None:
+            relays.attach(self.limits, metrics)
+        self._server: asyncio.Server | None = None
+        self._requests = metrics.http_requests
+        self._upgrades = self._requests.labels("ws", "101")
+        self._refusals: dict[int, Counter] = {}
+
+    @property
+    def tunnels(self) -> set[Tunnel]:
+        """The tunnels open in this process."""
+        return self.live.tunnels
+
+    async def listen(self, port: int, context: ssl.SSLContext | None) -> list[tuple[str, int]]:
+        """Listen on ``port`` (TLS with ``context``); the addresses listened on."""
+        settings = self.settings
+        self._server = await asyncio.get_running_loop().create_server(
+            lambda: Handshake(settings.max_header_size, settings.handshake_timeout,
+                              self.upgrade, self.refuse),
+            settings.listen_address, port, ssl=context, backlog=1024, reuse_address=True,
+            ssl_handshake_timeout=settings.handshake_timeout if context else None)
+        return [sock.getsockname()[:2] for sock in self._server.sockets]
+
+    # -- deciding on an upgrade request ---------------------------------------------
+
+    def refuse(self, transport: asyncio.Transport, refusal: Refusal) -> None:
+        """Answer ``refusal`` as JSON, close the connection, count it."""
+        write_refusal(transport, refusal)
+        counter = self._refusals.get(refusal.status)
+        if counter is None:
+            counter = self._refusals[refusal.status] = self._requests.labels(
+                "ws", str(refusal.status))
+        counter.inc()
+
+    def upgrade(self, request: UpgradeRequest, transport: asyncio.Transport,
+                tail: bytes) -> None:
+        """Act on a complete upgrade request: refuse it, or open its tunnel."""
+        policy = Policy(self.settings.allowed_origins, self.settings.client_port is not None,
+                        self.live.closing)
+        decision = decide(request, policy)
+        if isinstance(decision, Refusal):
+            self.refuse(transport, decision)
+        elif decision.token is None:
+            self._accept(request, transport, tail, decision)
+        else:
+            transport.pause_reading()  # until the reservation has been claimed
+            self.live.spawn(self._upgrade_token(request, transport, tail, decision,
+                                                decision.token))
+
+    async def _upgrade_token(self, request: UpgradeRequest, transport: asyncio.Transport,
+                             tail: bytes, accept: Accept, token: str) -> None:
+        """Claim ``token`` (reserved -> starting, one store operation) before answering,
+        so of simultaneous upgrades with one token exactly one is answered 101."""
+        try:
+            await self.services.claim(token, self.identity.user(request))
+        except ServiceError as exc:
+            if not transport.is_closing():
+                self.refuse(transport, Refusal(exc.status, str(exc)))
+            return
+        if not transport.is_closing():
+            transport.resume_reading()
+            if self._accept(request, transport, tail, accept):
+                return
+        await self.services.unclaim(token)  # no websocket after all: reserved again
+
+    def _accept(self, request: UpgradeRequest, transport: asyncio.Transport, tail: bytes,
+                accept: Accept) -> bool:
+        """Answer 101 and run the tunnel; False if a limit refused it (then answered)."""
+        client = self.identity.client_address(request)
+        user = self.identity.user(request)
+        try:
+            self._acquire(client, user)
+        except LimitExceeded as exc:
+            self.refuse(transport, limit_refusal(exc))
+            return False
+        self._upgrades.inc()
+        if accept.token is None and self.relays is not None and self.relays.hand_over(
+                transport, accept.key, accept.binary, tail, client, user):
+            return True
+        tunnel = self.live.tunnel(client)
+        protocol = websocket_protocol(tunnel, accept.binary, self.settings)
+        protocol.connection_made(transport)
+        transport.set_protocol(protocol)
+        answer_upgrade(protocol, accept.key, tail)
+        if accept.token is None:
+            self.live.spawn(self.live.basic(tunnel, lambda: self.limits.release(client, user)))
+        else:  # claimed by _upgrade_token
+            self.live.spawn(self._service_tunnel(tunnel, client, user, accept.token))
+        return True
+
+    def _acquire(self, client: str, user: str | None) -> None:
+        """Take the tunnel's slot in the limits, or raise :class:`LimitExceeded`."""
+        try:
+            self.limits.acquire(client, user)
+        except LimitExceeded:
+            if self.relays is None:
+                raise
+            self.relays.receive()  # a relay may have freed one: its report is waiting
+            self.limits.acquire(client, user)
+
+    # -- running a tunnel -----------------------------------------------------------
+
+    async def _service_tunnel(self, tunnel: Tunnel, client: str, user: str | None,
+                              token: str) -> None:
+        try:
+            await self._run_service(tunnel, token)
+        finally:
+            self.limits.release(client, user)
+
+    async def _run_service(self, tunnel: Tunnel, token: str) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        session = _Session(task, tunnel)
+        try:
+            async with self.services.activate(token, session.close, claimed=True) as target:
+                deadline = time.monotonic() + self.settings.start_timeout
+
+                def opened() -> None:
+                    session.running = True
+                    self.services.attach(token, tunnel.stats)
+
+                await self._tunnel(tunnel, target, deadline, opened)
+        except ServiceError as exc:
+            tunnel.close(START_FAILED, str(exc))
+            await tunnel.closed
+        except asyncio.CancelledError:
+            if session.stopped is None:
+                raise
+            task.uncancel()
+            tunnel.close(WSCloseCode.GOING_AWAY, session.stopped)
+            await tunnel.closed
+
+    async def _tunnel(self, tunnel: Tunnel, target: tuple[str, int], deadline: float,
+                      opened: Callable[[], None]) -> None:
+        """Connect to a service as soon as its port is open, and relay until the end."""
+        host, port = target
+        tunnel.stats.target = f"{host}:{port}"
+        try:
+            await self._connect_until(tunnel, host, port, deadline)
+        except BackendError as exc:
+            self.live.refused(tunnel, exc)
+            await tunnel.closed
+            return
+        opened()
+        self.live.opened(tunnel)
+        try:
+            await tunnel.closed
+        finally:
+            self.live.ended(tunnel)
+
+    @staticmethod
+    async def _connect_until(tunnel: Tunnel, host: str, port: int, deadline: float) -> None:
+        """Keep trying until ``deadline`` while the service's port is not open yet."""
+        while True:
+            try:
+                await tunnel.connect(host, port)
+                return
+            except BackendError:
+                if time.monotonic() > deadline or tunnel.closed.done():
+                    raise
+            await asyncio.sleep(0.05)
+
+    def start_sweeping(self) -> None:
+        self.live.start_sweeping()
+
+    async def close(self, timeout: float) -> None:
+        """Stop listening, refuse new upgrades, close every tunnel and wait for them."""
+        self.live.closing = True
+        if self._server is not None:
+            self._server.close()
+        waiting = [self.live.close(timeout)]
+        if self.relays is not None:
+            waiting.append(self.relays.close(timeout))
+        await asyncio.gather(*waiting)
+
+

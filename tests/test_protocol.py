@@ -1,0 +1,113 @@
+"""The upgrade decision in-process, no socket: requests built from values, and the
+bad-upgrade corpus of the end-to-end tests parsed from its bytes."""
+
+from __future__ import annotations
+
+import httptools
+import pytest
+from multidict import CIMultiDict
+
+from e2e.test_bad_input import BAD_UPGRADES
+from websocketserver.limits import LimitExceeded
+from websocketserver.protocol import (
+    Accept,
+    Policy,
+    Refusal,
+    UpgradeRequest,
+    decide,
+    limit_refusal,
+    protocol_refusal,
+)
+
+KEY = "dGhlIHNhbXBsZSBub25jZQ=="
+GOOD = {"Host": "x", "Upgrade": "websocket", "Connection": "keep-alive, Upgrade",
+        "Sec-WebSocket-Key": KEY, "Sec-WebSocket-Version": "13"}
+BASIC = Policy(allowed_origins=(), basic_mode=True)
+
+
+def request(target: bytes = b"/websockify", method: str = "GET", version: str = "1.1",
+            **headers: str | None) -> UpgradeRequest:
+    fields = CIMultiDict({**GOOD, **{k.replace("_", "-"): v for k, v in headers.items()
+                                     if v is not None}})
+    for name, value in headers.items():
+        if value is None:
+            fields.popall(name.replace("_", "-"), None)
+    return UpgradeRequest.parse(method, version, target, fields, "127.0.0.1")
+
+
+def test_a_good_upgrade_is_accepted() -> None:
+    assert decide(request(), BASIC) == Accept(KEY.encode(), False, None)
+    offered = request(b"/?token=abc&session_name=x", Sec_WebSocket_Protocol="chat, binary")
+    assert decide(offered, BASIC) == Accept(KEY.encode(), True, "abc")
+
+
+@pytest.mark.parametrize(("changed", "status"), [
+    ({"method": "POST"}, 405),
+    ({"version": "1.0"}, 400),
+    ({"version": "2.0"}, 505),
+    ({"Expect": "bogus"}, 417),
+    ({"Upgrade": "h2c"}, 426),
+    ({"Sec_WebSocket_Version": "8"}, 426),
+    ({"Connection": "keep-alive"}, 400),
+    ({"Sec_WebSocket_Key": "c2hvcnQ="}, 400),
+    ({"Sec_WebSocket_Key": None}, 400),
+    ({"Host": None}, 400),
+])
+def test_bad_upgrades_are_refused(changed: dict[str, str | None], status: int) -> None:
+    method = str(changed.pop("method", "GET"))
+    version = str(changed.pop("version", "1.1"))
+    decision = decide(request(method=method, version=version, **changed), BASIC)
+    assert isinstance(decision, Refusal) and decision.status == status, decision
+
+
+def test_origin_closing_and_basic_mode() -> None:
+    only = Policy(allowed_origins=("https://portal.example",), basic_mode=True)
+    assert decide(request(Origin="https://evil.example"), only) == Refusal(
+        403, "origin not allowed: https://evil.example")
+    assert isinstance(decide(request(Origin="https://portal.example/"), only), Accept)
+    assert isinstance(decide(request(), only), Accept)  # no Origin: not a browser
+    closing = Policy(allowed_origins=(), basic_mode=True, closing=True)
+    assert decide(request(), closing) == Refusal(503, "server is shutting down")
+    no_backend = Policy(allowed_origins=(), basic_mode=False)
+    assert decide(request(), no_backend).status == 404  # type: ignore[union-attr]
+    assert isinstance(decide(request(b"/?token=t"), no_backend), Accept)
+
+
+def test_limits_and_http_versions() -> None:
+    assert limit_refusal(LimitExceeded(429, "too many")) == Refusal(429, "too many")
+    assert protocol_refusal("1.1", None) is None
+    assert protocol_refusal("1.1", "100-Continue") is None
+    assert protocol_refusal("0.9", None) == Refusal(505, "HTTP/0.9 is not supported")
+
+
+class _Parsed:
+    """httptools' callbacks, collecting a request as the handshake does."""
+
+    def __init__(self) -> None:
+        self.target = b""
+        self.headers: CIMultiDict[str] = CIMultiDict()
+
+    def on_url(self, url: bytes) -> None:
+        self.target += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.add(name.decode("latin-1"), value.decode("utf-8", "surrogateescape"))
+
+
+@pytest.mark.parametrize(("data", "status"), BAD_UPGRADES.values(), ids=BAD_UPGRADES)
+def test_bad_upgrade_corpus_is_refused_by_the_decision(data: bytes, status: int) -> None:
+    """The corpus the end-to-end test sends to a real server, decided in-process."""
+    parsed = _Parsed()
+    parser = httptools.HttpRequestParser(parsed)
+    try:
+        parser.feed_data(data)
+    except httptools.HttpParserUpgrade:
+        pass
+    request = UpgradeRequest.parse(parser.get_method().decode("ascii"),
+                                   parser.get_http_version(), parsed.target, parsed.headers,
+                                   "127.0.0.1")
+    decision = decide(request, Policy(allowed_origins=(), basic_mode=True))
+    if isinstance(decision, Accept):  # refused later, by the store: a token it lacks
+        assert status == 404 and decision.token is not None
+    else:
+        assert decision.status == status, decision
