@@ -39,7 +39,6 @@ from servers import (
     TreeMemory,
     Worker,
     make_tls,
-    ours_available,
     start_backend,
     start_server,
     tree_cpu,
@@ -535,9 +534,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         plan = Plan(**{**asdict(plan), "reps": args.reps})
     wanted = args.servers.split(",") if args.servers else ["websockify", "ours"]
     kinds = [kind for kind in (WEBSOCKIFY, OURS) if kind.name in wanted]
-    if OURS in kinds and not ours_available():
-        log("src/websocketserver/tunnel.py does not exist yet: benchmarking websockify only")
-        kinds.remove(OURS)
 
     raise_nofile_limit()
     signal.signal(signal.SIGTERM, _terminate)

@@ -208,11 +208,6 @@ WEBSOCKIFY = ServerKind("websockify")
 OURS = ServerKind("ours")
 
 
-def ours_available() -> bool:
-    """True once the real package has been written."""
-    return (REPO / "src" / "websocketserver" / "tunnel.py").exists()
-
-
 @dataclass
 class Server:
     """A running proxy."""

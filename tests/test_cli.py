@@ -91,3 +91,19 @@ def test_module_and_console_entry_points() -> None:
                  [str(Path(sys.executable).with_name("websocketserver")), "--version"]):
         result = subprocess.run(argv, capture_output=True, text=True, timeout=30)
         assert result.returncode == 0 and "websocketserver.py 0." in result.stdout
+
+
+def test_launcher_compatibility_flags_are_accepted() -> None:
+    """Every flag the PyEnSight launchers (0.11, 0.12) pass, ``--separate_loops`` and a
+    ``-1`` port included, in both of their orders."""
+    local = parse_settings(["--http_directory", ".", "--http_port", "8001", "--client_port", "2",
+                            "--grpc_port", "3", "--grpc_use_tcp_sockets",
+                            "--grpc_allow_network_connections", "--grpc_disable_tls",
+                            "--grpc_uds_pathname", "/tmp/p", "--local_session", "envision",
+                            "5", "--separate_loops", "--security_token", "K", "-1"])
+    container = parse_settings(["-1", "--http_directory", ".", "--http_port", "8001",
+                                "--separate_loops", "--security_token", "K", "--client_port",
+                                "1999", "--add_header", "instance_name=N", "--grpc_port", "3",
+                                "--local_session", "envision", "5"])
+    for settings in (local, container):
+        assert settings.ws_port == -1 and settings.local_sessions == (("envision", 5),)

@@ -47,7 +47,8 @@ async def _addresses(loop: asyncio.AbstractEventLoop, host: str, port: int) -> l
     except socket.gaierror:
         found = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
         numeric = False
-    addresses = [(family, kind, proto, address) for family, kind, proto, _, address in found]
+    addresses: list[_Address] = [(family, kind, proto, address)
+                                  for family, kind, proto, _, address in found]
     if numeric and len(_numeric) < 1024:
         _numeric[(host, port)] = addresses
     return addresses

@@ -39,7 +39,7 @@ class Request(Protocol):
     def remote(self) -> str | None: ...
 
 
-def _load_json_object(path: Path, option: str) -> dict:
+def _load_json_object(path: Path, option: str) -> dict[str, object]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError) as exc:

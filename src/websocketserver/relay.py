@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import logging
 import os
@@ -99,8 +100,8 @@ class RelayPool:
         """Start listening to the relays; their ends release ``limits``."""
         self._limits, self._metrics = limits, metrics
         for relay in self._relays:
-            relay.channel.attach(lambda m, f, r=relay: self._report(r, m, f),
-                                 lambda r=relay: self._relay_gone(r))
+            relay.channel.attach(functools.partial(self._report, relay),
+                                 functools.partial(self._relay_gone, relay))
 
     def hand_over(self, transport: asyncio.Transport, key: bytes, binary: bool,
                   tail: bytes, client: str, user: str | None) -> bool:

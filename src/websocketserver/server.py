@@ -24,6 +24,7 @@ from .files import FileServer
 from .gateway import WebSocketGateway
 from .httpport import HttpPort
 from .identity import Identity
+from .install import log_install
 from .logs import configure_logging
 from .metrics import Metrics
 from .relay import RelayPool
@@ -72,6 +73,7 @@ class Server:
 
     async def start(self) -> None:
         """Open the listeners; a port in use is a :class:`SettingsError`."""
+        log_install(self.settings)
         context = self.settings.ssl_context()
         stack = self._stack
         if self.http is not None:

@@ -45,6 +45,11 @@ The websocket rules picows leaves to its user are decided by
 :class:`~.frames.FrameChecker` (reserved bits, fragment order, the message size
 across fragments, UTF-8, close codes); the tunnel does what it answers. Its life is
 one :class:`TunnelState`, moved only along ``_TRANSITIONS``.
+
+(This module is longer than the others on purpose: the relay is one class whose
+callbacks run per frame and per read, and every indirection added there costs
+throughput; the parts that are not per-frame live in ``frames.py``, ``backend.py``
+and ``tunnels.py``.)
 """
 
 from __future__ import annotations
@@ -132,7 +137,7 @@ _CLOSE_OPCODE = 0x8
 def _sent_reason(transport: WSTransport) -> str:
     """Why picows closed the websocket by itself (a protocol error it found), if it did."""
     sent = transport.close_handshake.sent if transport.close_handshake else None
-    return f"closed with {int(sent.code)}: {sent.reason}" if sent is not None else ""
+    return f"closed with {sent.code.value}: {sent.reason}" if sent is not None else ""
 
 
 class Tunnel(WSListener):
@@ -213,13 +218,13 @@ class Tunnel(WSListener):
         else:
             self._on_stop = callback
 
-    def close(self, code: int, reason: str) -> None:
+    def close(self, code: WSCloseCode, reason: str) -> None:
         """End the tunnel: close the backend, send a close frame, await the answer."""
         ws = self._ws if self.state < _STOPPED else None  # None: no close frame
         self._stop(reason)
         if ws is None:
             return
-        ws.send_close(WSCloseCode(code), close_reason(reason))
+        ws.send_close(code, close_reason(reason))
         if self._browser_paused:
             self._resume_browser()  # to read the browser's answering close frame
         self._close_timer = self._loop.call_later(CLOSE_TIMEOUT, ws.disconnect)
@@ -307,8 +312,8 @@ class Tunnel(WSListener):
             self._after_close(transport, frame)
             return
         data = frame.get_payload_as_bytes()
-        verdict = self._checker.check(frame.msg_type, frame.fin,
-                                      frame.rsv1 or frame.rsv2 or frame.rsv3, data)
+        verdict = self._checker.check(frame.msg_type,  # type: ignore[arg-type]  # an IntEnum
+                                      frame.fin, frame.rsv1 or frame.rsv2 or frame.rsv3, data)
         if verdict is FORWARD:
             self._relay(data)
             if frame.last_in_buffer:
@@ -335,7 +340,7 @@ class Tunnel(WSListener):
         """A close frame went out: only the answer to it matters. (picows parses one
         frame ahead, so a frame may come after the close it sent for the next one.)"""
         self._stop(_sent_reason(transport))
-        if frame.msg_type == _CLOSE_OPCODE:
+        if frame.msg_type == _CLOSE_OPCODE:  # type: ignore[comparison-overlap]  # IntEnum
             transport.disconnect()
 
     def _answer_ping(self, transport: WSTransport, payload: bytes) -> None:
@@ -353,7 +358,7 @@ class Tunnel(WSListener):
         if ws is None or ws.is_close_frame_sent or ws.close_handshake is None:
             return
         first = ws.close_handshake.recv
-        code = int(first.code) if first is not None else -1
+        code = first.code.value if first is not None else -1
         if code != 0 and not wire_close_code(code):  # 0: no code (picows reads an
             return  # explicit code 0 alike); an invalid one: picows' 1002 is right
         self._flush_upstream()

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Coroutine
 
 from picows import WSAutoPingStrategy, WSCloseCode, WSUpgradeResponse, WSUpgradeResponseWithListener
-from picows.picows import WSProtocol
+from picows.picows import WSProtocol  # type: ignore[attr-defined]  # not in its stub
 
 from .backend import BackendError
 from .settings import Settings
@@ -170,7 +170,7 @@ _RESPONSES = {  # the 101 answers, by whether the client offered the "binary" su
     True: WSUpgradeResponse.create_101_response({"Sec-WebSocket-Protocol": "binary"})}
 
 
-class _CountingProtocol(WSProtocol):
+class _CountingProtocol(WSProtocol):  # type: ignore[misc]  # WSProtocol is untyped
     """picows' protocol, telling the tunnel what each read gave it: the tunnel keeps
     what picows holds (a frame not yet whole) within its process's budget."""
 
