@@ -95,7 +95,6 @@ async def test_status_view_escapes_everything(api) -> None:
 
 def test_render_status_without_services() -> None:
     assert "No services are configured" in render_status([])
-    assert json.dumps([])  # the JSON twin is simply []
 
 
 @pytest.fixture

@@ -100,3 +100,18 @@ def test_who_may_use_and_see_a_token() -> None:
     assert may_see(alices, "alice") and not may_see(alices, None)
     assert not may_see(alices, "bob")
     assert all(may_use(anonymous, u) and may_see(anonymous, u) for u in (None, "bob"))
+
+
+async def test_claim_reattaches_a_detached_token_once() -> None:
+    """Detached -> active by the same atomic claim: of simultaneous reconnects one wins."""
+    store = MemoryStore()
+    r = await store.reserve("svc", 1, {}, owner="alice")
+    await store.claim(r.token, "alice")
+    await store.transition(r.token, State.STARTING, State.ACTIVE)
+    assert (await store.claim(r.token, "alice")).outcome is ClaimOutcome.IN_USE  # attached
+    await store.transition(r.token, State.ACTIVE, State.DETACHED)
+    assert (await store.claim(r.token, "bob")).outcome is ClaimOutcome.NOT_OWNER
+    results = await asyncio.gather(*(store.claim(r.token, "alice") for _ in range(10)))
+    outcomes = sorted(c.outcome for c in results)
+    assert outcomes == [ClaimOutcome.IN_USE] * 9 + [ClaimOutcome.REATTACHED]
+    assert (await store.get(r.token)).state is State.ACTIVE

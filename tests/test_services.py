@@ -50,8 +50,8 @@ def calls(manager: ServiceManager) -> list:
 
 async def test_activate_starts_and_stops(manager: ServiceManager) -> None:
     reservation = await manager.reserve("rec", {"target_pathname": "/f.evsn"}, None)
-    async with manager.activate(reservation.token, lambda reason: None) as address:
-        assert address == ("127.0.0.1", 4242)
+    async with manager.activate(reservation.token, lambda reason: None) as use:
+        assert use.address == ("127.0.0.1", 4242)
         assert (await manager.store.get(reservation.token)).state is State.ACTIVE
     assert calls(manager) == [("start", 0, {"target_pathname": "/f.evsn"}), ("stop", 0)]
     assert await manager.store.list() == []
@@ -84,7 +84,10 @@ async def test_late_start_holds_its_slot_until_stopped(manager: ServiceManager) 
             pass
     assert [r.index for r in await manager.store.list()] == [0]  # still held
     assert (await manager.reserve("rec", {}, None)).index == 1
-    await asyncio.sleep(0.6)  # the slow start returns at 0.8 s
+    for _ in range(100):  # the slow start returns at 0.8 s; then index 0 is stopped, freed
+        if [r.index for r in await manager.store.list()] == [1]:
+            break
+        await asyncio.sleep(0.05)
     assert [r.index for r in await manager.store.list()] == [1]
     assert calls(manager)[-2:] == [("stop", 0), ("stop", 0)]
 
@@ -129,3 +132,119 @@ async def test_unused_reservations_are_reclaimed(manager: ServiceManager) -> Non
         assert await manager.store.list() == []
     finally:
         await manager.close()
+
+
+def graceful(tmp_path: Path, flag: float, own: float | None = None) -> ServiceManager:
+    """A manager whose "rec" service is kept detached ``own`` (None: ``flag``) seconds."""
+    script = tmp_path / "recorder.py"
+    script.write_text(SCRIPT)
+    settings = Settings(ws_port=1, start_timeout=0.5, reconnect_grace=flag, services=(
+        ServiceConfig("rec", script, 1, {}, reconnect_grace=own),))
+    return ServiceManager(settings, MemoryStore(), Identity(settings))
+
+
+async def leave(manager: ServiceManager, token: str, keep: bool = True) -> None:
+    """A websocket's session on ``token`` whose browser then left."""
+    async with manager.activate(token, lambda reason: None) as use:
+        use.keep = keep
+
+
+async def state(manager: ServiceManager, token: str) -> State | None:
+    reservation = await manager.store.get(token)
+    return reservation.state if reservation else None
+
+
+async def test_left_instance_is_detached_and_reattached_without_a_start(tmp_path) -> None:
+    manager = graceful(tmp_path, 30)
+    token = (await manager.reserve("rec", {}, None)).token
+    await leave(manager, token)
+    assert await state(manager, token) is State.DETACHED
+    assert calls(manager)[-1][0] == "start"  # not stopped
+    [status] = await manager.status(None)
+    [instance] = status["instances"]
+    assert instance["state"] == "detached" and 29 < instance["detached_seconds_left"] <= 30
+    assert (await manager.claim(token, None)).state is State.ACTIVE
+    async with manager.activate(token, lambda reason: None, claimed=True) as use:
+        assert use.address == ("127.0.0.1", 4242)
+        with pytest.raises(ServiceError) as again:  # one websocket at a time
+            await manager.claim(token, None)
+        assert again.value.status == 409
+    assert [c[0] for c in calls(manager)] == ["start", "stop"]  # no second start
+    assert await manager.store.list() == []
+    assert b'websocketserver_service_reattaches_total{service="rec"} 1.0' in \
+        manager.metrics.render(["rec"], [])
+    await manager.close()
+
+
+async def test_detached_instance_is_stopped_when_its_grace_ends(tmp_path) -> None:
+    manager = graceful(tmp_path, 0.2)
+    token = (await manager.reserve("rec", {}, None)).token
+    await leave(manager, token)
+    assert await state(manager, token) is State.DETACHED
+    await wait_empty(manager)
+    assert [c[0] for c in calls(manager)] == ["start", "stop"]
+    await manager.reserve("rec", {}, None)  # the one slot is free again
+    await manager.close()
+
+
+async def test_release_or_shutdown_stops_a_detached_instance(tmp_path) -> None:
+    manager = graceful(tmp_path, 30)
+    token = (await manager.reserve("rec", {}, None)).token
+    await leave(manager, token)
+    await manager.release(token)
+    await wait_empty(manager, timeout=2)
+    token = (await manager.reserve("rec", {}, None)).token
+    await leave(manager, token)
+    await manager.close()  # waits for the stop
+    assert await manager.store.list() == []
+    assert [c[0] for c in calls(manager)] == ["start", "stop", "start", "stop"]
+
+
+@pytest.mark.parametrize("flag, own, kept", [(0, None, False), (30, None, True),
+                                             (30, 0, False), (0, 30, True)])
+async def test_the_services_own_grace_overrides_the_flag(tmp_path, flag, own, kept) -> None:
+    manager = graceful(tmp_path, flag, own)
+    token = (await manager.reserve("rec", {}, None)).token
+    await leave(manager, token)
+    assert await state(manager, token) is (State.DETACHED if kept else None)
+    await manager.close()
+
+
+async def test_a_session_not_kept_is_stopped_despite_a_grace(tmp_path) -> None:
+    """Release, shutdown or the service ending: the owner leaves ``keep`` unset."""
+    manager = graceful(tmp_path, 30)
+    token = (await manager.reserve("rec", {}, None)).token
+    await leave(manager, token, keep=False)
+    assert await manager.store.list() == []
+    await manager.close()
+
+
+async def test_a_reattach_that_gets_no_websocket_is_detached_again(tmp_path) -> None:
+    manager = graceful(tmp_path, 30)
+    token = (await manager.reserve("rec", {}, None)).token
+    await leave(manager, token)
+    await manager.claim(token, None)
+    await manager.unclaim(token)  # e.g. refused by a tunnel limit
+    assert await state(manager, token) is State.DETACHED
+    await manager.claim(token, None)
+    await manager.release(token)  # released while re-attaching
+    await manager.unclaim(token)
+    assert await manager.store.list() == []
+    assert [c[0] for c in calls(manager)] == ["start", "stop"]
+    await manager.close()
+
+
+async def test_a_reconnect_racing_the_detach_waits_for_it(tmp_path) -> None:
+    """A reload reconnects as the old websocket ends: re-attached, not refused (409)."""
+    manager = graceful(tmp_path, 30)
+    token = (await manager.reserve("rec", {}, None)).token
+    async with manager.activate(token, lambda reason: None) as use:
+        use.leave()  # the tunnel stopped relaying; its session has not ended yet
+        use.keep = True
+        reconnect = asyncio.create_task(manager.claim(token, None))
+        await asyncio.sleep(0.05)
+        assert not reconnect.done()
+    assert (await reconnect).state is State.ACTIVE
+    await manager.unclaim(token)
+    await manager.close()
+    assert [c[0] for c in calls(manager)] == ["start", "stop"]

@@ -134,8 +134,7 @@ def render_services(services: list[dict[str, Any]]) -> str:
     for service in services:
         name = html.escape(service["name"])
         rows = "".join(
-            f"<tr><td>{i['index']}</td><td><span class='state {html.escape(i['state'])}'>"
-            f"{html.escape(i['state'])}</span></td>"
+            f"<tr><td>{i['index']}</td><td>{_state_cell(i)}</td>"
             f"<td>{html.escape(i['owner'] or 'anonymous')}</td>"
             f"<td>{_age(now - i['timestamp'])}</td>"
             f"<td class='num'>{_bytes(i['bytes_down'])}</td>"
@@ -156,6 +155,14 @@ def render_services(services: list[dict[str, Any]]) -> str:
             f"{rows}</table></section>"
         )
     return "".join(blocks) or "<p class='idle'>No services are configured.</p>"
+
+
+def _state_cell(instance: dict[str, Any]) -> str:
+    """The state chip; a detached instance's also says how long it is kept."""
+    state = html.escape(instance["state"])
+    left = instance.get("detached_seconds_left")
+    until = f" <small>{left:.0f} s left</small>" if left is not None else ""
+    return f"<span class='state {state}'>{state}</span>{until}"
 
 
 def _token_cells(token: str | None) -> str:
@@ -211,7 +218,8 @@ def render_status(services: list[dict[str, Any]]) -> str:
         ".num{text-align:right;font-variant-numeric:tabular-nums}.state{padding:.1em .5em;"
         "border-radius:1em;background:#eee}.active{background:#d7f5dc;color:#075}"
         ".starting{background:#fff1c9;color:#850}.stopping{background:#fde0e0;color:#a00}"
-        ".reserved{background:#e3ecff;color:#248}.idle,.options,#updated{color:#888}"
+        ".reserved{background:#e3ecff;color:#248}.detached{background:#efe2ff;color:#63a}"
+        ".idle,.options,#updated{color:#888}"
         ".full{font-size:.6em;color:#a00}button{cursor:pointer}</style></head><body>"
         "<h1>websocketserver status</h1><p id='updated'></p>"
         f"<main id='services'>{render_services(services)}</main>"

@@ -57,6 +57,16 @@ def _positive(text: str) -> float:
     return value
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0: {text}")
+    return value
+
+
 def _whole(text: str, minimum: int) -> int:
     try:
         value = int(text)
@@ -151,6 +161,11 @@ def build_parser() -> argparse.ArgumentParser:
                        "Default: the install tree the server lives in or the environment "
                        "names ($PYENSIGHT_ANSYS_INSTALLATION, $CEI_HOME, $AWP_ROOTnnn), else "
                        "--http_directory like any path")
+    extra.add_argument("--reconnect_grace", metavar="seconds", type=_seconds, default=0.0,
+                       help="Keep a started service instance this long after its websocket "
+                       "closes, for a reconnect with the same token (a page reload); a "
+                       "service's \"reconnect_grace\" in --remote_session_config overrides "
+                       "it. Default:0 (stop at once)")
     extra.add_argument("--start_timeout", metavar="seconds", type=_positive, default=60.0,
                        help="How long a service may take to start and listen. Default:60")
     extra.add_argument("--max_message_size", metavar="bytes", type=_count,

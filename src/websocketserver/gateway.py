@@ -1,7 +1,8 @@
 """The websocket port: accept an upgrade on any path, pick its target, tunnel.
 
 Without ``?token=`` the target is ``--client_hostname:--client_port`` (basic mode);
-with one, the reserved service is started first (see :mod:`.services`).
+with one, the reserved service is started first, or its detached instance
+re-attached (``--reconnect_grace``, see :mod:`.services`).
 
 Each connection goes through two protocols:
 
@@ -46,13 +47,17 @@ class _Session:
         self.task = task
         self.tunnel = tunnel
         self.running = False
-        self.stopped: str | None = None
+        self.stopped: str | None = None  # why a release or shutdown ended it
+        self.interrupted = False  # its start was cancelled for that
 
     def close(self, reason: str) -> None:
+        if self.stopped is not None:
+            return
+        self.stopped = reason
         if self.running:
             self.tunnel.close(WSCloseCode.GOING_AWAY, reason)
-        elif self.stopped is None:  # still starting: interrupt the start
-            self.stopped = reason
+        else:  # still starting: interrupt the start
+            self.interrupted = True
             self.task.cancel()
 
 
@@ -121,8 +126,9 @@ class WebSocketGateway:
 
     async def _upgrade_token(self, request: UpgradeRequest, transport: asyncio.Transport,
                              tail: bytes, accept: Accept, token: str) -> None:
-        """Claim ``token`` (reserved -> starting, one store operation) before answering,
-        so of simultaneous upgrades with one token exactly one is answered 101."""
+        """Claim ``token`` (reserved -> starting, or detached -> active: one store
+        operation) before answering, so of simultaneous upgrades with one token exactly
+        one is answered 101."""
         try:
             await self.services.claim(token, self.identity.user(request))
         except ServiceError as exc:
@@ -184,41 +190,52 @@ class WebSocketGateway:
         assert task is not None
         session = _Session(task, tunnel)
         try:
-            async with self.services.activate(token, session.close, claimed=True) as target:
+            async with self.services.activate(token, session.close, claimed=True) as use:
                 deadline = time.monotonic() + self.settings.start_timeout
+                tunnel.when_stopped(use.leave)
 
                 def opened() -> None:
                     session.running = True
                     self.services.attach(token, tunnel.stats)
 
-                await self._tunnel(tunnel, target, deadline, opened)
+                reached = await self._tunnel(tunnel, use.address, deadline, opened)
+                # kept for a reconnect if the browser left: not a release, shutdown, or
+                # the service refusing or ending the connection
+                use.keep = (reached and session.stopped is None and not self.live.closing
+                            and not tunnel.backend_ended)
         except ServiceError as exc:
             tunnel.close(START_FAILED, str(exc))
             await tunnel.closed
         except asyncio.CancelledError:
-            if session.stopped is None:
+            if not session.interrupted:
                 raise
             task.uncancel()
-            tunnel.close(WSCloseCode.GOING_AWAY, session.stopped)
+            tunnel.close(WSCloseCode.GOING_AWAY, session.stopped or "")
             await tunnel.closed
 
     async def _tunnel(self, tunnel: Tunnel, target: tuple[str, int], deadline: float,
-                      opened: Callable[[], None]) -> None:
-        """Connect to a service as soon as its port is open, and relay until the end."""
+                      opened: Callable[[], None]) -> bool:
+        """Connect to a service as soon as its port is open, and relay until the end.
+
+        False if the service's port did not accept in time (the browser was told);
+        True if it did, or the browser left before.
+        """
         host, port = target
         tunnel.stats.target = f"{host}:{port}"
         try:
             await self._connect_until(tunnel, host, port, deadline)
         except BackendError as exc:
+            left = tunnel.closed.done()  # the browser left while the service came up
             self.live.refused(tunnel, exc)
             await tunnel.closed
-            return
+            return left
         opened()
         self.live.opened(tunnel)
         try:
             await tunnel.closed
         finally:
             self.live.ended(tunnel)
+        return True
 
     @staticmethod
     async def _connect_until(tunnel: Tunnel, host: str, port: int, deadline: float) -> None:

@@ -54,6 +54,9 @@ class Metrics:
         self.service_failures = Counter("websocketserver_service_failures",
                                         "Service instances that failed to start",
                                         ["service"], registry=self.registry)
+        self.reattaches = Counter("websocketserver_service_reattaches",
+                                  "Websockets re-attached to a detached instance "
+                                  "(--reconnect_grace)", ["service"], registry=self.registry)
         self.start_seconds = Histogram("websocketserver_service_start_seconds",
                                        "Time from websocket to a listening service",
                                        ["service"], registry=self.registry,
@@ -90,6 +93,9 @@ class Metrics:
 
     def service_failed(self, service: str) -> None:
         self.service_failures.labels(service).inc()
+
+    def service_reattached(self, service: str) -> None:
+        self.reattaches.labels(service).inc()
 
     def render(self, services: Iterable[str], reservations: Iterable[Reservation]) -> bytes:
         """The text exposition, with reservation levels taken from ``reservations``."""

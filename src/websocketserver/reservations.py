@@ -12,9 +12,15 @@ one atomic step from reserved to starting, so of simultaneous upgrades one wins.
 
 Lifecycle of a token::
 
-    reserved --first websocket--> starting --port accepts--> active
-        \\                              \\                       |
-         `--timeout / release------------`--failure / release---`--> stopping --> gone
+    reserved --first websocket (claim)--> starting --start() returned--> active
+    active   --browser left, grace > 0--> detached --websocket again (claim)--> active
+    reserved --timeout / release--------> stopping
+    starting, active --failure / release / service ended / shutdown--> stopping
+    detached --grace over / release / shutdown--> stopping --stopped--> gone (index free)
+
+With ``--reconnect_grace`` (0 by default: no ``detached`` state), a started instance
+whose websocket went away is kept ``detached`` for that long; the next websocket with
+its token re-attaches it, by the same :meth:`~ReservationStore.claim`.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ class State(enum.StrEnum):
     RESERVED = "reserved"
     STARTING = "starting"
     ACTIVE = "active"
+    DETACHED = "detached"  # started, its websocket gone: kept for a reconnect
     STOPPING = "stopping"
 
 
@@ -39,13 +46,21 @@ class NoSlotFree(Exception):
     """Every one of the service's ``count`` instances is taken."""
 
 
+class StoreUnavailable(Exception):
+    """A shared store cannot be reached or refused the operation: answer 503, fail closed."""
+
+
 class ClaimOutcome(enum.StrEnum):
     """Why :meth:`ReservationStore.claim` did or did not hand a token to its caller."""
 
     CLAIMED = "claimed"
+    REATTACHED = "reattached"
     UNKNOWN = "unknown"
     NOT_OWNER = "not owner"
     IN_USE = "in use"
+    ELSEWHERE = "elsewhere"
+    """Reserved on another instance (``reservation.node``) and no local slot is free to
+    take it over: forward the websocket there. Only a shared store answers this."""
 
 
 @dataclass(frozen=True)
@@ -62,6 +77,8 @@ class Reservation:
     """When the reservation was made (seconds since the epoch)."""
     changed: float = field(default_factory=time.monotonic)
     """When the state last changed (monotonic clock)."""
+    node: str | None = None
+    """The cluster instance whose slot it holds (None: the single server's own)."""
 
 
 def may_use(reservation: Reservation, user: str | None) -> bool:
@@ -85,7 +102,8 @@ class Claim:
 
     outcome: ClaimOutcome
     reservation: Reservation | None
-    """The token's reservation after the claim (starting, when claimed); None if unknown."""
+    """The token's reservation after the claim (starting when claimed, active when
+    re-attached); None if unknown."""
 
 
 class ReservationStore(ABC):
@@ -109,9 +127,10 @@ class ReservationStore(ABC):
     async def claim(self, token: str, user: str | None) -> Claim:
         """Take ``token`` for a websocket of ``user``, in one atomic step.
 
-        It moves from reserved to starting if it exists, :func:`may_use` allows
-        ``user`` and it is reserved; checked in that order, and whichever fails first
-        is the outcome. Of any number of simultaneous claims at most one succeeds.
+        It moves from reserved to starting (claimed), or from detached to active
+        (re-attached), if it exists, :func:`may_use` allows ``user`` and it is in one
+        of those states; checked in that order, and whichever fails first is the
+        outcome. Of any number of simultaneous claims at most one succeeds.
         """
 
     @abstractmethod
@@ -121,6 +140,13 @@ class ReservationStore(ABC):
     @abstractmethod
     async def list(self, service: str | None = None) -> list[Reservation]:
         """All reservations (of one service), by service and index."""
+
+    async def capacity(self, service: str, count: int) -> int:
+        """How many slots of ``service`` (configured ``count`` here) exist in all.
+
+        One server has ``count``; a cluster store sums its live instances' counts.
+        """
+        return count
 
 
 class MemoryStore(ReservationStore):
@@ -163,11 +189,15 @@ class MemoryStore(ReservationStore):
                 return Claim(ClaimOutcome.UNKNOWN, None)
             if not may_use(current, user):
                 return Claim(ClaimOutcome.NOT_OWNER, current)
-            if current.state is not State.RESERVED:
+            if current.state is State.RESERVED:
+                outcome, state = ClaimOutcome.CLAIMED, State.STARTING
+            elif current.state is State.DETACHED:
+                outcome, state = ClaimOutcome.REATTACHED, State.ACTIVE
+            else:
                 return Claim(ClaimOutcome.IN_USE, current)
-            claimed = replace(current, state=State.STARTING, changed=time.monotonic())
+            claimed = replace(current, state=state, changed=time.monotonic())
             self._by_token[token] = claimed
-            return Claim(ClaimOutcome.CLAIMED, claimed)
+            return Claim(outcome, claimed)
 
     async def remove(self, token: str) -> Reservation | None:
         async with self._lock:

@@ -4,6 +4,11 @@
 :mod:`websocketserver.reservations`) and is the only place that calls service
 scripts. Whatever a script does (raise, hang, return a port nobody listens on, die
 mid-session), the websocket gets a reason, the slot is freed and the server goes on.
+
+With a reconnect grace (``--reconnect_grace``, or a service's ``"reconnect_grace"``),
+an instance whose browser left is kept *detached* by a holder task for that long: a
+websocket with its token re-attaches to it (a new TCP connection to the same host and
+port, no second ``start()``); else the holder stops it.
 """
 
 from __future__ import annotations
@@ -47,6 +52,34 @@ class ServiceError(Exception):
 
 
 @dataclass(frozen=True)
+class _Instance:
+    """A started instance: it outlives its websocket while detached."""
+
+    service: Service
+    index: int
+    address: tuple[str, int]
+
+
+class Attachment:
+    """One websocket's use of a started instance, as :meth:`ServiceManager.activate`
+    yields it; its owner says whether the instance is to be kept for a reconnect."""
+
+    def __init__(self, address: tuple[str, int], grace: float) -> None:
+        self.address = address
+        self.grace = grace
+        self.keep = False
+        """Set by the owner: the browser left (not a release, shutdown or service end)."""
+        self.left = False
+        self.settled: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        """Resolved once the token's next state (detached, stopping) is in the store."""
+
+    def leave(self) -> None:
+        """The websocket relays nothing more: a reconnect now waits for :attr:`settled`
+        instead of being refused (a reload reconnects at once)."""
+        self.left = True
+
+
+@dataclass(frozen=True)
 class Service:
     """A service type: its configuration and its one script object."""
 
@@ -84,6 +117,16 @@ class ServiceManager:
         self._traffic: dict[str, TunnelStats] = {}
         self._abandoned: dict[str, asyncio.Task[None]] = {}
         self._reclaimer: asyncio.Task[None] | None = None
+        self._running: dict[str, _Instance] = {}  # started, not stopped yet
+        self._attachments: dict[str, Attachment] = {}
+        self._detached: dict[str, asyncio.Event] = {}  # set: the holder is to end now
+        self._holders: set[asyncio.Task[None]] = set()
+        self._closing = False
+
+    def grace(self, service: Service) -> float:
+        """Seconds an instance of ``service`` is kept detached: its own, else the flag's."""
+        own = service.config.reconnect_grace
+        return self.settings.reconnect_grace if own is None else own
 
     # -- what a caller may see -----------------------------------------------------
 
@@ -124,12 +167,17 @@ class ServiceManager:
 
     def _instance(self, reservation: Reservation, show_token: bool) -> dict[str, Any]:
         traffic = self._traffic.get(reservation.token)
-        return {"index": reservation.index,
-                "token": reservation.token if show_token else None,
-                "timestamp": reservation.timestamp, "options": reservation.options,
-                "state": str(reservation.state), "owner": reservation.owner,
-                "bytes_up": traffic.bytes_up if traffic else 0,
-                "bytes_down": traffic.bytes_down if traffic else 0}
+        instance = {"index": reservation.index,
+                    "token": reservation.token if show_token else None,
+                    "timestamp": reservation.timestamp, "options": reservation.options,
+                    "state": str(reservation.state), "owner": reservation.owner,
+                    "bytes_up": traffic.bytes_up if traffic else 0,
+                    "bytes_down": traffic.bytes_down if traffic else 0}
+        if reservation.state is State.DETACHED:
+            grace = self.grace(self.services[reservation.service])
+            instance["detached_seconds_left"] = round(
+                max(0.0, reservation.changed + grace - time.monotonic()), 1)
+        return instance
 
     def attach(self, token: str, traffic: TunnelStats) -> None:
         """Report ``traffic`` as the active session's byte counts in the status."""
@@ -168,19 +216,32 @@ class ServiceManager:
         if reservation is None:
             raise ServiceError(404, "unknown token")
         closer = self._closers.get(token)
+        detached = self._detached.get(token)
         if closer is not None:
             closer("reservation released")
+        elif detached is not None:  # its holder stops it now
+            detached.set()
         else:  # claimed by an upgrade not yet activating it: activate or unclaim frees it
-            await self.store.transition(token, State.STARTING, State.STOPPING)
+            await self.store.transition(token, (State.STARTING, State.ACTIVE), State.STOPPING)
         return reservation
 
     async def claim(self, token: str, user: str | None) -> Reservation:
-        """Take ``token`` for a websocket of ``user`` (reserved -> starting, atomically).
+        """Take ``token`` for a websocket of ``user`` (reserved -> starting, or detached
+        -> active: a re-attach; atomically).
 
         Raises :class:`ServiceError`: 404 unknown token, 403 another known user's, 409
         already in use. The winner must then :meth:`activate` it or :meth:`unclaim` it.
         """
         claim = await self.store.claim(token, user)
+        attachment = self._attachments.get(token)
+        if (claim.outcome is ClaimOutcome.IN_USE and attachment is not None
+                and attachment.left and attachment.grace > 0):
+            await asyncio.shield(attachment.settled)  # its websocket is being detached
+            claim = await self.store.claim(token, user)
+        if claim.outcome is ClaimOutcome.REATTACHED:
+            detached = self._detached.pop(token, None)
+            if detached is not None:
+                detached.set()  # its holder ends without stopping it
         if claim.outcome is ClaimOutcome.UNKNOWN:
             raise ServiceError(404, "unknown or expired token")
         if claim.outcome is ClaimOutcome.NOT_OWNER:
@@ -192,13 +253,21 @@ class ServiceManager:
 
     async def unclaim(self, token: str) -> None:
         """Give back a claimed token never activated (its websocket was not opened)."""
-        if await self.store.transition(token, State.STARTING, State.RESERVED) is None:
-            await self.store.remove(token)  # released meanwhile
+        instance = self._running.get(token)
+        if instance is None:
+            if await self.store.transition(token, State.STARTING, State.RESERVED) is None:
+                await self.store.remove(token)  # released meanwhile
+        elif await self.store.transition(token, State.ACTIVE, State.DETACHED) is not None:
+            await self._detach(token, instance, self.grace(instance.service))
+        else:  # a re-attach, released meanwhile
+            await self._end(token, instance)
 
     @contextlib.asynccontextmanager
     async def activate(self, token: str, close: Callable[[str], None], claimed: bool = False
-                       ) -> AsyncIterator[tuple[str, int]]:
-        """Start the service of ``token`` and yield its (host, port); stop it on exit.
+                       ) -> AsyncIterator[Attachment]:
+        """Start the service of ``token`` (or re-attach to its detached instance) and
+        yield its :class:`Attachment`; on exit, stop it, or detach it if the owner set
+        :attr:`Attachment.keep` and the service has a reconnect grace.
 
         ``claimed``: the caller won :meth:`claim` for it; else it is claimed here as by
         an anonymous caller. ``close(reason)`` is called if the reservation is released
@@ -211,24 +280,80 @@ class ServiceManager:
             raise ServiceError(410, "reservation released")
         service = self.services[reservation.service]
         self._closers[token] = close
-        started = False
+        instance = self._running.get(token)  # set: a re-attach
+        attachment: Attachment | None = None
         try:
-            if reservation.state is not State.STARTING:  # released before the closer was set
-                raise ServiceError(410, "reservation released")
-            address = await self._start(service, reservation)
-            started = True
-            if await self.store.transition(token, State.STARTING, State.ACTIVE) is None:
-                raise ServiceError(410, "reservation released while starting")
-            yield address
+            if reservation.state is not (State.STARTING if instance is None else State.ACTIVE):
+                raise ServiceError(410, "reservation released")  # before the closer was set
+            if instance is None:
+                address = await self._start(service, reservation)
+                instance = self._running[token] = _Instance(service, reservation.index,
+                                                            address)
+                if await self.store.transition(token, State.STARTING, State.ACTIVE) is None:
+                    raise ServiceError(410, "reservation released while starting")
+            else:
+                self.metrics.service_reattached(service.name)
+                log.info("%s index %d re-attached", service.name, reservation.index)
+            attachment = self._attachments[token] = Attachment(instance.address,
+                                                               self.grace(service))
+            yield attachment
         finally:
             self._closers.pop(token, None)
             self._traffic.pop(token, None)
-            await self.store.transition(token, (State.STARTING, State.ACTIVE), State.STOPPING)
-            if token not in self._abandoned:  # else _finish_abandoned frees the slot
-                if started:
-                    await self._stop(service, reservation.index)
-                await self.store.remove(token)
-                log.info("%s index %d is free", service.name, reservation.index)
+            detached = False
+            try:
+                detached = (attachment is not None and attachment.keep
+                            and attachment.grace > 0 and not self._closing
+                            and await self.store.transition(token, State.ACTIVE,
+                                                            State.DETACHED) is not None)
+                if not detached:
+                    await self.store.transition(token, (State.STARTING, State.ACTIVE),
+                                                State.STOPPING)
+            finally:
+                if attachment is not None:
+                    del self._attachments[token]
+                    attachment.settled.set_result(None)
+            if detached:
+                assert instance is not None and attachment is not None
+                await self._detach(token, instance, attachment.grace)
+            elif token not in self._abandoned:  # else _finish_abandoned frees the slot
+                if instance is not None:
+                    await self._end(token, instance)
+                else:
+                    await self.store.remove(token)
+                    log.info("%s index %d is free", service.name, reservation.index)
+
+    async def _detach(self, token: str, instance: _Instance, grace: float) -> None:
+        """Keep a detached ``instance`` for ``grace`` seconds, in a holder task."""
+        wake = self._detached[token] = asyncio.Event()
+        holder = asyncio.create_task(self._hold(token, instance, grace, wake))
+        self._holders.add(holder)
+        holder.add_done_callback(self._holders.discard)
+        log.info("%s index %d detached: kept %g s for a reconnect", instance.service.name,
+                 instance.index, grace)
+        if self._closing:  # shutdown began meanwhile, and awaits the caller: stop it now
+            wake.set()
+            await holder
+
+    async def _hold(self, token: str, instance: _Instance, grace: float,
+                    wake: asyncio.Event) -> None:
+        """Wait for a re-attach (which takes ``wake`` out of ``_detached``) or for the
+        grace to end, a release or shutdown (which leave it): then stop the instance."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(wake.wait(), grace)
+        if self._detached.get(token) is not wake:
+            return  # re-attached
+        del self._detached[token]
+        if await self.store.transition(token, State.DETACHED, State.STOPPING) is not None:
+            await self._end(token, instance)
+        # else a re-attach claimed it first, or it is gone: no longer this holder's
+
+    async def _end(self, token: str, instance: _Instance) -> None:
+        """Stop a started ``instance`` and free its slot (its token is stopping)."""
+        await self._stop(instance.service, instance.index)
+        self._running.pop(token, None)
+        await self.store.remove(token)
+        log.info("%s index %d is free", instance.service.name, instance.index)
 
     async def _start(self, service: Service, reservation: Reservation) -> tuple[str, int]:
         timeout = self.settings.start_timeout
@@ -320,12 +445,17 @@ class ServiceManager:
                                  reservation.service, reservation.index)
 
     async def close(self) -> None:
-        """Stop reclaiming; end every session (their tunnels stop their services)."""
+        """Stop reclaiming; end every session (their tunnels stop their services) and
+        stop the detached instances."""
+        self._closing = True
         if self._reclaimer is not None:
             self._reclaimer.cancel()
             await asyncio.gather(self._reclaimer, return_exceptions=True)
         for close in list(self._closers.values()):
             close("server shutting down")
+        for wake in self._detached.values():
+            wake.set()
+        await asyncio.gather(*self._holders, return_exceptions=True)
         abandoned = list(self._abandoned.values())
         for task in abandoned:
             task.cancel()

@@ -30,6 +30,7 @@ class ServiceConfig:
     count: int
     options: dict[str, Any]
     builtin_app: str | None = None
+    reconnect_grace: float | None = None  # None: --reconnect_grace
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,7 @@ class Settings:
     ping_interval: float | None = None
     idle_timeout: float | None = None
     relay_processes: int = 1
+    reconnect_grace: float = 0.0  # seconds a started instance outlives its websocket
     services: tuple[ServiceConfig, ...] = field(default=())
     install_notes: tuple[str, ...] = ()  # where /ansys... and the built-in apps come from
 
@@ -101,6 +103,7 @@ _SERVICE_SCHEMA: dict[str, Any] = {
     "properties": {
         "script": {"type": "string", "minLength": 1},
         "count": {"type": "integer", "minimum": 1},
+        "reconnect_grace": {"type": "number", "minimum": 0},
         "options": {
             "type": "object",
             "properties": {
@@ -151,6 +154,7 @@ def load_service_config(path: Path) -> tuple[ServiceConfig, ...]:
                 script=script,
                 count=entry["count"],
                 options=dict(entry.get("options", {})),
+                reconnect_grace=entry.get("reconnect_grace"),
             )
         )
     return tuple(services)
@@ -171,4 +175,4 @@ def _schema_message(error: jsonschema.ValidationError) -> str:
         return f"must be >= {error.validator_value}"
     if error.validator == "minLength":
         return "must not be empty"
-    return error.message
+    return str(error.message)

@@ -149,15 +149,16 @@ class Tunnel(WSListener):
     holds (a limit's slot) is given back earlier, see :meth:`when_stopped`.
     """
 
-    __slots__ = ("stats", "reason", "closed", "state", "_checker", "_loop", "_ws", "_browser",
-                 "_browser_paused", "_sock", "_fd", "_reading", "_writing", "_batch",
-                 "_unsent", "_pending", "_close_timer", "_on_stop", "_budget", "_unparsed",
-                 "_peak", "_unsent_bytes", "_charged", "_full", "_pong", "_reset_timer")
+    __slots__ = ("stats", "reason", "backend_ended", "closed", "state", "_checker", "_loop",
+                 "_ws", "_browser", "_browser_paused", "_sock", "_fd", "_reading", "_writing",
+                 "_batch", "_unsent", "_pending", "_close_timer", "_on_stop", "_budget",
+                 "_unparsed", "_peak", "_unsent_bytes", "_charged", "_full", "_pong", "_reset_timer")
 
     def __init__(self, stats: TunnelStats, max_message: int, budget: UpstreamBudget) -> None:
         super().__init__()
         self.stats = stats
         self.reason = ""  # why the tunnel ended, for the log: the first cause wins
+        self.backend_ended = False  # the service closed or lost its connection first
         self.state = _CONNECTING
         self._checker = FrameChecker(max_message)
         self._budget = budget
@@ -477,12 +478,14 @@ class Tunnel(WSListener):
             return
         size = len(data)
         if not size:
+            self.backend_ended = True
             self.close(WSCloseCode.OK, "backend closed the connection")
             return
         self.stats.bytes_down += size
         self._browser.writelines((frame_header(size), data))  # type: ignore[union-attr]
 
     def _backend_lost(self, exc: OSError) -> None:
+        self.backend_ended = True
         self.close(WSCloseCode.INTERNAL_ERROR, f"backend connection lost: {exc}")
 
     def _close_backend(self) -> None:

@@ -1,0 +1,241 @@
+"""Reconnect grace end to end: a reserved instance outlives its websocket for a while.
+
+The service here keeps state: each connection is told the process id and the value
+it holds, and a line sent sets that value. A reconnect that reaches the same process
+sees the same pid and the value set before.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+import websockets
+
+from support import LAUNCHER, marked_processes, wait_until
+
+SERVICE = '''
+import asyncio, os, sys
+from pathlib import Path
+from websocketserver import CommandService
+
+
+class Stateful(CommandService):
+    def command(self, index, options, port):
+        return [sys.executable, str(Path(__file__).resolve()), str(port)]
+
+
+async def serve(port):
+    held = {"value": "none"}
+
+    async def client(reader, writer):
+        writer.write(f"pid {os.getpid()} value {held['value']}\\n".encode())
+        while line := await reader.readline():
+            held["value"] = line.decode().strip()
+            writer.write(f"set {held['value']}\\n".encode())
+        writer.close()
+
+    server = await asyncio.start_server(client, "127.0.0.1", port)
+    await server.serve_forever()
+
+
+if __name__ == "__main__":
+    asyncio.run(serve(int(sys.argv[1])))
+'''
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Path:
+    """``kept`` has no grace of its own, ``own`` 30 s, ``never`` 0 (not kept)."""
+    (tmp_path / "stateful.py").write_text(SERVICE)
+    path = tmp_path / "services.json"
+    path.write_text(json.dumps({
+        "kept": {"script": "stateful.py", "count": 1},
+        "own": {"script": "stateful.py", "count": 1, "reconnect_grace": 30},
+        "never": {"script": "stateful.py", "count": 1, "reconnect_grace": 0},
+    }))
+    return path
+
+
+def reserve(server, name: str = "kept") -> str:
+    status, body = server.get_json(f"/v1/reserve/{name}")
+    assert status == 200, body
+    return body["token"]
+
+
+def instances(server, name: str = "kept") -> list[dict]:
+    status, body = server.get_json("/v1/status")
+    assert status == 200
+    return next(s for s in body if s["name"] == name)["instances"]
+
+
+def states(server, name: str = "kept") -> list[str]:
+    return [i["state"] for i in instances(server, name)]
+
+
+async def read_line(ws: websockets.ClientConnection) -> str:
+    """One line of the service (its bytes may come in any number of messages)."""
+    data = b""
+    while not data.endswith(b"\n"):
+        data += await asyncio.wait_for(ws.recv(), 10)
+    return data.decode().strip()
+
+
+async def visit(server, token: str, value: str | None = None) -> str:
+    """Connect, read the greeting, set ``value`` if given, leave; the greeting."""
+    async with websockets.connect(server.ws_url(token=token), open_timeout=30) as ws:
+        greeting = await read_line(ws)
+        if value is not None:
+            await ws.send(f"{value}\n".encode())
+            assert await read_line(ws) == f"set {value}"
+        return greeting
+
+
+def test_reconnect_within_grace_reaches_the_same_process(start_server, config) -> None:
+    server = start_server("--remote_session_config", str(config), "--reconnect_grace", "30")
+    token = reserve(server)
+    first = asyncio.run(visit(server, token, "blue"))
+    assert first.startswith("pid ") and first.endswith(" value none")
+    pid = first.split()[1]
+    # at once, as a page reload does: the old websocket may still be being detached
+    assert asyncio.run(visit(server, token, "green")) == f"pid {pid} value blue"
+    wait_until(lambda: states(server) == ["detached"])
+    [instance] = instances(server)
+    assert 0 < instance["detached_seconds_left"] <= 30
+    assert [p.pid for p in marked_processes(server)] == [int(pid)]
+    status, _, page = server.get("/v1/status_view")
+    assert status == 200 and b"detached" in page and b"s left" in page
+
+    async def attached_twice() -> tuple[str, int]:
+        async with websockets.connect(server.ws_url(token=token)) as ws:
+            greeting = await read_line(ws)
+            assert states(server) == ["active"]
+            with pytest.raises(websockets.InvalidStatus) as refused:
+                async with websockets.connect(server.ws_url(token=token)):
+                    pass
+            return greeting, refused.value.response.status_code
+
+    assert asyncio.run(attached_twice()) == (f"pid {pid} value green", 409)
+    _, _, metrics = server.get("/v1/metrics")
+    assert b'websocketserver_service_reattaches_total{service="kept"} 2.0' in metrics
+    assert b'websocketserver_service_starts_total{service="kept"} 1.0' in metrics
+    wait_until(lambda: states(server) == ["detached"])
+    assert server.get_json(f"/v1/release/{token}")[0] == 200
+    wait_until(lambda: instances(server) == [] and marked_processes(server) == [])
+
+
+def test_grace_expiry_stops_the_instance_and_frees_the_slot(start_server, config) -> None:
+    server = start_server("--remote_session_config", str(config), "--reconnect_grace", "1")
+    token = reserve(server)
+    asyncio.run(visit(server, token))
+    wait_until(lambda: states(server) == ["detached"])
+    assert len(marked_processes(server)) == 1
+    wait_until(lambda: instances(server) == [] and marked_processes(server) == [], timeout=10)
+    assert server.get_json("/v1/reserve/kept")[0] == 200  # the one slot is free again
+    with pytest.raises(websockets.InvalidStatus) as gone:
+        asyncio.run(visit(server, token))
+    assert gone.value.response.status_code == 404
+
+
+def test_release_while_detached_stops_at_once(start_server, config) -> None:
+    server = start_server("--remote_session_config", str(config), "--reconnect_grace", "30")
+    token = reserve(server)
+    asyncio.run(visit(server, token))
+    wait_until(lambda: states(server) == ["detached"])
+    status, body = server.get_json(f"/v1/release/{token}")
+    assert status == 200 and body["released"] == token
+    wait_until(lambda: instances(server) == [] and marked_processes(server) == [], timeout=5)
+
+
+def test_shutdown_while_detached_leaves_no_process(start_server, config) -> None:
+    server = start_server("--remote_session_config", str(config), "--reconnect_grace", "30")
+    tokens = [reserve(server), reserve(server, "own")]
+    for token in [*tokens, tokens[0]]:  # one re-attached and detached again
+        asyncio.run(visit(server, token))
+    wait_until(lambda: states(server) == states(server, "own") == ["detached"])
+    procs = marked_processes(server)
+    assert len(procs) == 2
+    server.proc.terminate()
+    assert server.wait_exit(10) == 0  # well before the grace ends
+    psutil.wait_procs(procs, timeout=5)
+    assert marked_processes(server) == []
+
+
+def test_release_or_shutdown_while_attached_is_not_a_detach(start_server, config) -> None:
+    server = start_server("--remote_session_config", str(config), "--reconnect_grace", "30")
+    tokens = [reserve(server), reserve(server, "own")]
+
+    async def closing(ws: websockets.ClientConnection) -> tuple[int, str]:
+        with pytest.raises(websockets.ConnectionClosed) as closed:
+            await asyncio.wait_for(ws.recv(), 10)
+        return closed.value.rcvd.code, closed.value.rcvd.reason
+
+    async def session() -> list[tuple[int, str]]:
+        sockets = [await websockets.connect(server.ws_url(token=t)) for t in tokens]
+        for ws in sockets:
+            await read_line(ws)
+        assert server.get_json(f"/v1/release/{tokens[0]}")[0] == 200
+        closes = [await closing(sockets[0])]
+        await asyncio.to_thread(wait_until, lambda: instances(server) == [])
+        procs = marked_processes(server)
+        assert len(procs) == 1
+        server.proc.terminate()
+        closes.append(await closing(sockets[1]))
+        psutil.wait_procs(procs, timeout=5)
+        return closes
+
+    assert asyncio.run(session()) == [(1001, "reservation released"),
+                                      (1001, "server shutting down")]
+    assert server.wait_exit(10) == 0
+    assert marked_processes(server) == []
+
+
+def test_the_service_ending_is_not_a_detach(start_server, config) -> None:
+    """The service's TCP connection drops while attached: it ended, as without grace."""
+    server = start_server("--remote_session_config", str(config), "--reconnect_grace", "30")
+    token = reserve(server)
+
+    async def session() -> int:
+        async with websockets.connect(server.ws_url(token=token)) as ws:
+            await read_line(ws)
+            [proc] = marked_processes(server)
+            proc.kill()
+            with pytest.raises(websockets.ConnectionClosed) as closed:
+                await asyncio.wait_for(ws.recv(), 10)
+            return closed.value.rcvd.code
+
+    assert asyncio.run(session()) in (1000, 1011)
+    wait_until(lambda: instances(server) == [])
+
+
+def test_a_services_own_grace_overrides_the_flag(start_server, config) -> None:
+    server = start_server("--remote_session_config", str(config))  # flag: 0
+    tokens = {name: reserve(server, name) for name in ("kept", "own", "never")}
+    for token in tokens.values():
+        asyncio.run(visit(server, token))
+    wait_until(lambda: instances(server) == [] and instances(server, "never") == [])
+    assert states(server, "own") == ["detached"]
+    server.close()
+    server = start_server("--remote_session_config", str(config), "--reconnect_grace", "30")
+    token = reserve(server, "never")
+    asyncio.run(visit(server, token))
+    wait_until(lambda: instances(server, "never") == [] and marked_processes(server) == [])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--reconnect_grace", "-1"], "--reconnect_grace: must be a finite number >= 0: -1"),
+    (["--reconnect_grace", "soon"], "--reconnect_grace: not a number: 'soon'"),
+    (["--remote_session_config", "BAD"], "field 'reconnect_grace': must be >= 0"),
+])
+def test_bad_grace_is_a_usage_error(tmp_path, args, message) -> None:
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"x": {"script": "x.py", "count": 1, "reconnect_grace": -5}}))
+    argv = [str(bad) if a == "BAD" else a for a in args]
+    done = subprocess.run([sys.executable, str(LAUNCHER), *argv, "0"], capture_output=True,
+                          text=True, timeout=30)
+    assert done.returncode == 2 and message in done.stderr, done.stderr

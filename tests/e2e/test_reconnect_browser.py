@@ -1,0 +1,98 @@
+"""Reconnect grace in Chromium: a page reload finds the desktop as the user left it.
+
+noVNC views a reserved desktop of the example service (Xvfb + x11vnc); the test then
+changes the desktop (its root colour, with ``xsetroot``), reloads the page and sees
+the changed desktop again, from the same x11vnc. Without a grace the reload would
+find the instance stopped and its token gone.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from playwright.sync_api import Browser, Page, expect
+
+from e2e.test_novnc_browser import MIN_FRACTION, TIMEOUT_MS, new_context, show_desktop
+from e2e.vnc_support import (
+    ARTIFACTS,
+    DESKTOP_CONFIG,
+    NOVNC,
+    X_BINARIES,
+    color_fraction,
+    instance_processes,
+    instances,
+    novnc_site,
+    require,
+    reserve,
+)
+from support import ServerProcess, marked_processes, wait_until
+
+FIRST, CHANGED = "#22aa66", "#cc3311"
+
+
+@pytest.fixture(scope="module")
+def browser(chromium: Browser) -> Browser:
+    require(*X_BINARIES, paths=(NOVNC / "core" / "rfb.js",))
+    return chromium
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> Path:
+    return novnc_site(tmp_path / "www")
+
+
+def x11vnc(server: ServerProcess) -> psutil.Process:
+    """The instance's x11vnc (its command line names the X display)."""
+    [proc] = [p for p in marked_processes(server) if p.name() == "x11vnc"]
+    return proc
+
+
+def wait_canvas(page: Page, color: str, artifact: str) -> None:
+    """Wait until noVNC's canvas shows ``color`` (#rrggbb); keep a screenshot."""
+    canvas = page.locator("#screen canvas")
+    deadline = time.monotonic() + 20
+    while True:
+        png = canvas.screenshot()
+        fraction = color_fraction(png, color)
+        if fraction >= MIN_FRACTION or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    ARTIFACTS.mkdir(exist_ok=True)
+    (ARTIFACTS / artifact).write_bytes(png)
+    assert fraction >= MIN_FRACTION, \
+        f"only {fraction:.1%} of the canvas is {color}; see {ARTIFACTS / artifact}"
+
+
+def test_reload_shows_the_changed_desktop_again(browser, site, start_server) -> None:
+    server = start_server("--remote_session_config", str(DESKTOP_CONFIG),
+                          "--reconnect_grace", "30", http_dir=site)
+    token = reserve(server, f"?color=%23{FIRST[1:]}")
+    context = new_context(browser)
+    try:
+        page = context.new_page()
+        show_desktop(page, server, f"websockify?token={token}", FIRST, "reconnect-first.png")
+        vnc = x11vnc(server)
+        display = vnc.cmdline()[vnc.cmdline().index("-display") + 1]
+        subprocess.run(["xsetroot", "-display", display, "-solid", CHANGED], check=True,
+                       timeout=30)
+        wait_canvas(page, CHANGED, "reconnect-changed.png")
+        page.reload()
+        expect(page.locator("#status")).to_have_text("connected", timeout=TIMEOUT_MS)
+        wait_canvas(page, CHANGED, "reconnect-reloaded.png")
+        assert x11vnc(server).pid == vnc.pid  # the same desktop, not a new one
+        assert [i["state"] for i in instances(server)] == ["active"]
+        _, _, metrics = server.get("/v1/metrics")
+        assert b'websocketserver_service_reattaches_total{service="desktop"} 1.0' in metrics
+        page.close()
+        wait_until(lambda: [i["state"] for i in instances(server)] == ["detached"],
+                   timeout=20)
+        assert instance_processes(server) == ["Xvfb", "x11vnc"]
+        assert server.get_json(f"/v1/release/{token}")[0] == 200
+        wait_until(lambda: instance_processes(server) == [] and instances(server) == [],
+                   timeout=20)
+    finally:
+        context.close()
