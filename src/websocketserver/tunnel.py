@@ -149,10 +149,11 @@ class Tunnel(WSListener):
     holds (a limit's slot) is given back earlier, see :meth:`when_stopped`.
     """
 
-    __slots__ = ("stats", "reason", "backend_ended", "closed", "state", "_checker", "_loop",
-                 "_ws", "_browser", "_browser_paused", "_sock", "_fd", "_reading", "_writing",
-                 "_batch", "_unsent", "_pending", "_close_timer", "_on_stop", "_budget",
-                 "_unparsed", "_peak", "_unsent_bytes", "_charged", "_full", "_pong", "_reset_timer")
+    __slots__ = ("stats", "reason", "backend_ended", "closed", "state", "_checker",
+                 "_loop", "_ws", "_browser", "_browser_paused", "_sock", "_fd", "_reading",
+                 "_writing", "_batch", "_unsent", "_pending", "_close_timer", "_on_stop",
+                 "_budget", "_unparsed", "_peak", "_unsent_bytes", "_charged", "_full",
+                 "_pong", "_reset_timer")
 
     def __init__(self, stats: TunnelStats, max_message: int, budget: UpstreamBudget) -> None:
         super().__init__()
