@@ -23,10 +23,25 @@ EXAMPLES = ROOT / "examples"
 LAUNCHER = ROOT / "websocketserver.py"
 
 
+_WORKER = os.environ.get("PYTEST_XDIST_WORKER", "gw0")  # "gw0", "gw1"... under pytest-xdist
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A free 127.0.0.1 port, from this pytest-xdist worker's share of the ports.
+
+    A port is free between this call and the bind that uses it: were the shares not
+    disjoint, another worker could draw the same port in that gap and one of the two
+    tests would talk to the other's server. (``bind(0)`` hands out odd ports, hence
+    ``port // 2``.)
+    """
+    index = int(_WORKER.removeprefix("gw"))
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port: int = sock.getsockname()[1]
+        if (port // 2) % _WORKERS == index:
+            return port
 
 
 def wait_port(port: int, timeout: float = 15.0, proc: subprocess.Popen | None = None) -> None:

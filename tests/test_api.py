@@ -93,8 +93,18 @@ async def test_status_view_escapes_everything(api) -> None:
     assert "viewer" in page and "reserved" in page
 
 
-def test_render_status_without_services() -> None:
+async def test_status_without_services() -> None:
+    """No services: the page says so, and its JSON twin /v1/status is an empty list."""
     assert "No services are configured" in render_status([])
+    settings = Settings(ws_port=1, security_token="s3cret")
+    services = ServiceManager(settings, MemoryStore(), Identity(settings))
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", RestApi(services, "s3cret", lambda: None).handle)
+    async with TestClient(TestServer(app)) as client:
+        response = await client.get("/v1/status?security_token=s3cret")
+        assert response.status == 200 and await response.json() == []
+        page = await client.get("/v1/status_view?security_token=s3cret")
+        assert "No services are configured" in await page.text()
 
 
 @pytest.fixture

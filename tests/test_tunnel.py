@@ -181,10 +181,10 @@ async def test_downstream_backpressure_stops_a_flooding_backend(relay) -> None:
         async with websockets.connect(url(backend.port), max_size=None,
                                       max_queue=1, close_timeout=1) as ws:
             await ws.recv()  # the flood has started; now stop reading
-            await asyncio.sleep(2)
-            stalled_at = backend.progress
-            await asyncio.sleep(1)
-            assert backend.progress == stalled_at  # the backend is blocked
+            stalled_at = -1
+            while backend.progress != stalled_at:  # until the backend is blocked
+                stalled_at = backend.progress
+                await asyncio.sleep(0.5)
             assert stalled_at < BOUND
 
 
@@ -229,10 +229,11 @@ async def test_upstream_backpressure_blocks_a_flooding_browser(relay) -> None:
                     sent += len(chunk)
 
             sender = asyncio.create_task(send_forever())
-            await asyncio.sleep(2)
-            stalled_at = sent
-            await asyncio.sleep(1)
-            assert sent == stalled_at < BOUND  # the browser is blocked
+            stalled_at = -1
+            while sent != stalled_at:  # until the browser is blocked
+                stalled_at = sent
+                await asyncio.sleep(0.5)
+            assert stalled_at < BOUND
             backend.done.set()  # the backend goes away: the tunnel must end
             with pytest.raises(websockets.ConnectionClosed):
                 await asyncio.wait_for(sender, 10)

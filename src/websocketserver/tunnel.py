@@ -361,8 +361,10 @@ class Tunnel(WSListener):
             return
         first = ws.close_handshake.recv
         code = first.code.value if first is not None else -1
-        if code != 0 and not wire_close_code(code):  # 0: no code (picows reads an
-            return  # explicit code 0 alike); an invalid one: picows' 1002 is right
+        if code == 0 and first is not None and first.reason:
+            return  # an explicit code 0 with a reason: invalid, picows' 1002 is right
+        if code != 0 and not wire_close_code(code):  # 0, empty: no code (picows reads
+            return  # an explicit code 0 alike); an invalid one: picows' 1002 is right
         self._flush_upstream()
         self._stop("browser closed the websocket")
         ws.send_close(WSCloseCode.OK)

@@ -35,7 +35,7 @@ from support import ROOT, EchoBackend, ServerProcess
 
 ANSWER_TIMEOUT = 5.0
 """Seconds the server has to answer or close; longer is a hang."""
-HANDSHAKE_TIMEOUT = 2.0
+HANDSHAKE_TIMEOUT = 1.0
 """``--handshake_timeout`` of the servers here."""
 MAX_MESSAGE = 1024
 """``--max_message_size`` of the servers here."""

@@ -22,6 +22,7 @@ class FaultyBackend:
         self.port = free_port()
         self.behaviour = behaviour
         self.closed_by_peer = threading.Event()
+        self.sent = 0  # chunks a flood has sent so far
         self.sock = socket.create_server(("127.0.0.1", self.port))
         self.thread = threading.Thread(target=self._serve, daemon=True)
         self.thread.start()
@@ -68,6 +69,7 @@ def flood(backend: FaultyBackend, conn: socket.socket) -> None:
     try:
         for _ in range(1024):  # 1 GiB, if the browser ever read it
             conn.sendall(chunk)
+            backend.sent += 1
     except OSError:
         backend.closed_by_peer.set()
     finally:
@@ -142,7 +144,10 @@ def test_flood_toward_stalled_browser_keeps_memory_bounded(start_server, backend
         async with websockets.connect(server.ws_url(), max_size=None, max_queue=1,
                                       close_timeout=1) as ws:
             await ws.recv()  # the flood is on; stop reading
-            await asyncio.sleep(3)
+            sent = -1
+            while backend.sent != sent:  # until the flood stalls (or all 1 GiB is out)
+                sent = backend.sent
+                await asyncio.sleep(0.5)
             return rss()
 
     growth = asyncio.run(scenario()) - before

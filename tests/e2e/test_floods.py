@@ -63,18 +63,22 @@ def frame_header(opcode: int, length: int, fin: bool = True) -> bytes:
     return struct.pack("!BBQ", first, 0x80 | 127, length) + b"\0\0\0\0"
 
 
-def send_for(sock: socket.socket, data: bytes, total: int, seconds: float) -> int:
-    """Send ``data`` repeatedly until ``total`` bytes or ``seconds`` pass (or the server
-    closes); the bytes sent."""
+def send_for(sock: socket.socket, data: bytes, total: int, seconds: float,
+             stall: float | None = None) -> int:
+    """Send ``data`` repeatedly until ``total`` bytes or ``seconds`` pass, the server
+    closes or (with ``stall``) the socket takes nothing for ``stall`` seconds; the bytes
+    sent."""
     sent = 0
     view = memoryview(data)
     deadline = time.monotonic() + seconds
-    sock.settimeout(0.5)
+    sock.settimeout(stall or 0.5)
     while sent < total and time.monotonic() < deadline:
         offset = sent % len(data)
         try:
             sent += sock.send(view[offset:offset + total - sent])
         except TimeoutError:
+            if stall is not None:
+                break
             continue
         except OSError:
             break
@@ -192,7 +196,7 @@ def test_a_reset_browser_ends_its_stalled_tunnel(start_server, silent, relays) -
                           "--max_tunnels_per_client", "1")
     sock = upgrade(server.ws_port)
     chunk = frame_header(0x2, MiB) + b"s" * MiB
-    send_for(sock, chunk, 16 * MiB, 3.0)  # until the server stops reading it
+    send_for(sock, chunk, 16 * MiB, 3.0, stall=0.5)  # until the server stops reading it
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     sock.close()  # RST
 

@@ -12,7 +12,11 @@ Hypothesis, derandomized (the same inputs on every run), generates
 
 Each input must be answered or closed within 5 s (``Conn``'s deadline) and leave no
 traceback in the server log; every ``HEALTH_EVERY`` inputs, and at the end, the server
-process must be alive, tunnel and serve a file.
+process must be alive, tunnel and serve a file. Every kind of answer must have been seen.
+
+How many inputs each test sends comes from the Hypothesis profile (tests/conftest.py):
+a few hundred in ``scripts/test``, 6,000 with ``WEBSOCKETSERVER_FUZZ=full``
+(``bench/nightly.py``).
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from typing import TypeVar
 from urllib.parse import unquote_to_bytes
 
 import pytest
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from e2e.test_bad_input import (
@@ -56,14 +60,12 @@ from e2e.test_bad_input import (
 )
 from support import EchoBackend, ServerProcess
 
-HTTP_INPUTS = 6000
-WS_INPUTS = 6000
-HEALTH_EVERY = 500
+INPUTS = settings.default.max_examples
+"""Inputs per test, from the loaded profile (tests/conftest.py)."""
+HEALTH_EVERY = 100
 MAX_MESSAGE = 256
 """``--max_message_size`` of the fuzzed server: small, so that 1009 is within reach."""
 T = TypeVar("T")
-FUZZ = settings(max_examples=HTTP_INPUTS, deadline=None, derandomize=True, database=None,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 
 
 @pytest.fixture(scope="module")
@@ -119,6 +121,8 @@ UPGRADE_HEADERS = [HOST, (b"Upgrade", b"websocket"), (b"Connection", b"Upgrade")
                    (b"Sec-WebSocket-Version", b"13"), (b"Sec-WebSocket-Key", WS_KEY)]
 STATUSES = {101, 200, 206, 301, 304, 400, 401, 404, 405, 412, 416, 417, 426, 501, 505}
 """Every status the server may answer these requests with (never 500)."""
+HTTP_ANSWERS = {"101", "200", "400", "404", "405", "426"}
+"""Answers even the quick run must provoke: upgrades, files, refusals on both ports."""
 _TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
 _REQUEST_LINE = re.compile(_TOKEN + rb" +[^\s]+( +HTTP/\d\.\d)?")
 _FIELD_LINE = re.compile(_TOKEN + rb":")
@@ -188,7 +192,6 @@ def test_http_requests(server: ServerProcess, new_log: Callable[[], str]) -> Non
     """Random requests to both ports: a proper answer or a close, never a crash or hang."""
     inputs: Counter[str] = Counter()
 
-    @FUZZ
     @given(request=http_requests(), port_name=st.sampled_from(["http", "ws"]))
     def probe(request: bytes, port_name: str) -> None:
         with Conn.open(port(server, port_name)) as conn:
@@ -208,7 +211,8 @@ def test_http_requests(server: ServerProcess, new_log: Callable[[], str]) -> Non
 
     probe()
     print(f"\nHTTP inputs by answer: {dict(sorted(inputs.items()))}")
-    assert inputs.total() >= HTTP_INPUTS
+    assert inputs.total() >= INPUTS
+    assert HTTP_ANSWERS <= inputs.keys(), "some kind of answer was never provoked"
     assert_alive(server)
     assert_no_traceback(new_log())
 
@@ -378,6 +382,10 @@ def expect(frames: list[Frame]) -> Expected:
         if following is not None:
             late = model.pongs[-1] if len(model.pongs) > len(pongs) else None
             codes = {following} if code is None else {code, following}
+            if f.opcode == OP_CLOSE and f.payload == b"\0\0" and frames[i + 1].opcode == OP_CLOSE:
+                # picows reports close code 0 and an empty close alike; with a second
+                # close behind it the tunnel cannot tell them apart (tunnels._PicowsLog)
+                codes.add(NORMAL)
             return Expected(pongs, model.data, codes, late)
         if code is not None:
             return Expected(model.pongs, model.data, {code})
@@ -406,13 +414,14 @@ frames = mostly(data_frames | control_frames, hostile_frames)
 sequences = st.lists(data_frames | control_frames, min_size=1, max_size=8) \
     | st.lists(frames, min_size=1, max_size=8)
 _CLOSE_FRAME = Frame(OP_CLOSE, close_payload(NORMAL))
+WS_ANSWERS = {str(code) for code in (NORMAL, PROTOCOL_ERROR, INVALID_DATA, TOO_BIG)}
+"""Every close code the model predicts: even the quick run must provoke each."""
 
 
 def test_websocket_frames(server: ServerProcess, new_log: Callable[[], str]) -> None:
     """Random frame sequences: the model's answer, never a crash or hang."""
     inputs: Counter[str] = Counter()
 
-    @settings(FUZZ, max_examples=WS_INPUTS)
     @given(sequence=sequences)
     def probe(sequence: list[Frame]) -> None:
         sequence = [*sequence, _CLOSE_FRAME]
@@ -433,6 +442,7 @@ def test_websocket_frames(server: ServerProcess, new_log: Callable[[], str]) -> 
 
     probe()
     print(f"\nwebsocket inputs by close code: {dict(sorted(inputs.items()))}")
-    assert inputs.total() >= WS_INPUTS
+    assert inputs.total() >= INPUTS
+    assert WS_ANSWERS <= inputs.keys(), "some close code was never provoked"
     assert_alive(server)
     assert_no_traceback(new_log())

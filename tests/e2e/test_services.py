@@ -22,7 +22,7 @@ def server(start_server, tmp_path):
     groups.write_text(json.dumps({"wizards": ["merlin"]}))
     users = tmp_path / "users.json"
     users.write_text(json.dumps({"merlin": "merlin-key", "arthur": "arthur-key"}))
-    return start_server("--remote_session_config", str(CONFIG), "--start_timeout", "3",
+    return start_server("--remote_session_config", str(CONFIG), "--start_timeout", "1.5",
                         "--groups_file", str(groups), "--users_file", str(users),
                         "--verbose", "1")
 
@@ -147,7 +147,7 @@ def test_second_websocket_on_active_token_is_refused(server) -> None:
 
 
 def test_unused_reservation_is_reclaimed(start_server) -> None:
-    server = start_server("--remote_session_config", str(CONFIG), "--timeout", "1")
+    server = start_server("--remote_session_config", str(CONFIG), "--timeout", "0.5")
     reserve(server, "echo")
     assert len(instances(server, "echo")) == 1
     wait_until(lambda: instances(server, "echo") == [], timeout=10)
@@ -155,7 +155,7 @@ def test_unused_reservation_is_reclaimed(start_server) -> None:
 
 @pytest.mark.parametrize("name, reason", [
     ("raising", "raising failed to start: this service is broken on purpose"),
-    ("hanging", "hanging did not start within 3 s"),
+    ("hanging", "hanging did not start within 1.5 s"),
     ("no_listener", "cannot connect to backend"),
 ])
 def test_failing_service_closes_with_reason_and_frees_slot(server, name, reason) -> None:
