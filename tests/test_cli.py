@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -87,10 +88,15 @@ def test_help_reads_like_the_manual() -> None:
 
 
 def test_module_and_console_entry_points() -> None:
-    for argv in ([sys.executable, "-m", "websocketserver", "--version"],
-                 [str(Path(sys.executable).with_name("websocketserver")), "--version"]):
-        result = subprocess.run(argv, capture_output=True, text=True, timeout=30)
-        assert result.returncode == 0 and "websocketserver.py 0." in result.stdout
+    """Each calls itself by the name it was run as (run from a folder without the
+    launcher, which ``-m`` would otherwise pick up from the working directory)."""
+    for argv, name in (([sys.executable, "-m", "websocketserver"], "python -m websocketserver"),
+                       ([str(Path(sys.executable).with_name("websocketserver"))],
+                        "websocketserver"),
+                       ([sys.executable, str(LAUNCHER)], "websocketserver.py")):
+        result = subprocess.run([*argv, "--version"], capture_output=True, text=True,
+                                timeout=30, cwd="/")
+        assert result.returncode == 0 and result.stdout.startswith(f"{name} 0."), argv
 
 
 def test_launcher_compatibility_flags_are_accepted() -> None:
@@ -107,3 +113,91 @@ def test_launcher_compatibility_flags_are_accepted() -> None:
                                 "--local_session", "envision", "5"])
     for settings in (local, container):
         assert settings.ws_port == -1 and settings.local_sessions == (("envision", 5),)
+
+
+def run_launcher(*argv: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, str(LAUNCHER), *argv], capture_output=True,
+                          text=True, timeout=30, cwd=cwd)
+
+
+def one_error_line(result: subprocess.CompletedProcess[str]) -> str:
+    assert result.returncode == 2 and result.stdout == ""
+    [line] = result.stderr.splitlines()
+    return line
+
+
+@pytest.mark.parametrize("argv", [["--foo", "bar", "9090"], ["--verbose", "1", "--foo", "x",
+                                                             "9090"], ["--foo=3", "-1"]])
+def test_an_unknown_option_is_named_whatever_follows_it(argv: list[str]) -> None:
+    """Not ``argument ws_server_port: not a port number: 'bar'``."""
+    assert one_error_line(run_launcher(*argv)) == \
+        "websocketserver.py: error: unrecognized arguments: --foo"
+    assert parse_settings(["--client_po", "5900", "-1"]).client_port == 5900  # abbreviated
+
+
+def test_tls_files_without_what_they_need(tmp_path: Path) -> None:
+    """One line naming the file and what is missing, not ``[SSL] PEM lib``."""
+    import trustme
+
+    cert = trustme.CA().issue_cert("localhost")
+    cert.cert_chain_pems[0].write_to_path(tmp_path / "cert.pem")
+    cert.private_key_pem.write_to_path(tmp_path / "key.pem")
+    cert.private_key_and_cert_chain_pem.write_to_path(tmp_path / "both.pem")
+    assert one_error_line(run_launcher("--cert", "cert.pem", "9090", cwd=tmp_path)) == (
+        "websocketserver.py: error: --cert cert.pem: no private key in it: give the key "
+        "file with --key, or append the key to the certificate file")
+    assert one_error_line(run_launcher("--cert", "key.pem", "9090", cwd=tmp_path)) == (
+        "websocketserver.py: error: --cert key.pem: no certificate in it (expected a PEM "
+        "'-----BEGIN CERTIFICATE-----' block)")
+    assert one_error_line(run_launcher("--cert", "cert.pem", "--key", "cert.pem", "9090",
+                                       cwd=tmp_path)).startswith(
+        "websocketserver.py: error: --key cert.pem: no private key in it")
+    assert parse_settings(["--cert", str(tmp_path / "both.pem"), "1"]).ssl_context()
+
+
+def test_help_ends_with_examples() -> None:
+    result = run_launcher("--help")
+    assert result.returncode == 0
+    tail = result.stdout.split("examples:\n", 1)[1]
+    assert "  websocketserver.py --client_port 5900 8080\n" in tail
+    assert "--remote_session_config services.json 8080\n" in tail
+
+
+@pytest.mark.parametrize("service, message", [
+    ({"command": ["x"], "script": "x.py", "count": 1}, "give 'script' or 'command', not both"),
+    ({"count": 1}, "field 'script': is required (or 'command')"),
+    ({"command": [], "count": 1}, "field 'command': must not be empty"),
+    ({"command": ["x", 3], "count": 1}, "field 'command.1': must be of type string"),
+    ({"command": "x {port}", "count": 1}, "field 'command': must be of type array"),
+    ({"command": ["true", "{colour}"], "count": 1, "options": {"color": "red"}},
+     "field 'command[1]': unknown placeholder {colour} (known: {port}, {index}, {color};"),
+    ({"command": ["true", "{sizes}"], "count": 1, "options": {"sizes": [1]}},
+     "field 'command[1]': unknown placeholder {sizes}"),
+    ({"command": ["true", "{port:5}"], "count": 1},
+     "field 'command[1]': placeholder {port:5} is not a plain {name}"),
+    ({"command": ["no-such-program-here", "{port}"], "count": 1},
+     "field 'command[0]': program 'no-such-program-here' not found on PATH"),
+    ({"command": ["bin/app", "{port}"], "count": 1},
+     "/bin/app is not an executable file (a relative program is relative to the config "
+     "file's folder)"),
+])
+def test_command_services_are_checked_at_start_up(tmp_path: Path, service: dict,
+                                                   message: str) -> None:
+    config = tmp_path / "services.json"
+    config.write_text(json.dumps({"myapp": service}))
+    line = one_error_line(run_launcher("--remote_session_config", str(config), "1"))
+    assert line.startswith(f"websocketserver.py: error: --remote_session_config {config}: "
+                           "service 'myapp': ")
+    assert message in line
+
+
+def test_a_command_service_config(tmp_path: Path) -> None:
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "app").write_text("#!/bin/sh\n")
+    (tmp_path / "bin" / "app").chmod(0o755)
+    config = tmp_path / "services.json"
+    config.write_text(json.dumps({"a": {"command": ["bin/app", "--port={port}", "{color}"],
+                                        "count": 2, "options": {"color": "red"}}}))
+    [service] = parse_settings(["--remote_session_config", str(config), "1"]).services
+    assert service.command == ("bin/app", "--port={port}", "{color}")
+    assert service.directory == tmp_path.resolve() and service.script is None

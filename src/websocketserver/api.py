@@ -21,9 +21,12 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
+from prometheus_client import CollectorRegistry
 
+from . import __version__
 from .identity import USER_KEY_PARAM
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from .reservations import State, StoreUnavailable
 from .services import ServiceError, ServiceManager
 
 log = logging.getLogger("websocketserver.api")
@@ -43,10 +46,14 @@ class RestApi:
     """Routes ``/v1/...`` requests; ``stop`` is called to begin a graceful shutdown."""
 
     def __init__(self, services: ServiceManager, security_token: str | None,
-                 stop: Callable[[], None]) -> None:
+                 stop: Callable[[], None], node: str = "",
+                 stopping: Callable[[], bool] = lambda: False) -> None:
         self.services = services
         self._token = security_token.encode() if security_token else None
         self._stop = stop
+        self._node = node
+        self._stopping = stopping
+        self._began = time.monotonic()
         self._routes: dict[str, tuple[Handler, bool]] = {
             "stop": (self.stop, False),
             "status": (self.status, False),
@@ -74,6 +81,8 @@ class RestApi:
         """Dispatch ``/vN/name[/argument]``."""
         parts = request.path.strip("/").split("/")
         version, name, args = parts[0], parts[1] if len(parts) > 1 else "", parts[2:]
+        if (version, name, args) == ("v1", "health", []) and request.method in ("GET", "HEAD"):
+            return self.health()  # for load balancers: no token needed
         route = self._routes.get(name) if version == "v1" else None
         if route is None:
             return json_error(404, f"unknown API call: {request.path}")
@@ -88,6 +97,17 @@ class RestApi:
             return await handler(request, args[0] if args else "")
         except ServiceError as exc:
             return json_error(exc.status, str(exc))
+        except StoreUnavailable as exc:  # fail closed, say why
+            return json_error(503, f"reservation store unavailable: {exc}")
+
+    def health(self) -> web.StreamResponse:
+        """``/v1/health``: 200 while serving, 503 while shutting down. A store outage
+        shows as ``"store": "unavailable"`` but is no failure: a Redis outage must not
+        make a balancer drop every instance."""
+        body = {"status": "stopping" if self._stopping() else "ok",
+                "node": self._node or None,
+                "store": "ok" if self.services.store.available else "unavailable"}
+        return web.json_response(body, status=503 if self._stopping() else 200)
 
     async def _holds_token(self, request: web.BaseRequest, name: str, args: list[str]) -> bool:
         return name == "release" and await self.services.store.get(args[0]) is not None
@@ -117,14 +137,60 @@ class RestApi:
 
     async def status_view(self, request: web.BaseRequest, _: str) -> web.StreamResponse:
         services = await self.services.status(self._user(request), self._admin(request))
+        await self._reclaim_times(services)
+        overview = render_overview(self._figures())
         if "fragment" in request.query:  # the live page refreshing itself
-            return web.Response(text=render_services(services), content_type="text/html")
-        return web.Response(text=render_status(services), content_type="text/html")
+            return web.Response(text=overview + render_services(services),
+                                content_type="text/html")
+        return web.Response(text=render_status(services, overview), content_type="text/html")
+
+    async def _reclaim_times(self, services: list[dict[str, Any]]) -> None:
+        """Add ``reclaim_seconds_left`` to each reserved, never used instance: when
+        ``--timeout`` frees it."""
+        timeout = self.services.settings.timeout
+        now = time.monotonic()
+        reserved = {(r.service, r.index, r.node): r.changed + timeout - now
+                    for r in await self.services.store.list() if r.state is State.RESERVED}
+        for service in services:
+            for instance in service["instances"]:
+                left = reserved.get((service["name"], instance["index"], instance.get("node")))
+                if left is not None and instance["state"] == str(State.RESERVED):
+                    instance["reclaim_seconds_left"] = max(0.0, left)
+
+    def _figures(self) -> dict[str, Any]:
+        """Server-wide figures for the dashboard, from the metrics (one collection)."""
+        samples = _samples(self.services.metrics.registry)
+        return {"version": __version__, "uptime": time.monotonic() - self._began,
+                "tunnels_open": samples.get(("websocketserver_tunnels_open", ()), 0),
+                "tunnels_total": samples.get(("websocketserver_tunnels_total", ()), 0),
+                "bytes_down": samples.get(("websocketserver_bytes_total",
+                                           (("direction", "down"),)), 0),
+                "bytes_up": samples.get(("websocketserver_bytes_total",
+                                         (("direction", "up"),)), 0)}
 
     async def metrics(self, request: web.BaseRequest, _: str) -> web.StreamResponse:
         body = self.services.metrics.render(self.services.services,
                                             await self.services.store.list())
         return web.Response(body=body, headers={"Content-Type": METRICS_CONTENT_TYPE})
+
+
+def _samples(registry: CollectorRegistry) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in registry.collect() for sample in family.samples}
+
+
+def render_overview(figures: dict[str, Any]) -> str:
+    """The dashboard's head: version, uptime, tunnels (basic mode ones included), bytes."""
+    return (
+        "<p class='overview'>"
+        f"<span>version <b>{html.escape(str(figures['version']))}</b></span>"
+        f"<span>up <b>{_age(figures['uptime'])}</b></span>"
+        f"<span>tunnels open <b>{figures['tunnels_open']:.0f}</b> "
+        "<small>(basic mode and reserved)</small></span>"
+        f"<span>tunnels since start <b>{figures['tunnels_total']:.0f}</b></span>"
+        f"<span>bytes down <b>{_bytes(figures['bytes_down'])}</b></span>"
+        f"<span>bytes up <b>{_bytes(figures['bytes_up'])}</b></span></p>"
+    )
 
 
 def render_services(services: list[dict[str, Any]]) -> str:
@@ -158,10 +224,14 @@ def render_services(services: list[dict[str, Any]]) -> str:
 
 
 def _state_cell(instance: dict[str, Any]) -> str:
-    """The state chip; a detached instance's also says how long it is kept."""
+    """The state chip; a detached instance's also says how long it is kept, a reserved
+    one's how long until it is reclaimed unused (``--timeout``)."""
     state = html.escape(instance["state"])
     left = instance.get("detached_seconds_left")
     until = f" <small>{left:.0f} s left</small>" if left is not None else ""
+    reclaim = instance.get("reclaim_seconds_left")
+    if reclaim is not None:
+        until = f" <small>reclaimed in {_age(reclaim)} unless used</small>"
     return f"<span class='state {state}'>{state}</span>{until}"
 
 
@@ -205,8 +275,9 @@ setInterval(refresh, 2000);
 """
 
 
-def render_status(services: list[dict[str, Any]]) -> str:
-    """``/v1/status_view``: the status as a live dashboard (refreshes every 2 s)."""
+def render_status(services: list[dict[str, Any]], overview: str = "") -> str:
+    """``/v1/status_view``: the status as a live dashboard (refreshes every 2 s), under
+    the server-wide ``overview``."""
     return (
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
         "<title>websocketserver status</title><style>"
@@ -219,10 +290,10 @@ def render_status(services: list[dict[str, Any]]) -> str:
         "border-radius:1em;background:#eee}.active{background:#d7f5dc;color:#075}"
         ".starting{background:#fff1c9;color:#850}.stopping{background:#fde0e0;color:#a00}"
         ".reserved{background:#e3ecff;color:#248}.detached{background:#efe2ff;color:#63a}"
-        ".idle,.options,#updated{color:#888}"
+        ".idle,.options,#updated{color:#888}.overview span{margin-right:1.5em}"
         ".full{font-size:.6em;color:#a00}button{cursor:pointer}</style></head><body>"
         "<h1>websocketserver status</h1><p id='updated'></p>"
-        f"<main id='services'>{render_services(services)}</main>"
+        f"<main id='services'>{overview}{render_services(services)}</main>"
         f"<script>{_DASHBOARD_SCRIPT}</script></body></html>"
     )
 

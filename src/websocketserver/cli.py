@@ -10,17 +10,20 @@ import argparse
 import dataclasses
 import ipaddress
 import os
+import re
+import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from . import __version__
 from .install import discover
 from .settings import BUILTIN_APPS, ServiceConfig, Settings, SettingsError, load_service_config
+from .startup import program_name
 
-PROG = "websocketserver.py"
 TOKEN_ENV = "WEBSOCKETSERVER_SECURITY_TOKEN"
+CLUSTER_SECRET_ENV = "WEBSOCKETSERVER_CLUSTER_SECRET"
 APP_ROOT_ENV = "WEBSOCKETSERVER_APP_ROOT"
 
 
@@ -100,13 +103,28 @@ def _network(text: str) -> str:
         raise argparse.ArgumentTypeError(f"not an IP address or network: {text!r}") from None
 
 
+EPILOG = """\
+REST API on the HTTP port: /v1/stop, /v1/status, /v1/status_view, /v1/metrics,
+/v1/health, /v1/reserve/{service}, /v1/release/{token}. See docs/reference.md and
+docs/rest-api.md.
+
+examples:
+  %(prog)s --client_port 5900 8080
+      tunnel websockets on port 8080 to the VNC server on localhost:5900
+  %(prog)s --http_directory novnc --http_port 9090 --client_port 5900 8080
+      the same, and serve noVNC at http://localhost:9090/vnc.html?host=localhost&port=8080
+  %(prog)s --http_directory www --http_port 9090 --remote_session_config services.json 8080
+      start services on demand: GET /v1/reserve/NAME, then a websocket with ?token=
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The parser; its help text follows the original manual."""
     parser = _Parser(
-        prog=PROG,
+        prog=program_name(sys.argv[0]),
         description="Nexus websocket proxy server",
-        epilog="REST API on the HTTP port: /v1/stop, /v1/status, /v1/status_view, "
-        "/v1/reserve/{service}, /v1/release/{token}. See README.md.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add = parser.add_argument
     add("ws_server_port", type=_ws_port, metavar="ws_server_port",
@@ -115,14 +133,14 @@ def build_parser() -> argparse.ArgumentParser:
     add("--version", action="version", version=f"%(prog)s {__version__}")
     add("--http_directory", metavar="http_directory", type=Path,
         help="Directory to serve up files from via http. It enables HTTP services.")
-    add("--http_port", metavar="http_server_port", type=_port, default=9090,
+    add("--http_port", metavar="http_server_port", type=_port,
         help="Port to support http file serving on. Default:9090")
     add("--cert", metavar="ssl_certificate_filename", type=Path,
         help="Filename of the ssl certificate")
     add("--key", metavar="ssl_key_filename", type=Path, help="Filename of the ssl key")
     add("--remote_session_config", metavar="remote_config.json", type=Path,
         help="Name of the remote session configuration file")
-    add("--client_hostname", metavar="client_hostname", default="localhost",
+    add("--client_hostname", metavar="client_hostname",
         help="Hostname of the socket to serve using the websocket protocol on ws_server_port")
     add("--client_port", metavar="client_port", type=_port,
         help="Port number of the socket to serve using the websocket protocol on "
@@ -139,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="Enable debugging information (0 quiet, 1 one line per tunnel, 2+ debug)")
     add("--log_file", metavar="log_filename", type=Path,
         help="Save program output to the named log file instead of stdout")
-    add("--security_token", metavar="token", default=os.environ.get(TOKEN_ENV),
+    add("--security_token", metavar="token",
         help=f"Shared secret required by the REST API. Default: ${TOKEN_ENV}")
     add("--add_header", metavar="NAME=VALUE", type=_header, action="append", default=[],
         help="Add this header to every HTTP response. May be repeated.")
@@ -217,6 +235,22 @@ def build_parser() -> argparse.ArgumentParser:
                         "would exceed it is closed with 1009. Default:67108864")
     limits.add_argument("--idle_timeout", metavar="seconds", type=_positive,
                         help="Close a tunnel after this long without traffic. Default: off")
+    cluster = parser.add_argument_group("cluster (see docs/cluster.md)")
+    cluster.add_argument("--redis", metavar="url",
+                         help="Share reservations with other instances through Redis at url "
+                         "(redis://[user:pass@]host:port/db, rediss://, unix://path). "
+                         "Default: one server, reservations in memory")
+    cluster.add_argument("--node_name", metavar="name",
+                         help="This instance's name in the cluster. Default: hostname:port")
+    cluster.add_argument("--node_address", metavar="host",
+                         help="Address the other instances reach this one's websocket port "
+                         "at. Default: --listen_address when specific, else the host name")
+    cluster.add_argument("--cluster_secret", metavar="secret",
+                         help="Key authenticating instance-to-instance traffic; required "
+                         f"with --redis. Default: ${CLUSTER_SECRET_ENV}")
+    cluster.add_argument("--heartbeat_ttl", metavar="seconds", type=_positive, default=6.0,
+                         help="An instance silent this long is suspected dead; it is "
+                         "cleared after one more. Default:6")
     tuning = parser.add_argument_group("performance")
     tuning.add_argument("--relay_processes", metavar="n", type=_count_or_zero,
                         default=1 if (os.cpu_count() or 1) > 1 else 0,
@@ -233,11 +267,88 @@ def parse_settings(argv: Sequence[str] | None = None, location: Path | None = No
     when no option names one (see :mod:`websocketserver.install`).
     """
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    unknown = _unknown_options(parser, argv)
+    if unknown:  # else argparse may take "--foo VALUE"'s value for the port
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     args = parser.parse_args(argv)
     try:
         return _settings(args, location)
     except SettingsError as exc:
         parser.error(str(exc))
+
+
+_NUMBER = re.compile(r"-\d+|-\d*\.\d+")
+
+
+def _unknown_options(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """Arguments shaped like options that name none of ``parser``'s (abbreviations of
+    a long option count, as argparse takes them)."""
+    known = parser._option_string_actions
+    unknown = []
+    for arg in argv:
+        if arg == "--":
+            break
+        if not arg.startswith("-") or arg == "-" or _NUMBER.fullmatch(arg):
+            continue
+        name = arg.partition("=")[0]
+        if name not in known and not (name.startswith("--")
+                                      and any(o.startswith(name) for o in known)):
+            unknown.append(name)
+    return unknown
+
+
+def _check_pem(cert: Path | None, key: Path | None) -> None:
+    """The certificate file holds a certificate, and it or ``--key`` a usable private
+    key: said here in one line rather than as OpenSSL's ``[SSL] PEM lib``."""
+    if cert is None:
+        return
+    text = cert.read_bytes().decode("latin-1")
+    if "-----BEGIN CERTIFICATE-----" not in text:
+        raise SettingsError(f"--cert {cert}: no certificate in it (expected a PEM "
+                            "'-----BEGIN CERTIFICATE-----' block)")
+    if key is None:
+        if "PRIVATE KEY-----" not in text:
+            raise SettingsError(f"--cert {cert}: no private key in it: give the key file "
+                                "with --key, or append the key to the certificate file")
+        where = f"--cert {cert}"
+    else:
+        text = key.read_bytes().decode("latin-1")
+        if "PRIVATE KEY-----" not in text:
+            raise SettingsError(f"--key {key}: no private key in it (expected a PEM "
+                                "'-----BEGIN PRIVATE KEY-----' block)")
+        where = f"--key {key}"
+    if "ENCRYPTED" in text:
+        raise SettingsError(f"{where}: the private key is encrypted; give an unencrypted "
+                            "copy (openssl pkey -in KEY -out PLAIN), readable only by the "
+                            "server's user")
+
+
+def _warnings(args: argparse.Namespace, services: list[ServiceConfig]) -> tuple[str, ...]:
+    """Options that do nothing as given: said at start-up, since nothing else would."""
+    found = []
+    if args.http_directory is None:
+        if args.http_port is not None:
+            found.append(f"--http_port {args.http_port} does nothing without "
+                         "--http_directory: there is no HTTP port (no files, no REST API)")
+        if args.security_token is not None:
+            found.append("--security_token does nothing without --http_directory: there "
+                         "is no REST API")
+        if services:
+            given = ("--remote_session_config" if args.remote_session_config is not None
+                     else "--local_session")
+            found.append(f"{given}: services cannot be reserved without --http_directory "
+                         "(the REST API is on the HTTP port)")
+    if args.client_hostname is not None and args.client_port is None:
+        found.append(f"--client_hostname {args.client_hostname} does nothing without "
+                     "--client_port")
+    if args.local_app_command is not None and not args.local_session:
+        found.append("--local_app_command does nothing without --local_session")
+    if args.ws_server_port != -1 and args.client_port is None and not services:
+        found.append(f"ws port {args.ws_server_port} has nothing to tunnel to: give "
+                     "--client_port (basic mode) or services (--remote_session_config, "
+                     "--local_session)")
+    return tuple(found)
 
 
 def _settings(args: argparse.Namespace, location: Path | None) -> Settings:
@@ -256,13 +367,16 @@ def _settings(args: argparse.Namespace, location: Path | None) -> Settings:
         path = getattr(args, option)
         if path is not None and not os.access(path, os.R_OK):
             raise SettingsError(f"--{option} {path}: file not found or not readable")
+    _check_pem(args.cert, args.key)
+    http_port = 9090 if args.http_port is None else args.http_port
+    token = os.environ.get(TOKEN_ENV) if args.security_token is None else args.security_token
     if args.http_directory is not None and not args.http_directory.is_dir():
         raise SettingsError(f"--http_directory {args.http_directory}: not a directory")
     if args.ansys_install_root is not None and not args.ansys_install_root.is_dir():
         raise SettingsError(f"--ansys_install_root {args.ansys_install_root}: not a directory")
-    if args.http_directory is not None and args.http_port == args.ws_server_port:
-        raise SettingsError(f"--http_port {args.http_port} is also the ws_server_port")
-    if args.security_token is not None and not args.security_token.strip():
+    if args.http_directory is not None and http_port == args.ws_server_port:
+        raise SettingsError(f"--http_port {http_port} is also the ws_server_port")
+    if token is not None and not token.strip():
         raise SettingsError("--security_token must not be empty")
     services: list[ServiceConfig] = []
     if args.remote_session_config is not None:
@@ -274,7 +388,9 @@ def _settings(args: argparse.Namespace, location: Path | None) -> Settings:
         services.append(ServiceConfig(name=name, script=None, count=count, options={},
                                       builtin_app=app))
     web_root, app_root, notes = _install(args, location, bool(local_sessions))
+    cluster = _cluster(args)
     derived = {
+        **cluster,
         "ws_port": args.ws_server_port,
         "local_sessions": tuple(local_sessions),
         "add_headers": tuple(args.add_header),
@@ -284,10 +400,37 @@ def _settings(args: argparse.Namespace, location: Path | None) -> Settings:
         "local_app_root": app_root,
         "install_notes": notes,
         "services": tuple(services),
+        "http_port": http_port,
+        "client_hostname": args.client_hostname or "localhost",
+        "security_token": token,
+        "warnings": _warnings(args, services),
     }
     as_given = {f.name: getattr(args, f.name) for f in dataclasses.fields(Settings)
                 if f.name in vars(args) and f.name not in derived}
     return Settings(**as_given, **derived)
+
+
+def _cluster(args: argparse.Namespace) -> dict[str, Any]:
+    """The cluster options, checked: with --redis a secret and a name are needed."""
+    secret = (os.environ.get(CLUSTER_SECRET_ENV) if args.cluster_secret is None
+              else args.cluster_secret)
+    if args.redis is None:
+        for option in ("node_name", "node_address", "cluster_secret"):
+            if getattr(args, option) is not None:
+                raise SettingsError(f"--{option} needs --redis")
+        return {"node_name": "", "node_address": "", "cluster_secret": None}
+    if not args.redis.startswith(("redis://", "rediss://", "unix://")):
+        raise SettingsError(f"--redis {args.redis}: not a redis://, rediss:// or unix:// URL")
+    if not secret:
+        raise SettingsError(f"--redis needs --cluster_secret (or ${CLUSTER_SECRET_ENV}): "
+                            "it authenticates the instances to each other")
+    if args.ws_server_port == -1:
+        raise SettingsError("--redis needs a websocket port (not -1)")
+    host = socket.gethostname()
+    specific = args.listen_address not in (None, "", "0.0.0.0", "::")
+    return {"node_name": args.node_name or f"{host}:{args.ws_server_port}",
+            "node_address": args.node_address or (args.listen_address if specific else host),
+            "cluster_secret": secret}
 
 
 def _install(args: argparse.Namespace, location: Path | None,

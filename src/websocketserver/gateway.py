@@ -20,6 +20,7 @@ page's ``CloseEvent.reason`` shows.
 from __future__ import annotations
 
 import asyncio
+import logging
 import ssl
 import time
 from collections.abc import Callable
@@ -27,18 +28,22 @@ from collections.abc import Callable
 from picows import WSCloseCode
 from prometheus_client import Counter
 
+from . import forward
 from .backend import BackendError
+from .cluster import Cluster
 from .handshake import Handshake, write_refusal
 from .identity import Identity
 from .limits import LimitExceeded, TunnelLimits
 from .metrics import Metrics
 from .protocol import Accept, Policy, Refusal, UpgradeRequest, decide, limit_refusal
 from .relay import RelayPool
-from .services import ServiceError, ServiceManager
+from .reservations import StoreUnavailable
+from .services import Elsewhere, ServiceError, ServiceManager
 from .settings import Settings
 from .tunnel import Tunnel
 from .tunnels import START_FAILED, LiveTunnels, answer_upgrade, websocket_protocol
 
+log = logging.getLogger("websocketserver.gateway")
 
 class _Session:
     """A service tunnel seen from its reservation: a release or shutdown ends it."""
@@ -65,11 +70,15 @@ class WebSocketGateway:
     """The websocket port: its listener, the decisions on upgrades, the live tunnels.
 
     ``relays``: hand basic-mode tunnels to relay processes (``None``: none running).
+    ``cluster``: this instance's cluster, whose other instances a websocket may be
+    forwarded to, or come forwarded from (``None``: one server).
     """
 
     def __init__(self, settings: Settings, services: ServiceManager, identity: Identity,
-                 metrics: Metrics, relays: RelayPool | None = None) -> None:
+                 metrics: Metrics, relays: RelayPool | None = None,
+                 cluster: Cluster | None = None) -> None:
         self.settings = settings
+        self.cluster = cluster
         self.services = services
         self.identity = identity
         self.limits = TunnelLimits(settings.max_tunnels, settings.max_tunnels_per_client,
@@ -117,35 +126,83 @@ class WebSocketGateway:
         decision = decide(request, policy)
         if isinstance(decision, Refusal):
             self.refuse(transport, decision)
+            return
+        came = forward.check(request, self.cluster.secret if self.cluster else None)
+        if isinstance(came, Refusal):
+            self.refuse(transport, came)
         elif decision.token is None:
             self._accept(request, transport, tail, decision)
         else:
             transport.pause_reading()  # until the reservation has been claimed
             self.live.spawn(self._upgrade_token(request, transport, tail, decision,
-                                                decision.token))
+                                                decision.token, came))
 
     async def _upgrade_token(self, request: UpgradeRequest, transport: asyncio.Transport,
-                             tail: bytes, accept: Accept, token: str) -> None:
+                             tail: bytes, accept: Accept, token: str,
+                             came: forward.Forwarded | None) -> None:
         """Claim ``token`` (reserved -> starting, or detached -> active: one store
         operation) before answering, so of simultaneous upgrades with one token exactly
-        one is answered 101."""
+        one is answered 101. In a cluster, a reservation of another instance is taken
+        over here if a slot is free, else the websocket is forwarded to its owner."""
+        client = came.client if came else self.identity.client_address(request)
+        user = came.user if came else self.identity.user(request)
         try:
-            await self.services.claim(token, self.identity.user(request))
-        except ServiceError as exc:
+            if came is not None and self.cluster is not None and not await self.cluster.fresh(
+                    came.nonce):
+                raise ServiceError(403, "forwarded websocket replayed")
+            await self.services.claim(token, user)
+        except Elsewhere as exc:
+            if came is None and self.cluster is not None:
+                await self._forward(request, transport, tail, token, exc.node, client, user)
+            elif not transport.is_closing():  # one hop at most
+                self.refuse(transport, Refusal(409, "reservation moved to another instance"))
+            return
+        except (ServiceError, StoreUnavailable) as exc:
             if not transport.is_closing():
-                self.refuse(transport, Refusal(exc.status, str(exc)))
+                status = exc.status if isinstance(exc, ServiceError) else 503
+                reason = (str(exc) if isinstance(exc, ServiceError)
+                          else f"reservation store unavailable: {exc}")
+                self.refuse(transport, Refusal(status, reason))
             return
         if not transport.is_closing():
             transport.resume_reading()
-            if self._accept(request, transport, tail, accept):
+            if self._accept(request, transport, tail, accept, client, user):
                 return
         await self.services.unclaim(token)  # no websocket after all: reserved again
 
+    async def _forward(self, request: UpgradeRequest, transport: asyncio.Transport,
+                       tail: bytes, token: str, node: str, client: str,
+                       user: str | None) -> None:
+        """Relay the websocket, bytes both ways, to ``node``, which runs its session."""
+        assert self.cluster is not None
+        try:
+            self._acquire(client, user)
+        except LimitExceeded as exc:
+            self.refuse(transport, limit_refusal(exc))
+            return
+        try:
+            owner = await self.cluster.owner(node)
+            if owner is None:
+                raise BackendError(f"instance {node} is not available")
+            head = forward.request_head(request, forward.signed_headers(
+                self.cluster.secret, token, client, user))
+            await forward.splice(transport, *owner, head, tail,
+                                 lambda: self.limits.release(client, user))
+        except (BackendError, StoreUnavailable) as exc:
+            self.limits.release(client, user)
+            if not transport.is_closing():
+                self.refuse(transport, Refusal(503, f"cannot reach instance {node}: {exc}"))
+            return
+        log.info("websocket forwarded: %s -> %s (%s:%d)", client, node, *owner)
+
     def _accept(self, request: UpgradeRequest, transport: asyncio.Transport, tail: bytes,
-                accept: Accept) -> bool:
-        """Answer 101 and run the tunnel; False if a limit refused it (then answered)."""
-        client = self.identity.client_address(request)
-        user = self.identity.user(request)
+                accept: Accept, client: str | None = None, user: str | None = None) -> bool:
+        """Answer 101 and run the tunnel; False if a limit refused it (then answered).
+        ``client``/``user``: as a forwarding instance vouched for them (else the
+        request's own)."""
+        if client is None:
+            client = self.identity.client_address(request)
+            user = self.identity.user(request)
         try:
             self._acquire(client, user)
         except LimitExceeded as exc:

@@ -54,6 +54,11 @@ class LocalApplication(CommandService):
             f"neither {programs[0]} nor {programs[1]} exists" if len(programs) > 1
             else f"{programs[0]} not found"))
 
+    def working_directory(self) -> Path | None:
+        """The server's: a relative ``--local_app_command`` program or ``target_pathname``
+        means what it means on the server's command line."""
+        return None
+
     def _argv(self, root: Path | None, options: dict[str, Any], port: int) -> list[str]:
         target = options.get("target_pathname", "")
         fields = {"app": self.app, "root": str(root), "port": str(port),

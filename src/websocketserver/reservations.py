@@ -141,6 +141,11 @@ class ReservationStore(ABC):
     async def list(self, service: str | None = None) -> list[Reservation]:
         """All reservations (of one service), by service and index."""
 
+    @property
+    def available(self) -> bool:
+        """Whether the store answered its last request (``/v1/health``); memory always."""
+        return True
+
     async def capacity(self, service: str, count: int) -> int:
         """How many slots of ``service`` (configured ``count`` here) exist in all.
 

@@ -13,20 +13,29 @@ import asyncio
 import contextlib
 import importlib.util
 import inspect
+import logging
 import os
 import shlex
 import socket
+import string
 import subprocess
 import sys
 import threading
 import time
 import uuid
-from typing import Any
+from pathlib import Path
+from typing import IO, Any
 
 import psutil
 
 from . import processes
-from .settings import ServiceConfig, SettingsError
+from .settings import ServiceConfig, SettingsError, command_values
+
+OUTPUT_LINE_LIMIT = 4096
+"""Most bytes of one line of a service's output put in the log; the rest is counted."""
+
+output_log = logging.getLogger("websocketserver.output")
+output_log.setLevel(logging.INFO)  # what services print is shown at every --verbose
 
 
 class RemoteServiceScript:
@@ -132,10 +141,14 @@ class CommandService(RemoteServiceScript):
 
     host = "127.0.0.1"
     start_timeout = 60.0
+    service_name = "service"
+    """The service's name in the config, set by the server; its output is logged as
+    ``service_name[index]: line``."""
 
     def __init__(self, common_options: dict[str, Any]) -> None:
         super().__init__(common_options)
         self._running: dict[int, tuple[subprocess.Popen[bytes], str]] = {}
+        self._readers: dict[int, threading.Thread] = {}
 
     def command(self, index: int, options: dict[str, Any], port: int) -> list[str] | str:
         """The command line of instance ``index``, listening on ``port``."""
@@ -144,6 +157,18 @@ class CommandService(RemoteServiceScript):
     def environment(self, index: int, options: dict[str, Any]) -> dict[str, str]:
         """Extra environment variables for instance ``index``."""
         return {}
+
+    def working_directory(self) -> Path | None:
+        """Where instances run (None: the server's working directory).
+
+        The folder of the file that defines the subclass, so that a relative path in
+        its command line (``[sys.executable, "echo_server.py", ...]``) means a file
+        beside the script, wherever the server was started.
+        """
+        try:
+            return Path(inspect.getfile(type(self))).resolve().parent
+        except (TypeError, OSError):  # defined where no file is (an interactive session)
+            return None
 
     def start(self, index: int, options: dict[str, Any]) -> tuple[str, int]:
         port = free_port(self.host)
@@ -154,9 +179,15 @@ class CommandService(RemoteServiceScript):
         env = {**os.environ, **self.environment(index, options), processes.MARKER: marker}
         try:
             proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL,
-                                    start_new_session=True)
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                    cwd=self.working_directory(), start_new_session=True)
         except OSError as exc:
             raise RuntimeError(f"cannot run {argv[0]}: {exc.strerror or exc}") from None
+        assert proc.stdout is not None
+        reader = self._readers[index] = threading.Thread(
+            target=log_output, args=(proc.stdout, f"{self.service_name}[{index}]"),
+            name=f"output-{self.service_name}[{index}]", daemon=True)
+        reader.start()
         self._running[index] = (proc, marker)
         try:
             wait_listening(port, self.start_timeout, proc)
@@ -173,6 +204,61 @@ class CommandService(RemoteServiceScript):
         processes.kill_instance(proc.pid, marker)
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=5)
+        reader = self._readers.pop(index, None)
+        if reader is not None:  # its last lines come before the instance is reported free
+            reader.join(timeout=1)
+
+
+class ConfiguredCommand(CommandService):
+    """A ``"command"`` service of ``--remote_session_config``: its command line with
+    ``{port}``, ``{index}`` and option values substituted, no Python needed.
+
+    ``{NAME}`` is the service's option NAME, or the reservation's value for it
+    (``/v1/reserve/SERVICE?NAME=value``); a reservation's other options are not used,
+    and ``{port}`` and ``{index}`` are always the server's. Each value goes into one
+    argument, never through a shell. Instances run in the config file's folder.
+    """
+
+    def __init__(self, service: ServiceConfig, start_timeout: float) -> None:
+        super().__init__(dict(service.options))
+        assert service.command is not None
+        self._template = service.command
+        self._directory = service.directory
+        self.start_timeout = start_timeout
+
+    def command(self, index: int, options: dict[str, Any], port: int) -> list[str]:
+        values = command_values(self._common_options)
+        values.update({key: str(value) for key, value in options.items() if key in values})
+        values.update(port=str(port), index=str(index))
+        return [substitute(argument, values) for argument in self._template]
+
+    def working_directory(self) -> Path | None:
+        return self._directory
+
+
+def substitute(argument: str, values: dict[str, str]) -> str:
+    """``argument`` with each ``{name}`` replaced by ``values[name]`` (checked at start-up
+    by :func:`~.settings.placeholders`) and ``{{``/``}}`` made single braces."""
+    return "".join(literal + (values[name] if name is not None else "")
+                   for literal, name, _, _ in string.Formatter().parse(argument))
+
+
+def log_output(stream: IO[bytes], label: str) -> None:
+    """Log each line a service prints as ``label: line`` until its output closes.
+
+    Runs in a thread of its own, so the service never blocks on a full pipe for long
+    and the event loop never waits; a line over OUTPUT_LINE_LIMIT bytes is logged cut,
+    with the number of bytes left out.
+    """
+    with stream:
+        for line in iter(lambda: stream.readline(OUTPUT_LINE_LIMIT), b""):
+            cut = 0
+            rest = line
+            while not rest.endswith(b"\n") and len(rest) == OUTPUT_LINE_LIMIT:
+                rest = stream.readline(OUTPUT_LINE_LIMIT)
+                cut += len(rest.rstrip(b"\r\n"))
+            text = line.decode("utf-8", "replace").rstrip("\r\n")
+            output_log.info("%s: %s%s", label, text, f" [{cut} more bytes]" if cut else "")
 
 
 def listening(port: int) -> bool:

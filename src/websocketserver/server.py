@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable
 
 from . import processes
 from .api import RestApi
+from .cluster import Cluster
 from .files import FileServer
 from .gateway import WebSocketGateway
 from .httpport import HttpPort
@@ -27,10 +28,12 @@ from .identity import Identity
 from .install import log_install
 from .logs import configure_logging
 from .metrics import Metrics
+from .redis_store import RedisStore
 from .relay import RelayPool
-from .reservations import MemoryStore
+from .reservations import MemoryStore, ReservationStore
 from .services import ServiceManager
 from .settings import Settings, SettingsError
+from .startup import log_startup, program_name
 
 log = logging.getLogger("websocketserver.server")
 
@@ -53,19 +56,34 @@ class Server:
 
     def __init__(self, settings: Settings, relays: RelayPool | None = None) -> None:
         self.settings = settings
+        self._stop = asyncio.Event()
+        self._stack = contextlib.AsyncExitStack()
         self.identity = Identity(settings)
         self.metrics = Metrics()
-        self.services = ServiceManager(settings, MemoryStore(), self.identity, self.metrics)
+        store: ReservationStore
+        if settings.redis is not None:
+            store = RedisStore(
+                settings.redis, settings.node_name,
+                f"{settings.node_address}:{settings.ws_port}",
+                {s.name: s.count for s in settings.services},
+                [s.name for s in settings.services if s.cluster_scope], settings.heartbeat_ttl)
+            self.cluster: Cluster | None = Cluster(settings, store)
+        else:
+            store, self.cluster = MemoryStore(), None
+        self.services = ServiceManager(settings, store, self.identity, self.metrics)
         self.gateway = WebSocketGateway(settings, self.services, self.identity, self.metrics,
-                                        relays)
+                                        relays, self.cluster)
         self.http = (HttpPort(settings,
                               RestApi(self.services, settings.security_token,
-                                      self.request_stop),
+                                      self.request_stop, settings.node_name,
+                                      self._stop.is_set),
                               FileServer(settings.http_directory, settings.ansys_install_root),
                               self.metrics)
                      if settings.http_directory is not None else None)
-        self._stop = asyncio.Event()
-        self._stack = contextlib.AsyncExitStack()
+        self._started = False  # close() reports a shutdown only of a server that started
+
+    def _fenced(self) -> None:
+        self.services.end_all("this instance was cleared from the cluster")
 
     def request_stop(self) -> None:
         """Begin the graceful shutdown (after the current request is answered)."""
@@ -76,6 +94,9 @@ class Server:
         log_install(self.settings)
         context = self.settings.ssl_context()
         stack = self._stack
+        if self.cluster is not None:  # registered first, left last
+            stack.push_async_callback(self.cluster.close)
+            await self.cluster.start(self.services.released_elsewhere, self._fenced)
         if self.http is not None:
             stack.push_async_callback(self.http.close)
             await self._open("http", self.settings.http_port, context, self.http.listen)
@@ -85,6 +106,8 @@ class Server:
         stack.push_async_callback(self.services.close)
         self.services.start_reclaiming()
         self.gateway.start_sweeping()
+        log_startup(self.settings, log)
+        self._started = True
 
     async def _open(self, name: str, port: int, context: ssl.SSLContext | None,
                     listen: Listen) -> None:
@@ -94,16 +117,18 @@ class Server:
             raise SettingsError(f"cannot listen on {name} port {port}: "
                                 f"{exc.strerror or exc}") from None
         for address in addresses:
-            log.info("listening for %s%s on %s:%s", name, "s" if context else "", *address[:2])
+            log.debug("listening for %s%s on %s:%s", name, "s" if context else "", *address[:2])
 
     async def wait(self) -> None:
         await self._stop.wait()
 
     async def close(self) -> None:
         """Unwind what ``start`` opened, in reverse; bounded by SHUTDOWN_TIMEOUT."""
-        log.info("shutting down")
+        if self._started:
+            log.info("shutting down")
         await self._stack.aclose()
-        log.info("stopped")
+        if self._started:
+            log.info("stopped")
 
 
 async def serve(settings: Settings, relays: RelayPool | None = None) -> None:
@@ -156,7 +181,7 @@ def _serve_process(settings: Settings) -> int:
     try:
         configure_logging(settings)
     except OSError as exc:
-        print(f"websocketserver.py: error: --log_file {settings.log_file}: "
+        print(f"{program_name(sys.argv[0])}: error: --log_file {settings.log_file}: "
               f"{exc.strerror or exc}", file=sys.stderr)
         return 1
     try:
@@ -170,7 +195,7 @@ def _serve_process(settings: Settings) -> int:
         with asyncio.Runner(loop_factory=loop_factory) as runner:
             runner.run(serve(settings, relays))
     except SettingsError as exc:
-        print(f"websocketserver.py: error: {exc}", file=sys.stderr)
+        print(f"{program_name(sys.argv[0])}: error: {exc}", file=sys.stderr)
         return 1
     except Exception:
         log.exception("internal error; the server stopped")

@@ -30,10 +30,17 @@ from .reservations import (
     Reservation,
     ReservationStore,
     State,
+    StoreUnavailable,
     may_see,
     may_use,
 )
-from .scripts import RemoteServiceScript, call, load_script
+from .scripts import (
+    CommandService,
+    ConfiguredCommand,
+    RemoteServiceScript,
+    call,
+    load_script,
+)
 from .settings import ServiceConfig, Settings
 from .tunnel import TunnelStats
 
@@ -41,6 +48,15 @@ log = logging.getLogger("websocketserver.services")
 
 RECLAIM_INTERVAL = 1.0
 """How often never-activated reservations are checked against ``--timeout``."""
+
+
+class Elsewhere(Exception):
+    """The token's reservation runs on another instance of the cluster (``node``), and
+    this one has no free slot to take it over: forward its websocket there."""
+
+    def __init__(self, node: str) -> None:
+        super().__init__(f"reservation runs on {node}")
+        self.node = node
 
 
 class ServiceError(Exception):
@@ -110,8 +126,12 @@ class ServiceManager:
                 script: RemoteServiceScript = LocalApplication(
                     config.builtin_app, settings.local_app_root, settings.local_app_command,
                     settings.start_timeout)
+            elif config.command is not None:
+                script = ConfiguredCommand(config, settings.start_timeout)
             else:
                 script = load_script(config)
+            if isinstance(script, CommandService):
+                script.service_name = config.name  # its output is logged as name[index]
             self.services[config.name] = Service(config, script)
         self._closers: dict[str, Callable[[str], None]] = {}
         self._traffic: dict[str, TunnelStats] = {}
@@ -158,7 +178,7 @@ class ServiceManager:
                          for r in await self.store.list(service.name)]
             result.append({
                 "name": service.name,
-                "count": service.config.count,
+                "count": await self.store.capacity(service.name, service.config.count),
                 "instances": instances,
                 "common_options": service.config.options,
                 "file_ext": service.config.options.get("file_ext", []),
@@ -173,6 +193,8 @@ class ServiceManager:
                     "state": str(reservation.state), "owner": reservation.owner,
                     "bytes_up": traffic.bytes_up if traffic else 0,
                     "bytes_down": traffic.bytes_down if traffic else 0}
+        if reservation.node is not None:
+            instance["node"] = reservation.node
         if reservation.state is State.DETACHED:
             grace = self.grace(self.services[reservation.service])
             instance["detached_seconds_left"] = round(
@@ -221,9 +243,28 @@ class ServiceManager:
             closer("reservation released")
         elif detached is not None:  # its holder stops it now
             detached.set()
-        else:  # claimed by an upgrade not yet activating it: activate or unclaim frees it
-            await self.store.transition(token, (State.STARTING, State.ACTIVE), State.STOPPING)
+        else:  # claimed by an upgrade not yet activating it (activate or unclaim frees
+            # it), or running on another instance of a cluster (the store tells it)
+            await self.store.transition(token, (State.STARTING, State.ACTIVE, State.DETACHED),
+                                        State.STOPPING)
         return reservation
+
+    def end_all(self, reason: str) -> None:
+        """End every session of this instance (its cluster registration was cleared)."""
+        for close in list(self._closers.values()):
+            close(reason)
+        for detached in list(self._detached.values()):
+            detached.set()
+
+    def released_elsewhere(self, token: str) -> None:
+        """Another instance of the cluster released ``token``, whose session runs here:
+        end it as a release here would."""
+        closer = self._closers.get(token)
+        detached = self._detached.get(token)
+        if closer is not None:
+            closer("reservation released")
+        elif detached is not None:
+            detached.set()
 
     async def claim(self, token: str, user: str | None) -> Reservation:
         """Take ``token`` for a websocket of ``user`` (reserved -> starting, or detached
@@ -249,6 +290,8 @@ class ServiceManager:
         if claim.outcome is ClaimOutcome.IN_USE:
             raise ServiceError(409, "token is already in use")
         assert claim.reservation is not None
+        if claim.outcome is ClaimOutcome.ELSEWHERE:
+            raise Elsewhere(claim.reservation.node or "?")
         return claim.reservation
 
     async def unclaim(self, token: str) -> None:
@@ -435,14 +478,20 @@ class ServiceManager:
     async def _reclaim_forever(self) -> None:
         while True:
             await asyncio.sleep(min(RECLAIM_INTERVAL, self.settings.timeout / 2))
-            limit = time.monotonic() - self.settings.timeout
-            for reservation in await self.store.list():
-                if reservation.state is State.RESERVED and reservation.changed < limit:
-                    if await self.store.transition(reservation.token, State.RESERVED,
-                                                   State.STOPPING):
-                        await self.store.remove(reservation.token)
-                        log.info("reclaimed unused reservation of %s index %d",
-                                 reservation.service, reservation.index)
+            try:
+                await self._reclaim()
+            except StoreUnavailable as exc:  # a cluster's Redis is down: next time
+                log.debug("reclaiming skipped: %s", exc)
+
+    async def _reclaim(self) -> None:
+        limit = time.monotonic() - self.settings.timeout
+        for reservation in await self.store.list():
+            if reservation.state is State.RESERVED and reservation.changed < limit:
+                if await self.store.transition(reservation.token, State.RESERVED,
+                                               State.STOPPING):
+                    await self.store.remove(reservation.token)
+                    log.info("reclaimed unused reservation of %s index %d",
+                             reservation.service, reservation.index)
 
     async def close(self) -> None:
         """Stop reclaiming; end every session (their tunnels stop their services) and

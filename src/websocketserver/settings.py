@@ -7,7 +7,11 @@ clear line before any socket is opened (see :class:`SettingsError`).
 from __future__ import annotations
 
 import json
+import os
+import re
+import shutil
 import ssl
+import string
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,11 +30,14 @@ class ServiceConfig:
     """One service type of ``--remote_session_config`` (or a built-in one)."""
 
     name: str
-    script: Path | None  # None for the built-in applications
+    script: Path | None  # None for the built-in applications and "command" services
     count: int
     options: dict[str, Any]
     builtin_app: str | None = None
     reconnect_grace: float | None = None  # None: --reconnect_grace
+    cluster_scope: bool = False  # "scope": "cluster": count slots for the whole cluster
+    command: tuple[str, ...] | None = None  # a "command" service's command line
+    directory: Path | None = None  # where a "command" service runs: its config's folder
 
 
 @dataclass(frozen=True)
@@ -74,8 +81,14 @@ class Settings:
     idle_timeout: float | None = None
     relay_processes: int = 1
     reconnect_grace: float = 0.0  # seconds a started instance outlives its websocket
+    redis: str | None = None  # the cluster's shared store; None: one server, in memory
+    node_name: str = ""  # this instance in the cluster (cli: hostname:ws_port)
+    node_address: str = ""  # where the other instances reach its websocket port
+    cluster_secret: str | None = None  # authenticates instance-to-instance forwards
+    heartbeat_ttl: float = 6.0  # an instance silent this long is suspected dead
     services: tuple[ServiceConfig, ...] = field(default=())
     install_notes: tuple[str, ...] = ()  # where /ansys... and the built-in apps come from
+    warnings: tuple[str, ...] = ()  # options that do nothing as given, logged at start-up
 
     def ssl_context(self) -> ssl.SSLContext | None:
         """A server context (TLS >= 1.2) for both listeners, or None for plain ws/http."""
@@ -99,11 +112,13 @@ def _reason(exc: BaseException) -> str:
 
 _SERVICE_SCHEMA: dict[str, Any] = {
     "type": "object",
-    "required": ["script", "count"],
+    "required": ["count"],
     "properties": {
         "script": {"type": "string", "minLength": 1},
+        "command": {"type": "array", "minItems": 1, "items": {"type": "string"}},
         "count": {"type": "integer", "minimum": 1},
         "reconnect_grace": {"type": "number", "minimum": 0},
+        "scope": {"enum": ["node", "cluster"]},
         "options": {
             "type": "object",
             "properties": {
@@ -145,9 +160,20 @@ def load_service_config(path: Path) -> tuple[ServiceConfig, ...]:
                 f"--remote_session_config {path}: service {name!r}: "
                 f"field {where!r}: {_schema_message(error)}"
             )
-        script = Path(entry["script"])
-        if not script.is_absolute():
-            script = path.resolve().parent / script
+        where = f"--remote_session_config {path}: service {name!r}"
+        if "script" not in entry and "command" not in entry:
+            raise SettingsError(f"{where}: field 'script': is required (or 'command')")
+        if "script" in entry and "command" in entry:
+            raise SettingsError(f"{where}: give 'script' or 'command', not both")
+        directory = path.resolve().parent
+        script = command = None
+        if "script" in entry:
+            script = Path(entry["script"])
+            if not script.is_absolute():
+                script = directory / script
+        else:
+            command = tuple(entry["command"])
+            _check_command(where, command, entry.get("options", {}), directory)
         services.append(
             ServiceConfig(
                 name=name,
@@ -155,9 +181,72 @@ def load_service_config(path: Path) -> tuple[ServiceConfig, ...]:
                 count=entry["count"],
                 options=dict(entry.get("options", {})),
                 reconnect_grace=entry.get("reconnect_grace"),
+                cluster_scope=entry.get("scope") == "cluster",
+                command=command,
+                directory=directory if command is not None else None,
             )
         )
     return tuple(services)
+
+
+COMMAND_FIELDS = ("port", "index")
+"""Placeholders every "command" service has; the others are its options' names."""
+
+_FIELD_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
+
+
+def placeholders(argument: str) -> list[str]:
+    """The ``{name}`` placeholders of one command-line argument (``{{`` and ``}}`` are
+    literal braces); ValueError for anything but plain names (``{a.b}``, ``{a:5}``)."""
+    names = []
+    for _, name, spec, conversion in string.Formatter().parse(argument):
+        if name is None:
+            continue
+        if spec or conversion or not _FIELD_NAME.fullmatch(name):
+            raise ValueError(f"placeholder {{{name}{'!' + conversion if conversion else ''}"
+                             f"{':' + spec if spec else ''}}} is not a plain {{name}}")
+        names.append(name)
+    return names
+
+
+def command_values(options: dict[str, Any]) -> dict[str, str]:
+    """The option values a command line may use: those that are text, numbers or
+    booleans (a list or object has no single command-line form)."""
+    return {key: value if isinstance(value, str) else json.dumps(value)
+            for key, value in options.items()
+            if isinstance(value, str | int | float | bool) and key not in COMMAND_FIELDS}
+
+
+def _check_command(where: str, command: tuple[str, ...], options: dict[str, Any],
+                   directory: Path) -> None:
+    """Every placeholder is known and the program exists, checked at start-up."""
+    known = [*COMMAND_FIELDS, *command_values(options)]
+    for position, argument in enumerate(command):
+        field_name = f"command[{position}]"
+        try:
+            names = placeholders(argument)
+        except ValueError as exc:
+            raise SettingsError(f"{where}: field {field_name!r}: {exc}") from None
+        unknown = [name for name in names if name not in known]
+        if unknown:
+            raise SettingsError(
+                f"{where}: field {field_name!r}: unknown placeholder {{{unknown[0]}}} "
+                f"(known: {', '.join('{' + name + '}' for name in known)}; an option "
+                "becomes one when \"options\" gives it a text or number value)")
+    program = command[0]
+    if not program:
+        raise SettingsError(f"{where}: field 'command[0]': the program must not be empty")
+    if placeholders(program):
+        return  # known only when an instance starts
+    if os.sep in program or (os.altsep and os.altsep in program):
+        found = (directory / program).is_file() and os.access(directory / program, os.X_OK)
+        if not found:
+            raise SettingsError(f"{where}: field 'command[0]': {directory / program} is "
+                                "not an executable file (a relative program is relative to "
+                                "the config file's folder)")
+    elif shutil.which(program) is None:
+        raise SettingsError(f"{where}: field 'command[0]': program {program!r} not found "
+                            "on PATH")
 
 
 def _missing_field(error: jsonschema.ValidationError) -> str:
@@ -173,6 +262,6 @@ def _schema_message(error: jsonschema.ValidationError) -> str:
         return f"must be of type {error.validator_value}"
     if error.validator == "minimum":
         return f"must be >= {error.validator_value}"
-    if error.validator == "minLength":
+    if error.validator in ("minLength", "minItems"):
         return "must not be empty"
     return str(error.message)

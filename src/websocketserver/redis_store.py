@@ -1,0 +1,609 @@
+"""Reservations shared by a cluster of instances through Redis.
+
+Every change is one Lua script run by Redis (atomic: Redis runs one script at a time)
+and every time in it is Redis's ``TIME``, so no decision depends on an instance's
+clock. Data, under a key prefix (``websocketserver:`` by default):
+
+* ``nodes`` (hash): instance name -> JSON ``{name, epoch, address, counts, ttl, seen,
+  rid}``; ``seen`` is when it last beat (Redis milliseconds), ``counts`` its services'
+  counts, ``ttl`` its heartbeat TTL (each instance is judged by its own);
+* ``res`` (hash): token -> JSON reservation ``{token, service, scope, node, index, state,
+  owner, options, timestamp, changed, by, op, ran}``; ``by`` is the instance that made
+  the last change, ``op`` that change's id (a retried call is recognised), ``ran``
+  whether it was ever claimed;
+* ``meta`` (hash): ``epoch`` (the registration counter), ``contact`` (when an instance
+  last reached Redis);
+* ``nonces`` (sorted set): nonces of forwarded websockets seen, scored by when they
+  may be forgotten;
+* channel ``stop:<node>``: tokens another instance moved to stopping on that node.
+
+An instance registers (a new epoch), beats every ``min(ttl / 4, 0.5)`` s, and every
+write carries its epoch: once its registration is cleared or replaced, all its writes
+are refused (:class:`StaleNode`), so a stale instance never books a slot. An instance
+silent for ``ttl`` is suspected (no new reservations go to it); after ``2 * ttl`` a
+heartbeat of another instance clears it: its sessions are deleted (they died with it)
+and its never-used reservations move to live instances with room. When no instance
+reached Redis for more than ``ttl / 2`` (Redis was down or unreachable for all), that
+time is not counted as anyone's silence: a Redis restart clears nobody.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Collection, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.commands.core import AsyncScript
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+
+from .reservations import (
+    Claim,
+    ClaimOutcome,
+    NoSlotFree,
+    Reservation,
+    ReservationStore,
+    State,
+    StoreUnavailable,
+)
+
+log = logging.getLogger("websocketserver.cluster")
+
+OPERATION_TIMEOUT = 1.4
+"""Seconds one store operation may take before it fails with :class:`StoreUnavailable`."""
+SOCKET_TIMEOUT = 1.0
+"""Seconds to connect to Redis, or to wait for one answer."""
+NONCE_MEMORY = 86400.0
+"""Seconds a forwarded websocket's nonce is remembered (a day: longer than a token that
+was never used lives, so a replay finds its token gone or in use rather than free)."""
+MAX_CONNECTIONS = 32
+"""Connections to Redis per instance (one of them listens for stop requests)."""
+
+CLAIMS: dict[State, tuple[State, ClaimOutcome, bool]] = {
+    State.RESERVED: (State.STARTING, ClaimOutcome.CLAIMED, True),
+    State.DETACHED: (State.ACTIVE, ClaimOutcome.REATTACHED, False),
+}
+"""What :meth:`RedisStore.claim` does per state: new state, outcome, and whether another
+instance may take it over (move it to itself); a state not listed is in use."""
+UNSTARTED = State.RESERVED
+"""The state whose reservations outlive their instance (nothing runs for them yet)."""
+
+# Shared head of every script. KEYS: nodes, res, meta, nonces. ARGV: this instance's name, its
+# epoch, the heartbeat TTL (ms), the stop channel prefix; the script's own from ARGV[5].
+_HEAD = """
+local NODES, RES, META, NONCES = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local ME, EPOCH, TTL, CHANNEL = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
+local CLAIMS = cjson.decode(%(claims)s)
+local UNSTARTED, STOPPING = %(unstarted)s, %(stopping)s
+local clock = redis.call('TIME')
+local NOW = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+
+local function decoded(values)
+  local out = {}
+  for i, value in ipairs(values) do out[i] = cjson.decode(value) end
+  return out
+end
+local function get(hash, field)
+  local raw = redis.call('HGET', hash, field)
+  if raw then return cjson.decode(raw) end
+  return nil
+end
+local function put(r) redis.call('HSET', RES, r.token, cjson.encode(r)) end
+local function put_node(n) redis.call('HSET', NODES, n.name, cjson.encode(n)) end
+local function answer(t)
+  t.now = NOW
+  return cjson.encode(t)
+end
+local function live(n) return NOW - n.seen < n.ttl end
+local function stale()
+  local me = get(NODES, ME)
+  return me == nil or me.epoch ~= EPOCH
+end
+
+-- indices of `service` held on node `name` (on any node if nil), and how many
+local function held(records, service, name)
+  local used, n = {}, 0
+  for _, r in ipairs(records) do
+    if r.service == service and (name == nil or r.node == name) then
+      used[r.index] = true
+      n = n + 1
+    end
+  end
+  return used, n
+end
+local function lowest_free(used, count)
+  for i = 0, count - 1 do
+    if not used[i] then return i end
+  end
+  return nil
+end
+
+-- The node for a reservation of `service`: the least-loaded live node that runs it
+-- and has room, ties to this node, then by name. Returns the node and its lowest free
+-- index (nil for a cluster-scoped service, whose index is cluster-wide).
+local function place(records, nodes, service, scope)
+  local best, best_index, best_load, best_rank
+  for _, n in ipairs(nodes) do
+    local count = n.counts[service]
+    if count and live(n) then
+      local used, load = held(records, service, n.name)
+      local index = nil
+      if scope ~= 'cluster' then index = lowest_free(used, count) end
+      local rank = (n.name == ME) and '' or n.name
+      if (scope == 'cluster' or index ~= nil) and (best == nil or load < best_load
+          or (load == best_load and rank < best_rank)) then
+        best, best_index, best_load, best_rank = n.name, index, load, rank
+      end
+    end
+  end
+  return best, best_index
+end
+
+-- Node `name` is gone (its registration already deleted or replaced): forget its
+-- sessions (they ended with it) and what it began to release but did not finish, and
+-- move its never-used reservations to live nodes with room (drop them if none has).
+local function evict(name)
+  local kept, moving = {}, {}
+  for _, r in ipairs(decoded(redis.call('HVALS', RES))) do
+    if r.node == name or (r.by == name and r.state == STOPPING and not r.ran) then
+      redis.call('HDEL', RES, r.token)
+      if r.node == name and r.state == UNSTARTED then moving[#moving + 1] = r end
+    else
+      kept[#kept + 1] = r
+    end
+  end
+  local nodes = decoded(redis.call('HVALS', NODES))
+  for _, r in ipairs(moving) do
+    local target, index = place(kept, nodes, r.service, r.scope)
+    if target then
+      r.node = target
+      if index ~= nil then r.index = index end
+      put(r)
+      kept[#kept + 1] = r
+    end
+  end
+end
+
+-- No instance reached Redis for over TTL / 2 (Redis down, or cut off from all): that
+-- time is nobody's silence, so every node's last beat moves forward by it. Run first
+-- by every script that judges who is live.
+local function forgive_outage()
+  local last = tonumber(redis.call('HGET', META, 'contact'))
+  if last and NOW - last > TTL / 2 then
+    for _, n in ipairs(decoded(redis.call('HVALS', NODES))) do
+      n.seen = n.seen + (NOW - last)
+      put_node(n)
+    end
+  end
+  redis.call('HSET', META, 'contact', NOW)
+end
+"""
+
+_REGISTER = """
+-- ARGV[5..7]: address, counts (JSON), registration id
+local old = get(NODES, ME)
+if old and old.rid == ARGV[7] then return answer({epoch = old.epoch}) end
+if old and live(old) then return answer({error = 'duplicate', address = old.address}) end
+forgive_outage()
+local epoch = redis.call('HINCRBY', META, 'epoch', 1)
+put_node({name = ME, epoch = epoch, address = ARGV[5], counts = cjson.decode(ARGV[6]),
+          ttl = TTL, seen = NOW, rid = ARGV[7]})
+if old then evict(ME) end
+return answer({epoch = epoch})
+"""
+
+_HEARTBEAT = """
+if stale() then return answer({error = 'stale'}) end
+forgive_outage()
+local me = get(NODES, ME)
+me.seen = NOW
+put_node(me)
+for _, n in ipairs(decoded(redis.call('HVALS', NODES))) do
+  if NOW - n.seen >= 2 * n.ttl then
+    redis.call('HDEL', NODES, n.name)
+    evict(n.name)
+  end
+end
+return answer({})
+"""
+
+_DEREGISTER = """
+if stale() then return answer({error = 'stale'}) end
+redis.call('HDEL', NODES, ME)
+evict(ME)
+return answer({})
+"""
+
+_RESERVE = """
+-- ARGV[5..10]: token, service, count, scope, options (JSON text), owner (JSON)
+if stale() then return answer({error = 'stale'}) end
+local token, service, count, scope = ARGV[5], ARGV[6], tonumber(ARGV[7]), ARGV[8]
+local existing = get(RES, token)
+if existing then return answer({r = existing}) end  -- a retried call that was applied
+forgive_outage()
+local records = decoded(redis.call('HVALS', RES))
+local index = nil
+if scope == 'cluster' then
+  index = lowest_free((held(records, service, nil)), count)
+  if index == nil then return answer({error = 'full'}) end
+end
+local node, slot = place(records, decoded(redis.call('HVALS', NODES)), service, scope)
+if node == nil then return answer({error = 'full'}) end
+local r = {token = token, service = service, scope = scope, node = node,
+           index = index or slot, state = UNSTARTED, owner = cjson.decode(ARGV[10]),
+           options = ARGV[9], timestamp = NOW, changed = NOW, by = ME, op = '', ran = false}
+put(r)
+return answer({r = r})
+"""
+
+_CLAIM = """
+-- ARGV[5..7]: token, user (JSON), operation id
+if stale() then return answer({error = 'stale'}) end
+local r = get(RES, ARGV[5])
+if r == nil then return answer({outcome = 'unknown'}) end
+if r.op == ARGV[7] and r.node == ME then  -- a retried call that was applied
+  for _, rule in pairs(CLAIMS) do
+    if rule[1] == r.state then return answer({outcome = rule[2], r = r}) end
+  end
+end
+local user = cjson.decode(ARGV[6])
+if r.owner ~= cjson.null and user ~= cjson.null and user ~= r.owner then
+  return answer({outcome = 'not owner', r = r})
+end
+local rule = CLAIMS[r.state]
+if rule == nil then return answer({outcome = 'in use', r = r}) end
+if r.node ~= ME then
+  local count = get(NODES, ME).counts[r.service]
+  local index = nil
+  if rule[3] and count then
+    if r.scope == 'cluster' then
+      index = r.index
+    else
+      index = lowest_free((held(decoded(redis.call('HVALS', RES)), r.service, ME)), count)
+    end
+  end
+  if index == nil then return answer({outcome = 'elsewhere', r = r}) end
+  r.node, r.index = ME, index
+end
+r.state, r.changed, r.by, r.op, r.ran = rule[1], NOW, ME, ARGV[7], true
+put(r)
+return answer({outcome = rule[2], r = r})
+"""
+
+_TRANSITION = """
+-- ARGV[5..8]: token, expected states (comma-separated), new state, operation id
+if stale() then return answer({error = 'stale'}) end
+local r = get(RES, ARGV[5])
+if r == nil then return answer({}) end
+if r.op == ARGV[8] and r.by == ME and r.state == ARGV[7] then return answer({r = r}) end
+local allowed = false
+for state in string.gmatch(ARGV[6], '[^,]+') do
+  if state == r.state then allowed = true end
+end
+if not allowed then return answer({}) end
+r.state, r.changed, r.by, r.op = ARGV[7], NOW, ME, ARGV[8]
+put(r)
+if r.state == STOPPING and r.ran and r.node ~= ME then
+  redis.call('PUBLISH', CHANNEL .. r.node, r.token)
+end
+return answer({r = r})
+"""
+
+_REMOVE = """
+-- ARGV[5]: token
+if stale() then return answer({error = 'stale'}) end
+local r = get(RES, ARGV[5])
+if r then redis.call('HDEL', RES, ARGV[5]) end
+return answer({r = r})
+"""
+
+_NONCE = """
+-- ARGV[5..6]: nonce, how long to remember it (ms)
+redis.call('ZREMRANGEBYSCORE', NONCES, '-inf', NOW)
+return answer({fresh = redis.call('ZADD', NONCES, 'NX', NOW + tonumber(ARGV[6]), ARGV[5]) == 1})
+"""
+
+_READ = """
+-- ARGV[5]: a token to get, or '' for every reservation and node
+if ARGV[5] ~= '' then return answer({r = get(RES, ARGV[5])}) end
+return answer({rs = decoded(redis.call('HVALS', RES)),
+               nodes = decoded(redis.call('HVALS', NODES))})
+"""
+
+
+class DuplicateNode(Exception):
+    """A live instance is registered under the same name."""
+
+
+class StaleNode(StoreUnavailable):
+    """This instance's registration was cleared or replaced; it may book nothing more.
+
+    Its sessions are no longer in the store (their slots may be booked again): it must
+    end them before it registers afresh.
+    """
+
+
+@dataclass(frozen=True)
+class _Scripts:
+    register: AsyncScript
+    heartbeat: AsyncScript
+    deregister: AsyncScript
+    reserve: AsyncScript
+    claim: AsyncScript
+    transition: AsyncScript
+    remove: AsyncScript
+    nonce: AsyncScript
+    read: AsyncScript
+
+
+class RedisStore(ReservationStore):
+    """The reservations of every instance of a cluster, in Redis at ``url``.
+
+    ``counts``: this instance's services and their ``count``; ``cluster_scope``: the
+    services with ``count`` slots for the whole cluster instead of per instance.
+    ``address`` is how other instances reach this one's websocket port. Call
+    :meth:`start` (register, then beat) before use and :meth:`close` at the end.
+    """
+
+    def __init__(self, url: str, name: str, address: str, counts: Mapping[str, int],
+                 cluster_scope: Collection[str] = (), heartbeat_ttl: float = 6.0,
+                 prefix: str = "websocketserver:") -> None:
+        self.name = name
+        self.node_address = address
+        self.counts = dict(counts)
+        self.cluster_scope = frozenset(cluster_scope)
+        self.heartbeat_ttl = heartbeat_ttl
+        self.fenced = asyncio.Event()
+        """Set once a heartbeat finds this instance's registration cleared or replaced."""
+        self._ttl_ms = str(round(heartbeat_ttl * 1000))
+        self._keys = [prefix + "nodes", prefix + "res", prefix + "meta", prefix + "nonces"]
+        self._channel = prefix + "stop:"
+        self._epoch = 0
+        self._available = False
+        self._beating: asyncio.Task[None] | None = None
+        # At most MAX_CONNECTIONS: a burst of requests waits for one (Redis runs the
+        # scripts one at a time anyway) rather than opening a connection each. One
+        # retry, on a failed connection only: a pooled connection that a Redis restart
+        # closed is replaced at once (the scripts recognise a repeated call).
+        self._redis = aioredis.Redis.from_pool(aioredis.BlockingConnectionPool.from_url(
+            url, max_connections=MAX_CONNECTIONS, timeout=OPERATION_TIMEOUT,
+            decode_responses=True, socket_timeout=SOCKET_TIMEOUT,
+            socket_connect_timeout=SOCKET_TIMEOUT, socket_keepalive=True,
+            retry=Retry(ExponentialBackoff(cap=0.05, base=0.01), 1,
+                        supported_errors=(RedisConnectionError,))))
+        head = _HEAD % {"claims": _lua_string(json.dumps(
+                            {str(state): [str(new), str(outcome), movable]
+                             for state, (new, outcome, movable) in CLAIMS.items()})),
+                        "unstarted": _lua_string(UNSTARTED), "stopping": _lua_string(
+                            State.STOPPING)}
+        self._scripts = _Scripts(*(self._redis.register_script(head + body) for body in (
+            _REGISTER, _HEARTBEAT, _DEREGISTER, _RESERVE, _CLAIM, _TRANSITION, _REMOVE,
+            _NONCE, _READ)))
+
+    # -- membership --------------------------------------------------------------------
+
+    @property
+    def available(self) -> bool:
+        """Whether the last operation or heartbeat reached Redis (for ``/v1/health``)."""
+        return self._available
+
+    @property
+    def heartbeat_interval(self) -> float:
+        """Seconds between beats: several per TTL, and at most 0.5 so that a dead
+        instance is cleared within 2 x TTL + 0.5 s."""
+        return min(self.heartbeat_ttl / 4, 0.5)
+
+    async def start(self) -> None:
+        """Register this instance (a new epoch) and begin beating.
+
+        Raises :class:`DuplicateNode` if a live instance has this name, and
+        :class:`StoreUnavailable` if Redis cannot be reached.
+        """
+        await self.register()
+
+    async def register(self) -> None:
+        """Register afresh under a new epoch and beat (also after :class:`StaleNode`,
+        once this instance's sessions are ended)."""
+        reply = await self._run(self._scripts.register, self.node_address,
+                                json.dumps(self.counts), uuid.uuid4().hex, check_stale=False)
+        if reply.get("error") == "duplicate":
+            raise DuplicateNode(f"a live instance named {self.name} is already registered "
+                                f"(at {reply.get('address')})")
+        self._epoch = int(reply["epoch"])
+        self.fenced.clear()
+        if self._beating is None or self._beating.done():
+            self._beating = asyncio.create_task(self._beat_forever())
+        log.info("registered in the cluster as %s (epoch %d)", self.name, self._epoch)
+
+    async def _beat_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.heartbeat_interval)
+            was_available = self._available
+            try:
+                await self._run(self._scripts.heartbeat)
+            except StaleNode:
+                log.error("this instance (%s) was cleared from the cluster; it books "
+                          "nothing until it registers again", self.name)
+                self.fenced.set()
+                return
+            except StoreUnavailable as exc:
+                if was_available:
+                    log.warning("Redis unavailable: %s", exc)
+            else:
+                if not was_available:
+                    log.info("Redis available again")
+
+    async def close(self) -> None:
+        """Stop beating, leave the cluster (never-used reservations move), disconnect."""
+        if self._beating is not None:
+            self._beating.cancel()
+            await asyncio.gather(self._beating, return_exceptions=True)
+        if self._epoch and not self.fenced.is_set():
+            with contextlib.suppress(StoreUnavailable):
+                await self._run(self._scripts.deregister)
+        await self._redis.aclose()
+
+    async def address(self, node: str) -> str | None:
+        """Where instance ``node`` accepts websockets (None: not registered)."""
+        reply = await self._run(self._scripts.read, "", check_stale=False)
+        return next((n["address"] for n in _array(reply.get("nodes"))
+                     if n["name"] == node), None)
+
+    async def stop_requests(self) -> AsyncIterator[str]:
+        """Tokens of this instance's sessions that another instance moved to stopping.
+
+        Each is announced once, at once by a message, or within a second by a scan
+        of the reservations (which also catches what was released while the
+        subscription was down). Runs until closed, re-subscribing after Redis outages.
+        """
+        announced: set[str] = set()
+        while True:
+            try:
+                async with self._redis.pubsub(ignore_subscribe_messages=True) as pubsub:
+                    await pubsub.subscribe(self._channel + self.name)
+                    scanned = -SOCKET_TIMEOUT
+                    while True:
+                        if time.monotonic() - scanned >= SOCKET_TIMEOUT:
+                            scanned = time.monotonic()
+                            await pubsub.ping()  # the subscription is still alive
+                            for token in await self._stopping(announced):
+                                yield token
+                        message = await pubsub.get_message(timeout=SOCKET_TIMEOUT)
+                        if message is not None and message["type"] == "message" \
+                                and message["data"] not in announced:
+                            announced.add(message["data"])
+                            yield str(message["data"])
+            except (RedisError, OSError, StoreUnavailable) as exc:
+                log.debug("stop requests: %s; subscribing again", exc)
+                await asyncio.sleep(self.heartbeat_interval)
+
+    async def _stopping(self, announced: set[str]) -> list[str]:
+        """Not yet ``announced`` tokens of this instance that another one is stopping;
+        they are added to ``announced``, and gone ones leave it."""
+        reply = await self._run(self._scripts.read, "", check_stale=False)
+        stopping = {r["token"] for r in _array(reply.get("rs"))
+                    if r["node"] == self.name and r["by"] != self.name
+                    and r["state"] == State.STOPPING}
+        new = stopping - announced
+        announced.intersection_update(stopping)
+        announced.update(new)
+        return sorted(new)
+
+    async def remember_nonce(self, nonce: str, seconds: float = NONCE_MEMORY) -> bool:
+        """Record ``nonce`` for ``seconds``; False if it was recorded already (a replay)."""
+        reply = await self._run(self._scripts.nonce, nonce, round(seconds * 1000),
+                                check_stale=False)
+        return bool(reply["fresh"])
+
+    # -- the store interface -----------------------------------------------------------
+
+    async def reserve(self, service: str, count: int, options: dict[str, Any],
+                      owner: str | None = None) -> Reservation:
+        """Take a slot on the least-loaded live instance (ties: this one).
+
+        ``count`` is the cluster's total for a cluster-scoped service; otherwise each
+        instance's registered count applies.
+        """
+        scope = "cluster" if service in self.cluster_scope else "node"
+        reply = await self._run(self._scripts.reserve, str(uuid.uuid4()), service, count,
+                                scope, json.dumps(options), json.dumps(owner))
+        if reply.get("error") == "full":
+            raise NoSlotFree(service)
+        return self._reservation(reply["r"], reply["now"])
+
+    async def get(self, token: str) -> Reservation | None:
+        reply = await self._run(self._scripts.read, token, check_stale=False)
+        return self._reservation(reply["r"], reply["now"]) if reply.get("r") else None
+
+    async def transition(self, token: str, expected: State | tuple[State, ...],
+                         new: State) -> Reservation | None:
+        states = expected if isinstance(expected, tuple) else (expected,)
+        reply = await self._run(self._scripts.transition, token, ",".join(states), new,
+                                uuid.uuid4().hex)
+        return self._reservation(reply["r"], reply["now"]) if reply.get("r") else None
+
+    async def claim(self, token: str, user: str | None) -> Claim:
+        """Claim as the interface says; a token of another instance is taken over.
+
+        It moves here (this instance's lowest free index; a cluster-scoped one keeps
+        its index) if it may (reserved) and a local slot is free; otherwise the outcome
+        is ``ELSEWHERE`` and ``reservation.node`` names the instance to forward to.
+        """
+        reply = await self._run(self._scripts.claim, token, json.dumps(user),
+                                uuid.uuid4().hex)
+        record = reply.get("r")
+        return Claim(ClaimOutcome(reply["outcome"]),
+                     self._reservation(record, reply["now"]) if record else None)
+
+    async def remove(self, token: str) -> Reservation | None:
+        reply = await self._run(self._scripts.remove, token)
+        return self._reservation(reply["r"], reply["now"]) if reply.get("r") else None
+
+    async def list(self, service: str | None = None) -> list[Reservation]:
+        """Every instance's reservations, by service, node and index."""
+        reply = await self._run(self._scripts.read, "", check_stale=False)
+        found = [self._reservation(r, reply["now"]) for r in _array(reply.get("rs"))
+                 if service is None or r["service"] == service]
+        return sorted(found, key=lambda r: (r.service, r.node or "", r.index))
+
+    async def capacity(self, service: str, count: int) -> int:
+        """``count`` for a cluster-scoped service, else the sum over live instances."""
+        if service in self.cluster_scope:
+            return count
+        reply = await self._run(self._scripts.read, "", check_stale=False)
+        return sum(int(n["counts"].get(service, 0)) for n in _array(reply.get("nodes"))
+                   if reply["now"] - n["seen"] < n["ttl"])
+
+    # -- plumbing ----------------------------------------------------------------------
+
+    async def _run(self, script: AsyncScript, *args: str | int,
+                   check_stale: bool = True) -> dict[str, Any]:
+        """Run ``script`` as this instance; Redis failures become StoreUnavailable."""
+        head: list[str | int] = [self.name, self._epoch, self._ttl_ms, self._channel]
+        try:
+            async with asyncio.timeout(OPERATION_TIMEOUT):
+                raw = await script(keys=self._keys, args=[*head, *args])
+        except TimeoutError:
+            self._available = False
+            raise StoreUnavailable(
+                f"Redis did not answer within {OPERATION_TIMEOUT:g} s") from None
+        except RedisError as exc:
+            self._available = False
+            raise StoreUnavailable(f"Redis: {type(exc).__name__}: {exc}") from None
+        self._available = True
+        reply: dict[str, Any] = json.loads(raw)
+        if check_stale and reply.get("error") == "stale":
+            raise StaleNode(f"instance {self.name} (epoch {self._epoch}) was cleared from "
+                            "the cluster")
+        return reply
+
+    @staticmethod
+    def _reservation(record: dict[str, Any], now_ms: float) -> Reservation:
+        """A reservation from its record; ``changed`` moves to this process's monotonic
+        clock by its age on Redis's clock (only Redis's clock measures time)."""
+        return Reservation(
+            token=record["token"], service=record["service"], index=int(record["index"]),
+            options=json.loads(record["options"]), owner=record["owner"],
+            state=State(record["state"]), timestamp=record["timestamp"] / 1000,
+            changed=time.monotonic() - (now_ms - record["changed"]) / 1000,
+            node=record["node"])
+
+
+def _array(value: Any) -> list[dict[str, Any]]:
+    """A JSON array from Lua's cjson, which encodes an empty one as ``{}``."""
+    return list(value) if value else []
+
+
+def _lua_string(text: str) -> str:
+    """``text`` as a Lua string literal (long brackets: no escapes to get wrong)."""
+    assert "]==]" not in text
+    return f"[==[{text}]==]"

@@ -1,0 +1,82 @@
+"""What the server says as it starts: its name as invoked, and one line per listener.
+
+The lines say what each port serves or tunnels to, so that a newcomer sees at the
+default ``--verbose 0`` what the command line they typed amounts to; the warnings
+(options that do nothing as given) are found by :mod:`.cli` and logged with them.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from pathlib import Path
+
+from .settings import Settings
+
+
+def program_name(argv0: str) -> str:
+    """The name the user ran: ``websocketserver`` (the console script),
+    ``websocketserver.py`` (the launcher) or ``python -m websocketserver``."""
+    name = Path(argv0).name
+    if name == "__main__.py":
+        return "python -m websocketserver"
+    return name if name and name != "-c" else "websocketserver"
+
+
+def summary(settings: Settings) -> list[str]:
+    """One line per listener: what it serves or tunnels to."""
+    secure = settings.cert is not None
+    where = f" on {settings.listen_address}" if settings.listen_address else ""
+    lines = []
+    if settings.http_directory is None:
+        lines.append("http port: none (no --http_directory: no files, no REST API)")
+    else:
+        scheme = "https" if secure else "http"
+        dashboard = (f"{scheme}://{_host(settings.listen_address)}:{settings.http_port}"
+                     "/v1/status_view")
+        if settings.security_token:
+            dashboard += " (with the security token)"
+        lines.append(f"{scheme} port {settings.http_port}{where}: files from "
+                     f"{settings.http_directory.resolve()}, REST API, dashboard {dashboard}")
+    if settings.ws_port == -1:
+        lines.append("ws port: none (ws_server_port -1)")
+    else:
+        lines.append(f"{'wss' if secure else 'ws'} port {settings.ws_port}{where}: "
+                     f"{_tunnels(settings)}")
+    return lines
+
+
+def _tunnels(settings: Settings) -> str:
+    parts = []
+    if settings.client_port is not None:
+        parts.append(f"tunnels to {settings.client_hostname}:{settings.client_port} "
+                     "(basic mode)")
+    services = settings.services
+    if services:
+        plural = "s" if len(services) > 1 else ""
+        parts.append(f"reservations of {len(services)} service{plural}: "
+                     + ", ".join(f"{s.name} (up to {s.count})" for s in services))
+    return "; ".join(parts) or ("nothing to tunnel to (no --client_port, no services): "
+                                "every websocket is refused")
+
+
+def _host(address: str | None) -> str:
+    """How a browser on this machine reaches ``address``."""
+    if not address:
+        return "localhost"
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address  # a host name
+    if ip.is_unspecified:
+        return "localhost"
+    return f"[{ip}]" if ip.version == 6 else str(ip)
+
+
+def log_startup(settings: Settings, log: logging.Logger) -> None:
+    """Log the warnings about the command line, then the summary (at INFO: ``log`` is
+    the server's logger, which shows start and stop at every ``--verbose``)."""
+    for warning in settings.warnings:
+        log.warning("%s", warning)
+    for line in summary(settings):
+        log.info("%s", line)

@@ -1,0 +1,270 @@
+"""The cluster (SCALE-OUT.md), end to end: real instances sharing a real redis-server,
+behind a real HAProxy, on loopback. One test per acceptance item of the spec."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import os
+import shutil
+import signal
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import websockets
+from cluster_support import HAProxy, RedisServer, redis_server, start_haproxy
+
+from support import EXAMPLES, ServerProcess, wait_until
+
+__all__ = ["redis_server", "start_haproxy"]  # fixtures used below
+
+SECRET = "cluster-test-secret"
+TTL = 1.0  # --heartbeat_ttl: a killed instance is cleared within 2 x TTL + 1 s
+
+
+def services_file(directory: Path, counts: dict[str, int], scope: dict[str, str]) -> Path:
+    config = {name: {"script": str(EXAMPLES / "echo_service.py"), "count": count,
+                     **({"scope": scope[name]} if name in scope else {})}
+              for name, count in counts.items()}
+    path = directory / f"services-{os.urandom(4).hex()}.json"
+    path.write_text(json.dumps(config))
+    return path
+
+
+class Cluster:
+    """Instances of the real command line sharing one redis-server."""
+
+    def __init__(self, start_server: Callable[..., ServerProcess], redis: RedisServer,
+                 tmp_path: Path) -> None:
+        self._start = start_server
+        self.redis = redis
+        self.tmp_path = tmp_path
+        self.nodes: dict[str, ServerProcess] = {}
+
+    def start(self, name: str, counts: dict[str, int], scope: dict[str, str] | None = None,
+              *extra: str, env: dict[str, str] | None = None) -> ServerProcess:
+        config = services_file(self.tmp_path, counts, scope or {})
+        node = self._start("--redis", self.redis.url, "--cluster_secret", SECRET,
+                           "--node_name", name, "--heartbeat_ttl", str(TTL),
+                           "--remote_session_config", str(config), "--relay_processes", "0",
+                           *extra, env=env)
+        self.nodes[name] = node
+        return node
+
+
+@pytest.fixture
+def cluster(start_server: Callable[..., ServerProcess], redis_server: RedisServer,
+            tmp_path: Path) -> Iterator[Cluster]:
+    yield Cluster(start_server, redis_server, tmp_path)
+
+
+def get(url: str, timeout: float = 10) -> tuple[int, Any]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"null")
+
+
+def api(port: int, path: str) -> str:
+    return f"http://127.0.0.1:{port}{path}{'&' if '?' in path else '?'}security_token=K"
+
+
+def instances(node: ServerProcess, service: str) -> list[dict[str, Any]]:
+    status, document = node.get_json("/v1/status")
+    assert status == 200, document
+    return next(s for s in document if s["name"] == service)["instances"]
+
+
+async def echo_through(url: str, size: int = 1 << 20) -> bytes:
+    payload = os.urandom(size)
+    async with websockets.connect(url, max_size=None) as ws:
+        await ws.send(payload)
+        received = b""
+        while len(received) < size:
+            received += await asyncio.wait_for(ws.recv(), 10)
+    assert received == payload
+    return received
+
+
+def test_capacity_is_exact_through_haproxy(cluster: Cluster,
+                                           start_haproxy: Callable[..., HAProxy]) -> None:
+    """Counts 7/7/6: 500 concurrent reserves through HAProxy give exactly 20 tokens and
+    480 x 503, indices {0..6}, {0..6}, {0..5}; a cluster-scoped count of 20 gives 20."""
+    nodes = [cluster.start(f"n{i}", {"echo": count, "shared": 20}, {"shared": "cluster"})
+             for i, count in enumerate((7, 7, 6))]
+    proxy = start_haproxy([(node.ws_port, node.http_port) for node in nodes])
+    wait_until(lambda: all(get(f"http://127.0.0.1:{n.http_port}/v1/health")[0] == 200
+                           for n in nodes))
+    with concurrent.futures.ThreadPoolExecutor(64) as pool:
+        for service, expected in (("echo", 20), ("shared", 20)):
+            for _ in range(3 if service == "echo" else 1):
+                url = api(proxy.http_port, f"/v1/reserve/{service}")
+                answers = list(pool.map(get, [url] * 500))
+                tokens = [body["token"] for status, body in answers if status == 200]
+                assert len(tokens) == expected
+                assert sorted(status for status, _ in answers
+                              if status != 200) == [503] * (500 - expected)
+                entries = instances(nodes[0], service)
+                assert len(entries) == expected
+                if service == "echo":
+                    by_node: dict[str, list[int]] = {}
+                    for entry in entries:
+                        by_node.setdefault(entry["node"], []).append(entry["index"])
+                    assert sorted(sorted(v) for v in by_node.values()) == [
+                        list(range(6)), list(range(7)), list(range(7))]
+                for token in tokens:
+                    assert get(api(proxy.http_port, f"/v1/release/{token}"))[0] == 200
+    status, document = nodes[1].get_json("/v1/status")
+    assert {s["name"]: s["count"] for s in document} == {"echo": 20, "shared": 20}
+
+
+def test_websocket_on_another_instance_take_over_forward_and_release(cluster: Cluster) -> None:
+    """Reserved through A, opened through B: B takes it over; with B full, B forwards
+    to the owner; both byte-exact. Released through C: closed with 1001 within 1 s."""
+    a, b, c = (cluster.start(name, {"echo": 1}) for name in ("a", "b", "c"))
+    first = a.get_json("/v1/reserve/echo")[1]["token"]
+
+    async def scenario() -> None:
+        async with websockets.connect(b.ws_url(token=first), max_size=None) as taken:
+            await taken.send(b"x")
+            assert await asyncio.wait_for(taken.recv(), 10) == b"x"
+            assert instances(c, "echo")[0]["node"] == "b"  # taken over: b has a slot
+            second = a.get_json("/v1/reserve/echo")[1]["token"]  # b is full now
+            owner = next(e["node"] for e in instances(c, "echo") if e["state"] == "reserved")
+            assert owner != "b"
+            async with websockets.connect(b.ws_url(token=second), max_size=None) as fwd:
+                payload = os.urandom(1 << 20)  # forwarded to its owner: b is full
+                await fwd.send(payload)
+                received = b""
+                while len(received) < len(payload):
+                    received += await asyncio.wait_for(fwd.recv(), 10)
+                assert received == payload
+                assert {e["token"]: (e["node"], e["state"]) for e in instances(c, "echo")
+                        }[second] == (owner, "active")
+            started = time.monotonic()
+            assert c.get_json(f"/v1/release/{first}")[0] == 200
+            with pytest.raises(websockets.ConnectionClosed) as closed:
+                while True:
+                    await asyncio.wait_for(taken.recv(), 5)
+            assert time.monotonic() - started < 1.0
+            assert closed.value.rcvd is not None and closed.value.rcvd.code == 1001
+
+    asyncio.run(scenario())
+
+
+def test_a_forged_or_replayed_forward_is_refused(cluster: Cluster) -> None:
+    a = cluster.start("a", {"echo": 1})
+    token = a.get_json("/v1/reserve/echo")[1]["token"]
+
+    async def upgrade(headers: dict[str, str]) -> int:
+        try:
+            async with websockets.connect(a.ws_url(token=token), additional_headers=headers):
+                return 101
+        except websockets.InvalidStatus as exc:
+            return exc.response.status_code
+
+    forged = {"X-Websocketserver-Forward": "nonce " + "0" * 64,
+              "X-Websocketserver-Client": "10.0.0.1"}
+    assert asyncio.run(upgrade(forged)) == 403
+    from websocketserver.forward import sign  # a valid signature, sent twice
+    signed = {"X-Websocketserver-Forward": "n1 " + sign(SECRET.encode(), token, "n1",
+                                                         "10.0.0.1", None),
+              "X-Websocketserver-Client": "10.0.0.1"}
+    assert asyncio.run(upgrade(signed)) == 101
+    assert asyncio.run(upgrade(signed)) == 403
+
+
+def test_an_instance_killed_frees_its_slots(cluster: Cluster) -> None:
+    """SIGKILL of an instance with a session and a reserved token: its session ends,
+    its slots are free within 2 x TTL + 1 s, its reserved token works through another
+    instance, and the other instances' sessions go on."""
+    a, b = cluster.start("a", {"echo": 2}), cluster.start("b", {"echo": 2})
+    mine = a.get_json("/v1/reserve/echo")[1]["token"]
+    kept = a.get_json("/v1/reserve/echo")[1]["token"]  # never connected
+
+    async def scenario() -> None:
+        other = b.get_json("/v1/reserve/echo")[1]["token"]
+        async with websockets.connect(a.ws_url(token=mine)) as doomed, \
+                websockets.connect(b.ws_url(token=other)) as survivor:
+            await doomed.send(b"1")
+            await survivor.send(b"2")
+            assert await doomed.recv() == b"1" and await survivor.recv() == b"2"
+            os.kill(a.serving_pid(), signal.SIGKILL)
+            killed = time.monotonic()
+            with pytest.raises(websockets.ConnectionClosed):
+                await asyncio.wait_for(doomed.recv(), 5)
+            wait_until(lambda: all(e["node"] != "a" or e["token"] == kept
+                                   for e in instances(b, "echo")), timeout=2 * TTL + 1)
+            assert time.monotonic() - killed <= 2 * TTL + 1
+            await echo_through(b.ws_url(token=kept), 1000)  # moved to a live instance
+            await survivor.send(b"still")
+            assert await survivor.recv() == b"still"
+
+    asyncio.run(scenario())
+
+
+def test_redis_restart_keeps_everything_and_outage_fails_closed(cluster: Cluster) -> None:
+    a = cluster.start("a", {"echo": 2})
+    token = a.get_json("/v1/reserve/echo")[1]["token"]
+
+    async def scenario() -> None:
+        async with websockets.connect(a.ws_url(token=token)) as ws:
+            await ws.send(b"before")
+            assert await ws.recv() == b"before"
+            cluster.redis.kill()
+            started = time.monotonic()
+            status, body = await asyncio.to_thread(a.get_json, "/v1/reserve/echo")
+            assert status == 503 and "unavailable" in body["error"]
+            assert time.monotonic() - started < 1.5
+            assert (await asyncio.to_thread(a.get_json, "/v1/health"))[1]["store"] == \
+                "unavailable"
+            await asyncio.sleep(6)
+            await ws.send(b"during")  # the running session never noticed
+            assert await ws.recv() == b"during"
+            cluster.redis.start()
+            await asyncio.to_thread(wait_until, lambda: a.get_json("/v1/health")[1][
+                "store"] == "ok")
+            assert [e["token"] for e in instances(a, "echo")] == [token]
+            await ws.send(b"after")
+            assert await ws.recv() == b"after"
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.skipif(shutil.which("faketime") is None, reason="faketime not installed")
+def test_timeout_reclaims_on_redis_time_whatever_an_instance_clock_says(
+        cluster: Cluster) -> None:
+    a = cluster.start("a", {"echo": 1}, None, "--timeout", "2")
+    skewed = cluster.start("b", {"echo": 1}, None, "--timeout", "2",
+                           env={"LD_PRELOAD": _faketime_library(), "FAKETIME": "+1h",
+                                "FAKETIME_DONT_RESET": "1"})
+    hours = [int(node.log().split()[1][:2]) for node in (a, skewed)]  # asctime's hour
+    assert (hours[1] - hours[0]) % 24 == 1, "the skewed instance's clock is not skewed"
+    for reserving in (a, skewed):
+        token = reserving.get_json("/v1/reserve/echo")[1]["token"]
+        made = time.monotonic()
+        wait_until(lambda t=token: all(e["token"] != t for e in instances(a, "echo")),
+                   timeout=4, interval=0.1)
+        assert 2.0 <= time.monotonic() - made <= 3.5
+
+
+def _faketime_library() -> str:
+    for candidate in Path("/usr/lib").glob("**/faketime/libfaketime.so.1"):
+        return str(candidate)
+    pytest.skip("libfaketime not found")
+
+
+def test_a_duplicate_node_name_is_refused(cluster: Cluster) -> None:
+    cluster.start("same", {"echo": 1})
+    with pytest.raises(RuntimeError, match="exited with 1"):
+        cluster.start("same", {"echo": 1})
+    duplicate = list(cluster.tmp_path.glob("server-*.log"))
+    assert any("--node_name: a live instance named same" in log.read_text()
+               for log in duplicate)

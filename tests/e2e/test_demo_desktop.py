@@ -1,0 +1,154 @@
+"""`scripts/demo --desktop` and its embedding page, in headless Chromium.
+
+The demo reserves the example desktop (Xvfb + x11vnc) from ``demo/www/embed.html``
+and shows it with noVNC's RFB: the canvas must show the desktop's colour. Leaving the
+page must release the reservation at once (checked with a long reconnect grace, so
+that only the page's release can free the slot in time), also when a back end
+reserved the token and the server has a security token the page never sees.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+from playwright.sync_api import Browser, BrowserContext, Page, expect
+
+from e2e.vnc_support import (
+    ARTIFACTS,
+    DESKTOP_CONFIG,
+    NOVNC,
+    X_BINARIES,
+    color_fraction,
+    desktop_options,
+    instance_processes,
+    instances,
+    require,
+    reserve,
+)
+from support import ROOT, ServerProcess, free_port, wait_port, wait_until
+
+TIMEOUT_MS = 30_000
+MIN_FRACTION = 0.95
+GRACE = "60"  # a websocket's end alone would keep the desktop this long
+
+
+@pytest.fixture(scope="module")
+def browser(chromium: Browser) -> Browser:
+    require(*X_BINARIES, paths=(NOVNC / "core" / "rfb.js",))
+    return chromium
+
+
+@pytest.fixture
+def context(browser: Browser) -> Iterator[BrowserContext]:
+    context = browser.new_context(viewport={"width": 1024, "height": 800})
+    context.set_default_timeout(TIMEOUT_MS)
+    yield context
+    context.close()
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> Path:
+    """demo/www beside noVNC's library, as ``scripts/demo --desktop`` serves it."""
+    where = tmp_path / "www"
+    shutil.copytree(ROOT / "demo" / "www", where)
+    for part in ("core", "vendor"):
+        shutil.copytree(NOVNC / part, where / part)
+    return where
+
+
+def shows_desktop(page: Page, url: str, artifact: str, status: bool = True) -> None:
+    """Open ``url``; assert noVNC connects and its canvas shows the example's colour."""
+    color = desktop_options()["color"]
+    page.goto(url)
+    if status:
+        expect(page.locator("#status")).to_have_text("connected", timeout=TIMEOUT_MS)
+    canvas = page.locator("#screen canvas")
+    deadline = time.monotonic() + 20
+    while True:  # the first framebuffer update follows the connect shortly
+        png = canvas.screenshot()
+        fraction = color_fraction(png, color)
+        if fraction >= MIN_FRACTION or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    ARTIFACTS.mkdir(exist_ok=True)
+    (ARTIFACTS / artifact).write_bytes(png)
+    assert fraction >= MIN_FRACTION, \
+        f"only {fraction:.1%} of the canvas is {color}; see {ARTIFACTS / artifact}"
+
+
+def test_demo_desktop_shows_a_reserved_desktop(context: BrowserContext) -> None:
+    """The demo program: the printed page shows the desktop; Ctrl-C leaves nothing."""
+    ws_port, http_port = free_port(), free_port()
+    demo = subprocess.Popen([sys.executable, str(ROOT / "demo" / "run.py"), "--desktop",
+                             "--ws_port", str(ws_port), "--http_port", str(http_port)],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert demo.stdout is not None
+        line = demo.stdout.readline()
+        match = re.search(r"open (http://\S+)", line)
+        assert match, f"no URL printed: {line!r}"
+        wait_port(ws_port, proc=demo)
+        wait_port(http_port, proc=demo)
+        page = context.new_page()
+        shows_desktop(page, match.group(1), "demo-desktop.png")
+        below = psutil.Process(demo.pid).children(recursive=True)
+        assert {"Xvfb", "x11vnc"} <= {p.name() for p in below}
+        page.goto("about:blank")  # leaving the page releases the desktop
+        wait_until(lambda: not {"Xvfb", "x11vnc"} & {p.name() for p in below
+                                                      if p.is_running()
+                                                      and p.status() != psutil.STATUS_ZOMBIE},
+                   timeout=20)
+    finally:
+        demo.send_signal(signal.SIGINT)  # Ctrl-C
+        assert demo.wait(20) == 0
+    assert not [p for p in below if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+
+@pytest.mark.parametrize("backend_reserves", [False, True], ids=["page", "back end"])
+def test_embed_page_releases_when_left(context: BrowserContext, site: Path,
+                                       start_server: Callable[..., ServerProcess],
+                                       backend_reserves: bool) -> None:
+    """Leaving embed.html frees the slot at once, not after the reconnect grace."""
+    server = start_server(
+        "--remote_session_config", str(DESKTOP_CONFIG), "--reconnect_grace", GRACE,
+        http_dir=site, token="K" if backend_reserves else None)
+    query = f"port={server.ws_port}"
+    if backend_reserves:  # the page gets the token, never the security token
+        query += f"&token={reserve(server)}"
+    page = context.new_page()
+    shows_desktop(page, server.url(f"/embed.html?{query}", auth=False),
+                  f"embed-{'backend' if backend_reserves else 'page'}.png")
+    assert instance_processes(server) == ["Xvfb", "x11vnc"]
+    [instance] = instances(server)
+    assert instance["state"] == "active"
+    page.goto("about:blank")
+    wait_until(lambda: instances(server) == [], timeout=10)
+    wait_until(lambda: instance_processes(server) == [], timeout=10)
+
+
+def test_docs_embedding_snippet(context: BrowserContext, site: Path,
+                                start_server: Callable[..., ServerProcess]) -> None:
+    """The snippet of docs/novnc.md, as a page: it shows the desktop, and leaving the
+    page releases it."""
+    text = (ROOT / "docs" / "novnc.md").read_text()
+    snippet = re.search(r"<!-- embed-snippet -->\n```html\n(.*?)```", text, re.DOTALL)
+    assert snippet, "docs/novnc.md lost its marked snippet"
+    server = start_server("--remote_session_config", str(DESKTOP_CONFIG), "--reconnect_grace",
+                          GRACE, http_dir=site, token=None)
+    (site / "snippet.html").write_text(re.sub(r"\b8080\b", str(server.ws_port),
+                                              snippet.group(1)))
+    page = context.new_page()
+    shows_desktop(page, server.url("/snippet.html", auth=False), "embed-snippet.png",
+                  status=False)
+    assert instance_processes(server) == ["Xvfb", "x11vnc"]
+    page.goto("about:blank")
+    wait_until(lambda: instances(server) == [], timeout=10)
