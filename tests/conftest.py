@@ -14,7 +14,9 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, settings
 
-from support import EchoBackend, ServerProcess
+pytest.register_assert_rewrite("cluster_support")  # imported by test modules for fixtures
+
+from support import EchoBackend, ServerProcess  # noqa: E402 - after the rewrite hook
 
 FUZZ_ENV = "WEBSOCKETSERVER_FUZZ"
 """Environment variable naming the Hypothesis profile: ``quick`` (default) or ``full``."""
