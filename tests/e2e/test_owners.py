@@ -24,7 +24,7 @@ from support import ROOT, marked_processes, wait_until
 USERS = {"alice": "alice-key", "bob": "bob-key"}
 
 
-ROUNDS = 20
+ROUNDS = 10
 """Races in the simultaneous-upgrades test; one echo instance each, so as many slots."""
 
 
