@@ -14,7 +14,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -23,34 +22,31 @@ import pytest
 from playwright.sync_api import Browser, BrowserContext, Page, expect
 
 from e2e.vnc_support import (
-    ARTIFACTS,
     DESKTOP_CONFIG,
     NOVNC,
-    X_BINARIES,
-    color_fraction,
+    TIMEOUT_MS,
     desktop_options,
+    expect_canvas_color,
     instance_processes,
     instances,
-    require,
+    new_context,
+    require_novnc,
     reserve,
 )
 from support import ROOT, ServerProcess, free_port, wait_port, wait_until
 
-TIMEOUT_MS = 30_000
-MIN_FRACTION = 0.95
 GRACE = "60"  # a websocket's end alone would keep the desktop this long
 
 
 @pytest.fixture(scope="module")
 def browser(chromium: Browser) -> Browser:
-    require(*X_BINARIES, paths=(NOVNC / "core" / "rfb.js",))
+    require_novnc()
     return chromium
 
 
 @pytest.fixture
 def context(browser: Browser) -> Iterator[BrowserContext]:
-    context = browser.new_context(viewport={"width": 1024, "height": 800})
-    context.set_default_timeout(TIMEOUT_MS)
+    context = new_context(browser)
     yield context
     context.close()
 
@@ -71,18 +67,7 @@ def shows_desktop(page: Page, url: str, artifact: str, status: bool = True) -> N
     page.goto(url)
     if status:
         expect(page.locator("#status")).to_have_text("connected", timeout=TIMEOUT_MS)
-    canvas = page.locator("#screen canvas")
-    deadline = time.monotonic() + 20
-    while True:  # the first framebuffer update follows the connect shortly
-        png = canvas.screenshot()
-        fraction = color_fraction(png, color)
-        if fraction >= MIN_FRACTION or time.monotonic() > deadline:
-            break
-        time.sleep(0.2)
-    ARTIFACTS.mkdir(exist_ok=True)
-    (ARTIFACTS / artifact).write_bytes(png)
-    assert fraction >= MIN_FRACTION, \
-        f"only {fraction:.1%} of the canvas is {color}; see {ARTIFACTS / artifact}"
+    expect_canvas_color(page, color, artifact)
 
 
 def test_demo_desktop_shows_a_reserved_desktop(context: BrowserContext) -> None:

@@ -9,35 +9,29 @@ canvas shows that colour (screenshots go to test-artifacts/). Modes: basic
 from __future__ import annotations
 
 import ssl
-import time
 from pathlib import Path
 
 import pytest
 import trustme
-from playwright.sync_api import Browser, BrowserContext, Page, expect
+from playwright.sync_api import Browser
 
 from e2e.vnc_support import (
-    ARTIFACTS,
     DESKTOP_CONFIG,
-    NOVNC,
-    X_BINARIES,
     XDesktop,
-    color_fraction,
     instance_processes,
     instances,
+    new_context,
     novnc_site,
-    require,
+    require_novnc,
     reserve,
+    show_desktop,
 )
 from support import ServerProcess, wait_until
-
-TIMEOUT_MS = 30_000
-MIN_FRACTION = 0.95
 
 
 @pytest.fixture(scope="module")
 def browser(chromium: Browser) -> Browser:
-    require(*X_BINARIES, paths=(NOVNC / "core" / "rfb.js",))
+    require_novnc()
     return chromium
 
 
@@ -45,32 +39,6 @@ def browser(chromium: Browser) -> Browser:
 def site(tmp_path: Path) -> Path:
     """A web root with noVNC and its page, for --http_directory."""
     return novnc_site(tmp_path / "www")
-
-
-def new_context(browser: Browser, **kwargs: bool) -> BrowserContext:
-    context = browser.new_context(viewport={"width": 1024, "height": 800}, **kwargs)
-    context.set_default_timeout(TIMEOUT_MS)
-    return context
-
-
-def show_desktop(page: Page, server: ServerProcess, path: str, color: str,
-                 artifact: str) -> None:
-    """Open noVNC on websocket ``path``; assert its canvas shows ``color`` (#rrggbb)."""
-    query = f"host=127.0.0.1&port={server.ws_port}&scale=true&path={path}"
-    page.goto(server.url(f"/vnc_lite.html?{query}", auth=False))
-    expect(page.locator("#status")).to_have_text("connected", timeout=TIMEOUT_MS)
-    canvas = page.locator("#screen canvas")
-    deadline = time.monotonic() + 20
-    while True:  # the first framebuffer update follows the connect shortly
-        png = canvas.screenshot()
-        fraction = color_fraction(png, color)
-        if fraction >= MIN_FRACTION or time.monotonic() > deadline:
-            break
-        time.sleep(0.2)
-    ARTIFACTS.mkdir(exist_ok=True)
-    (ARTIFACTS / artifact).write_bytes(png)
-    assert fraction >= MIN_FRACTION, \
-        f"only {fraction:.1%} of the canvas is {color}; see {ARTIFACTS / artifact}"
 
 
 def check_reserved_desktop(browser: Browser, server: ServerProcess, color: str,

@@ -28,7 +28,6 @@ import os
 import re
 import signal
 import subprocess
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,13 +38,12 @@ import pytest
 from playwright.sync_api import Browser, expect
 
 from e2e.vnc_support import (
-    ARTIFACTS,
-    NOVNC,
-    X_BINARIES,
-    color_fraction,
+    TIMEOUT_MS,
     desktop_options,
+    expect_canvas_color,
+    new_context,
     novnc_site,
-    require,
+    require_novnc,
 )
 from support import ROOT, free_port, wait_port, wait_until
 
@@ -53,8 +51,6 @@ README = ROOT / "README.md"
 PORTS = ("8080", "9090", "5900")
 MARKER = re.compile(r"<!-- quickstart: (\w+) (run|call|open) -->\s*\n```\w*\n(.*?)```",
                     re.DOTALL)
-TIMEOUT_MS = 30_000
-MIN_FRACTION = 0.95
 
 
 @dataclass
@@ -144,7 +140,7 @@ def alive(proc: psutil.Process) -> bool:
 
 @pytest.fixture(scope="module")
 def browser(chromium: Browser) -> Browser:
-    require(*X_BINARIES, "bash", "curl", paths=(NOVNC / "core" / "rfb.js",))
+    require_novnc("bash", "curl")
     return chromium
 
 
@@ -162,24 +158,12 @@ def shows_color(browser: Browser, url: str, color: str, artifact: str) -> None:
 
     The window is larger than the desktops (1280x1024), which the URLs do not scale.
     """
-    context = browser.new_context(viewport={"width": 1400, "height": 1200})
-    context.set_default_timeout(TIMEOUT_MS)
+    context = new_context(browser, width=1400, height=1200)
     try:
         page = context.new_page()
         page.goto(url)
         expect(page.locator("#status")).to_have_text("connected", timeout=TIMEOUT_MS)
-        canvas = page.locator("#screen canvas")
-        deadline = time.monotonic() + 20
-        while True:  # the first framebuffer update follows the connect shortly
-            png = canvas.screenshot()
-            fraction = color_fraction(png, color)
-            if fraction >= MIN_FRACTION or time.monotonic() > deadline:
-                break
-            time.sleep(0.2)
-        ARTIFACTS.mkdir(exist_ok=True)
-        (ARTIFACTS / artifact).write_bytes(png)
-        assert fraction >= MIN_FRACTION, \
-            f"only {fraction:.1%} of the canvas is {color}; see {ARTIFACTS / artifact}"
+        expect_canvas_color(page, color, artifact)
     finally:
         context.close()
 

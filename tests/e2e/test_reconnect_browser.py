@@ -9,40 +9,27 @@ find the instance stopped and its token gone.
 from __future__ import annotations
 
 import subprocess
-import time
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
-import pytest
-from playwright.sync_api import Browser, Page, expect
+from playwright.sync_api import Browser, expect
 
-from e2e.test_novnc_browser import MIN_FRACTION, TIMEOUT_MS, new_context, show_desktop
 from e2e.vnc_support import (
-    ARTIFACTS,
     DESKTOP_CONFIG,
-    NOVNC,
-    X_BINARIES,
-    color_fraction,
+    TIMEOUT_MS,
+    expect_canvas_color,
     instance_processes,
     instances,
+    new_context,
     novnc_site,
-    require,
+    require_novnc,
     reserve,
+    show_desktop,
 )
 from support import ServerProcess, marked_processes, wait_until
 
 FIRST, CHANGED = "#22aa66", "#cc3311"
-
-
-@pytest.fixture(scope="module")
-def browser(chromium: Browser) -> Browser:
-    require(*X_BINARIES, paths=(NOVNC / "core" / "rfb.js",))
-    return chromium
-
-
-@pytest.fixture
-def site(tmp_path: Path) -> Path:
-    return novnc_site(tmp_path / "www")
 
 
 def x11vnc(server: ServerProcess) -> psutil.Process:
@@ -51,27 +38,13 @@ def x11vnc(server: ServerProcess) -> psutil.Process:
     return proc
 
 
-def wait_canvas(page: Page, color: str, artifact: str) -> None:
-    """Wait until noVNC's canvas shows ``color`` (#rrggbb); keep a screenshot."""
-    canvas = page.locator("#screen canvas")
-    deadline = time.monotonic() + 20
-    while True:
-        png = canvas.screenshot()
-        fraction = color_fraction(png, color)
-        if fraction >= MIN_FRACTION or time.monotonic() > deadline:
-            break
-        time.sleep(0.2)
-    ARTIFACTS.mkdir(exist_ok=True)
-    (ARTIFACTS / artifact).write_bytes(png)
-    assert fraction >= MIN_FRACTION, \
-        f"only {fraction:.1%} of the canvas is {color}; see {ARTIFACTS / artifact}"
-
-
-def test_reload_shows_the_changed_desktop_again(browser, site, start_server) -> None:
+def test_reload_shows_the_changed_desktop_again(
+        chromium: Browser, tmp_path: Path, start_server: Callable[..., ServerProcess]) -> None:
+    require_novnc()
     server = start_server("--remote_session_config", str(DESKTOP_CONFIG),
-                          "--reconnect_grace", "30", http_dir=site)
+                          "--reconnect_grace", "30", http_dir=novnc_site(tmp_path / "www"))
     token = reserve(server, f"?color=%23{FIRST[1:]}")
-    context = new_context(browser)
+    context = new_context(chromium)
     try:
         page = context.new_page()
         show_desktop(page, server, f"websockify?token={token}", FIRST, "reconnect-first.png")
@@ -79,10 +52,10 @@ def test_reload_shows_the_changed_desktop_again(browser, site, start_server) -> 
         display = vnc.cmdline()[vnc.cmdline().index("-display") + 1]
         subprocess.run(["xsetroot", "-display", display, "-solid", CHANGED], check=True,
                        timeout=30)
-        wait_canvas(page, CHANGED, "reconnect-changed.png")
+        expect_canvas_color(page, CHANGED, "reconnect-changed.png")
         page.reload()
         expect(page.locator("#status")).to_have_text("connected", timeout=TIMEOUT_MS)
-        wait_canvas(page, CHANGED, "reconnect-reloaded.png")
+        expect_canvas_color(page, CHANGED, "reconnect-reloaded.png")
         assert x11vnc(server).pid == vnc.pid  # the same desktop, not a new one
         assert [i["state"] for i in instances(server)] == ["active"]
         _, _, metrics = server.get("/v1/metrics")

@@ -9,6 +9,7 @@ import select
 import shutil
 import signal
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -16,6 +17,7 @@ from typing import Any, BinaryIO
 import psutil
 import pytest
 from PIL import Image
+from playwright.sync_api import Browser, BrowserContext, Page, expect
 
 from support import EXAMPLES, ROOT, ServerProcess, free_port, marked_processes
 from websocketserver.scripts import wait_listening
@@ -26,6 +28,8 @@ ARTIFACTS = ROOT / "test-artifacts"
 CHROMIUM = "/usr/bin/chromium"
 X_BINARIES = ("Xvfb", "x11vnc", "xsetroot")
 INSTALL_HINT = "run scripts/install-test-deps"
+TIMEOUT_MS = 30_000  # Playwright's waits in the browser tests
+MIN_FRACTION = 0.95  # of a noVNC canvas in the desktop's colour
 
 
 def require(*binaries: str, paths: tuple[Path, ...] = ()) -> None:
@@ -38,6 +42,11 @@ def require(*binaries: str, paths: tuple[Path, ...] = ()) -> None:
     if os.geteuid() != 0:
         pytest.skip(message)
     pytest.fail(message)
+
+
+def require_novnc(*binaries: str) -> None:
+    """:func:`require` what a browser test of a desktop needs: X, noVNC, ``binaries``."""
+    require(*X_BINARIES, *binaries, paths=(NOVNC / "core" / "rfb.js",))
 
 
 def desktop_options() -> dict[str, Any]:
@@ -256,3 +265,40 @@ def color_fraction(png: bytes, color: str, tolerance: int = 6) -> float:
     near = sum(count for count, rgb in colors
                if all(abs(have - w) <= tolerance for have, w in zip(rgb, want, strict=True)))
     return near / (image.width * image.height)
+
+
+def new_context(browser: Browser, width: int = 1024, height: int = 800,
+                ignore_https_errors: bool = False) -> BrowserContext:
+    """A browser context of that window size whose waits give up after :data:`TIMEOUT_MS`."""
+    context = browser.new_context(viewport={"width": width, "height": height},
+                                  ignore_https_errors=ignore_https_errors)
+    context.set_default_timeout(TIMEOUT_MS)
+    return context
+
+
+def expect_canvas_color(page: Page, color: str, artifact: str, timeout: float = 20) -> None:
+    """Wait until noVNC's canvas shows ``color`` (#rrggbb) on :data:`MIN_FRACTION` of it.
+
+    The last screenshot is kept as ``artifact`` in :data:`ARTIFACTS`, to look at on failure.
+    """
+    canvas = page.locator("#screen canvas")
+    deadline = time.monotonic() + timeout
+    while True:  # the first framebuffer update follows the connect shortly
+        png = canvas.screenshot()
+        fraction = color_fraction(png, color)
+        if fraction >= MIN_FRACTION or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    ARTIFACTS.mkdir(exist_ok=True)
+    (ARTIFACTS / artifact).write_bytes(png)
+    assert fraction >= MIN_FRACTION, \
+        f"only {fraction:.1%} of the canvas is {color}; see {ARTIFACTS / artifact}"
+
+
+def show_desktop(page: Page, server: ServerProcess, path: str, color: str,
+                 artifact: str) -> None:
+    """Open :data:`NOVNC_PAGE` on websocket ``path``; assert its canvas shows ``color``."""
+    query = f"host=127.0.0.1&port={server.ws_port}&scale=true&path={path}"
+    page.goto(server.url(f"/vnc_lite.html?{query}", auth=False))
+    expect(page.locator("#status")).to_have_text("connected", timeout=TIMEOUT_MS)
+    expect_canvas_color(page, color, artifact)
