@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import os
-import pickle
 import socket
 
 import pytest
 
-from websocketserver.channel import Channel, Ended, HandOver
+from websocketserver.channel import Channel, Ended, HandOver, decode
 from websocketserver.relay import _Relay
 from websocketserver.settings import Settings
 
@@ -83,6 +82,7 @@ def test_a_hand_over_without_its_socket_is_reported_as_ended() -> None:
     relay._on_message(HandOver(7, b"key", True, b"", "127.0.0.1"), [])
     theirs.settimeout(5)
     data, fds, _, _ = socket.recv_fds(theirs, 4096, 1)
-    assert pickle.loads(data) == Ended(7, 0, 0) and fds == []
+    message = decode(data)
+    assert isinstance(message, Ended) and message == Ended(7, 0, 0) and fds == []
     ours.close()
     theirs.close()
