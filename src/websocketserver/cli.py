@@ -2,6 +2,9 @@
 
 Usage errors print one line naming the problem and exit with status 2; start-up
 problems (unreadable certificate, bad service config, port in use) exit with 1.
+
+(Longer than the other modules because it is mostly the option table, each option
+with its help text; the checks are short functions below it.)
 """
 
 from __future__ import annotations

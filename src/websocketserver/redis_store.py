@@ -25,6 +25,8 @@ heartbeat of another instance clears it: its sessions are deleted (they died wit
 and its never-used reservations move to live instances with room. When no instance
 reached Redis for more than ``ttl / 2`` (Redis was down or unreachable for all), that
 time is not counted as anyone's silence: a Redis restart clears nobody.
+
+(Longer than the other modules: about half of it is the Lua source of the scripts.)
 """
 
 from __future__ import annotations

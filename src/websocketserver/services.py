@@ -9,6 +9,9 @@ With a reconnect grace (``--reconnect_grace``, or a service's ``"reconnect_grace
 an instance whose browser left is kept *detached* by a holder task for that long: a
 websocket with its token re-attaches to it (a new TCP connection to the same host and
 port, no second ``start()``); else the holder stops it.
+
+(Longer than the other modules: a token's whole lifecycle, grace included, is kept in
+one class so that each transition and its clean-up read together.)
 """
 
 from __future__ import annotations
