@@ -145,6 +145,18 @@ def test_configured_handler_redacts_and_escapes(tmp_path: Path) -> None:
 
 
 @pytest.mark.usefixtures("logging_state")
+def test_cluster_secret_and_redis_password_are_redacted(tmp_path: Path) -> None:
+    log_file = tmp_path / "server.log"
+    configure_logging(Settings(ws_port=1, log_file=log_file, cluster_secret="c1uster-s3cret",
+                               redis="redis://ws:r3dis-pass@10.0.0.5:6379/0"))
+    logging.getLogger("websocketserver.cluster").warning(
+        "signed with %s, Redis at %s", "c1uster-s3cret", "redis://ws:r3dis-pass@10.0.0.5")
+    text = log_file.read_text()
+    assert "c1uster-s3cret" not in text and "r3dis-pass" not in text
+    assert "10.0.0.5" in text
+
+
+@pytest.mark.usefixtures("logging_state")
 def test_malformed_request_is_one_line_without_the_request(tmp_path: Path) -> None:
     """What aiohttp logs for a malformed request; its message quotes the request."""
     log_file = tmp_path / "server.log"

@@ -2,7 +2,8 @@
 
 Every line is formatted by :class:`SafeFormatter`, which
 
-* redacts secrets: the configured security token, the values of ``security_token=``,
+* redacts secrets: the configured security token and cluster secret, the --redis
+  password, the values of ``security_token=``,
   ``token=`` and ``user_key=`` parameters and of ``Authorization`` and ``X-User-Key``
   headers, and anything shaped like a reservation token (a GUID); and
 * escapes control characters (C0, DEL, C1, U+2028/2029, lone surrogates), so text
@@ -24,7 +25,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from types import TracebackType
 from typing import TextIO, TypeAlias
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 from aiohttp.http_exceptions import HttpProcessingError
 
@@ -102,7 +103,8 @@ def configure_logging(settings: Settings) -> None:
         handler: logging.Handler = logging.StreamHandler(_open_private(settings.log_file))
     else:
         handler = logging.StreamHandler(sys.stdout)
-    secrets = [settings.security_token] if settings.security_token else []
+    secrets = [secret for secret in (settings.security_token, settings.cluster_secret,
+                                     _password(settings.redis)) if secret]
     handler.setFormatter(SafeFormatter(secrets))
     root = logging.getLogger()
     root.handlers[:] = [handler]
@@ -114,6 +116,11 @@ def configure_logging(settings: Settings) -> None:
         logging.getLogger("aiohttp.server").addFilter(_ClientError(level))
     # start and stop are always reported
     logging.getLogger("websocketserver.server").setLevel(min(level, logging.INFO))
+
+
+def _password(url: str | None) -> str | None:
+    """The password in a ``--redis`` URL, if it has one (it is a secret like the rest)."""
+    return urlsplit(url).password if url else None
 
 
 def _open_private(path: Path) -> TextIO:
