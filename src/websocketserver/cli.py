@@ -27,6 +27,7 @@ from .startup import program_name
 
 TOKEN_ENV = "WEBSOCKETSERVER_SECURITY_TOKEN"
 CLUSTER_SECRET_ENV = "WEBSOCKETSERVER_CLUSTER_SECRET"
+REDIS_ENV = "WEBSOCKETSERVER_REDIS"
 APP_ROOT_ENV = "WEBSOCKETSERVER_APP_ROOT"
 
 
@@ -242,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     cluster.add_argument("--redis", metavar="url",
                          help="Share reservations with other instances through Redis at url "
                          "(redis://[user:pass@]host:port/db, rediss://, unix://path). "
-                         "Default: one server, reservations in memory")
+                         f"Default: ${REDIS_ENV}, else one server, reservations in memory")
     cluster.add_argument("--node_name", metavar="name",
                          help="This instance's name in the cluster. Default: hostname:port")
     cluster.add_argument("--node_address", metavar="host",
@@ -417,13 +418,14 @@ def _cluster(args: argparse.Namespace) -> dict[str, Any]:
     """The cluster options, checked: with --redis a secret and a name are needed."""
     secret = (os.environ.get(CLUSTER_SECRET_ENV) if args.cluster_secret is None
               else args.cluster_secret)
-    if args.redis is None:
+    url = os.environ.get(REDIS_ENV) or None if args.redis is None else args.redis
+    if url is None:
         for option in ("node_name", "node_address", "cluster_secret"):
             if getattr(args, option) is not None:
                 raise SettingsError(f"--{option} needs --redis")
-        return {"node_name": "", "node_address": "", "cluster_secret": None}
-    if not args.redis.startswith(("redis://", "rediss://", "unix://")):
-        raise SettingsError(f"--redis {args.redis}: not a redis://, rediss:// or unix:// URL")
+        return {"redis": None, "node_name": "", "node_address": "", "cluster_secret": None}
+    if not url.startswith(("redis://", "rediss://", "unix://")):
+        raise SettingsError("--redis: not a redis://, rediss:// or unix:// URL")
     if not secret:
         raise SettingsError(f"--redis needs --cluster_secret (or ${CLUSTER_SECRET_ENV}): "
                             "it authenticates the instances to each other")
@@ -431,7 +433,7 @@ def _cluster(args: argparse.Namespace) -> dict[str, Any]:
         raise SettingsError("--redis needs a websocket port (not -1)")
     host = socket.gethostname()
     specific = args.listen_address not in (None, "", "0.0.0.0", "::")
-    return {"node_name": args.node_name or f"{host}:{args.ws_server_port}",
+    return {"redis": url, "node_name": args.node_name or f"{host}:{args.ws_server_port}",
             "node_address": args.node_address or (args.listen_address if specific else host),
             "cluster_secret": secret}
 
