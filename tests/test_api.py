@@ -174,10 +174,10 @@ async def test_release_while_an_upgrade_holds_the_claim(users_api) -> None:
     """Claimed by a websocket that has not begun to start it: the release still wins."""
     client, services = users_api
     token = (await (await client.get("/v1/reserve/viewer")).json())["token"]
-    await services.claim(token, None)
+    claimed = await services.claim(token, None)
     assert (await client.get(f"/v1/release/{token}")).status == 200
     with pytest.raises(ServiceError) as gone:
-        async with services.activate(token, lambda reason: None, claimed=True):
+        async with services.activate(token, lambda reason: None, claimed=claimed):
             pass
     assert gone.value.status == 410
     assert await services.store.list() == []

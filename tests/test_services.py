@@ -163,8 +163,9 @@ async def test_left_instance_is_detached_and_reattached_without_a_start(tmp_path
     [status] = await manager.status(None)
     [instance] = status["instances"]
     assert instance["state"] == "detached" and 29 < instance["detached_seconds_left"] <= 30
-    assert (await manager.claim(token, None)).state is State.ACTIVE
-    async with manager.activate(token, lambda reason: None, claimed=True) as use:
+    claimed = await manager.claim(token, None)
+    assert claimed.state is State.ACTIVE
+    async with manager.activate(token, lambda reason: None, claimed=claimed) as use:
         assert use.address == ("127.0.0.1", 4242)
         with pytest.raises(ServiceError) as again:  # one websocket at a time
             await manager.claim(token, None)
@@ -198,6 +199,31 @@ async def test_release_or_shutdown_stops_a_detached_instance(tmp_path) -> None:
     await manager.close()  # waits for the stop
     assert await manager.store.list() == []
     assert [c[0] for c in calls(manager)] == ["start", "stop", "start", "stop"]
+
+
+async def test_a_release_between_claim_and_activate_ends_the_session(tmp_path) -> None:
+    """The claimed reservation is passed to activate: a release in between is still
+    seen, for a fresh start (after it: stopped) and for a re-attach (no session)."""
+    manager = graceful(tmp_path, 30)
+    token = (await manager.reserve("rec", {}, None)).token
+    claimed = await manager.claim(token, None)
+    await manager.release(token)
+    with pytest.raises(ServiceError) as gone:
+        async with manager.activate(token, lambda reason: None, claimed=claimed):
+            pass
+    assert gone.value.status == 410 and await manager.store.list() == []
+    assert [c[0] for c in calls(manager)] == ["start", "stop"]
+    token = (await manager.reserve("rec", {}, None)).token
+    await leave(manager, token)
+    claimed = await manager.claim(token, None)
+    assert claimed.state is State.ACTIVE
+    await manager.release(token)
+    with pytest.raises(ServiceError) as gone:
+        async with manager.activate(token, lambda reason: None, claimed=claimed):
+            pass
+    assert gone.value.status == 410 and await manager.store.list() == []
+    assert [c[0] for c in calls(manager)] == ["start", "stop", "start", "stop"]
+    await manager.close()
 
 
 @pytest.mark.parametrize("flag, own, kept", [(0, None, False), (30, None, True),

@@ -37,7 +37,7 @@ from .limits import LimitExceeded, TunnelLimits
 from .metrics import Metrics
 from .protocol import Accept, Policy, Refusal, UpgradeRequest, decide, limit_refusal
 from .relay import RelayPool
-from .reservations import StoreUnavailable
+from .reservations import Reservation, StoreUnavailable
 from .services import Elsewhere, ServiceError, ServiceManager
 from .settings import Settings
 from .tunnel import Tunnel
@@ -150,7 +150,7 @@ class WebSocketGateway:
             if came is not None and self.cluster is not None and not await self.cluster.fresh(
                     came.nonce):
                 raise ServiceError(403, "forwarded websocket replayed")
-            await self.services.claim(token, user)
+            claimed = await self.services.claim(token, user)
         except Elsewhere as exc:
             if came is None and self.cluster is not None:
                 await self._forward(request, transport, tail, token, exc.node, client, user)
@@ -166,7 +166,7 @@ class WebSocketGateway:
             return
         if not transport.is_closing():
             transport.resume_reading()
-            if self._accept(request, transport, tail, accept, client, user):
+            if self._accept(request, transport, tail, accept, client, user, claimed):
                 return
         await self.services.unclaim(token)  # no websocket after all: reserved again
 
@@ -196,10 +196,11 @@ class WebSocketGateway:
         log.info("websocket forwarded: %s -> %s (%s:%d)", client, node, *owner)
 
     def _accept(self, request: UpgradeRequest, transport: asyncio.Transport, tail: bytes,
-                accept: Accept, client: str | None = None, user: str | None = None) -> bool:
+                accept: Accept, client: str | None = None, user: str | None = None,
+                claimed: Reservation | None = None) -> bool:
         """Answer 101 and run the tunnel; False if a limit refused it (then answered).
         ``client``/``user``: as a forwarding instance vouched for them (else the
-        request's own)."""
+        request's own); ``claimed``: the reservation of ``accept.token`` as claimed."""
         if client is None:
             client = self.identity.client_address(request)
             user = self.identity.user(request)
@@ -220,7 +221,8 @@ class WebSocketGateway:
         if accept.token is None:
             self.live.spawn(self.live.basic(tunnel, lambda: self.limits.release(client, user)))
         else:  # claimed by _upgrade_token
-            self.live.spawn(self._service_tunnel(tunnel, client, user, accept.token))
+            assert claimed is not None
+            self.live.spawn(self._service_tunnel(tunnel, client, user, claimed))
         return True
 
     def _acquire(self, client: str, user: str | None) -> None:
@@ -236,18 +238,19 @@ class WebSocketGateway:
     # -- running a tunnel -----------------------------------------------------------
 
     async def _service_tunnel(self, tunnel: Tunnel, client: str, user: str | None,
-                              token: str) -> None:
+                              claimed: Reservation) -> None:
         try:
-            await self._run_service(tunnel, token)
+            await self._run_service(tunnel, claimed)
         finally:
             self.limits.release(client, user)
 
-    async def _run_service(self, tunnel: Tunnel, token: str) -> None:
+    async def _run_service(self, tunnel: Tunnel, claimed: Reservation) -> None:
+        token = claimed.token
         task = asyncio.current_task()
         assert task is not None
         session = _Session(task, tunnel)
         try:
-            async with self.services.activate(token, session.close, claimed=True) as use:
+            async with self.services.activate(token, session.close, claimed=claimed) as use:
                 deadline = time.monotonic() + self.settings.start_timeout
                 tunnel.when_stopped(use.leave)
 

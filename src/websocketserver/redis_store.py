@@ -11,8 +11,13 @@ clock. Data, under a key prefix (``websocketserver:`` by default):
   owner, options, timestamp, changed, by, op, ran}``; ``by`` is the instance that made
   the last change, ``op`` that change's id (a retried call is recognised), ``ran``
   whether it was ever claimed;
+* ``used`` (hash): ``node<TAB>service`` -> JSON ``{index: token}``, the slots that
+  node's reservations of that service hold, changed in the same scripts as ``res`` so
+  that placing a reservation decodes no reservation (built from ``res`` by the first
+  registration that finds it missing: every instance of a cluster must run a version
+  that keeps it);
 * ``meta`` (hash): ``epoch`` (the registration counter), ``contact`` (when an instance
-  last reached Redis);
+  last reached Redis), ``used`` (set once ``used`` is kept);
 * ``nonces`` (sorted set): nonces of forwarded websockets seen, scored by when they
   may be forgotten;
 * channel ``stop:<node>``: tokens another instance moved to stopping on that node.
@@ -79,10 +84,10 @@ instance may take it over (move it to itself); a state not listed is in use."""
 UNSTARTED = State.RESERVED
 """The state whose reservations outlive their instance (nothing runs for them yet)."""
 
-# Shared head of every script. KEYS: nodes, res, meta, nonces. ARGV: this instance's name, its
+# Shared head of every script. KEYS: nodes, res, meta, nonces, used. ARGV: this instance's name, its
 # epoch, the heartbeat TTL (ms), the stop channel prefix; the script's own from ARGV[5].
 _HEAD = """
-local NODES, RES, META, NONCES = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local NODES, RES, META, NONCES, USED = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local ME, EPOCH, TTL, CHANNEL = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
 local CLAIMS = cjson.decode(%(claims)s)
 local UNSTARTED, STOPPING = %(unstarted)s, %(stopping)s
@@ -111,16 +116,38 @@ local function stale()
   return me == nil or me.epoch ~= EPOCH
 end
 
--- indices of `service` held on node `name` (on any node if nil), and how many
-local function held(records, service, name)
-  local used, n = {}, 0
-  for _, r in ipairs(records) do
-    if r.service == service and (name == nil or r.node == name) then
-      used[r.index] = true
-      n = n + 1
+-- the slots of `service` that node `name` holds: {index (text): token}
+local function slots(name, service)
+  local raw = redis.call('HGET', USED, name .. '\t' .. service)
+  if raw then return cjson.decode(raw) end
+  return {}
+end
+-- note in USED that `r` holds its slot (token: r.token) or no longer does (nil)
+local function mark(r, token)
+  local field, key = r.node .. '\t' .. r.service, tostring(r.index)
+  local used = slots(r.node, r.service)
+  if token == nil and used[key] ~= r.token then return end
+  used[key] = token
+  if next(used) == nil then
+    redis.call('HDEL', USED, field)
+  else
+    redis.call('HSET', USED, field, cjson.encode(used))
+  end
+end
+-- indices of `service` held on node `name` (on every node of `nodes` if nil), and how many
+local function held(service, name, nodes)
+  local names = {name}
+  if name == nil then
+    for i, n in ipairs(nodes) do names[i] = n.name end
+  end
+  local used, count = {}, 0
+  for _, node in ipairs(names) do
+    for index in pairs(slots(node, service)) do
+      used[tonumber(index)] = true
+      count = count + 1
     end
   end
-  return used, n
+  return used, count
 end
 local function lowest_free(used, count)
   for i = 0, count - 1 do
@@ -132,12 +159,12 @@ end
 -- The node for a reservation of `service`: the least-loaded live node that runs it
 -- and has room, ties to this node, then by name. Returns the node and its lowest free
 -- index (nil for a cluster-scoped service, whose index is cluster-wide).
-local function place(records, nodes, service, scope)
+local function place(nodes, service, scope)
   local best, best_index, best_load, best_rank
   for _, n in ipairs(nodes) do
     local count = n.counts[service]
     if count and live(n) then
-      local used, load = held(records, service, n.name)
+      local used, load = held(service, n.name)
       local index = nil
       if scope ~= 'cluster' then index = lowest_free(used, count) end
       local rank = (n.name == ME) and '' or n.name
@@ -154,23 +181,22 @@ end
 -- sessions (they ended with it) and what it began to release but did not finish, and
 -- move its never-used reservations to live nodes with room (drop them if none has).
 local function evict(name)
-  local kept, moving = {}, {}
+  local moving = {}
   for _, r in ipairs(decoded(redis.call('HVALS', RES))) do
     if r.node == name or (r.by == name and r.state == STOPPING and not r.ran) then
       redis.call('HDEL', RES, r.token)
+      mark(r, nil)
       if r.node == name and r.state == UNSTARTED then moving[#moving + 1] = r end
-    else
-      kept[#kept + 1] = r
     end
   end
   local nodes = decoded(redis.call('HVALS', NODES))
   for _, r in ipairs(moving) do
-    local target, index = place(kept, nodes, r.service, r.scope)
+    local target, index = place(nodes, r.service, r.scope)
     if target then
       r.node = target
       if index ~= nil then r.index = index end
       put(r)
-      kept[#kept + 1] = r
+      mark(r, r.token)
     end
   end
 end
@@ -196,6 +222,10 @@ local old = get(NODES, ME)
 if old and old.rid == ARGV[7] then return answer({epoch = old.epoch}) end
 if old and live(old) then return answer({error = 'duplicate', address = old.address}) end
 forgive_outage()
+if not redis.call('HGET', META, 'used') then  -- kept from now on
+  for _, r in ipairs(decoded(redis.call('HVALS', RES))) do mark(r, r.token) end
+  redis.call('HSET', META, 'used', 1)
+end
 local epoch = redis.call('HINCRBY', META, 'epoch', 1)
 put_node({name = ME, epoch = epoch, address = ARGV[5], counts = cjson.decode(ARGV[6]),
           ttl = TTL, seen = NOW, rid = ARGV[7]})
@@ -232,18 +262,19 @@ local token, service, count, scope = ARGV[5], ARGV[6], tonumber(ARGV[7]), ARGV[8
 local existing = get(RES, token)
 if existing then return answer({r = existing}) end  -- a retried call that was applied
 forgive_outage()
-local records = decoded(redis.call('HVALS', RES))
+local nodes = decoded(redis.call('HVALS', NODES))
 local index = nil
 if scope == 'cluster' then
-  index = lowest_free((held(records, service, nil)), count)
+  index = lowest_free((held(service, nil, nodes)), count)
   if index == nil then return answer({error = 'full'}) end
 end
-local node, slot = place(records, decoded(redis.call('HVALS', NODES)), service, scope)
+local node, slot = place(nodes, service, scope)
 if node == nil then return answer({error = 'full'}) end
 local r = {token = token, service = service, scope = scope, node = node,
            index = index or slot, state = UNSTARTED, owner = cjson.decode(ARGV[10]),
            options = ARGV[9], timestamp = NOW, changed = NOW, by = ME, op = '', ran = false}
 put(r)
+mark(r, r.token)
 return answer({r = r})
 """
 
@@ -270,11 +301,13 @@ if r.node ~= ME then
     if r.scope == 'cluster' then
       index = r.index
     else
-      index = lowest_free((held(decoded(redis.call('HVALS', RES)), r.service, ME)), count)
+      index = lowest_free((held(r.service, ME)), count)
     end
   end
   if index == nil then return answer({outcome = 'elsewhere', r = r}) end
+  mark(r, nil)
   r.node, r.index = ME, index
+  mark(r, r.token)
 end
 r.state, r.changed, r.by, r.op, r.ran = rule[1], NOW, ME, ARGV[7], true
 put(r)
@@ -304,7 +337,10 @@ _REMOVE = """
 -- ARGV[5]: token
 if stale() then return answer({error = 'stale'}) end
 local r = get(RES, ARGV[5])
-if r then redis.call('HDEL', RES, ARGV[5]) end
+if r then
+  redis.call('HDEL', RES, ARGV[5])
+  mark(r, nil)
+end
 return answer({r = r})
 """
 
@@ -367,7 +403,8 @@ class RedisStore(ReservationStore):
         self.fenced = asyncio.Event()
         """Set once a heartbeat finds this instance's registration cleared or replaced."""
         self._ttl_ms = str(round(heartbeat_ttl * 1000))
-        self._keys = [prefix + "nodes", prefix + "res", prefix + "meta", prefix + "nonces"]
+        self._keys = [prefix + "nodes", prefix + "res", prefix + "meta", prefix + "nonces",
+                      prefix + "used"]
         self._channel = prefix + "stop:"
         self._epoch = 0
         self._available = False

@@ -309,19 +309,24 @@ class ServiceManager:
             await self._end(token, instance)
 
     @contextlib.asynccontextmanager
-    async def activate(self, token: str, close: Callable[[str], None], claimed: bool = False
-                       ) -> AsyncIterator[Attachment]:
+    async def activate(self, token: str, close: Callable[[str], None],
+                       claimed: Reservation | None = None) -> AsyncIterator[Attachment]:
         """Start the service of ``token`` (or re-attach to its detached instance) and
         yield its :class:`Attachment`; on exit, stop it, or detach it if the owner set
         :attr:`Attachment.keep` and the service has a reconnect grace.
 
-        ``claimed``: the caller won :meth:`claim` for it; else it is claimed here as by
-        an anonymous caller. ``close(reason)`` is called if the reservation is released
+        ``claimed``: what the caller's won :meth:`claim` returned; else it is claimed here
+        as by an anonymous caller. ``close(reason)`` is called if the reservation is released
         while in use. Raises :class:`ServiceError` (404 unknown token, 409 already in
         use, 410 released once claimed, 502 the service failed to start) before yielding.
         """
-        reservation = (await self.store.get(token) if claimed
-                       else await self.claim(token, None))
+        reservation: Reservation | None
+        if claimed is None:
+            reservation = await self.claim(token, None)
+        elif claimed.state is State.STARTING:  # not read again: a release since the claim
+            reservation = claimed  # fails the transition to active below (410)
+        else:  # a re-attach: only the store tells whether it was released since
+            reservation = await self.store.get(token)
         if reservation is None:
             raise ServiceError(410, "reservation released")
         service = self.services[reservation.service]
