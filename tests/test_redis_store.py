@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import shutil
 import signal
 import subprocess
@@ -462,3 +463,52 @@ def test_nginx_cluster_config_is_valid(tmp_path: Path) -> None:
     check = subprocess.run([nginx, "-t", "-p", str(tmp_path), "-c",
                             str(tmp_path / "nginx.conf")], capture_output=True, text=True)
     assert check.returncode == 0, check.stderr
+
+
+async def test_the_used_slots_always_match_the_reservations(join: Join,
+                                                            redis_server: RedisServer) -> None:
+    """The per-instance slot index that reserve reads (``used``) stays what the
+    reservations say, and no slot is held twice, through random reserves, claims
+    (take-overs), transitions, removes and instances leaving and joining again."""
+    counts = {"a": 3, "c": 4}
+    names = ["x", "y", "z"]
+    stores = [await join(name, counts, {"c"}) for name in names]
+    admin = redis_server.client()
+    rng = random.Random(1)
+    tokens: list[str] = []
+
+    def consistent() -> None:
+        records = [json.loads(v) for v in admin.hvals("websocketserver:res")]
+        want: dict[str, dict[str, str]] = {}
+        held: set[tuple[str, ...]] = set()
+        for r in records:
+            want.setdefault(f"{r['node']}\t{r['service']}", {})[str(r["index"])] = r["token"]
+            slot = ((r["service"], str(r["index"])) if r["scope"] == "cluster"
+                    else (r["node"], r["service"], str(r["index"])))
+            assert slot not in held, slot
+            held.add(slot)
+        got = {k: json.loads(v) for k, v in admin.hgetall("websocketserver:used").items()}
+        assert {k: v for k, v in got.items() if v} == want
+
+    for _ in range(400):
+        i = rng.randrange(3)
+        store, op = stores[i], rng.random()
+        try:
+            if op < 0.35:
+                tokens.append((await store.reserve(rng.choice("ac"), 4, {}, None)).token)
+            elif op < 0.6 and tokens:
+                await store.claim(rng.choice(tokens), None)
+            elif op < 0.75 and tokens:
+                await store.transition(rng.choice(tokens), (State.STARTING, State.ACTIVE),
+                                       rng.choice([State.STOPPING, State.DETACHED,
+                                                   State.ACTIVE]))
+            elif op < 0.93 and tokens:
+                token = rng.choice(tokens)
+                tokens.remove(token)
+                await store.remove(token)
+            elif op < 0.96:
+                await store.close()
+                stores[i] = await join(names[i], counts, {"c"})
+        except NoSlotFree:
+            pass
+        consistent()
