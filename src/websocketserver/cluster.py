@@ -30,7 +30,7 @@ class Cluster:
         self.store = store
         self._watchers: list[asyncio.Task[None]] = []
 
-    async def start(self, released: Callable[[str], None],
+    async def start(self, released: Callable[[str], object],
                     fenced: Callable[[], None]) -> None:
         """Register, and call ``released(token)`` for each session of this instance
         that another instance released, ``fenced()`` if this instance is cleared from
@@ -44,7 +44,7 @@ class Cluster:
         self._watchers = [asyncio.create_task(self._releases(released)),
                           asyncio.create_task(self._rejoin(fenced))]
 
-    async def _releases(self, released: Callable[[str], None]) -> None:
+    async def _releases(self, released: Callable[[str], object]) -> None:
         async for token in self.store.stop_requests():
             released(token)
 

@@ -17,11 +17,9 @@ import struct
 from dataclasses import dataclass
 
 CONTINUATION, TEXT, BINARY, CLOSE, PING, PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
-_DATA = (CONTINUATION, TEXT, BINARY)
 _CONTROL = (CLOSE, PING, PONG)
 
-OK, GOING_AWAY, PROTOCOL_ERROR = 1000, 1001, 1002
-INVALID_TEXT, MESSAGE_TOO_BIG, INTERNAL_ERROR = 1007, 1009, 1011
+PROTOCOL_ERROR, INVALID_TEXT, MESSAGE_TOO_BIG = 1002, 1007, 1009
 MAX_CONTROL = 125  # payload bytes allowed in a control frame (RFC 6455 5.5)
 MAX_REASON = 123  # bytes allowed in a close reason
 

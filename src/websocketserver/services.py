@@ -240,34 +240,31 @@ class ServiceManager:
         reservation = await self.store.get(token)
         if reservation is None:
             raise ServiceError(404, "unknown token")
-        closer = self._closers.get(token)
-        detached = self._detached.get(token)
-        if closer is not None:
-            closer("reservation released")
-        elif detached is not None:  # its holder stops it now
-            detached.set()
-        else:  # claimed by an upgrade not yet activating it (activate or unclaim frees
+        if not self.end_here(token):
+            # claimed by an upgrade not yet activating it (activate or unclaim frees
             # it), or running on another instance of a cluster (the store tells it)
             await self.store.transition(token, (State.STARTING, State.ACTIVE, State.DETACHED),
                                         State.STOPPING)
         return reservation
 
     def end_all(self, reason: str) -> None:
-        """End every session of this instance (its cluster registration was cleared)."""
+        """End every session of this instance: its tunnel closes (which stops it), a
+        detached one's holder stops it now."""
         for close in list(self._closers.values()):
             close(reason)
         for detached in list(self._detached.values()):
             detached.set()
 
-    def released_elsewhere(self, token: str) -> None:
-        """Another instance of the cluster released ``token``, whose session runs here:
-        end it as a release here would."""
+    def end_here(self, token: str) -> bool:
+        """End ``token``'s session here as a release does (here, or on another instance
+        of the cluster); False if none runs here."""
         closer = self._closers.get(token)
         detached = self._detached.get(token)
         if closer is not None:
             closer("reservation released")
-        elif detached is not None:
+        elif detached is not None:  # its holder stops it now
             detached.set()
+        return closer is not None or detached is not None
 
     async def claim(self, token: str, user: str | None) -> Reservation:
         """Take ``token`` for a websocket of ``user`` (reserved -> starting, or detached
@@ -508,10 +505,7 @@ class ServiceManager:
         if self._reclaimer is not None:
             self._reclaimer.cancel()
             await asyncio.gather(self._reclaimer, return_exceptions=True)
-        for close in list(self._closers.values()):
-            close("server shutting down")
-        for wake in self._detached.values():
-            wake.set()
+        self.end_all("server shutting down")
         await asyncio.gather(*self._holders, return_exceptions=True)
         abandoned = list(self._abandoned.values())
         for task in abandoned:
