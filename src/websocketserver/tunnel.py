@@ -283,10 +283,12 @@ class Tunnel(WSListener):
         self._unparsed += size
 
     def parsed(self) -> None:
-        """picows has made frames of what it could: charge what it still holds."""
+        """picows has made frames of what it could: charge what it still holds, if that
+        is more than ever (the charge changes only with the peak and the unsent bytes,
+        which charge themselves)."""
         if self._unparsed > self._peak:
             self._peak = self._unparsed
-        self._charge()
+            self._charge()
 
     def _charge(self) -> None:
         if self.state is _CLOSED:
