@@ -56,7 +56,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from run import format_value, log, machine, others_cpu
+from run import format_value, log, machine, other_load, others_cpu
 
 from common import HOST, BenchError, free_port, raise_nofile_limit, send_json
 from servers import (
@@ -594,11 +594,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         bench.close()
     elapsed = time.monotonic() - started
-    foreign = sum(v - others_before.get(k, 0.0) for k, v in others_cpu().items())
-    foreign_share = max(0.0, foreign) / (elapsed * (os.cpu_count() or 1))
-    if foreign_share > 0.05:
-        log(f"warning: other processes used {foreign_share:.0%} of the CPUs during the run; "
-            "the numbers are disturbed")
+    foreign_share = other_load(others_before, elapsed)
     header = (f"cluster benchmark, {'quick' if args.quick else 'full'} run, {plan.reps} rounds, "
               f"{datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}; {machine()}; "
               f"{versions(redis_version)}; load average at start {load[0]:.2f}; "

@@ -486,6 +486,17 @@ def machine() -> str:
     return f"{os.cpu_count()} CPUs, {model}, Python {platform.python_version()}"
 
 
+def other_load(before: dict[tuple[int, float], float], elapsed: float) -> float:
+    """The share of the CPUs other processes used since ``before`` (``others_cpu()``);
+    warns when it is enough to disturb the numbers."""
+    foreign = sum(v - before.get(k, 0.0) for k, v in others_cpu().items())
+    share = max(0.0, foreign) / (elapsed * (os.cpu_count() or 1))
+    if share > 0.05:
+        log(f"warning: other processes used {share:.0%} of the CPUs during the run; "
+            "the numbers are disturbed")
+    return share
+
+
 def others_cpu() -> dict[tuple[int, float], float]:
     """CPU seconds so far of every other user-space process (children it reaped
     included), keyed by (pid, start time). Taken before and after the run, the
@@ -556,13 +567,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         bench.close()
 
     elapsed = time.monotonic() - started
-    foreign = sum(v - others_before.get(k, 0.0) for k, v in others_cpu().items())
-    foreign_share = max(0.0, foreign) / (elapsed * (os.cpu_count() or 1))
-    if foreign_share > 0.05:
-        log(
-            f"warning: other processes used {foreign_share:.0%} of the CPUs during the run; "
-            "the numbers are disturbed"
-        )
+    foreign_share = other_load(others_before, elapsed)
     names = [DIRECT, *(kind.name for kind in kinds)]
     table = render(rows, names)
     header = (
