@@ -47,12 +47,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialBackoff
-from redis.commands.core import AsyncScript
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
+from .redis_link import RedisLink
 from .reservations import (
     Claim,
     ClaimOutcome,
@@ -72,8 +69,6 @@ SOCKET_TIMEOUT = 1.0
 NONCE_MEMORY = 86400.0
 """Seconds a forwarded websocket's nonce is remembered (a day: longer than a token that
 was never used lives, so a replay finds its token gone or in use rather than free)."""
-MAX_CONNECTIONS = 32
-"""Connections to Redis per instance (one of them listens for stop requests)."""
 
 CLAIMS: dict[State, tuple[State, ClaimOutcome, bool]] = {
     State.RESERVED: (State.STARTING, ClaimOutcome.CLAIMED, True),
@@ -372,15 +367,17 @@ class StaleNode(StoreUnavailable):
 
 @dataclass(frozen=True)
 class _Scripts:
-    register: AsyncScript
-    heartbeat: AsyncScript
-    deregister: AsyncScript
-    reserve: AsyncScript
-    claim: AsyncScript
-    transition: AsyncScript
-    remove: AsyncScript
-    nonce: AsyncScript
-    read: AsyncScript
+    """The Lua source of each script."""
+
+    register: str
+    heartbeat: str
+    deregister: str
+    reserve: str
+    claim: str
+    transition: str
+    remove: str
+    nonce: str
+    read: str
 
 
 class RedisStore(ReservationStore):
@@ -409,22 +406,18 @@ class RedisStore(ReservationStore):
         self._epoch = 0
         self._available = False
         self._beating: asyncio.Task[None] | None = None
-        # At most MAX_CONNECTIONS: a burst of requests waits for one (Redis runs the
-        # scripts one at a time anyway) rather than opening a connection each. One
-        # retry, on a failed connection only: a pooled connection that a Redis restart
-        # closed is replaced at once (the scripts recognise a repeated call).
-        self._redis = aioredis.Redis.from_pool(aioredis.BlockingConnectionPool.from_url(
-            url, max_connections=MAX_CONNECTIONS, timeout=OPERATION_TIMEOUT,
-            decode_responses=True, socket_timeout=SOCKET_TIMEOUT,
-            socket_connect_timeout=SOCKET_TIMEOUT, socket_keepalive=True,
-            retry=Retry(ExponentialBackoff(cap=0.05, base=0.01), 1,
-                        supported_errors=(RedisConnectionError,))))
+        # The script calls share one pipelined connection (redis_link.py); the
+        # subscription to stop requests has a connection of its own, through redis-py.
+        self._link = RedisLink(url, OPERATION_TIMEOUT, SOCKET_TIMEOUT)
+        self._redis = aioredis.Redis.from_url(
+            url, decode_responses=True, socket_timeout=SOCKET_TIMEOUT,
+            socket_connect_timeout=SOCKET_TIMEOUT, socket_keepalive=True)
         head = _HEAD % {"claims": _lua_string(json.dumps(
                             {str(state): [str(new), str(outcome), movable]
                              for state, (new, outcome, movable) in CLAIMS.items()})),
                         "unstarted": _lua_string(UNSTARTED), "stopping": _lua_string(
                             State.STOPPING)}
-        self._scripts = _Scripts(*(self._redis.register_script(head + body) for body in (
+        self._scripts = _Scripts(*(head + body for body in (
             _REGISTER, _HEARTBEAT, _DEREGISTER, _RESERVE, _CLAIM, _TRANSITION, _REMOVE,
             _NONCE, _READ)))
 
@@ -489,6 +482,7 @@ class RedisStore(ReservationStore):
         if self._epoch and not self.fenced.is_set():
             with contextlib.suppress(StoreUnavailable):
                 await self._run(self._scripts.deregister)
+        await self._link.close()
         await self._redis.aclose()
 
     async def address(self, node: str) -> str | None:
@@ -604,13 +598,12 @@ class RedisStore(ReservationStore):
 
     # -- plumbing ----------------------------------------------------------------------
 
-    async def _run(self, script: AsyncScript, *args: str | int,
+    async def _run(self, script: str, *args: str | int,
                    check_stale: bool = True) -> dict[str, Any]:
         """Run ``script`` as this instance; Redis failures become StoreUnavailable."""
         head: list[str | int] = [self.name, self._epoch, self._ttl_ms, self._channel]
         try:
-            async with asyncio.timeout(OPERATION_TIMEOUT):
-                raw = await script(keys=self._keys, args=[*head, *args])
+            raw = await self._link.script(script, self._keys, [*head, *args])
         except TimeoutError:
             self._available = False
             raise StoreUnavailable(
