@@ -51,6 +51,9 @@ log = logging.getLogger("websocketserver.services")
 
 RECLAIM_INTERVAL = 1.0
 """How often never-activated reservations are checked against ``--timeout``."""
+FREE_RETRY = 1.0
+"""Seconds between tries to free a stopped instance's slot while the store (a cluster's
+Redis) does not answer."""
 
 
 class Elsewhere(Exception):
@@ -144,6 +147,7 @@ class ServiceManager:
         self._attachments: dict[str, Attachment] = {}
         self._detached: dict[str, asyncio.Event] = {}  # set: the holder is to end now
         self._holders: set[asyncio.Task[None]] = set()
+        self._freeing: set[asyncio.Task[None]] = set()  # slots to free once Redis answers
         self._closing = False
 
     def grace(self, service: Service) -> float:
@@ -357,6 +361,10 @@ class ServiceManager:
                 if not detached:
                     await self.store.transition(token, (State.STARTING, State.ACTIVE),
                                                 State.STOPPING)
+            except StoreUnavailable as exc:  # stopped all the same; freed once it answers
+                log.warning("%s index %d ends while the store is unavailable (%s): its "
+                            "slot is freed once it answers", service.name, reservation.index,
+                            exc)
             finally:
                 if attachment is not None:
                     del self._attachments[token]
@@ -368,8 +376,7 @@ class ServiceManager:
                 if instance is not None:
                     await self._end(token, instance)
                 else:
-                    await self.store.remove(token)
-                    log.info("%s index %d is free", service.name, reservation.index)
+                    await self._free(token, service.name, reservation.index)
 
     async def _detach(self, token: str, instance: _Instance, grace: float) -> None:
         """Keep a detached ``instance`` for ``grace`` seconds, in a holder task."""
@@ -392,16 +399,45 @@ class ServiceManager:
         if self._detached.get(token) is not wake:
             return  # re-attached
         del self._detached[token]
-        if await self.store.transition(token, State.DETACHED, State.STOPPING) is not None:
-            await self._end(token, instance)
-        # else a re-attach claimed it first, or it is gone: no longer this holder's
+        try:
+            if await self.store.transition(token, State.DETACHED, State.STOPPING) is None:
+                return  # a re-attach claimed it first, or it is gone: not this holder's
+        except StoreUnavailable as exc:  # no re-attach can claim it either: stop it
+            log.warning("%s index %d: the store is unavailable (%s); stopping it",
+                        instance.service.name, instance.index, exc)
+        await self._end(token, instance)
 
     async def _end(self, token: str, instance: _Instance) -> None:
         """Stop a started ``instance`` and free its slot (its token is stopping)."""
         await self._stop(instance.service, instance.index)
         self._running.pop(token, None)
-        await self.store.remove(token)
-        log.info("%s index %d is free", instance.service.name, instance.index)
+        await self._free(token, instance.service.name, instance.index)
+
+    async def _free(self, token: str, service: str, index: int) -> None:
+        """Remove ``token``, whose instance is stopped or never ran, from the store.
+
+        If the store does not answer (a cluster's Redis is down), a task tries again
+        every FREE_RETRY seconds until it does, so that the slot is not held for ever;
+        at shutdown the cluster frees it instead, with the rest of this instance's.
+        """
+        try:
+            await self.store.remove(token)
+        except StoreUnavailable:
+            if self._closing:
+                return
+            task = asyncio.create_task(self._free_later(token, service, index))
+            self._freeing.add(task)
+            task.add_done_callback(self._freeing.discard)
+        else:
+            log.info("%s index %d is free", service, index)
+
+    async def _free_later(self, token: str, service: str, index: int) -> None:
+        while True:
+            await asyncio.sleep(FREE_RETRY)
+            with contextlib.suppress(StoreUnavailable):
+                await self.store.remove(token)
+                log.info("%s index %d is free (the store answers again)", service, index)
+                return
 
     async def _start(self, service: Service, reservation: Reservation) -> tuple[str, int]:
         timeout = self.settings.start_timeout
@@ -460,8 +496,7 @@ class ServiceManager:
             await self._stop(service, index)  # the start finished late: stop what it made
         finally:
             self._abandoned.pop(reservation.token, None)
-            await self.store.remove(reservation.token)
-            log.info("%s index %d is free", service.name, index)
+            await self._free(reservation.token, service.name, index)
 
     async def _stop(self, service: Service, index: int) -> None:
         try:
@@ -507,7 +542,7 @@ class ServiceManager:
             await asyncio.gather(self._reclaimer, return_exceptions=True)
         self.end_all("server shutting down")
         await asyncio.gather(*self._holders, return_exceptions=True)
-        abandoned = list(self._abandoned.values())
-        for task in abandoned:
+        waiting = [*self._abandoned.values(), *self._freeing]
+        for task in waiting:
             task.cancel()
-        await asyncio.gather(*abandoned, return_exceptions=True)
+        await asyncio.gather(*waiting, return_exceptions=True)

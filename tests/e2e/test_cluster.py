@@ -4,7 +4,6 @@ behind a real HAProxy, on loopback. One test per acceptance item of the spec."""
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import json
 import os
 import shutil
@@ -16,6 +15,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 import websockets
 from cluster_support import HAProxy, RedisServer, redis_server, start_haproxy
@@ -93,34 +93,52 @@ async def echo_through(url: str, size: int = 1 << 20) -> bytes:
     return received
 
 
+async def reserve_all(session: aiohttp.ClientSession, url: str, count: int
+                      ) -> list[tuple[int, Any]]:
+    """``count`` reserves at once: each answer's status and JSON body."""
+    async def one() -> tuple[int, Any]:
+        async with session.get(url) as response:
+            return response.status, await response.json(content_type=None)
+    return await asyncio.gather(*(one() for _ in range(count)))
+
+
 def test_capacity_is_exact_through_haproxy(cluster: Cluster,
                                            start_haproxy: Callable[..., HAProxy]) -> None:
     """Counts 7/7/6: 500 concurrent reserves through HAProxy give exactly 20 tokens and
-    480 x 503, indices {0..6}, {0..6}, {0..5}; a cluster-scoped count of 20 gives 20."""
+    480 x 503, indices {0..6}, {0..6}, {0..5}, 20 times over; a cluster-scoped count of
+    20 gives 20."""
     nodes = [cluster.start(f"n{i}", {"echo": count, "shared": 20}, {"shared": "cluster"})
              for i, count in enumerate((7, 7, 6))]
     proxy = start_haproxy([(node.ws_port, node.http_port) for node in nodes])
     wait_until(lambda: all(get(f"http://127.0.0.1:{n.http_port}/v1/health")[0] == 200
                            for n in nodes))
-    with concurrent.futures.ThreadPoolExecutor(64) as pool:
-        for service, expected in (("echo", 20), ("shared", 20)):
-            for _ in range(3 if service == "echo" else 1):
+
+    async def rounds() -> None:
+        connector = aiohttp.TCPConnector(limit=0)  # all 500 at once
+        async with aiohttp.ClientSession(connector=connector) as session:
+            for service in ["echo"] * 20 + ["shared"]:
                 url = api(proxy.http_port, f"/v1/reserve/{service}")
-                answers = list(pool.map(get, [url] * 500))
+                answers = await reserve_all(session, url, 500)
                 tokens = [body["token"] for status, body in answers if status == 200]
-                assert len(tokens) == expected
-                assert sorted(status for status, _ in answers
-                              if status != 200) == [503] * (500 - expected)
+                assert len(tokens) == 20
+                assert sorted(status for status, _ in answers if status != 200) == \
+                       [503] * 480
                 entries = instances(nodes[0], service)
-                assert len(entries) == expected
+                assert len(entries) == 20
                 if service == "echo":
                     by_node: dict[str, list[int]] = {}
                     for entry in entries:
                         by_node.setdefault(entry["node"], []).append(entry["index"])
                     assert sorted(sorted(v) for v in by_node.values()) == [
                         list(range(6)), list(range(7)), list(range(7))]
-                for token in tokens:
-                    assert get(api(proxy.http_port, f"/v1/release/{token}"))[0] == 200
+                released = await asyncio.gather(*(
+                    session.get(api(proxy.http_port, f"/v1/release/{token}"))
+                    for token in tokens))
+                assert [response.status for response in released] == [200] * 20
+                for response in released:
+                    response.release()
+
+    asyncio.run(rounds())
     status, document = nodes[1].get_json("/v1/status")
     assert {s["name"]: s["count"] for s in document} == {"echo": 20, "shared": 20}
 
@@ -236,6 +254,34 @@ def test_redis_restart_keeps_everything_and_outage_fails_closed(cluster: Cluster
             assert await ws.recv() == b"after"
 
     asyncio.run(scenario())
+
+
+def echo_servers(node: ServerProcess) -> list[Any]:
+    """The echo service's processes (examples/echo_server.py) below ``node``."""
+    return [p for p in node.descendants()
+            if any(arg.endswith("echo_server.py") for arg in p.cmdline())]
+
+
+def test_a_session_ending_while_redis_is_down_stops_now_and_frees_its_slot_later(
+        cluster: Cluster) -> None:
+    """The service stops when its websocket closes although Redis is down; the slot
+    is freed in Redis once it is back (not held by a stopped instance for ever)."""
+    a = cluster.start("a", {"echo": 1})
+    token = a.get_json("/v1/reserve/echo")[1]["token"]
+
+    async def session() -> None:
+        async with websockets.connect(a.ws_url(token=token)) as ws:
+            await ws.send(b"up")
+            assert await ws.recv() == b"up"
+            assert len(echo_servers(a)) == 1
+            cluster.redis.kill()
+
+    asyncio.run(session())
+    wait_until(lambda: echo_servers(a) == [], timeout=5)
+    cluster.redis.start()
+    wait_until(lambda: a.get_json("/v1/health")[1]["store"] == "ok")
+    wait_until(lambda: instances(a, "echo") == [], timeout=5)
+    assert a.get_json("/v1/reserve/echo")[0] == 200
 
 
 @pytest.mark.skipif(shutil.which("faketime") is None, reason="faketime not installed")
