@@ -56,7 +56,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from run import format_value, log, machine, other_load, others_cpu
+from run import format_value, log, machine, run_measured
 
 from common import HOST, BenchError, free_port, raise_nofile_limit, send_json
 from servers import (
@@ -579,26 +579,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     out_dir = BENCH_DIR / "results" / datetime.datetime.now().strftime("cluster-%Y%m%d-%H%M%S")
     out_dir.mkdir(parents=True)
     load = os.getloadavg()
-    started = time.monotonic()
-    others_before = others_cpu()
     bench = Bench(plan, args.parallel, not args.no_pair, out_dir)
-    try:
-        rows = bench.run()
-        redis_version = bench.redis.version if bench.redis else "?"
-    except BenchError as exc:
-        log(f"benchmark failed: {exc}\n(logs in {out_dir})")
-        return 1
-    except KeyboardInterrupt:
-        log("interrupted; stopping every process the benchmark started")
-        return 130
-    finally:
-        bench.close()
-    elapsed = time.monotonic() - started
-    foreign_share = other_load(others_before, elapsed)
+    outcome = run_measured(bench, out_dir)
+    if isinstance(outcome, int):
+        return outcome
+    rows: dict[str, Row] = outcome.rows
+    redis_version = bench.redis.version if bench.redis else "?"
     header = (f"cluster benchmark, {'quick' if args.quick else 'full'} run, {plan.reps} rounds, "
               f"{datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}; {machine()}; "
               f"{versions(redis_version)}; load average at start {load[0]:.2f}; "
-              f"{elapsed:.0f} s, other load {foreign_share:.0%}")
+              f"{outcome.seconds:.0f} s, other load {outcome.other_load:.0%}")
     table = render(rows)
     (out_dir / "table.md").write_text(header + "\n\n" + table + "\n")
     (out_dir / "samples.json").write_text(json.dumps(

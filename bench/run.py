@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, Protocol
 
 import psutil
 
@@ -486,6 +486,42 @@ def machine() -> str:
     return f"{os.cpu_count()} CPUs, {model}, Python {platform.python_version()}"
 
 
+class Runnable(Protocol):
+    """A benchmark: ``run`` returns its rows or raises BenchError; ``close`` stops every
+    process it started."""
+
+    def run(self) -> Any: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class Outcome:
+    rows: Any
+    seconds: float
+    other_load: float
+    """The share of the CPUs other processes took meanwhile (see :func:`other_load`)."""
+
+
+def run_measured(bench: Runnable, out_dir: Path) -> Outcome | int:
+    """Run ``bench``, always closing it, and watch the rest of the machine meanwhile;
+    the exit status instead of an outcome when it failed (1) or was interrupted (130)."""
+    started = time.monotonic()
+    others_before = others_cpu()
+    try:
+        rows = bench.run()
+    except BenchError as exc:
+        log(f"benchmark failed: {exc}\n(logs in {out_dir})")
+        return 1
+    except KeyboardInterrupt:
+        log("interrupted; stopping every process the benchmark started")
+        return 130
+    finally:
+        bench.close()
+    elapsed = time.monotonic() - started
+    return Outcome(rows, elapsed, other_load(others_before, elapsed))
+
+
 def other_load(before: dict[tuple[int, float], float], elapsed: float) -> float:
     """The share of the CPUs other processes used since ``before`` (``others_cpu()``);
     warns when it is enough to disturb the numbers."""
@@ -552,28 +588,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     out_dir = BENCH_DIR / "results" / stamp
     out_dir.mkdir(parents=True)
-    started = time.monotonic()
-    others_before = others_cpu()
-    bench = Bench(plan, kinds, out_dir, only)
-    try:
-        rows = bench.run()
-    except BenchError as exc:
-        log(f"benchmark failed: {exc}\n(logs in {out_dir})")
-        return 1
-    except KeyboardInterrupt:
-        log("interrupted; stopping every process the benchmark started")
-        return 130
-    finally:
-        bench.close()
-
-    elapsed = time.monotonic() - started
-    foreign_share = other_load(others_before, elapsed)
+    outcome = run_measured(Bench(plan, kinds, out_dir, only), out_dir)
+    if isinstance(outcome, int):
+        return outcome
+    rows = outcome.rows
     names = [DIRECT, *(kind.name for kind in kinds)]
     table = render(rows, names)
     header = (
         f"{'quick' if args.quick else 'full'} run, {plan.reps} runs each, "
         f"{datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}, {machine()}, "
-        f"{elapsed:.0f} s, other load {foreign_share:.0%}"
+        f"{outcome.seconds:.0f} s, other load {outcome.other_load:.0%}"
     )
     (out_dir / "table.md").write_text(header + "\n\n" + table + "\n")
     (out_dir / "samples.json").write_text(
