@@ -24,13 +24,13 @@ import logging
 import ssl
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from picows import WSCloseCode
 from prometheus_client import Counter
 
 from . import forward
 from .backend import BackendError
-from .cluster import Cluster
 from .handshake import Handshake, write_refusal
 from .identity import Identity
 from .limits import LimitExceeded, TunnelLimits
@@ -42,6 +42,9 @@ from .services import Elsewhere, ServiceError, ServiceManager
 from .settings import Settings
 from .tunnel import Tunnel
 from .tunnels import START_FAILED, LiveTunnels, answer_upgrade, websocket_protocol
+
+if TYPE_CHECKING:  # loaded for a cluster only (redis-py costs ~80 ms at every start)
+    from .cluster import Cluster
 
 log = logging.getLogger("websocketserver.gateway")
 

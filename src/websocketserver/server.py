@@ -17,10 +17,10 @@ import signal
 import ssl
 import sys
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 from . import processes
 from .api import RestApi
-from .cluster import Cluster
 from .files import FileServer
 from .gateway import WebSocketGateway
 from .httpport import HttpPort
@@ -28,12 +28,14 @@ from .identity import Identity
 from .install import log_install
 from .logs import configure_logging
 from .metrics import Metrics
-from .redis_store import RedisStore
 from .relay import RelayPool
 from .reservations import MemoryStore, ReservationStore
 from .services import ServiceManager
 from .settings import Settings, SettingsError
 from .startup import log_startup, program_name
+
+if TYPE_CHECKING:
+    from .cluster import Cluster
 
 log = logging.getLogger("websocketserver.server")
 
@@ -62,6 +64,9 @@ class Server:
         self.metrics = Metrics()
         store: ReservationStore
         if settings.redis is not None:
+            from .cluster import Cluster  # imported here: redis-py costs ~80 ms a start
+            from .redis_store import RedisStore
+
             store = RedisStore(
                 settings.redis, settings.node_name,
                 f"{settings.node_address}:{settings.ws_port}",

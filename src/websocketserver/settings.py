@@ -14,9 +14,10 @@ import ssl
 import string
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import jsonschema
+if TYPE_CHECKING:
+    import jsonschema
 
 BUILTIN_APPS = ("ensight", "envision")
 
@@ -150,6 +151,8 @@ def load_service_config(path: Path) -> tuple[ServiceConfig, ...]:
             f"--remote_session_config {path}: expected a JSON object of services, "
             f"got {type(document).__name__}"
         )
+    import jsonschema  # imported here: ~60 ms, needed only with a services file
+
     validator = jsonschema.Draft202012Validator(_SERVICE_SCHEMA)
     services = []
     for name, entry in document.items():
