@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import subprocess
 import sys
 import textwrap
 import time
+import uuid
 
 import psutil
 
@@ -24,16 +28,21 @@ DAEMONIZE = textwrap.dedent("""
 
 def test_kill_instance_finds_a_daemon_by_its_marker(tmp_path) -> None:
     pidfile = tmp_path / "pid"
-    env = {processes.MARKER: "test-marker-1"}
+    marker = f"test-marker-{uuid.uuid4().hex}"  # no other run's leftover shares it
     launcher = subprocess.Popen([sys.executable, "-c", DAEMONIZE, str(pidfile)],
-                                env=env, start_new_session=True)
+                                env={processes.MARKER: marker}, start_new_session=True)
     launcher.wait(10)
     daemon_pid = int(wait_until(lambda: pidfile.exists() and pidfile.read_text()))
-    assert [p.pid for p in processes.marked("test-marker-1")] == [daemon_pid]
-    processes.kill_instance(launcher.pid, "test-marker-1")
-    wait_until(lambda: not psutil.pid_exists(daemon_pid)
-               or psutil.Process(daemon_pid).status() == psutil.STATUS_ZOMBIE)
-    assert processes.marked("test-marker-1") == []
+    try:
+        # the middle process of the double fork may still be exiting (a busy machine)
+        wait_until(lambda: [p.pid for p in processes.marked(marker)] == [daemon_pid])
+        processes.kill_instance(launcher.pid, marker)
+        wait_until(lambda: not psutil.pid_exists(daemon_pid)
+                   or psutil.Process(daemon_pid).status() == psutil.STATUS_ZOMBIE)
+        assert processes.marked(marker) == []
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(daemon_pid, signal.SIGKILL)  # a failed test leaves no daemon either
 
 
 def test_terminate_escalates_to_kill() -> None:
