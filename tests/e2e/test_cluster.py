@@ -11,6 +11,7 @@ import signal
 import time
 import urllib.error
 import urllib.request
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -175,6 +176,32 @@ def test_websocket_on_another_instance_take_over_forward_and_release(cluster: Cl
             assert closed.value.rcvd is not None and closed.value.rcvd.code == 1001
 
     asyncio.run(scenario())
+
+
+def test_one_token_on_100_websockets_across_instances_opens_one(cluster: Cluster) -> None:
+    """The same token on 100 websockets at once, spread over three instances (the
+    failure table's row): exactly one 101, 99 x 409."""
+    nodes = [cluster.start(name, {"echo": 2}) for name in ("a", "b", "c")]
+    token = nodes[0].get_json("/v1/reserve/echo")[1]["token"]
+
+    async def upgrade(url: str, opened: asyncio.Event) -> int:
+        try:
+            async with websockets.connect(url):
+                await opened.wait()  # held open until all have answered
+                return 101
+        except websockets.InvalidStatus as exc:
+            return exc.response.status_code
+
+    async def scenario() -> list[int]:
+        opened = asyncio.Event()
+        attempts = [asyncio.create_task(upgrade(nodes[i % 3].ws_url(token=token), opened))
+                    for i in range(100)]
+        while sum(not a.done() for a in attempts) > 1:
+            await asyncio.sleep(0.05)
+        opened.set()
+        return await asyncio.gather(*attempts)
+
+    assert Counter(asyncio.run(scenario())) == {101: 1, 409: 99}
 
 
 def test_a_forged_or_replayed_forward_is_refused(cluster: Cluster) -> None:
