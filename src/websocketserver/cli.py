@@ -472,6 +472,8 @@ def _install(args: argparse.Namespace, location: Path | None,
 def main(argv: Sequence[str] | None = None) -> NoReturn:
     """Entry point of the ``websocketserver`` command."""
     settings = parse_settings(argv, Path(sys.argv[0]))
+    for secret in (TOKEN_ENV, CLUSTER_SECRET_ENV, REDIS_ENV):  # read: the services
+        os.environ.pop(secret, None)  # this server starts do not inherit them
     from .server import run  # imported late: `-h` and usage errors stay fast
 
     sys.exit(run(settings))

@@ -7,18 +7,21 @@ encoded line breaks, and the log file's mode.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import ssl
 import stat
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import trustme
+import websockets
 
 from e2e.test_bad_input import Response, http_exchange, port
-from support import ServerProcess, wait_until
+from support import EXAMPLES, ServerProcess, wait_until
 
 TOKEN = "Tok3n-s3cret-9f2c"
 GUID = "0b6e3c1e-5d7a-4c1f-9e2b-7a4d2c9f1e80"  # shaped like a reservation token
@@ -148,3 +151,32 @@ def test_encoded_line_breaks_in_a_path_forge_no_log_line(start_server: StartServ
     for line in logged.splitlines():  # splits at every line break a viewer might honour
         assert _RECORD.match(line), f"a line that is not a record: {line!r}"
     assert "GET /x\\n1999-12-31 23:59:59,999 CRITICAL" in logged
+
+
+def test_services_do_not_inherit_the_servers_secrets(start_server: StartServer,
+                                                     tmp_path: Path) -> None:
+    """The security token and the cluster secret given through the environment stay in
+    the server: a service (a desktop with a terminal, say) does not find them in its own."""
+    seen = tmp_path / "service-env.json"
+    service = (f"import json, os, sys; open({str(seen)!r}, 'w').write(json.dumps("
+               "dict(os.environ))); sys.argv[1:] = [sys.argv[1]]; "
+               f"exec(open({str(EXAMPLES / 'echo_server.py')!r}).read())")
+    config = tmp_path / "services.json"
+    config.write_text(json.dumps({"probe": {"command": [sys.executable, "-c", service,
+                                                        "{port}"], "count": 1}}))
+    server = start_server("--remote_session_config", str(config), token=None,
+                          env={"WEBSOCKETSERVER_SECURITY_TOKEN": TOKEN,
+                               "WEBSOCKETSERVER_CLUSTER_SECRET": "cl5ster-s3cret"})
+    status, body = server.get_json(f"/v1/reserve/probe?security_token={TOKEN}", auth=False)
+    assert status == 200, body
+
+    async def session() -> None:
+        async with websockets.connect(server.ws_url(token=body["token"])) as ws:
+            await ws.send(b"hello")
+            assert await ws.recv() == b"hello"
+
+    asyncio.run(session())
+    environment = json.loads(seen.read_text())
+    assert "WEBSOCKETSERVER_INSTANCE" in environment  # it is the service's environment
+    assert not {name: value for name, value in environment.items()
+                if TOKEN in value or "cl5ster-s3cret" in value}
