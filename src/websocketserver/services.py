@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,9 +51,9 @@ log = logging.getLogger("websocketserver.services")
 
 RECLAIM_INTERVAL = 1.0
 """How often never-activated reservations are checked against ``--timeout``."""
-FREE_RETRY = 1.0
-"""Seconds between tries to free a stopped instance's slot while the store (a cluster's
-Redis) does not answer."""
+STORE_RETRY = 1.0
+"""Seconds between tries to free a slot (or give back a claimed one) while the store (a
+cluster's Redis) does not answer."""
 
 
 class Elsewhere(Exception):
@@ -147,7 +147,7 @@ class ServiceManager:
         self._attachments: dict[str, Attachment] = {}
         self._detached: dict[str, asyncio.Event] = {}  # set: the holder is to end now
         self._holders: set[asyncio.Task[None]] = set()
-        self._freeing: set[asyncio.Task[None]] = set()  # slots to free once Redis answers
+        self._retrying: set[asyncio.Task[None]] = set()  # changes to make once Redis answers
         self._closing = False
 
     def grace(self, service: Service) -> float:
@@ -300,6 +300,9 @@ class ServiceManager:
 
     async def unclaim(self, token: str) -> None:
         """Give back a claimed token never activated (its websocket was not opened)."""
+        await self._now_or_later(lambda: self._unclaim(token), "giving back a claimed token")
+
+    async def _unclaim(self, token: str) -> None:
         instance = self._running.get(token)
         if instance is None:
             if await self.store.transition(token, State.STARTING, State.RESERVED) is None:
@@ -362,9 +365,8 @@ class ServiceManager:
                     await self.store.transition(token, (State.STARTING, State.ACTIVE),
                                                 State.STOPPING)
             except StoreUnavailable as exc:  # stopped all the same; freed once it answers
-                log.warning("%s index %d ends while the store is unavailable (%s): its "
-                            "slot is freed once it answers", service.name, reservation.index,
-                            exc)
+                log.debug("%s index %d: not marked stopping: %s", service.name,
+                          reservation.index, exc)
             finally:
                 if attachment is not None:
                     del self._attachments[token]
@@ -414,29 +416,34 @@ class ServiceManager:
         await self._free(token, instance.service.name, instance.index)
 
     async def _free(self, token: str, service: str, index: int) -> None:
-        """Remove ``token``, whose instance is stopped or never ran, from the store.
-
-        If the store does not answer (a cluster's Redis is down), a task tries again
-        every FREE_RETRY seconds until it does, so that the slot is not held for ever;
-        at shutdown the cluster frees it instead, with the rest of this instance's.
-        """
-        try:
+        """Remove ``token``, whose instance is stopped or never ran, from the store."""
+        async def remove() -> None:
             await self.store.remove(token)
-        except StoreUnavailable:
+            log.info("%s index %d is free", service, index)
+        await self._now_or_later(remove, f"freeing {service} index {index}")
+
+    async def _now_or_later(self, change: Callable[[], Awaitable[None]], what: str) -> None:
+        """Make ``change`` to the store now or, while the store (a cluster's Redis) does
+        not answer, in a task that tries every STORE_RETRY seconds until it does: a slot
+        is not held for ever. At shutdown the cluster clears this instance's slots
+        instead."""
+        try:
+            await change()
+        except StoreUnavailable as exc:
             if self._closing:
                 return
-            task = asyncio.create_task(self._free_later(token, service, index))
-            self._freeing.add(task)
-            task.add_done_callback(self._freeing.discard)
-        else:
-            log.info("%s index %d is free", service, index)
+            log.warning("%s: the store is unavailable (%s); trying again every %g s", what,
+                        exc, STORE_RETRY)
+            task = asyncio.create_task(self._retry(change))
+            self._retrying.add(task)
+            task.add_done_callback(self._retrying.discard)
 
-    async def _free_later(self, token: str, service: str, index: int) -> None:
+    @staticmethod
+    async def _retry(change: Callable[[], Awaitable[None]]) -> None:
         while True:
-            await asyncio.sleep(FREE_RETRY)
+            await asyncio.sleep(STORE_RETRY)
             with contextlib.suppress(StoreUnavailable):
-                await self.store.remove(token)
-                log.info("%s index %d is free (the store answers again)", service, index)
+                await change()
                 return
 
     async def _start(self, service: Service, reservation: Reservation) -> tuple[str, int]:
@@ -542,7 +549,7 @@ class ServiceManager:
             await asyncio.gather(self._reclaimer, return_exceptions=True)
         self.end_all("server shutting down")
         await asyncio.gather(*self._holders, return_exceptions=True)
-        waiting = [*self._abandoned.values(), *self._freeing]
+        waiting = [*self._abandoned.values(), *self._retrying]
         for task in waiting:
             task.cancel()
         await asyncio.gather(*waiting, return_exceptions=True)

@@ -318,7 +318,8 @@ def test_timeout_reclaims_on_redis_time_whatever_an_instance_clock_says(
     skewed = cluster.start("b", {"echo": 1}, None, "--timeout", "2",
                            env={"LD_PRELOAD": _faketime_library(), "FAKETIME": "+1h",
                                 "FAKETIME_DONT_RESET": "1"})
-    hours = [int(node.log().split()[1][:2]) for node in (a, skewed)]  # asctime's hour
+    # asctime's hour of the first log line (written just after the ports open)
+    hours = [int(wait_until(node.log).split()[1][:2]) for node in (a, skewed)]
     assert (hours[1] - hours[0]) % 24 == 1, "the skewed instance's clock is not skewed"
     for reserving in (a, skewed):
         token = reserving.get_json("/v1/reserve/echo")[1]["token"]
