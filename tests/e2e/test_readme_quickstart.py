@@ -35,6 +35,7 @@ from typing import Any
 
 import psutil
 import pytest
+from cluster_support import require
 from playwright.sync_api import Browser, expect
 
 from e2e.vnc_support import (
@@ -48,7 +49,7 @@ from e2e.vnc_support import (
 from support import ROOT, free_port, wait_port, wait_until
 
 README = ROOT / "README.md"
-PORTS = ("8080", "9090", "5900")
+PORTS = ("8080", "9090", "5900", "6390", "8081", "8082", "8083", "9091", "9092", "9093")
 MARKER = re.compile(r"<!-- quickstart: (\w+) (run|call|open) -->\s*\n```\w*\n(.*?)```",
                     re.DOTALL)
 
@@ -77,7 +78,7 @@ class Workspace:
 
     def __init__(self, where: Path) -> None:
         self.where = where
-        for name in (".venv", "examples"):
+        for name in (".venv", "examples", "demo"):
             (where / name).symlink_to(ROOT / name)
         site = novnc_site(where / "novnc")
         (site / "vnc.html").write_text((site / "vnc_lite.html").read_text())
@@ -102,8 +103,9 @@ class Workspace:
                     raise AssertionError(f"port {original} of\n{script}\ndid not listen:\n"
                                          + log.read_text(errors="replace")) from None
 
-    def call(self, script: str) -> str:
-        done = subprocess.run(["bash", "-c", with_ports(script, self.ports)], cwd=self.where,
+    def call(self, script: str, token: str = "") -> str:
+        script = with_ports(script, self.ports).replace("TOKEN", token)
+        done = subprocess.run(["bash", "-c", script], cwd=self.where,
                               capture_output=True, text=True, timeout=30)
         assert done.returncode == 0, done.stderr
         return done.stdout
@@ -177,7 +179,8 @@ def status(space: Workspace) -> list[dict[str, Any]]:
 def test_readme_has_the_quickstarts() -> None:
     """The markers are there: removing one must not make the other tests vacuous."""
     found = {name: sorted(q.blocks) for name, q in quickstarts().items()}
-    assert found == {"basic": ["open", "run"], "reserve": ["call", "open", "run"]}
+    assert found == {"basic": ["open", "run"], "reserve": ["call", "open", "run"],
+                     "cluster": ["call", "open", "run"]}
 
 
 def test_quickstart_basic(browser: Browser, workspace: Workspace) -> None:
@@ -205,3 +208,33 @@ def test_quickstart_reserve(browser: Browser, workspace: Workspace) -> None:
     wait_until(lambda: not next(s for s in status(workspace)
                                 if s["name"] == "desktop")["instances"], timeout=20)
     assert desktop["count"] == 2
+
+
+def test_quickstart_cluster(browser: Browser, workspace: Workspace) -> None:
+    """A Redis and three instances as the README starts them: a token reserved on node1
+    echoes a line through node2's websocket in the demo page (node2 took it over), node3
+    lists it, and a release through node3 closes the page's websocket with 1001."""
+    require("redis-server")
+    quick = quickstarts()["cluster"]
+    [run] = quick.blocks["run"]
+    workspace.run(run)
+    reserve, release = quick.blocks["call"]
+    token = json.loads(workspace.call(reserve))["token"]
+    [url] = quick.blocks["open"]
+    context = new_context(browser)
+    try:
+        page = context.new_page()
+        page.goto(workspace.url(url, token))
+        expect(page.locator("#state")).to_have_text("open")
+        page.fill("#text", "hello, cluster")
+        page.press("#text", "Enter")
+        expect(page.locator("#log")).to_contain_text("hello, cluster")
+        listed = json.loads(workspace.call("curl -s http://127.0.0.1:9093/v1/status"))
+        echo = next(s for s in listed if s["name"] == "echo")
+        assert [(e["token"], e["node"], e["state"]) for e in echo["instances"]] == [
+            (token, "node2", "active")]
+        assert echo["count"] == 6  # 2 per instance
+        assert json.loads(workspace.call(release, token))["released"] == token
+        expect(page.locator("#state")).to_have_text(re.compile(r"^closed \(1001"))
+    finally:
+        context.close()
