@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import signal
 import socket
 import ssl
@@ -27,21 +28,41 @@ _WORKER = os.environ.get("PYTEST_XDIST_WORKER", "gw0")  # "gw0", "gw1"... under 
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 
 
+def _ephemeral_low() -> int:
+    """The lowest port the kernel gives outgoing connections (Linux's default 32768)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+_POOL = range(10000, max(_ephemeral_low(), 12000))
+_next = random.Random(os.getpid()).randrange(len(_POOL))
+
+
 def free_port() -> int:
     """A free 127.0.0.1 port, from this pytest-xdist worker's share of the ports.
 
-    A port is free between this call and the bind that uses it: were the shares not
-    disjoint, another worker could draw the same port in that gap and one of the two
-    tests would talk to the other's server. (``bind(0)`` hands out odd ports, hence
-    ``port // 2``.)
+    A port is free between this call and the bind that uses it, so: the shares are
+    disjoint (else another worker could draw the same port in that gap and one test
+    would talk to the other's server), and they lie below the kernel's range for
+    outgoing connections (else any client's connection could take the port in that
+    gap: with tens of thousands of connections a run, it happened).
     """
+    global _next
     index = int(_WORKER.removeprefix("gw"))
-    while True:
+    for _ in range(len(_POOL)):
+        port = _POOL[_next % len(_POOL)]
+        _next += 1
+        if port % _WORKERS != index:
+            continue
         with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port: int = sock.getsockname()[1]
-        if (port // 2) % _WORKERS == index:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue  # in use, or its connections are still in TIME_WAIT
             return port
+    raise RuntimeError(f"no free port in {_POOL.start}-{_POOL.stop - 1}")
 
 
 def wait_port(port: int, timeout: float = 15.0, proc: subprocess.Popen | None = None) -> None:

@@ -62,7 +62,7 @@ from .reservations import (
 
 log = logging.getLogger("websocketserver.cluster")
 
-OPERATION_TIMEOUT = 1.4
+OPERATION_TIMEOUT = 1.25
 """Seconds one store operation may take before it fails with :class:`StoreUnavailable`."""
 SOCKET_TIMEOUT = 1.0
 """Seconds to connect to Redis, or to wait for one answer."""
