@@ -18,6 +18,7 @@ import asyncio
 import errno
 import logging
 import math
+import os
 import socket
 import ssl
 from collections import Counter
@@ -224,6 +225,40 @@ async def _listen(host: str | None, port: int, backlog: int) -> list[socket.sock
             sock.close()
         raise
     return sockets
+
+
+DESCRIPTOR_CHECK = 1.0
+"""Seconds between counts of the process's open descriptors (:func:`watch_descriptors`)."""
+
+
+async def watch_descriptors(ws_port: int) -> None:
+    """Say when the process runs out of descriptors, which the websocket port cannot.
+
+    There uvloop's libuv meets ``accept()`` failing with EMFILE by accepting and
+    closing the waiting connections, and tells nobody. So the open descriptors are
+    counted every DESCRIPTOR_CHECK s (Linux: ``/proc/self/fd``); at the limit (within
+    two), one ERROR line per ACCEPT_LOG_INTERVAL. Returns at once where it cannot count.
+    """
+    try:
+        import resource
+    except ImportError:  # not a POSIX system
+        return
+    loop = asyncio.get_running_loop()
+    logged_at = -math.inf
+    while True:
+        await asyncio.sleep(DESCRIPTOR_CHECK)
+        limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        try:
+            used = len(os.listdir("/proc/self/fd"))
+        except OSError as exc:
+            if exc.errno not in (errno.EMFILE, errno.ENFILE):
+                return  # no /proc: nothing to count with
+            used = limit  # not even one left to look with
+        if used >= limit - 2 and loop.time() - logged_at >= ACCEPT_LOG_INTERVAL:
+            logged_at = loop.time()
+            log.error("websocket port %d: %d of %d open files in use: new connections "
+                      "are dropped until some close (raise the limit, e.g. LimitNOFILE, "
+                      "or see who holds the connections)", ws_port, used, limit)
 
 
 def _open_file_limit() -> str:

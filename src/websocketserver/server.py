@@ -26,6 +26,7 @@ from .gateway import WebSocketGateway
 from .httpport import HttpPort
 from .identity import Identity
 from .install import log_install
+from .limits import watch_descriptors
 from .logs import configure_logging
 from .metrics import Metrics
 from .relay import RelayPool
@@ -108,6 +109,8 @@ class Server:
         stack.push_async_callback(self.gateway.close, SHUTDOWN_TIMEOUT)
         if self.settings.ws_port != -1:
             await self._open("ws", self.settings.ws_port, context, self.gateway.listen)
+            watch = asyncio.create_task(watch_descriptors(self.settings.ws_port))
+            stack.push_async_callback(_cancel, watch)
         stack.push_async_callback(self.services.close)
         self.services.start_reclaiming()
         self.gateway.start_sweeping()
@@ -134,6 +137,11 @@ class Server:
         await self._stack.aclose()
         if self._started:
             log.info("stopped")
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
 
 
 async def serve(settings: Settings, relays: RelayPool | None = None) -> None:

@@ -28,6 +28,10 @@ BOUND = TIMEOUT + 2.0
 """Latest a stalled connection may be closed (the timeout plus slack for a busy machine)."""
 REQUEST = b"GET /no-such-file HTTP/1.1\r\nHost: x\r\n\r\n"  # a small answer (404)
 PARTIAL = b"GET /no-such-file HTTP/1.1\r\nHost: x\r\n"  # a head that never ends
+LIMIT_FILES = ("import os, resource, sys; "
+               "resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256)); "
+               "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])")
+"""``python -c LIMIT_FILES program args``: the program with at most 256 open files."""
 
 
 @pytest.fixture(scope="module")
@@ -156,10 +160,7 @@ def test_server_out_of_descriptors_recovers_and_says_why(tmp_path: Path) -> None
     """At 256 descriptors, stalled connections fill the server; once the timeout has
     closed them it answers again, and it logged why it could not accept."""
     ws_port, http_port = free_port(), free_port()
-    limit_files = ("import os, resource, sys; "
-                   "resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256)); "
-                   "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])")
-    argv = [sys.executable, "-c", limit_files, str(LAUNCHER), "--listen_address", "127.0.0.1",
+    argv = [sys.executable, "-c", LIMIT_FILES, str(LAUNCHER), "--listen_address", "127.0.0.1",
             "--http_directory", str(ROOT / "demo" / "www"), "--http_port", str(http_port),
             "--security_token", "K", "--handshake_timeout", str(TIMEOUT), str(ws_port)]
     server = ServerProcess(argv, ws_port=ws_port, http_port=http_port, token="K",
@@ -173,6 +174,37 @@ def test_server_out_of_descriptors_recovers_and_says_why(tmp_path: Path) -> None
         log = server.log()
         assert "Too many open files (open-file limit 256" in log
         assert log.count("cannot accept connections") == 1  # once per interval, no flood
+    finally:
+        for sock in stalled:
+            sock.close()
+        server.close()
+
+
+def ws_port_answers(port: int) -> bool:
+    """Whether the websocket port answers a plain GET (426) now."""
+    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port),
+                                                                timeout=2) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        return sock.recv(64).startswith(b"HTTP/1.1 426 ")
+    return False
+
+
+def test_websocket_port_out_of_descriptors_recovers_and_says_why(tmp_path: Path) -> None:
+    """At 256 descriptors, connections that send nothing fill the server through its
+    websocket port, where uvloop drops new ones silently: the server says so (once),
+    and answers again once the handshake timeout has closed them."""
+    ws_port, timeout = free_port(), 3.0
+    argv = [sys.executable, "-c", LIMIT_FILES, str(LAUNCHER), "--listen_address", "127.0.0.1",
+            "--handshake_timeout", str(timeout), str(ws_port)]
+    server = ServerProcess(argv, ws_port=ws_port, http_port=None, log_dir=tmp_path)
+    stalled: list[socket.socket] = []
+    try:
+        stalled = [socket.create_connection(("127.0.0.1", ws_port)) for _ in range(300)]
+        wait_until(lambda: "open files in use" in server.log(), timeout=timeout)
+        wait_until(lambda: ws_port_answers(ws_port), timeout=timeout + 3)
+        log = server.log()
+        assert f"websocket port {ws_port}: " in log and " of 256 open files in use" in log
+        assert log.count("open files in use") == 1  # once per interval, no flood
     finally:
         for sock in stalled:
             sock.close()
