@@ -215,6 +215,7 @@ def test_quickstart_cluster(browser: Browser, workspace: Workspace) -> None:
     echoes a line through node2's websocket in the demo page (node2 took it over), node3
     lists it, and a release through node3 closes the page's websocket with 1001."""
     require("redis-server")
+    require("openssl")
     quick = quickstarts()["cluster"]
     [run] = quick.blocks["run"]
     workspace.run(run)
