@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from aiohttp.http_exceptions import LineTooLong
 
-from websocketserver.logs import REDACTED, SafeFormatter, configure_logging, escape
+from websocketserver.logs import REDACTED, SafeFormatter, Sampled, configure_logging, escape
 from websocketserver.settings import Settings
 
 TOKEN = "Tok3n/s3cret+9f2c"
@@ -169,3 +169,20 @@ def test_malformed_request_is_one_line_without_the_request(tmp_path: Path) -> No
     text = log_file.read_text()
     assert text.endswith(" INFO aiohttp.server: Error handling request from 127.0.0.1: "
                          "LineTooLong\n"), text
+
+
+def test_lines_clients_cause_at_will_are_sampled(caplog: pytest.LogCaptureFixture) -> None:
+    """At most ``burst`` lines per interval; the next one written counts the rest."""
+    now = [0.0]
+    sampled = Sampled(logging.getLogger("test.sampled"), burst=3, interval=10.0,
+                      clock=lambda: now[0])
+    with caplog.at_level(logging.WARNING, logger="test.sampled"):
+        for n in range(50):
+            sampled.warning("client %d went quiet", n)
+        assert [r.getMessage() for r in caplog.records] == [
+            "client 0 went quiet", "client 1 went quiet", "client 2 went quiet"]
+        now[0] = 10.0  # the next interval
+        sampled.warning("client %d went quiet", 50)
+        sampled.warning("client %d went quiet", 51)
+    assert [r.getMessage() for r in caplog.records[3:]] == [
+        "client 50 went quiet (and 47 more like it not logged)", "client 51 went quiet"]

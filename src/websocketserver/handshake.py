@@ -18,9 +18,12 @@ from collections.abc import Callable
 import httptools
 from multidict import CIMultiDict
 
+from .logs import Sampled
 from .protocol import Refusal, UpgradeRequest
 
 log = logging.getLogger("websocketserver.handshake")
+_refused = Sampled(log)  # what clients cause at will: a few lines per 10 s, then a count
+_silent = Sampled(log)
 
 MAX_HEADERS = 100
 """Most header lines in an upgrade request (browsers send about 15)."""
@@ -46,7 +49,8 @@ def peer_of(transport: asyncio.BaseTransport) -> str:
 def write_refusal(transport: asyncio.Transport, refusal: Refusal) -> None:
     """Answer ``refusal`` as JSON and close the connection."""
     status = refusal.status
-    log.warning("websocket refused (%d): %s: %s", status, peer_of(transport), refusal.reason)
+    _refused.warning("websocket refused (%d): %s: %s", status, peer_of(transport),
+                     refusal.reason)
     body = json.dumps({"error": refusal.reason}).encode()
     extra = b"Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n" if status == 426 else b""
     transport.write(b"HTTP/1.1 %d %s\r\nContent-Type: application/json; charset=utf-8\r\n"
@@ -85,8 +89,8 @@ class Handshake(asyncio.Protocol):
     def _expire(self) -> None:
         if not self._done and self._transport is not None:
             self._done = True
-            log.warning("closing connection from %s: no request within %g s",
-                        peer_of(self._transport), self._timeout)
+            _silent.warning("closing connection from %s: no request within %g s",
+                            peer_of(self._transport), self._timeout)
             self._transport.abort()
 
     # httptools callbacks

@@ -27,7 +27,10 @@ from collections.abc import Callable, Iterable
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
+from .logs import Sampled
+
 log = logging.getLogger("websocketserver.limits")
+_silent = Sampled(log)  # connections that send nothing: a few lines per 10 s, then a count
 
 
 class HandshakeGuard:
@@ -65,8 +68,8 @@ class HandshakeGuard:
             transport = handler.transport
             if transport is not None and not transport.is_closing():
                 peer = transport.get_extra_info("peername")
-                log.warning("closing connection from %s: no request within %g s",
-                            peer[0] if peer else "?", self.timeout)
+                _silent.warning("closing connection from %s: no request within %g s",
+                                peer[0] if peer else "?", self.timeout)
                 transport.abort()  # at once, even mid-TLS: no close_notify dance
 
 

@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import re
 import stat
 import sys
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from types import TracebackType
 from typing import TextIO, TypeAlias
@@ -90,6 +92,37 @@ class SafeFormatter(logging.Formatter):
     def _block(self, text: str) -> str:
         lines = self.redact(text).split("\n")
         return "\n    ".join(escape(line) for line in lines)
+
+
+class Sampled:
+    """A kind of log line any client can cause at will (a connection that sends
+    nothing, a refused upgrade): at most ``burst`` of them per ``interval`` seconds are
+    written, the rest counted, and the next one written says how many were left out.
+    So a flood of such clients costs the log a few lines per interval, not one each."""
+
+    def __init__(self, logger: logging.Logger, burst: int = 10, interval: float = 10.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._logger = logger
+        self._burst = burst
+        self._interval = interval
+        self._clock = clock
+        self._began = -math.inf
+        self._written = 0
+        self._left_out = 0
+
+    def warning(self, message: str, *args: object) -> None:
+        now = self._clock()
+        if now - self._began >= self._interval:
+            self._began, self._written = now, 0
+        if self._written >= self._burst:
+            self._left_out += 1
+            return
+        self._written += 1
+        if self._left_out:
+            message += " (and %d more like it not logged)"
+            args = (*args, self._left_out)
+            self._left_out = 0
+        self._logger.warning(message, *args)
 
 
 def _bytes_repr(secret: str) -> str:

@@ -120,6 +120,24 @@ def test_slowloris_connection_is_closed(start_server, port_name) -> None:
     assert server.get("/index.html")[0] == 200
 
 
+@pytest.mark.parametrize("port_name", ["http_port", "ws_port"])
+def test_many_silent_connections_write_a_few_log_lines(start_server, port_name) -> None:
+    """100 connections that send nothing cost the log at most 10 lines (per 10 s)
+    rather than 100: a client can open them at will."""
+    server = start_server("--handshake_timeout", "0.5", "--client_port", "1")
+    port = getattr(server, port_name)
+    silent = [socket.create_connection(("127.0.0.1", port)) for _ in range(100)]
+    try:
+        for sock in silent:
+            sock.settimeout(10)
+            assert sock.recv(1024) == b""  # each closed by the server
+    finally:
+        for sock in silent:
+            sock.close()
+    assert 1 <= server.log().count("no request within 0.5 s") <= 10
+    assert server.get("/index.html")[0] == 200
+
+
 def test_origin_allow_list(start_server, echo) -> None:
     server = start_server("--client_port", str(echo.port),
                           "--allowed_origin", "https://portal.example.com")
