@@ -11,14 +11,15 @@ NAME; KIND says what the test does with it:
   (``{"token": ...}``);
 * ``open``: a URL to open in the browser.
 
-What a test must change, and only that: the ports 8080, 9090 and 5900 become free
-ports (each number everywhere in the quick-start), ``TOKEN`` in a URL becomes the
-token the ``call`` block printed, and the working directory is a scratch checkout:
-``.venv`` and ``examples`` link to this checkout, ``novnc/`` holds noVNC's library
+What a test must change, and only that: the ports of :data:`PORTS` (8080, 9090, 5900,
+and the cluster's 6390, 8081-8083, 9091-9093) become free ports (each number everywhere
+in the quick-start), ``TOKEN`` in a URL or a ``call`` block becomes the token the first
+``call`` block printed, and the working directory is a scratch checkout: ``.venv``,
+``examples`` and ``demo`` link to this checkout, ``novnc/`` holds noVNC's library
 (the npm package, as the other browser tests use) with a ``vnc.html`` of our own
 that reads ``host``, ``port`` and ``path`` as noVNC's ``vnc.html`` does (the README's
 ``git clone`` of noVNC needs the network). The page is opened in headless Chromium
-and must show the desktop's colour.
+and must show the desktop's colour (the cluster's: the demo page must echo a line).
 """
 
 from __future__ import annotations
