@@ -103,6 +103,7 @@ ACCEPT_RETRY = 0.1
 ACCEPT_LOG_INTERVAL = 10.0
 """At most one log line per this many seconds while ``accept()`` keeps failing."""
 
+_RAISE_LIMIT = "raise it, e.g. LimitNOFILE, or see who holds the connections"
 _ACCEPT_BATCH = 128
 """Connections accepted per wake-up at most: the rest wait for the next loop iteration."""
 _TRANSIENT = (BlockingIOError, InterruptedError, ConnectionAbortedError)
@@ -170,8 +171,7 @@ class Acceptor(asyncio.AbstractServer):
         self._logged_at = now
         hint = ""
         if exc.errno in (errno.EMFILE, errno.ENFILE):
-            hint = (f" (open-file limit {_open_file_limit()}: raise it, e.g. LimitNOFILE, "
-                    "or see who holds the connections)")
+            hint = f" (open-file limit {_open_file_limit()}: {_RAISE_LIMIT})"
         log.error("port %s: cannot accept connections: %s%s; new connections wait in the "
                   "backlog", sock.getsockname()[1], exc, hint)
 
@@ -260,8 +260,7 @@ async def watch_descriptors(ws_port: int) -> None:
         if used >= limit - 2 and loop.time() - logged_at >= ACCEPT_LOG_INTERVAL:
             logged_at = loop.time()
             log.error("websocket port %d: %d of %d open files in use: new connections "
-                      "are dropped until some close (raise the limit, e.g. LimitNOFILE, "
-                      "or see who holds the connections)", ws_port, used, limit)
+                      "are dropped until some close (%s)", ws_port, used, limit, _RAISE_LIMIT)
 
 
 def _open_file_limit() -> str:
