@@ -87,12 +87,24 @@ def request_head(request: UpgradeRequest, extra: list[str]) -> bytes:
     return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", "surrogateescape")
 
 
+HALF_CLOSED_TIMEOUT = 5.0
+"""Seconds a splice stays half-closed (one side sent FIN) before both sides are closed:
+a websocket's closing handshake is over by then, and the slot is given back."""
+
+
 class _Half(asyncio.Protocol):
     """One direction of a splice: what this side receives is written to the other;
-    a full other side pauses this one (backpressure), and either end ends both."""
+    a full other side pauses this one (backpressure), and either end ends both.
+
+    A FIN is passed on as a FIN (the other side may still answer); once both sides
+    have sent one, or one has for :data:`HALF_CLOSED_TIMEOUT`, both transports close,
+    which is what gives the forward's limits back (``connection_lost``).
+    """
 
     def __init__(self, ended: Callable[[], None]) -> None:
         self.other: asyncio.Transport | None = None
+        self.peer: _Half | None = None
+        self.eof = False
         self._ended = ended
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -103,10 +115,14 @@ class _Half(asyncio.Protocol):
             self.other.write(data)
 
     def eof_received(self) -> bool:
-        if self.other is not None and self.other.can_write_eof():
-            self.other.write_eof()
-            return True
-        return False
+        self.eof = True
+        other = self.other
+        if other is None or (self.peer is not None and self.peer.eof) \
+                or not other.can_write_eof():
+            return False  # both ways ended: this transport closes, and the other with it
+        other.write_eof()
+        asyncio.get_running_loop().call_later(HALF_CLOSED_TIMEOUT, other.close)
+        return True
 
     def pause_writing(self) -> None:
         if self.other is not None:
@@ -145,6 +161,7 @@ async def splice(browser: asyncio.Transport, host: str, port: int, head: bytes,
     owner, _ = await loop.create_connection(lambda: towards_browser, sock=sock)
     towards_browser.other = browser
     towards_owner.other = owner
+    towards_browser.peer, towards_owner.peer = towards_owner, towards_browser
     towards_owner.connection_made(browser)
     browser.set_protocol(towards_owner)
     owner.write(head + tail)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import psutil
 import pytest
 import websockets
 from cluster_support import HAProxy, RedisServer, redis_server, start_haproxy
@@ -176,6 +177,43 @@ def test_websocket_on_another_instance_take_over_forward_and_release(cluster: Cl
             assert closed.value.rcvd is not None and closed.value.rcvd.code == 1001
 
     asyncio.run(scenario())
+
+
+def test_forwarded_websockets_give_back_their_slot_when_closed_cleanly(
+        cluster: Cluster) -> None:
+    """A detached session of a, re-attached 12 times through b (which must forward:
+    it runs no echo), closing by a close frame or by a plain FIN in turn: every one is
+    answered 101 under b's --max_tunnels_per_client 3, and b's slots and sockets come
+    back (they leaked after a clean close: 2 x 101, then 429 for ever)."""
+    a = cluster.start("a", {"echo": 1}, None, "--reconnect_grace", "30")
+    b = cluster.start("b", {"other": 1}, None, "--max_tunnels_per_client", "3")
+    token = a.get_json("/v1/reserve/echo")[1]["token"]
+    request = (f"GET /websockify?token={token} HTTP/1.1\r\nHost: 127.0.0.1:{b.ws_port}\r\n"
+               "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+               "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n").encode()
+
+    async def by_close_frame() -> None:
+        async with websockets.connect(b.ws_url(token=token)) as ws:
+            await ws.send(b"x")
+            assert await asyncio.wait_for(ws.recv(), 10) == b"x"
+
+    async def by_fin() -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", b.ws_port)
+        writer.write(request)
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        assert head.startswith(b"HTTP/1.1 101"), head
+        writer.write_eof()  # a plain FIN, no close frame
+        await asyncio.wait_for(reader.read(), 10)  # the owner ends its side too
+        writer.close()
+
+    def detached() -> bool:
+        return [e["state"] for e in instances(a, "echo")] == ["detached"]
+
+    for attempt in range(12):
+        asyncio.run(by_fin() if attempt % 2 else by_close_frame())
+        wait_until(detached)
+    b_process = psutil.Process(b.serving_pid())
+    wait_until(lambda: len(b_process.net_connections("tcp")) < 10)
 
 
 def test_one_token_on_100_websockets_across_instances_opens_one(cluster: Cluster) -> None:
