@@ -177,6 +177,11 @@ def test_help_ends_with_examples() -> None:
      "field 'command[1]': placeholder {port:5} is not a plain {name}"),
     ({"command": ["no-such-program-here", "{port}"], "count": 1},
      "field 'command[0]': program 'no-such-program-here' not found on PATH"),
+    ({"command": ["{interp}", "x"], "count": 1, "options": {"interp": "python3"}},
+     "field 'command[0]': the program must be fixed, not a placeholder ({interp}): a "
+     "reservation's options could choose what runs"),
+    ({"command": ["/opt/{version}/app"], "count": 1, "options": {"version": "1"}},
+     "field 'command[0]': the program must be fixed, not a placeholder"),
     ({"command": ["bin/app", "{port}"], "count": 1},
      "/bin/app is not an executable file (a relative program is relative to the config "
      "file's folder)"),

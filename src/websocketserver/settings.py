@@ -222,7 +222,8 @@ def command_values(options: dict[str, Any]) -> dict[str, str]:
 
 def _check_command(where: str, command: tuple[str, ...], options: dict[str, Any],
                    directory: Path) -> None:
-    """Every placeholder is known and the program exists, checked at start-up."""
+    """Every placeholder is known and the program is fixed and exists, checked at
+    start-up."""
     known = [*COMMAND_FIELDS, *command_values(options)]
     for position, argument in enumerate(command):
         field_name = f"command[{position}]"
@@ -239,8 +240,10 @@ def _check_command(where: str, command: tuple[str, ...], options: dict[str, Any]
     program = command[0]
     if not program:
         raise SettingsError(f"{where}: field 'command[0]': the program must not be empty")
-    if placeholders(program):
-        return  # known only when an instance starts
+    if placeholders(program):  # else a reservation's option would choose what runs
+        raise SettingsError(f"{where}: field 'command[0]': the program must be fixed, not "
+                            f"a placeholder ({program}): a reservation's options could "
+                            "choose what runs")
     if os.sep in program or (os.altsep and os.altsep in program):
         found = (directory / program).is_file() and os.access(directory / program, os.X_OK)
         if not found:
