@@ -13,7 +13,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from websocketserver.files import FileServer, content_type
+from websocketserver.files import LISTING_LIMIT, FileServer, content_type
 
 TRAVERSAL = [
     "/../secret.txt",
@@ -95,6 +95,21 @@ def test_ansys_prefix_maps_to_install_root(tree: Path) -> None:
     assert files.locate("/ansys261/nexus/x.js").read_text() == "ansys"
     assert files.locate("/ansys261/../secret.txt") is None
     assert files.locate("/app.js") == (tree / "app.js").resolve()
+
+
+def test_each_ansys_folder_is_contained_to_itself(tree: Path) -> None:
+    """A link in ``ansys261`` to a sibling of it (``../nexus_launcher/``) is not followed,
+    though the sibling lies inside the install root (issue 22.13)."""
+    install = tree.parent / "install"
+    (install / "nexus_launcher").mkdir()
+    (install / "nexus_launcher" / "websocketserver.py").write_text("launcher")
+    (install / "ansys261" / "launcher").symlink_to("../nexus_launcher")
+    (install / "ansys261" / "own").symlink_to("nexus")
+    files = FileServer(tree, install)
+    assert files.locate("/ansys261/launcher/websocketserver.py") is None
+    assert files.locate("/ansys/launcher/websocketserver.py") is None
+    assert files.locate("/ansys261/own/x.js") == (install / "ansys261" / "nexus" / "x.js")
+    assert files.locate("/ansys/nexus/x.js") == (install / "ansys261" / "nexus" / "x.js")
 
 
 @pytest.mark.parametrize("name, expected", [
@@ -196,6 +211,26 @@ async def test_listing_says_nothing_about_outside_targets(client: TestClient,
     for name in ("out_file", "out_dir", "passwd", "dangling", "fifo", "12,345"):
         assert name not in first
     assert "big.bin" in first and "a%20b.txt" in first
+
+
+@pytest.mark.parametrize("url", ["/app.js/", "/sub/big.bin/", "/link_in.txt/", "/app.js//"])
+async def test_a_file_named_as_a_folder_is_not_found(client: TestClient, url: str) -> None:
+    """``/app.js/`` is not ``/app.js`` (issue 22.13)."""
+    assert (await raw_get(client.port, url))[0] == 404
+
+
+async def test_a_listing_shows_at_most_the_limit(client: TestClient, tree: Path) -> None:
+    """Folders first, then files by name, the first LISTING_LIMIT; a note counts the rest
+    (issue 22.12)."""
+    many = tree / "many"
+    (many / "zz_folder").mkdir(parents=True)
+    for number in range(LISTING_LIMIT + 2):
+        (many / f"f{number:05}").touch()
+    listing = await (await client.get("/many/")).text()
+    assert listing.count("<tr>") == LISTING_LIMIT + 1  # and ../
+    assert "zz_folder/" in listing and f"f{LISTING_LIMIT - 2:05}" in listing
+    assert f"f{LISTING_LIMIT - 1:05}" not in listing
+    assert "3 more entries are not listed (a listing shows the first 10,000)" in listing
 
 
 @pytest.mark.parametrize("target, location", [
