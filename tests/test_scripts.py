@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import sys
 import threading
+import time
 from pathlib import Path
 
 import psutil
 import pytest
 
-from support import EXAMPLES
+from support import EXAMPLES, wait_until
 from websocketserver.scripts import (
     CommandService,
     RemoteServiceScript,
@@ -89,7 +90,7 @@ async def test_command_service_starts_listening_and_stops_tree() -> None:
     service = Echo({})
     host, port = await call(service.start, 0, {})
     assert host == "127.0.0.1" and listening(port)
-    proc, _ = service._running[0]
+    proc, _, _ = service._running[0]
     await call(service.stop, 0)
     assert not psutil.pid_exists(proc.pid) or psutil.Process(proc.pid).status() == "zombie"
     assert not listening(port)
@@ -98,6 +99,65 @@ async def test_command_service_starts_listening_and_stops_tree() -> None:
 async def test_command_that_exits_early_is_a_start_error() -> None:
     with pytest.raises(RuntimeError, match="exited with status 3 before it listened"):
         await call(Fails({}).start, 0, {})
+
+
+class Silent(CommandService):
+    """Runs, never listens: its start() waits for the port until stopped."""
+
+    start_timeout = 30.0
+
+    def command(self, index, options, port):
+        return [sys.executable, "-c", "import time; time.sleep(60)"]
+
+
+class Daemonizes(CommandService):
+    """Its launcher exits 0 at once; the child it forked listens half a second later."""
+
+    def command(self, index, options, port):
+        return [sys.executable, "-c",
+                "import os, sys, time\n"
+                "if os.fork(): sys.exit(0)\n"
+                "time.sleep(0.5)\n"
+                "os.execv(sys.executable, [sys.executable] + sys.argv[1:])\n",
+                str(EXAMPLES / "echo_server.py"), str(port)]
+
+
+async def test_stop_during_start_ends_the_start_at_once() -> None:
+    """Stopping reaps the launched process through psutil, so Popen reads its status
+    as 0: the start took that for a launcher that daemonized and waited its whole
+    start_timeout, holding the slot."""
+    service = Silent({})
+    start = asyncio.ensure_future(call(service.start, 0, {}))
+    await asyncio.to_thread(wait_until, lambda: 0 in service._running)
+    began = time.monotonic()
+    await call(service.stop, 0)
+    with pytest.raises(RuntimeError, match="stopped before it listened"):
+        await asyncio.wait_for(start, 5)
+    assert time.monotonic() - began < 5
+
+
+async def test_a_launcher_that_daemonizes_starts_and_lives_on() -> None:
+    """Status 0 before the port listens is still a launcher that daemonized: waited
+    for; alive() sees its daemon by the marker, and not once it is stopped."""
+    service = Daemonizes({})
+    host, port = await call(service.start, 0, {})
+    proc, _, _ = service._running[0]
+    assert listening(port) and proc.poll() == 0
+    assert await call(service.alive, 0) is True
+    await call(service.stop, 0)
+    assert not listening(port) and await call(service.alive, 0) is False
+
+
+async def test_alive_is_false_once_the_instance_died() -> None:
+    service = Echo({})
+    _, port = await call(service.start, 0, {})
+    assert await call(service.alive, 0) is True
+    proc, _, _ = service._running[0]
+    proc.kill()
+    await asyncio.to_thread(proc.wait)
+    assert await call(service.alive, 0) is False
+    await call(service.stop, 0)
+    assert await call(service.alive, 1) is False  # never started
 
 
 def test_free_port_is_free() -> None:

@@ -4,7 +4,7 @@ A service script is a Python file defining one subclass of
 :class:`RemoteServiceScript`. The server creates one object per service type and
 calls ``start(index, options)`` when a reserved websocket arrives and
 ``stop(index)`` when it goes. This API is the original server's and user scripts
-depend on it, so it stays exactly as it is.
+depend on it, so it stays as it is; what was added since (``alive``) is optional.
 """
 
 from __future__ import annotations
@@ -55,6 +55,13 @@ class RemoteServiceScript:
     def stop(self, index: int) -> None:
         """Stop instance ``index`` and everything it started."""
         raise NotImplementedError
+
+    def alive(self, index: int) -> bool:
+        """Whether instance ``index``, detached (reconnect grace), still runs: asked
+        before a websocket re-attaches to it, so that a port another process took
+        after the instance died is not connected to. Optional: this default trusts
+        the address ``start`` returned, as before."""
+        return True
 
 
 async def call(method: Any, *args: Any) -> Any:
@@ -147,7 +154,7 @@ class CommandService(RemoteServiceScript):
 
     def __init__(self, common_options: dict[str, Any]) -> None:
         super().__init__(common_options)
-        self._running: dict[int, tuple[subprocess.Popen[bytes], str]] = {}
+        self._running: dict[int, tuple[subprocess.Popen[bytes], str, threading.Event]] = {}
         self._readers: dict[int, threading.Thread] = {}
 
     def command(self, index: int, options: dict[str, Any], port: int) -> list[str] | str:
@@ -188,9 +195,10 @@ class CommandService(RemoteServiceScript):
             target=log_output, args=(proc.stdout, f"{self.service_name}[{index}]"),
             name=f"output-{self.service_name}[{index}]", daemon=True)
         reader.start()
-        self._running[index] = (proc, marker)
+        stopped = threading.Event()
+        self._running[index] = (proc, marker, stopped)
         try:
-            wait_listening(port, self.start_timeout, proc)
+            wait_listening(port, self.start_timeout, proc, stopped)
         except BaseException:
             self.stop(index)
             raise
@@ -200,13 +208,27 @@ class CommandService(RemoteServiceScript):
         entry = self._running.pop(index, None)
         if entry is None:
             return
-        proc, marker = entry
-        processes.kill_instance(proc.pid, marker)
+        proc, marker, stopped = entry
+        stopped.set()  # a start() still waiting for the port gives up now
+        # a pid that poll() reaped may belong to another process by now: the marker
+        # finds what the instance left
+        processes.kill_instance(proc.pid if proc.poll() is None else None, marker)
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=5)
         reader = self._readers.pop(index, None)
         if reader is not None:  # its last lines come before the instance is reported free
             reader.join(timeout=1)
+
+    def alive(self, index: int) -> bool:
+        """The launched process runs, or a process carrying the instance's marker does
+        (a launcher that daemonized). The launched process is the server's child and
+        ``poll`` is what reaps it, so its pid cannot have been reused before ``poll``
+        sees it end; the marker is the instance's own."""
+        entry = self._running.get(index)
+        if entry is None:
+            return False
+        proc, marker, _ = entry
+        return proc.poll() is None or bool(processes.marked(marker))
 
 
 class ConfiguredCommand(CommandService):
@@ -274,10 +296,18 @@ def listening(port: int) -> bool:
 
 
 def wait_listening(port: int, timeout: float,
-                   proc: subprocess.Popen[bytes] | None = None) -> None:
-    """Block until TCP ``port`` listens; raise if ``proc`` exits first or time runs out."""
+                   proc: subprocess.Popen[bytes] | None = None,
+                   stopped: threading.Event | None = None) -> None:
+    """Block until TCP ``port`` listens; raise if ``proc`` exits first, ``stopped`` is
+    set or time runs out.
+
+    ``stopped`` is what tells a stop during the start: stopping reaps ``proc``
+    through psutil, and ``Popen`` then reads the vanished child as status 0.
+    """
     deadline = time.monotonic() + timeout
     while not listening(port):
+        if stopped is not None and stopped.is_set():
+            raise RuntimeError("service stopped before it listened")
         # Status 0 may be a launcher that daemonized: keep waiting for the port.
         if proc is not None and proc.poll() not in (None, 0):
             raise RuntimeError(f"service process exited with status {proc.returncode} "

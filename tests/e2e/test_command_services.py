@@ -10,9 +10,10 @@ import stat
 import sys
 from pathlib import Path
 
+import pytest
 import websockets
 
-from support import wait_until
+from support import marked_processes, wait_until
 
 # A service as a newcomer writes one: says what it was given, prints on stdout and
 # stderr, one over-long line and a lot of output before it listens (a reader that
@@ -122,3 +123,26 @@ def test_builtin_session_output_is_prefixed(start_server, tmp_path) -> None:
     token = server.get_json("/v1/reserve/local_ensight")[1]["token"]
     assert asyncio.run(echo_once(server.ws_url(token=token))) == b"ping"
     wait_until(lambda: "local_ensight[0]: args ['--port=" in server.log())
+
+
+def test_release_during_start_frees_the_slot_at_once(start_server, tmp_path) -> None:
+    """A program that never listens, released while the server waits for its port: the
+    websocket closes and the slot is free within seconds, not after --start_timeout."""
+    config = tmp_path / "services.json"
+    config.write_text(json.dumps({"mute": {"count": 1, "command": [
+        sys.executable, "-c", "import time; time.sleep(120)", "{port}"]}}))
+    server = start_server("--remote_session_config", str(config), "--start_timeout", "60")
+    token = server.get_json("/v1/reserve/mute")[1]["token"]
+
+    async def session() -> tuple[int, str]:
+        async with websockets.connect(server.ws_url(token=token), open_timeout=30) as ws:
+            await asyncio.to_thread(wait_until, lambda: marked_processes(server))
+            assert server.get_json(f"/v1/release/{token}")[0] == 200
+            with pytest.raises(websockets.ConnectionClosed) as closed:
+                await asyncio.wait_for(ws.recv(), 10)
+            return closed.value.rcvd.code, closed.value.rcvd.reason
+
+    assert asyncio.run(session()) == (1001, "reservation released")
+    wait_until(lambda: server.get_json("/v1/status")[1][0]["instances"] == [], timeout=10)
+    assert marked_processes(server) == []
+    assert server.get_json("/v1/reserve/mute")[0] == 200
