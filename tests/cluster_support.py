@@ -38,7 +38,8 @@ REDIS_USER = "websocketserver"
 KEY_PREFIX = "websocketserver:"
 REDIS_ACL = (f"on ~{KEY_PREFIX}* resetchannels &{KEY_PREFIX}* -@all "
              "+evalsha +eval +script|load +subscribe +unsubscribe +ping +select "
-             "+hget +hset +hdel +hvals +hincrby +time +publish +zadd +zremrangebyscore")
+             "+hget +hset +hdel +hvals +hkeys +hincrby +time +publish +zadd +zrem +zrangebyscore "
+             "+zremrangebyscore")
 """The ACL the store needs, as docs/cluster.md's Redis settings give it (password added)."""
 
 

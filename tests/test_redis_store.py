@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from support import ROOT, free_port
-from websocketserver.redis_store import DuplicateNode, RedisStore, StaleNode
+from websocketserver.redis_store import DuplicateNode, RedisStore, StaleNode, WrongSecret
 from websocketserver.reservations import (
     ClaimOutcome,
     NoSlotFree,
@@ -41,6 +41,7 @@ if TYPE_CHECKING:
 pytest_plugins = ["cluster_support"]  # its fixtures (imported here, it skips assert rewriting)
 
 TTL = 1.0
+SECRET = b"store-test-secret"
 Join = Callable[..., Awaitable[RedisStore]]
 
 
@@ -50,9 +51,9 @@ async def join(redis_server: RedisServer) -> AsyncIterator[Join]:
     stores: list[RedisStore] = []
 
     async def start(name: str, counts: dict[str, int], cluster_scope: Collection[str] = (),
-                    url: str | None = None) -> RedisStore:
+                    url: str | None = None, secret: bytes = SECRET) -> RedisStore:
         store = RedisStore(url or redis_server.url, name, f"{name}.test:8080", counts,
-                           cluster_scope, heartbeat_ttl=TTL)
+                           cluster_scope, heartbeat_ttl=TTL, secret=secret)
         stores.append(store)
         await store.start()
         return store
@@ -134,7 +135,8 @@ async def test_claim_takes_over_when_a_local_slot_is_free_else_names_the_owner(
     forward = await b.claim(second.token, None)
     assert forward.outcome is ClaimOutcome.ELSEWHERE and forward.reservation is not None
     assert (forward.reservation.node, forward.reservation.state) == ("a", State.RESERVED)
-    assert await b.address("a") == "a.test:8080"
+    found = await b.address("a")
+    assert found is not None and found[0] == "a.test:8080"
     assert (await a.claim(second.token, None)).outcome is ClaimOutcome.CLAIMED
 
     await b.remove((await b.list("svc"))[-1].token)  # b has room again
@@ -193,15 +195,83 @@ async def test_release_from_another_instance_reaches_the_owner_within_a_second(
         await requests.aclose()
 
 
-async def test_a_forwards_nonce_is_fresh_once_and_forgotten_after_its_time(
-        join: Join) -> None:
+async def test_a_forwards_nonce_is_fresh_once_and_only_for_a_minute(
+        join: Join, redis_server: RedisServer) -> None:
+    """A forward is signed with Redis's time: its nonce is accepted once, and a time over
+    a minute old or ahead of Redis is refused, so Redis keeps a minute of nonces only
+    (it kept each for a day: one token holder could fill Redis)."""
     a, b = await join("a", {}), await join("b", {})
-    results = await asyncio.gather(*(store.remember_nonce("n1") for store in (a, b) * 10))
+    found = await a.address("b")
+    assert found is not None
+    now = found[1]
+    results = await asyncio.gather(*(store.remember_nonce("n1", now) for store in (a, b) * 10))
     assert sorted(results) == [False] * 19 + [True]
-    assert await a.remember_nonce("n2", 0.2)
-    assert not await b.remember_nonce("n2", 0.2)
+    assert not await a.remember_nonce("old", now - 61_000)
+    assert not await a.remember_nonce("ahead", now + 10_000)
+    assert await a.remember_nonce("n2", now, 0.2)
+    assert not await b.remember_nonce("n2", now, 0.2)
     await asyncio.sleep(0.3)
-    assert await b.remember_nonce("n2")
+    assert not await b.remember_nonce("n2", now, 0.2)  # too old by now
+    nonces = redis_server.client().zcard("websocketserver:nonces")
+    assert nonces <= 1  # only n1 is left: n2's minute (0.2 s here) is over
+
+
+async def test_an_instance_forwards_only_to_an_address_signed_with_the_secret(
+        join: Join, redis_server: RedisServer) -> None:
+    """Write access to Redis alone cannot make forwarding a proxy to any host:port: a
+    node entry whose address is not signed with the cluster secret is not used."""
+    a = await join("a", {"svc": 1})
+    await join("b", {"svc": 1})
+    admin = redis_server.client()
+    entry = json.loads(admin.hget("websocketserver:nodes", "b"))
+    assert (await a.address("b") or ("",))[0] == "b.test:8080"
+    entry["address"] = "evil.test:25"
+    admin.hset("websocketserver:nodes", "b", json.dumps(entry))
+    assert await a.address("b") is None
+
+
+async def test_an_instance_with_another_secret_is_refused(join: Join) -> None:
+    await join("a", {"svc": 1})
+    with pytest.raises(WrongSecret):
+        await join("b", {"svc": 1}, secret=b"another secret")
+    assert await (await join("c", {"svc": 1})).capacity("svc", 1) == 2
+
+
+async def test_after_redis_lost_its_data_sessions_are_registered_again(
+        join: Join, redis_server: RedisServer) -> None:
+    """FLUSHALL: each instance registers again with its running sessions (not ended),
+    and their slots stay theirs; unused reservations are gone with the data."""
+    a, b = await join("a", {"svc": 1}), await join("b", {"svc": 1})
+    session = (await a.reserve("svc", 1, {"k": "v"}, "alice")).token
+    await a.claim(session, "alice")
+    await a.transition(session, State.STARTING, State.ACTIVE)
+    await b.reserve("svc", 1, {})
+    redis_server.client().flushall()
+    for store in (a, b):
+        await asyncio.wait_for(store.fenced.wait(), 3)
+        assert store.lost
+    assert await a.register(restore=True) == []
+    await b.register(restore=True)
+    kept = await b.get(session)
+    assert kept is not None
+    assert (kept.node, kept.index, kept.state, kept.owner, kept.options) == \
+           ("a", 0, State.ACTIVE, "alice", {"k": "v"})
+    with pytest.raises(NoSlotFree):  # a's slot is its session's; b's is free again
+        await a.reserve("svc", 1, {}) and await a.reserve("svc", 1, {})
+
+
+async def test_reclaim_removes_only_reservations_unused_for_long_enough(join: Join) -> None:
+    a = await join("a", {"svc": 3, "other": 1})
+    old = await a.reserve("svc", 3, {})
+    used = await a.reserve("svc", 3, {})
+    await a.claim(used.token, None)
+    await asyncio.sleep(0.3)
+    new = await a.reserve("svc", 3, {})
+    assert [r.token for r in await a.reclaim(0.2)] == [old.token]
+    assert {r.token for r in await a.list("svc")} == {used.token, new.token}
+    assert await a.list("other") == []
+    assert await a.transition(used.token, State.STARTING, State.RESERVED) is not None
+    assert await a.reclaim(0.2) == []  # back to reserved just now: its time starts again
 
 
 async def test_a_stale_instance_never_books_again(join: Join, redis_server: RedisServer,
@@ -242,7 +312,7 @@ from websocketserver.reservations import State
 
 async def main():
     store = RedisStore(sys.argv[1], "a", "a.test:8080", {"svc": 2},
-                       heartbeat_ttl=float(sys.argv[2]))
+                       heartbeat_ttl=float(sys.argv[2]), secret=b"store-test-secret")
     await store.start()
     session = (await store.reserve("svc", 2, {})).token
     await store.claim(session, None)
@@ -300,7 +370,8 @@ async def test_a_restarted_instance_registers_afresh_once_its_old_self_is_silent
     proc, session, unused = await asyncio.to_thread(start_node_process, redis_server.url)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    again = RedisStore(redis_server.url, "a", "a.test:8080", {"svc": 2}, heartbeat_ttl=TTL)
+    again = RedisStore(redis_server.url, "a", "a.test:8080", {"svc": 2}, heartbeat_ttl=TTL,
+                       secret=SECRET)
     with pytest.raises(DuplicateNode):  # not silent for a TTL yet
         await again.register()
     await asyncio.sleep(TTL)

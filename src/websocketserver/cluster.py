@@ -4,16 +4,16 @@ The shared reservations themselves are :class:`~.redis_store.RedisStore`; this i
 rest of membership: registering at start-up (one line and exit 1 for a duplicate
 ``--node_name`` or an unreachable Redis), ending here the sessions that another
 instance released, and what forwarding a websocket needs (the owner's address, the
-secret, a once-only nonce).
+secret, a recent once-only nonce).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
-from .redis_store import DuplicateNode, RedisStore
+from .redis_store import DuplicateNode, RedisStore, WrongSecret
 from .reservations import StoreUnavailable
 from .settings import Settings, SettingsError
 
@@ -31,46 +31,64 @@ class Cluster:
         self._watchers: list[asyncio.Task[None]] = []
 
     async def start(self, released: Callable[[str], object],
-                    fenced: Callable[[], None]) -> None:
+                    fenced: Callable[[str], Awaitable[None]]) -> None:
         """Register, and call ``released(token)`` for each session of this instance
-        that another instance released, ``fenced()`` if this instance is cleared from
-        the cluster (its sessions' records are gone: they must end)."""
+        that another instance released, ``await fenced(reason)`` to end every session
+        of this instance (it was cleared from the cluster: their records are gone and
+        their slots may be booked again), or ``released(token)`` for each session that
+        could not be registered again after Redis lost its data."""
         try:
             await self.store.start()
         except DuplicateNode as exc:
             raise SettingsError(f"--node_name: {exc}") from None
+        except WrongSecret as exc:
+            raise SettingsError(f"--cluster_secret: {exc}") from None
         except StoreUnavailable as exc:
             raise SettingsError(f"--redis: cannot register this instance: {exc}") from None
         self._watchers = [asyncio.create_task(self._releases(released)),
-                          asyncio.create_task(self._rejoin(fenced))]
+                          asyncio.create_task(self._rejoin(released, fenced))]
 
     async def _releases(self, released: Callable[[str], object]) -> None:
         async for token in self.store.stop_requests():
             released(token)
 
-    async def _rejoin(self, fenced: Callable[[], None]) -> None:
+    async def _rejoin(self, released: Callable[[str], object],
+                      fenced: Callable[[str], Awaitable[None]]) -> None:
         """A cleared instance (silent too long: a pause, a partition) ends its sessions,
-        whose slots the cluster may have booked again, and registers afresh."""
+        whose slots the cluster may have booked again, and registers afresh once they
+        have ended, never before: an index is never held by two live sessions. After
+        Redis lost its data, it registers again with its sessions instead."""
         while True:
             await self.store.fenced.wait()
-            fenced()
+            restore = self.store.lost
+            if not restore:
+                await fenced("this instance was cleared from the cluster")
             while self.store.fenced.is_set():
                 try:
-                    await self.store.register()
-                except StoreUnavailable:
+                    refused = await self.store.register(restore=restore)
+                except (StoreUnavailable, DuplicateNode, WrongSecret) as exc:
+                    log.warning("registering again: %s", exc)
                     await asyncio.sleep(self.store.heartbeat_interval)
+                    continue
+                for token in refused:
+                    log.warning("a session of this instance could not be registered "
+                                "again (its slot was taken meanwhile): ending it")
+                    released(token)
 
-    async def owner(self, node: str) -> tuple[str, int] | None:
-        """Where instance ``node`` accepts websockets, or None if it is not live."""
-        address = await self.store.address(node)
-        if address is None:
+    async def owner(self, node: str) -> tuple[str, int, float] | None:
+        """Where instance ``node`` accepts websockets, and Redis's time (ms) to sign the
+        forward with; None if it is not live (or its entry is not signed)."""
+        found = await self.store.address(node)
+        if found is None:
             return None
+        address, now = found
         host, _, port = address.rpartition(":")
-        return host.strip("[]"), int(port)
+        return host.strip("[]"), int(port), now
 
-    async def fresh(self, nonce: str) -> bool:
-        """Whether a forward's nonce was never seen before (then it is recorded)."""
-        return await self.store.remember_nonce(nonce)
+    async def fresh(self, nonce: str, at: float) -> bool:
+        """Whether a forward signed at ``at`` (Redis ms) is recent and its nonce was
+        never seen before (then it is recorded)."""
+        return await self.store.remember_nonce(nonce, at)
 
     async def close(self) -> None:
         for task in self._watchers:

@@ -7,12 +7,15 @@ TCP, signed with the cluster secret, and the bytes are spliced both ways with
 backpressure: the owner answers 101 and tunnels as it would for the browser itself.
 
 The forwarding instance adds three headers, and signs them:
-``X-Websocketserver-Forward: NONCE SIGNATURE``, ``X-Websocketserver-Client`` (the
+``X-Websocketserver-Forward: NONCE TIME SIGNATURE``, ``X-Websocketserver-Client`` (the
 browser's address, for the owner's limits and log) and ``X-Websocketserver-User``
-(who the browser is, for the owner's token binding). SIGNATURE is HMAC-SHA256 of the
-token, nonce, client and user under ``--cluster_secret``. The owner checks it in
-constant time and records the nonce in the shared store, once: a forged or replayed
-forward is refused with 403. A forwarded request is never forwarded again.
+(who the browser is, for the owner's token binding). TIME is Redis's clock (ms) as the
+forwarding instance read it with the owner's address; SIGNATURE is HMAC-SHA256 of the
+token, nonce, time, client and user under ``--cluster_secret``. The owner checks it in
+constant time, then has the shared store check that TIME is under a minute old and
+record the nonce for that minute: a forged, replayed or stale forward is refused with
+403, and the nonces kept are those of one minute. A forwarded request is never
+forwarded again.
 """
 
 from __future__ import annotations
@@ -42,19 +45,24 @@ class Forwarded:
     """A forward whose signature holds: who the browser behind it is."""
 
     nonce: str
+    at: int
+    """When it was signed: Redis's clock, in ms."""
     client: str
     user: str | None
 
 
-def sign(secret: bytes, token: str, nonce: str, client: str, user: str | None) -> str:
-    message = "\n".join((token, nonce, client, user or "")).encode("utf-8", "surrogateescape")
+def sign(secret: bytes, token: str, nonce: str, at: int, client: str,
+         user: str | None) -> str:
+    message = "\n".join((token, nonce, str(at), client, user or "")).encode(
+        "utf-8", "surrogateescape")
     return hmac.new(secret, message, hashlib.sha256).hexdigest()
 
 
-def signed_headers(secret: bytes, token: str, client: str, user: str | None) -> list[str]:
-    """The header lines a forwarding instance adds to the request."""
+def signed_headers(secret: bytes, token: str, at: int, client: str,
+                   user: str | None) -> list[str]:
+    """The header lines a forwarding instance adds to the request, signed at ``at``."""
     nonce = secrets.token_hex(16)
-    lines = [f"{FORWARD_HEADER}: {nonce} {sign(secret, token, nonce, client, user)}",
+    lines = [f"{FORWARD_HEADER}: {nonce} {at} {sign(secret, token, nonce, at, client, user)}",
              f"{CLIENT_HEADER}: {client}"]
     if user is not None:
         lines.append(f"{USER_HEADER}: {user}")
@@ -68,14 +76,16 @@ def check(request: UpgradeRequest, secret: bytes | None) -> Forwarded | Refusal 
     if value is None:
         return None
     token = request.query.get("token")
-    nonce, _, signature = value.partition(" ")
+    nonce, _, rest = value.partition(" ")
+    at_text, _, signature = rest.partition(" ")
+    at = int(at_text) if at_text.isdigit() and len(at_text) <= 16 else -1
     client = request.headers.get(CLIENT_HEADER, "")
     user = request.headers.get(USER_HEADER)
-    if secret is None or token is None or not nonce or not hmac.compare_digest(
+    if secret is None or token is None or not nonce or at < 0 or not hmac.compare_digest(
             signature.encode("ascii", "replace"),
-            sign(secret, token, nonce, client, user).encode("ascii")):
+            sign(secret, token, nonce, at, client, user).encode("ascii")):
         return Refusal(403, "forwarded websocket with a wrong signature")
-    return Forwarded(nonce, client, user)
+    return Forwarded(nonce, at, client, user)
 
 
 def request_head(request: UpgradeRequest, extra: list[str]) -> bytes:

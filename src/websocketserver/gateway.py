@@ -151,8 +151,8 @@ class WebSocketGateway:
         user = came.user if came else self.identity.user(request)
         try:
             if came is not None and self.cluster is not None and not await self.cluster.fresh(
-                    came.nonce):
-                raise ServiceError(403, "forwarded websocket replayed")
+                    came.nonce, came.at):
+                raise ServiceError(403, "forwarded websocket replayed or too old")
             claimed = await self.services.claim(token, user)
         except Elsewhere as exc:
             if came is None and self.cluster is not None:
@@ -187,16 +187,17 @@ class WebSocketGateway:
             owner = await self.cluster.owner(node)
             if owner is None:
                 raise BackendError(f"instance {node} is not available")
+            host, port, now = owner
             head = forward.request_head(request, forward.signed_headers(
-                self.cluster.secret, token, client, user))
-            await forward.splice(transport, *owner, head, tail,
+                self.cluster.secret, token, round(now), client, user))
+            await forward.splice(transport, host, port, head, tail,
                                  lambda: self.limits.release(client, user))
         except (BackendError, StoreUnavailable) as exc:
             self.limits.release(client, user)
             if not transport.is_closing():
                 self.refuse(transport, Refusal(503, f"cannot reach instance {node}: {exc}"))
             return
-        log.info("websocket forwarded: %s -> %s (%s:%d)", client, node, *owner)
+        log.info("websocket forwarded: %s -> %s (%s:%d)", client, node, host, port)
 
     def _accept(self, request: UpgradeRequest, transport: asyncio.Transport, tail: bytes,
                 accept: Accept, client: str | None = None, user: str | None = None,

@@ -16,11 +16,27 @@ clock. Data, under a key prefix (``websocketserver:`` by default):
   that placing a reservation decodes no reservation (built from ``res`` by the first
   registration that finds it missing: every instance of a cluster must run a version
   that keeps it);
+* ``idle`` (sorted set): the tokens of never-used (reserved) reservations, scored by
+  when they last changed, so that reclaiming reads only the expired ones;
+* ``stops:<node>`` (hash): token -> token, the sessions of ``node`` that another
+  instance moved to stopping and that still exist (what the stop scan reads);
 * ``meta`` (hash): ``epoch`` (the registration counter), ``contact`` (when an instance
-  last reached Redis), ``used`` (set once ``used`` is kept);
+  last reached Redis), ``used`` and ``idle`` (set once those are kept), ``secret`` (a
+  check value of the cluster secret: an instance with another secret is refused while
+  one with this one is live), ``generation`` (a random id set by the first registration
+  in an empty Redis: a new one means Redis lost its data);
 * ``nonces`` (sorted set): nonces of forwarded websockets seen, scored by when they
-  may be forgotten;
+  may be forgotten (a forward is refused after FORWARD_MAX_AGE, so that is how long);
 * channel ``stop:<node>``: tokens another instance moved to stopping on that node.
+
+Each node entry carries ``sig``, an HMAC of its name and address under the cluster
+secret: an instance forwards a websocket only to an address so signed, so write access
+to Redis alone cannot point forwarding at another host.
+
+No periodic task reads every reservation: reserving reads ``used``, reclaiming the
+expired part of ``idle``, the stop scan this node's ``stops``, a service's status that
+service's slots in ``used``; only an instance's eviction and the full listing (metrics,
+the dashboard) read them all.
 
 An instance registers (a new epoch), beats every ``min(ttl / 4, 0.5)`` s, and every
 write carries its epoch: once its registration is cleared or replaced, all its writes
@@ -38,6 +54,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import hmac
 import json
 import logging
 import time
@@ -66,9 +84,11 @@ OPERATION_TIMEOUT = 1.25
 """Seconds one store operation may take before it fails with :class:`StoreUnavailable`."""
 SOCKET_TIMEOUT = 1.0
 """Seconds to connect to Redis, or to wait for one answer."""
-NONCE_MEMORY = 86400.0
-"""Seconds a forwarded websocket's nonce is remembered (a day: longer than a token that
-was never used lives, so a replay finds its token gone or in use rather than free)."""
+FORWARD_MAX_AGE = 60.0
+"""Seconds a signed forward stays valid (its time is Redis's, read by the forwarding
+instance); its nonce is remembered that long, so a replay is refused either way."""
+FORWARD_MAX_AHEAD = 2.0
+"""Seconds a forward's time may be ahead of Redis's now (two reads of one clock)."""
 
 CLAIMS: dict[State, tuple[State, ClaimOutcome, bool]] = {
     State.RESERVED: (State.STARTING, ClaimOutcome.CLAIMED, True),
@@ -78,11 +98,17 @@ CLAIMS: dict[State, tuple[State, ClaimOutcome, bool]] = {
 instance may take it over (move it to itself); a state not listed is in use."""
 UNSTARTED = State.RESERVED
 """The state whose reservations outlive their instance (nothing runs for them yet)."""
+RUNNING = (State.STARTING, State.ACTIVE, State.DETACHED)
+"""The states of a session that runs on its instance (registered again after Redis lost
+its data)."""
 
-# Shared head of every script. KEYS: nodes, res, meta, nonces, used. ARGV: this instance's name, its
-# epoch, the heartbeat TTL (ms), the stop channel prefix; the script's own from ARGV[5].
+# Shared head of every script. KEYS: nodes, res, meta, nonces, used, idle. ARGV: this
+# instance's name, its epoch, the heartbeat TTL (ms), the stop channel prefix; the
+# script's own from ARGV[5].
 _HEAD = """
-local NODES, RES, META, NONCES, USED = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local NODES, RES, META, NONCES, USED, IDLE = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5],
+  KEYS[6]
+local PREFIX = string.sub(NODES, 1, #NODES - #'nodes')
 local ME, EPOCH, TTL, CHANNEL = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
 local CLAIMS = cjson.decode(%(claims)s)
 local UNSTARTED, STOPPING = %(unstarted)s, %(stopping)s
@@ -99,7 +125,16 @@ local function get(hash, field)
   if raw then return cjson.decode(raw) end
   return nil
 end
-local function put(r) redis.call('HSET', RES, r.token, cjson.encode(r)) end
+-- the sessions of `node` that another instance is stopping
+local function stops(node) return PREFIX .. 'stops:' .. node end
+local function put(r)
+  redis.call('HSET', RES, r.token, cjson.encode(r))
+  if r.state == UNSTARTED then
+    redis.call('ZADD', IDLE, r.changed, r.token)
+  else
+    redis.call('ZREM', IDLE, r.token)
+  end
+end
 local function put_node(n) redis.call('HSET', NODES, n.name, cjson.encode(n)) end
 local function answer(t)
   t.now = NOW
@@ -128,6 +163,13 @@ local function mark(r, token)
   else
     redis.call('HSET', USED, field, cjson.encode(used))
   end
+end
+-- forget `r`: its record, its slot and its entries in the indexes
+local function drop(r)
+  redis.call('HDEL', RES, r.token)
+  redis.call('ZREM', IDLE, r.token)
+  redis.call('HDEL', stops(r.node), r.token)
+  mark(r, nil)
 end
 -- indices of `service` held on node `name` (on every node of `nodes` if nil), and how many
 local function held(service, name, nodes)
@@ -179,8 +221,7 @@ local function evict(name)
   local moving = {}
   for _, r in ipairs(decoded(redis.call('HVALS', RES))) do
     if r.node == name or (r.by == name and r.state == STOPPING and not r.ran) then
-      redis.call('HDEL', RES, r.token)
-      mark(r, nil)
+      drop(r)
       if r.node == name and r.state == UNSTARTED then moving[#moving + 1] = r end
     end
   end
@@ -212,24 +253,65 @@ end
 """
 
 _REGISTER = """
--- ARGV[5..7]: address, counts (JSON), registration id
+-- ARGV[5..10]: address, counts (JSON), registration id, the secret's check value, the
+-- entry's signature, this instance's sessions to register again (JSON list: after Redis
+-- lost its data, else empty)
 local old = get(NODES, ME)
-if old and old.rid == ARGV[7] then return answer({epoch = old.epoch}) end
-if old and live(old) then return answer({error = 'duplicate', address = old.address}) end
+if old and old.rid == ARGV[7] then
+  return answer({epoch = old.epoch, generation = redis.call('HGET', META, 'generation')})
+end
+if old and live(old) and old.epoch ~= EPOCH then
+  return answer({error = 'duplicate', address = old.address})
+end
 forgive_outage()
+local check = redis.call('HGET', META, 'secret')
+if check and check ~= ARGV[8] then
+  for _, n in ipairs(decoded(redis.call('HVALS', NODES))) do
+    if n.name ~= ME and live(n) then return answer({error = 'secret', node = n.name}) end
+  end
+end
+redis.call('HSET', META, 'secret', ARGV[8])
+if not redis.call('HGET', META, 'generation') then
+  redis.call('HSET', META, 'generation', ARGV[7])
+end
 if not redis.call('HGET', META, 'used') then  -- kept from now on
   for _, r in ipairs(decoded(redis.call('HVALS', RES))) do mark(r, r.token) end
   redis.call('HSET', META, 'used', 1)
 end
+if not redis.call('HGET', META, 'idle') then  -- kept from now on
+  for _, r in ipairs(decoded(redis.call('HVALS', RES))) do put(r) end
+  redis.call('HSET', META, 'idle', 1)
+end
 local epoch = redis.call('HINCRBY', META, 'epoch', 1)
 put_node({name = ME, epoch = epoch, address = ARGV[5], counts = cjson.decode(ARGV[6]),
-          ttl = TTL, seen = NOW, rid = ARGV[7]})
+          ttl = TTL, seen = NOW, rid = ARGV[7], sig = ARGV[9]})
 if old then evict(ME) end
-return answer({epoch = epoch})
+local nodes = decoded(redis.call('HVALS', NODES))
+local refused = {}
+for _, r in ipairs(cjson.decode(ARGV[10])) do
+  local taken = get(RES, r.token) ~= nil
+  if not taken then
+    local used = held(r.service, r.scope == 'cluster' and nil or ME, nodes)
+    taken = used[r.index] ~= nil
+  end
+  if taken then
+    refused[#refused + 1] = r.token
+  else
+    r.node, r.by, r.changed = ME, ME, NOW
+    put(r)
+    mark(r, r.token)
+  end
+end
+return answer({epoch = epoch, generation = redis.call('HGET', META, 'generation'),
+               refused = refused})
 """
 
 _HEARTBEAT = """
-if stale() then return answer({error = 'stale'}) end
+-- ARGV[5]: the generation this instance registered in
+if stale() then
+  if redis.call('HGET', META, 'generation') ~= ARGV[5] then return answer({error = 'lost'}) end
+  return answer({error = 'stale'})
+end
 forgive_outage()
 local me = get(NODES, ME)
 me.seen = NOW
@@ -323,6 +405,7 @@ if not allowed then return answer({}) end
 r.state, r.changed, r.by, r.op = ARGV[7], NOW, ME, ARGV[8]
 put(r)
 if r.state == STOPPING and r.ran and r.node ~= ME then
+  redis.call('HSET', stops(r.node), r.token, r.token)
   redis.call('PUBLISH', CHANNEL .. r.node, r.token)
 end
 return answer({r = r})
@@ -333,28 +416,71 @@ _REMOVE = """
 if stale() then return answer({error = 'stale'}) end
 local r = get(RES, ARGV[5])
 if r then
-  redis.call('HDEL', RES, ARGV[5])
-  mark(r, nil)
+  drop(r)
 end
 return answer({r = r})
 """
 
 _NONCE = """
--- ARGV[5..6]: nonce, how long to remember it (ms)
+-- ARGV[5..8]: nonce, the forward's time (Redis ms), how long it is valid, how far ahead
+local at = tonumber(ARGV[6])
 redis.call('ZREMRANGEBYSCORE', NONCES, '-inf', NOW)
-return answer({fresh = redis.call('ZADD', NONCES, 'NX', NOW + tonumber(ARGV[6]), ARGV[5]) == 1})
+if at == nil or NOW - at > tonumber(ARGV[7]) or at - NOW > tonumber(ARGV[8]) then
+  return answer({fresh = false, expired = true})
+end
+return answer({fresh = redis.call('ZADD', NONCES, 'NX', at + tonumber(ARGV[7]), ARGV[5]) == 1})
+"""
+
+_RECLAIM = """
+-- ARGV[5..6]: seconds (ms) a reservation may stay unused, at most how many to reclaim
+if stale() then return answer({error = 'stale'}) end
+local out = {}
+for _, token in ipairs(redis.call('ZRANGEBYSCORE', IDLE, '-inf', NOW - tonumber(ARGV[5]),
+                                  'LIMIT', 0, tonumber(ARGV[6]))) do
+  local r = get(RES, token)
+  if r and r.state == UNSTARTED then
+    drop(r)
+    out[#out + 1] = r
+  else  -- not unused any more (the index is kept by put(): only a stray entry)
+    redis.call('ZREM', IDLE, token)
+  end
+end
+return answer({rs = out})
 """
 
 _READ = """
--- ARGV[5]: a token to get, or '' for every reservation and node
+-- ARGV[5]: a token to get; '' for every reservation; ARGV[6]: a service: its reservations
 if ARGV[5] ~= '' then return answer({r = get(RES, ARGV[5])}) end
-return answer({rs = decoded(redis.call('HVALS', RES)),
-               nodes = decoded(redis.call('HVALS', NODES))})
+if ARGV[6] == '' then return answer({rs = decoded(redis.call('HVALS', RES))}) end
+local suffix, out = '\t' .. ARGV[6], {}
+for _, field in ipairs(redis.call('HKEYS', USED)) do
+  if string.sub(field, -#suffix) == suffix then
+    for _, token in pairs(cjson.decode(redis.call('HGET', USED, field))) do
+      local r = get(RES, token)
+      if r then out[#out + 1] = r end
+    end
+  end
+end
+return answer({rs = out})
+"""
+
+_NODES = """
+-- ARGV[5]: one instance's name, or '' for every instance
+if ARGV[5] ~= '' then return answer({n = get(NODES, ARGV[5])}) end
+return answer({nodes = decoded(redis.call('HVALS', NODES))})
+"""
+
+_STOPS = """
+return answer({tokens = redis.call('HVALS', stops(ME))})
 """
 
 
 class DuplicateNode(Exception):
     """A live instance is registered under the same name."""
+
+
+class WrongSecret(Exception):
+    """A live instance of the cluster was registered with another cluster secret."""
 
 
 class StaleNode(StoreUnavailable):
@@ -377,7 +503,10 @@ class _Scripts:
     transition: str
     remove: str
     nonce: str
+    reclaim: str
     read: str
+    nodes: str
+    stops: str
 
 
 class RedisStore(ReservationStore):
@@ -391,17 +520,28 @@ class RedisStore(ReservationStore):
 
     def __init__(self, url: str, name: str, address: str, counts: Mapping[str, int],
                  cluster_scope: Collection[str] = (), heartbeat_ttl: float = 6.0,
-                 prefix: str = "websocketserver:") -> None:
+                 prefix: str = "websocketserver:", secret: bytes = b"") -> None:
         self.name = name
         self.node_address = address
         self.counts = dict(counts)
         self.cluster_scope = frozenset(cluster_scope)
         self.heartbeat_ttl = heartbeat_ttl
         self.fenced = asyncio.Event()
-        """Set once a heartbeat finds this instance's registration cleared or replaced."""
+        """Set once a heartbeat finds this instance's registration cleared or replaced,
+        or Redis's data lost (then :attr:`lost` is true too)."""
+        self.lost = False
+        """Whether Redis lost its data (then this instance's sessions are registered
+        again by ``register(restore=True)``, not ended)."""
+        self._secret = secret
+        self._check = hmac.new(secret, b"websocketserver cluster secret check",
+                               hashlib.sha256).hexdigest()
         self._ttl_ms = str(round(heartbeat_ttl * 1000))
         self._keys = [prefix + "nodes", prefix + "res", prefix + "meta", prefix + "nonces",
-                      prefix + "used"]
+                      prefix + "used", prefix + "idle"]
+        self._generation = ""
+        self._mine: dict[str, dict[str, Any]] = {}
+        """The records of this instance's sessions as last seen (claimed here, not yet
+        removed): what is registered again if Redis loses its data."""
         self._channel = prefix + "stop:"
         self._epoch = 0
         self._available = False
@@ -419,7 +559,7 @@ class RedisStore(ReservationStore):
                             State.STOPPING)}
         self._scripts = _Scripts(*(head + body for body in (
             _REGISTER, _HEARTBEAT, _DEREGISTER, _RESERVE, _CLAIM, _TRANSITION, _REMOVE,
-            _NONCE, _READ)))
+            _NONCE, _RECLAIM, _READ, _NODES, _STOPS)))
 
     # -- membership --------------------------------------------------------------------
 
@@ -442,37 +582,67 @@ class RedisStore(ReservationStore):
         """
         await self.register()
 
-    async def register(self) -> None:
-        """Register afresh under a new epoch and beat (also after :class:`StaleNode`,
-        once this instance's sessions are ended)."""
+    async def register(self, restore: bool = False) -> list[str]:
+        """Register afresh under a new epoch and beat: at start-up, and after
+        :attr:`fenced` once this instance's sessions are ended or, if :attr:`lost`, with
+        ``restore``: its sessions are registered again. Returns the tokens of the
+        sessions that could not be (their slot was taken meanwhile): end them.
+
+        Raises :class:`DuplicateNode`, :class:`WrongSecret` (a live instance has this
+        name, or another secret) or :class:`StoreUnavailable`.
+        """
+        sessions = list(self._mine.values()) if restore else []
         reply = await self._run(self._scripts.register, self.node_address,
-                                json.dumps(self.counts), uuid.uuid4().hex, check_stale=False)
+                                json.dumps(self.counts), uuid.uuid4().hex, self._check,
+                                node_signature(self._secret, self.name, self.node_address),
+                                json.dumps(sessions), check_stale=False)
         if reply.get("error") == "duplicate":
             raise DuplicateNode(f"a live instance named {self.name} is already registered "
                                 f"(at {reply.get('address')})")
+        if reply.get("error") == "secret":
+            raise WrongSecret(f"live instance {reply.get('node')} of this cluster has "
+                              "another cluster secret")
         self._epoch = int(reply["epoch"])
+        self._generation = str(reply["generation"])
+        refused = [str(token) for token in _array(reply.get("refused"))]
+        if not restore:
+            self._mine.clear()
+        for token in refused:
+            self._mine.pop(token, None)
+        self.lost = False
         self.fenced.clear()
         if self._beating is None or self._beating.done():
             self._beating = asyncio.create_task(self._beat_forever())
-        log.info("registered in the cluster as %s (epoch %d)", self.name, self._epoch)
+        log.info("registered in the cluster as %s (epoch %d%s)", self.name, self._epoch,
+                 f", {len(sessions) - len(refused)} sessions registered again"
+                 if restore else "")
+        return refused
 
     async def _beat_forever(self) -> None:
         while True:
             await asyncio.sleep(self.heartbeat_interval)
             was_available = self._available
             try:
-                await self._run(self._scripts.heartbeat)
-            except StaleNode:
-                log.error("this instance (%s) was cleared from the cluster; it books "
-                          "nothing until it registers again", self.name)
-                self.fenced.set()
-                return
+                reply = await self._run(self._scripts.heartbeat, self._generation,
+                                        check_stale=False)
             except StoreUnavailable as exc:
                 if was_available:
                     log.warning("Redis unavailable: %s", exc)
-            else:
-                if not was_available:
-                    log.info("Redis available again")
+                continue
+            if not was_available:
+                log.info("Redis available again")
+            if reply.get("error") == "lost":
+                log.error("Redis lost the cluster's data; this instance (%s) registers "
+                          "again with its sessions", self.name)
+                self.lost = True
+                self.fenced.set()
+                return
+            if reply.get("error") == "stale":
+                log.error("this instance (%s) was cleared from the cluster; it books "
+                          "nothing until its sessions have ended and it registers again",
+                          self.name)
+                self.fenced.set()
+                return
 
     async def close(self) -> None:
         """Stop beating, leave the cluster (never-used reservations move), disconnect."""
@@ -485,18 +655,27 @@ class RedisStore(ReservationStore):
         await self._link.close()
         await self._redis.aclose()
 
-    async def address(self, node: str) -> str | None:
-        """Where instance ``node`` accepts websockets (None: not registered)."""
-        reply = await self._run(self._scripts.read, "", check_stale=False)
-        return next((n["address"] for n in _array(reply.get("nodes"))
-                     if n["name"] == node), None)
+    async def address(self, node: str) -> tuple[str, float] | None:
+        """Where instance ``node`` accepts websockets and Redis's time now (ms); None if
+        it is not registered, or its entry is not signed with this cluster's secret."""
+        reply = await self._run(self._scripts.nodes, node, check_stale=False)
+        entry = reply.get("n")
+        if not entry:
+            return None
+        expected = node_signature(self._secret, node, str(entry.get("address")))
+        if not hmac.compare_digest(str(entry.get("sig", "")).encode("ascii", "replace"),
+                                   expected.encode("ascii")):
+            log.warning("instance %s's entry in Redis is not signed with this cluster's "
+                        "secret: not forwarding to it", node)
+            return None
+        return str(entry["address"]), float(reply["now"])
 
     async def stop_requests(self) -> AsyncIterator[str]:
         """Tokens of this instance's sessions that another instance moved to stopping.
 
         Each is announced once, at once by a message, or within a second by a scan
-        of the reservations (which also catches what was released while the
-        subscription was down). Runs until closed, re-subscribing after Redis outages.
+        of this instance's stopped sessions (which also catches what was released while
+        the subscription was down). Runs until closed, re-subscribing after Redis outages.
         """
         announced: set[str] = set()
         while True:
@@ -522,18 +701,19 @@ class RedisStore(ReservationStore):
     async def _stopping(self, announced: set[str]) -> list[str]:
         """Not yet ``announced`` tokens of this instance that another one is stopping;
         they are added to ``announced``, and gone ones leave it."""
-        reply = await self._run(self._scripts.read, "", check_stale=False)
-        stopping = {r["token"] for r in _array(reply.get("rs"))
-                    if r["node"] == self.name and r["by"] != self.name
-                    and r["state"] == State.STOPPING}
+        reply = await self._run(self._scripts.stops, check_stale=False)
+        stopping = {str(token) for token in _array(reply.get("tokens"))}
         new = stopping - announced
         announced.intersection_update(stopping)
         announced.update(new)
         return sorted(new)
 
-    async def remember_nonce(self, nonce: str, seconds: float = NONCE_MEMORY) -> bool:
-        """Record ``nonce`` for ``seconds``; False if it was recorded already (a replay)."""
-        reply = await self._run(self._scripts.nonce, nonce, round(seconds * 1000),
+    async def remember_nonce(self, nonce: str, at: float,
+                             seconds: float = FORWARD_MAX_AGE) -> bool:
+        """Record the nonce of a forward signed at ``at`` (Redis ms); False if it was
+        recorded already (a replay), or ``at`` is older than ``seconds`` or ahead."""
+        reply = await self._run(self._scripts.nonce, nonce, round(at),
+                                round(seconds * 1000), round(FORWARD_MAX_AHEAD * 1000),
                                 check_stale=False)
         return bool(reply["fresh"])
 
@@ -554,7 +734,7 @@ class RedisStore(ReservationStore):
         return self._reservation(reply["r"], reply["now"])
 
     async def get(self, token: str) -> Reservation | None:
-        reply = await self._run(self._scripts.read, token, check_stale=False)
+        reply = await self._run(self._scripts.read, token, "", check_stale=False)
         return self._reservation(reply["r"], reply["now"]) if reply.get("r") else None
 
     async def transition(self, token: str, expected: State | tuple[State, ...],
@@ -562,6 +742,7 @@ class RedisStore(ReservationStore):
         states = expected if isinstance(expected, tuple) else (expected,)
         reply = await self._run(self._scripts.transition, token, ",".join(states), new,
                                 uuid.uuid4().hex)
+        self._note(reply.get("r"))
         return self._reservation(reply["r"], reply["now"]) if reply.get("r") else None
 
     async def claim(self, token: str, user: str | None) -> Claim:
@@ -574,25 +755,34 @@ class RedisStore(ReservationStore):
         reply = await self._run(self._scripts.claim, token, json.dumps(user),
                                 uuid.uuid4().hex)
         record = reply.get("r")
+        if reply["outcome"] in (ClaimOutcome.CLAIMED, ClaimOutcome.REATTACHED):
+            self._note(record)
         return Claim(ClaimOutcome(reply["outcome"]),
                      self._reservation(record, reply["now"]) if record else None)
 
     async def remove(self, token: str) -> Reservation | None:
+        self._mine.pop(token, None)
         reply = await self._run(self._scripts.remove, token)
         return self._reservation(reply["r"], reply["now"]) if reply.get("r") else None
 
+    async def reclaim(self, unused_for: float, limit: int = 100) -> list[Reservation]:
+        """Remove up to ``limit`` reservations never used for ``unused_for`` seconds
+        (Redis's clock), any instance's, reading only those."""
+        reply = await self._run(self._scripts.reclaim, round(unused_for * 1000), limit)
+        return [self._reservation(r, reply["now"]) for r in _array(reply.get("rs"))]
+
     async def list(self, service: str | None = None) -> list[Reservation]:
-        """Every instance's reservations, by service, node and index."""
-        reply = await self._run(self._scripts.read, "", check_stale=False)
-        found = [self._reservation(r, reply["now"]) for r in _array(reply.get("rs"))
-                 if service is None or r["service"] == service]
+        """Every instance's reservations (of ``service``: read through its slots, not
+        every reservation), by service, node and index."""
+        reply = await self._run(self._scripts.read, "", service or "", check_stale=False)
+        found = [self._reservation(r, reply["now"]) for r in _array(reply.get("rs"))]
         return sorted(found, key=lambda r: (r.service, r.node or "", r.index))
 
     async def capacity(self, service: str, count: int) -> int:
         """``count`` for a cluster-scoped service, else the sum over live instances."""
         if service in self.cluster_scope:
             return count
-        reply = await self._run(self._scripts.read, "", check_stale=False)
+        reply = await self._run(self._scripts.nodes, "", check_stale=False)
         return sum(int(n["counts"].get(service, 0)) for n in _array(reply.get("nodes"))
                    if reply["now"] - n["seen"] < n["ttl"])
 
@@ -618,6 +808,15 @@ class RedisStore(ReservationStore):
                             "the cluster")
         return reply
 
+    def _note(self, record: dict[str, Any] | None) -> None:
+        """Keep ``record`` among this instance's sessions while it is one."""
+        if record is None:
+            return
+        if record["node"] == self.name and record["state"] in RUNNING:
+            self._mine[record["token"]] = record
+        else:
+            self._mine.pop(record["token"], None)
+
     @staticmethod
     def _reservation(record: dict[str, Any], now_ms: float) -> Reservation:
         """A reservation from its record; ``changed`` moves to this process's monotonic
@@ -630,7 +829,14 @@ class RedisStore(ReservationStore):
             node=record["node"])
 
 
-def _array(value: Any) -> list[dict[str, Any]]:
+def node_signature(secret: bytes, name: str, address: str) -> str:
+    """What an instance's entry in Redis is signed with: only an instance knowing the
+    cluster secret can name an address that others forward websockets to."""
+    message = f"node\n{name}\n{address}".encode("utf-8", "surrogateescape")
+    return hmac.new(secret, message, hashlib.sha256).hexdigest()
+
+
+def _array(value: Any) -> list[Any]:
     """A JSON array from Lua's cjson, which encodes an empty one as ``{}``."""
     return list(value) if value else []
 

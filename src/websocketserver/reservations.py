@@ -138,6 +138,12 @@ class ReservationStore(ABC):
         """Forget ``token`` (its index becomes free); return what it was."""
 
     @abstractmethod
+    async def reclaim(self, unused_for: float, limit: int = 100) -> list[Reservation]:
+        """Remove up to ``limit`` reservations still reserved ``unused_for`` seconds
+        after their last change; return them. Reads only those (a cluster's store must
+        not read every reservation each second)."""
+
+    @abstractmethod
     async def list(self, service: str | None = None) -> list[Reservation]:
         """All reservations (of one service), by service and index."""
 
@@ -207,6 +213,15 @@ class MemoryStore(ReservationStore):
     async def remove(self, token: str) -> Reservation | None:
         async with self._lock:
             return self._by_token.pop(token, None)
+
+    async def reclaim(self, unused_for: float, limit: int = 100) -> list[Reservation]:
+        limit_time = time.monotonic() - unused_for
+        async with self._lock:
+            expired = [r for r in self._by_token.values()
+                       if r.state is State.RESERVED and r.changed < limit_time][:limit]
+            for reservation in expired:
+                del self._by_token[reservation.token]
+            return expired
 
     async def list(self, service: str | None = None) -> list[Reservation]:
         found = [r for r in self._by_token.values() if service is None or r.service == service]

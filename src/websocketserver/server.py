@@ -72,7 +72,8 @@ class Server:
                 settings.redis, settings.node_name,
                 f"{settings.node_address}:{settings.ws_port}",
                 {s.name: s.count for s in settings.services},
-                [s.name for s in settings.services if s.cluster_scope], settings.heartbeat_ttl)
+                [s.name for s in settings.services if s.cluster_scope], settings.heartbeat_ttl,
+                secret=(settings.cluster_secret or "").encode())
             self.cluster: Cluster | None = Cluster(settings, store)
         else:
             store, self.cluster = MemoryStore(), None
@@ -88,8 +89,6 @@ class Server:
                      if settings.http_directory is not None else None)
         self._started = False  # close() reports a shutdown only of a server that started
 
-    def _fenced(self) -> None:
-        self.services.end_all("this instance was cleared from the cluster")
 
     def request_stop(self) -> None:
         """Begin the graceful shutdown (after the current request is answered)."""
@@ -102,7 +101,7 @@ class Server:
         stack = self._stack
         if self.cluster is not None:  # registered first, left last
             stack.push_async_callback(self.cluster.close)
-            await self.cluster.start(self.services.end_here, self._fenced)
+            await self.cluster.start(self.services.end_here, self.services.end_all_and_wait)
         if self.http is not None:
             stack.push_async_callback(self.http.close)
             await self._open("http", self.settings.http_port, context, self.http.listen)

@@ -51,6 +51,8 @@ log = logging.getLogger("websocketserver.services")
 
 RECLAIM_INTERVAL = 1.0
 """How often never-activated reservations are checked against ``--timeout``."""
+ENDED_POLL = 0.05
+"""Seconds between looks at whether every session has ended (end_all_and_wait)."""
 STORE_RETRY = 1.0
 """Seconds between tries to free a slot (or give back a claimed one) while the store (a
 cluster's Redis) does not answer."""
@@ -531,14 +533,9 @@ class ServiceManager:
                 log.debug("reclaiming skipped: %s", exc)
 
     async def _reclaim(self) -> None:
-        limit = time.monotonic() - self.settings.timeout
-        for reservation in await self.store.list():
-            if reservation.state is State.RESERVED and reservation.changed < limit:
-                if await self.store.transition(reservation.token, State.RESERVED,
-                                               State.STOPPING):
-                    await self.store.remove(reservation.token)
-                    log.info("reclaimed unused reservation of %s index %d",
-                             reservation.service, reservation.index)
+        for reservation in await self.store.reclaim(self.settings.timeout):
+            log.info("reclaimed unused reservation of %s index %d", reservation.service,
+                     reservation.index)
 
     async def close(self) -> None:
         """Stop reclaiming; end every session (their tunnels stop their services) and
@@ -553,3 +550,11 @@ class ServiceManager:
         for task in waiting:
             task.cancel()
         await asyncio.gather(*waiting, return_exceptions=True)
+
+    async def end_all_and_wait(self, reason: str) -> None:
+        """End every session of this instance, as :meth:`end_all`, and return once each
+        one's service is stopped (or its abandoned start given up): only then may its
+        slot be booked again."""
+        self.end_all(reason)
+        while self._closers or self._running or self._abandoned or self._holders:
+            await asyncio.sleep(ENDED_POLL)

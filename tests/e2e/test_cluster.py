@@ -256,12 +256,17 @@ def test_a_forged_or_replayed_forward_is_refused(cluster: Cluster) -> None:
     forged = {"X-Websocketserver-Forward": "nonce " + "0" * 64,
               "X-Websocketserver-Client": "10.0.0.1"}
     assert asyncio.run(upgrade(forged)) == 403
-    from websocketserver.forward import sign  # a valid signature, sent twice
-    signed = {"X-Websocketserver-Forward": "n1 " + sign(SECRET.encode(), token, "n1",
-                                                         "10.0.0.1", None),
-              "X-Websocketserver-Client": "10.0.0.1"}
-    assert asyncio.run(upgrade(signed)) == 101
-    assert asyncio.run(upgrade(signed)) == 403
+    from websocketserver.forward import sign  # a valid signature: too old, then sent twice
+
+    def signed(at: int) -> dict[str, str]:
+        signature = sign(SECRET.encode(), token, "n1", at, "10.0.0.1", None)
+        return {"X-Websocketserver-Forward": f"n1 {at} {signature}",
+                "X-Websocketserver-Client": "10.0.0.1"}
+
+    now = round(time.time() * 1000)  # Redis's clock: the same machine's
+    assert asyncio.run(upgrade(signed(now - 61_000))) == 403
+    assert asyncio.run(upgrade(signed(now))) == 101
+    assert asyncio.run(upgrade(signed(now))) == 403
 
 
 def test_an_instance_killed_frees_its_slots(cluster: Cluster) -> None:
@@ -380,3 +385,16 @@ def test_a_duplicate_node_name_is_refused(cluster: Cluster) -> None:
     duplicate = list(cluster.tmp_path.glob("server-*.log"))
     assert any("--node_name: a live instance named same" in log.read_text()
                for log in duplicate)
+
+
+def test_an_instance_with_a_wrong_cluster_secret_is_refused(
+        cluster: Cluster, start_server: Callable[..., ServerProcess]) -> None:
+    """It registered, said "store: ok" and was given reservations it could not serve."""
+    cluster.start("a", {"echo": 1})
+    config = services_file(cluster.tmp_path, {"echo": 1}, {})
+    with pytest.raises(RuntimeError, match="exited with 1"):
+        start_server("--redis", cluster.redis.url, "--cluster_secret", "another-secret",
+                     "--node_name", "b", "--remote_session_config", str(config))
+    assert any("error: --cluster_secret: live instance a of this cluster has another "
+               "cluster secret" in log.read_text()
+               for log in cluster.tmp_path.glob("server-*.log"))
