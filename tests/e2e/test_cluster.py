@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import signal
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -398,3 +399,58 @@ def test_an_instance_with_a_wrong_cluster_secret_is_refused(
     assert any("error: --cluster_secret: live instance a of this cluster has another "
                "cluster secret" in log.read_text()
                for log in cluster.tmp_path.glob("server-*.log"))
+
+
+LOCKING_SERVICE = r'''
+import fcntl, os, signal, socket, sys, time
+index, port, folder = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+lock = open(os.path.join(folder, f"lock-{index}"), "w")
+try:
+    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+except OSError:  # another live session holds this index
+    with open(os.path.join(folder, "held-twice"), "a") as marker:
+        marker.write(index + "\n")
+    sys.exit(1)
+signal.signal(signal.SIGTERM, lambda *_: (time.sleep(1.5), sys.exit(0)))  # a slow stop
+listener = socket.create_server(("127.0.0.1", port))
+while True:
+    connection, _ = listener.accept()
+    while data := connection.recv(65536):
+        connection.sendall(data)
+    connection.close()
+'''
+
+
+def test_a_paused_instance_never_holds_an_index_twice(
+        cluster: Cluster, start_server: Callable[..., ServerProcess]) -> None:
+    """An instance paused (SIGSTOP) past 2 x TTL is cleared; on resume it ends its
+    session and registers again only once that session's service has stopped: a
+    reservation landing on its index 0 at once finds the index's lock free (before,
+    it re-registered at once, and the new session found the old one's lock held)."""
+    folder = cluster.tmp_path
+    (folder / "locking.py").write_text(LOCKING_SERVICE)
+    config = folder / "locking.json"
+    config.write_text(json.dumps({"locked": {"count": 1, "command": [
+        sys.executable, str(folder / "locking.py"), "{index}", "{port}", str(folder)]}}))
+    a = start_server("--redis", cluster.redis.url, "--cluster_secret", SECRET,
+                     "--node_name", "a", "--heartbeat_ttl", str(TTL),
+                     "--remote_session_config", str(config), "--relay_processes", "0")
+    cluster.start("b", {"echo": 1})
+    first = a.get_json("/v1/reserve/locked")[1]["token"]
+
+    async def echo(token: str) -> None:
+        async with websockets.connect(a.ws_url(token=token)) as ws:
+            await ws.send(b"x")
+            assert await asyncio.wait_for(ws.recv(), 10) == b"x"
+            if token == first:  # held open across the pause
+                os.kill(a.serving_pid(), signal.SIGSTOP)
+                await asyncio.sleep(2 * TTL + 1)
+                os.kill(a.serving_pid(), signal.SIGCONT)
+                with pytest.raises(websockets.ConnectionClosed):
+                    await asyncio.wait_for(ws.recv(), 10)
+
+    asyncio.run(echo(first))
+    second = wait_until(lambda: (lambda answer: answer[1]["token"] if answer[0] == 200
+                                 else None)(a.get_json("/v1/reserve/locked")), 15, 0.01)
+    asyncio.run(echo(second))
+    assert not (folder / "held-twice").exists()
