@@ -18,6 +18,7 @@ from websocketserver import RemoteServiceScript
 
 class Recorder(RemoteServiceScript):
     calls = []
+    dead = False  # what alive() answers: True is dead, "raise" raises
 
     async def start(self, index, options):
         Recorder.calls.append(("start", index, dict(options)))
@@ -31,6 +32,11 @@ class Recorder(RemoteServiceScript):
 
     def stop(self, index):
         Recorder.calls.append(("stop", index))
+
+    def alive(self, index):
+        if Recorder.dead == "raise":
+            raise OSError("cannot tell")
+        return not Recorder.dead
 """
 
 
@@ -274,3 +280,21 @@ async def test_a_reconnect_racing_the_detach_waits_for_it(tmp_path) -> None:
     await manager.unclaim(token)
     await manager.close()
     assert [c[0] for c in calls(manager)] == ["start", "stop"]
+
+
+@pytest.mark.parametrize("dead", [True, "raise"])
+async def test_a_detached_instance_found_dead_ends_its_session(tmp_path, dead) -> None:
+    """A re-attach first asks the script whether its instance still runs: another
+    process may have taken a dead one's port. No (or no answer): refused with 410, the
+    instance stopped and its slot freed."""
+    manager = graceful(tmp_path, 30)
+    token = (await manager.reserve("rec", {}, None)).token
+    await leave(manager, token)
+    type(manager.services["rec"].script).dead = dead
+    with pytest.raises(ServiceError) as gone:
+        await manager.claim(token, None)
+    assert gone.value.status == 410 and "ended while detached" in str(gone.value)
+    assert await manager.store.list() == []
+    assert [c[0] for c in calls(manager)] == ["start", "stop"]
+    await manager.reserve("rec", {}, None)  # the one slot is free again
+    await manager.close()

@@ -277,7 +277,8 @@ class ServiceManager:
         -> active: a re-attach; atomically).
 
         Raises :class:`ServiceError`: 404 unknown token, 403 another known user's, 409
-        already in use. The winner must then :meth:`activate` it or :meth:`unclaim` it.
+        already in use, 410 a detached instance that died (its session is ended). The
+        winner must then :meth:`activate` it or :meth:`unclaim` it.
         """
         claim = await self.store.claim(token, user)
         attachment = self._attachments.get(token)
@@ -289,6 +290,11 @@ class ServiceManager:
             detached = self._detached.pop(token, None)
             if detached is not None:
                 detached.set()  # its holder ends without stopping it
+            instance = self._running.get(token)
+            if instance is not None and not await self._alive(instance):
+                await self._end_dead(token, instance)
+                raise ServiceError(410, f"the {instance.service.name} instance ended while "
+                                        "detached; its session is over")
         if claim.outcome is ClaimOutcome.UNKNOWN:
             raise ServiceError(404, "unknown or expired token")
         if claim.outcome is ClaimOutcome.NOT_OWNER:
@@ -517,6 +523,35 @@ class ServiceManager:
         except Exception as exc:
             log.error("%s index %d: stop() failed: %s: %s", service.name, index,
                       type(exc).__name__, exc)
+
+    async def _alive(self, instance: _Instance) -> bool:
+        """Whether a detached ``instance`` still runs, as its script's ``alive()`` says:
+        its port may have been taken by another process since it died. A script that
+        raises or does not answer within ``--stop_timeout`` counts as dead, so that a
+        user's keystrokes never go to a stranger."""
+        name, index = instance.service.name, instance.index
+        try:
+            return bool(await asyncio.wait_for(call(instance.service.script.alive, index),
+                                               self.settings.stop_timeout))
+        except TimeoutError:
+            log.error("%s index %d: alive() did not return within %g s", name, index,
+                      self.settings.stop_timeout)
+        except Exception as exc:
+            log.error("%s index %d: alive() failed: %s: %s", name, index,
+                      type(exc).__name__, exc)
+        return False
+
+    async def _end_dead(self, token: str, instance: _Instance) -> None:
+        """End the session of a detached ``instance`` found dead on a re-attach (the
+        claim made it active): stop what is left of it and free its slot."""
+        log.warning("%s index %d ended while detached: its session is over",
+                    instance.service.name, instance.index)
+        try:
+            await self.store.transition(token, State.ACTIVE, State.STOPPING)
+        except StoreUnavailable as exc:  # stopped all the same; freed once it answers
+            log.debug("%s index %d: not marked stopping: %s", instance.service.name,
+                      instance.index, exc)
+        await self._end(token, instance)
 
     # -- housekeeping ----------------------------------------------------------------
 

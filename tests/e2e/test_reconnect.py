@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -127,6 +128,38 @@ def test_reconnect_within_grace_reaches_the_same_process(start_server, config) -
     wait_until(lambda: states(server) == ["detached"])
     assert server.get_json(f"/v1/release/{token}")[0] == 200
     wait_until(lambda: instances(server) == [] and marked_processes(server) == [])
+
+
+def test_a_reattach_never_reaches_a_process_that_took_a_dead_instances_port(
+        start_server, config) -> None:
+    """The detached instance died and another local process listens on its port: the
+    re-attach is refused (410) without connecting there, and the session is over."""
+    server = start_server("--remote_session_config", str(config), "--reconnect_grace", "30")
+    token = reserve(server)
+    asyncio.run(visit(server, token))
+    wait_until(lambda: states(server) == ["detached"])
+    [proc] = marked_processes(server)
+    [port] = [c.laddr.port for c in proc.net_connections() if c.status == psutil.CONN_LISTEN]
+    proc.kill()
+    impostor = wait_until(lambda: _bound(port))
+    with impostor:
+        with pytest.raises(websockets.InvalidStatus) as refused:
+            asyncio.run(visit(server, token, "my password"))
+        assert refused.value.response.status_code == 410
+        assert b"kept instance ended while detached" in refused.value.response.body
+        impostor.setblocking(False)
+        with pytest.raises(BlockingIOError):  # nobody connected to it
+            impostor.accept()
+    assert instances(server) == [] and marked_processes(server) == []
+    assert server.get_json("/v1/reserve/kept")[0] == 200  # the one slot is free again
+
+
+def _bound(port: int) -> socket.socket | None:
+    """A socket listening on ``port``, once its former owner has let go of it."""
+    try:
+        return socket.create_server(("127.0.0.1", port))
+    except OSError:
+        return None
 
 
 def test_grace_expiry_stops_the_instance_and_frees_the_slot(start_server, config) -> None:
