@@ -226,6 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
     limits.add_argument("--max_header_size", metavar="bytes", type=_count, default=8190,
                         help="Longest HTTP request line or header (beyond: 400). "
                         "Default:8190")
+    limits.add_argument("--max_http_connections", metavar="n", type=_count, default=1000,
+                        help="Most connections the HTTP port holds at once (beyond: new "
+                        "ones wait until one closes). Default:1000")
     limits.add_argument("--handshake_timeout", metavar="seconds", type=_positive,
                         default=10.0, help="Time a new connection has for its TLS handshake "
                         "and request headers. Default:10")

@@ -5,7 +5,10 @@ connections answer the errors aiohttp answers itself (a malformed request, a
 handler's exception) as JSON, counted like every other answer, never quoting the
 request. Every connection is bounded by ``--handshake_timeout``: the first request
 head by :class:`~.limits.HandshakeGuard`, every later head and the idle time between
-requests by aiohttp's ``keepalive_timeout``.
+requests by aiohttp's ``keepalive_timeout``. A request head is bounded as on the
+websocket port (100 header lines, 4 x ``--max_header_size`` in all: aiohttp alone
+takes 128 x 8,190 bytes, and 400 such heads held 700 MiB), and so is the number of
+connections (``--max_http_connections``).
 """
 
 from __future__ import annotations
@@ -19,12 +22,15 @@ from http import HTTPStatus
 from typing import Any
 
 from aiohttp import web
-from aiohttp.web_protocol import RequestHandler
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
+from aiohttp.web_protocol import RequestHandler, _ErrInfo
 from prometheus_client import Counter
 
 from .api import RestApi, json_error
 from .files import FileServer
-from .limits import GuardedSite, HandshakeGuard
+from .handshake import MAX_HEADERS
+from .limits import GuardedSite, HandshakeGuard, give_back_memory
 from .metrics import Metrics
 from .protocol import protocol_refusal
 from .settings import Settings
@@ -32,6 +38,8 @@ from .settings import Settings
 log = logging.getLogger("websocketserver.http")
 
 _API_PATH = re.compile(r"/v\d+(/|$)")
+TRIM_DELAY = 1.0
+"""Seconds the HTTP port has been without connections before their memory is given back."""
 
 
 class HttpPort:
@@ -67,14 +75,16 @@ class HttpPort:
         # keepalive_timeout bounds every later request's head as the guard bounds the
         # first: aiohttp closes a connection whose next request is not complete this
         # long after the previous answer, whether it is idle or half-way through a head.
-        runner = web.ServerRunner(
-            _HttpServer(dispatch, self._metrics, access_log=None, max_line_size=size,
-                        max_field_size=size, keepalive_timeout=self._guard.timeout),
-            handle_signals=False, shutdown_timeout=2.0)
+        server = _HttpServer(dispatch, self._metrics, 4 * size, access_log=None,
+                             max_line_size=size, max_field_size=size, max_headers=MAX_HEADERS,
+                             keepalive_timeout=self._guard.timeout)
+        runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=2.0)
         await runner.setup()
         self._runner = runner
         site = GuardedSite(runner, self._settings.listen_address, port, ssl_context=context,
-                           backlog=1024, guard=self._guard)
+                           backlog=1024, guard=self._guard,
+                           most=self._settings.max_http_connections,
+                           count=lambda: server.open)
         await site.start()
         return runner.addresses
 
@@ -104,32 +114,86 @@ def _protocol_error(request: web.BaseRequest) -> web.Response | None:
 
 
 class _HttpServer(web.Server):
-    """aiohttp's low-level server, its connections answering errors as :class:`_Handler`."""
+    """aiohttp's low-level server, its connections answering errors as :class:`_Handler`
+    and counted (``open``) for ``--max_http_connections``."""
 
     def __init__(self, handler: Callable[[web.BaseRequest], Awaitable[web.StreamResponse]],
-                 metrics: Metrics, **kwargs: Any) -> None:
+                 metrics: Metrics, head_limit: int, **kwargs: Any) -> None:
         super().__init__(handler, **kwargs)
         self.metrics = metrics
+        self.head_limit = head_limit
+        self.open = 0
         self._handler_kwargs = kwargs
+        self._trim: asyncio.TimerHandle | None = None
 
     def __call__(self) -> RequestHandler:
-        return _Handler(self, self.metrics, loop=asyncio.get_running_loop(),
+        return _Handler(self, self.metrics, self.head_limit, loop=asyncio.get_running_loop(),
                         **self._handler_kwargs)
+
+    def connection_made(self, handler: RequestHandler, transport: asyncio.Transport) -> None:
+        super().connection_made(handler, transport)
+        self.open += 1
+
+    def connection_lost(self, handler: RequestHandler,
+                        exc: BaseException | None = None) -> None:
+        super().connection_lost(handler, exc)
+        self.open -= 1
+        if self.open == 0 and self._trim is None:
+            self._trim = asyncio.get_running_loop().call_later(TRIM_DELAY, self._idle)
+
+    def _idle(self) -> None:
+        """No connection for a while: give their memory back (a burst of them left tens
+        of MiB in the heap)."""
+        self._trim = None
+        if self.open == 0:
+            give_back_memory()
 
 
 class _Handler(RequestHandler):
     """aiohttp's connection, with errors it answers itself (a malformed request, a
-    handler's exception) made JSON and counted like every other answer.
+    handler's exception) made JSON and counted like every other answer, and a request
+    head over ``head_limit`` bytes refused (431).
 
     aiohttp's own error page quotes the malformed request, and so any security token
     in it; this one never says more than the status.
     """
 
-    __slots__ = ("_metrics",)
+    __slots__ = ("_metrics", "_head_limit", "_head", "_body")
 
-    def __init__(self, manager: web.Server, metrics: Metrics, **kwargs: Any) -> None:
+    def __init__(self, manager: web.Server, metrics: Metrics, head_limit: int,
+                 **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
         self._metrics = metrics
+        self._head_limit = head_limit
+        self._head = 0  # bytes of the request head being received
+        self._body: StreamReader = EMPTY_PAYLOAD  # the last request's, being received
+
+    def data_received(self, data: bytes) -> None:
+        """Count the bytes of each request head (not of bodies), and hand the parser no
+        more of a head than the limit: aiohttp keeps a head until it is complete, and
+        bounds only its lines (128 x 8,190 bytes)."""
+        while data and self._head >= 0:
+            if self._body.is_eof():  # receiving a head
+                room = self._head_limit - self._head + 1
+                chunk, data = data[:room], data[room:]
+                self._head += len(chunk)
+            else:
+                chunk, data = data, b""
+            messages = len(self._messages)
+            super().data_received(chunk)
+            if len(self._messages) > messages:  # a head is complete (its body may follow)
+                self._head, self._body = 0, self._messages[-1][1]
+            elif self._head > self._head_limit:
+                self._refuse_head()
+
+    def _refuse_head(self) -> None:
+        """Answer 431 as aiohttp answers a malformed request; read nothing more."""
+        self._head = -1
+        error = HttpProcessingError(code=431,
+                                    message=f"request head over {self._head_limit} bytes")
+        self._messages.append((_ErrInfo(431, error, error.message), EMPTY_PAYLOAD))
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
 
     def handle_error(self, request: web.BaseRequest, status: int = 500,
                      exc: BaseException | None = None,

@@ -77,6 +77,7 @@ class Settings:
     max_tunnels_per_client: int = 1000
     max_tunnels_per_user: int = 100
     max_header_size: int = 8190
+    max_http_connections: int = 1000
     handshake_timeout: float = 10.0
     ping_interval: float | None = None
     idle_timeout: float | None = None
