@@ -13,11 +13,16 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 
+from . import processes
 from .redis_store import DuplicateNode, RedisStore, WrongSecret
 from .reservations import StoreUnavailable
 from .settings import Settings, SettingsError
 
 log = logging.getLogger("websocketserver.cluster")
+
+LEASE_TTLS = 1.5
+"""A stalled instance's sessions are ended by its supervisor after this many TTLs
+without a sign of life: before the cluster may clear it, at 2 x TTL."""
 
 
 class Cluster:
@@ -46,7 +51,17 @@ class Cluster:
         except StoreUnavailable as exc:
             raise SettingsError(f"--redis: cannot register this instance: {exc}") from None
         self._watchers = [asyncio.create_task(self._releases(released)),
-                          asyncio.create_task(self._rejoin(released, fenced))]
+                          asyncio.create_task(self._rejoin(released, fenced)),
+                          asyncio.create_task(self._renew_lease())]
+
+    async def _renew_lease(self) -> None:
+        """Tell the supervisor this instance's event loop runs; if it stalls for
+        LEASE_TTLS x TTL, the supervisor ends its sessions' processes, before the
+        cluster may clear it (2 x TTL) and book their slots again."""
+        seconds = LEASE_TTLS * self.store.heartbeat_ttl
+        while True:
+            processes.renew_lease(seconds)
+            await asyncio.sleep(self.store.heartbeat_interval)
 
     async def _releases(self, released: Callable[[str], object]) -> None:
         async for token in self.store.stop_requests():

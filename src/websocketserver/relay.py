@@ -96,6 +96,11 @@ class RelayPool:
             relays.append(_RelayProcess(pid, Channel(ours)))
         return cls(relays)
 
+    @property
+    def pids(self) -> list[int]:
+        """The relay processes' ids."""
+        return [relay.pid for relay in self._relays]
+
     def attach(self, limits: TunnelLimits, metrics: Metrics) -> None:
         """Start listening to the relays; their ends release ``limits``."""
         self._limits, self._metrics = limits, metrics

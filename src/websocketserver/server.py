@@ -203,6 +203,8 @@ def _serve_process(settings: Settings) -> int:
         loop_factory = None
     relays = (RelayPool.fork(settings, settings.relay_processes)
               if _relaying(settings) else None)
+    if relays is not None:
+        processes.spare(relays.pids)  # not a session's: a lapsed lease leaves them
     try:
         with asyncio.Runner(loop_factory=loop_factory) as runner:
             runner.run(serve(settings, relays))

@@ -4,6 +4,7 @@ behind a real HAProxy, on loopback. One test per acceptance item of the spec."""
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import os
 import shutil
@@ -421,10 +422,21 @@ while True:
 '''
 
 
+def lock_free(path: Path) -> bool:
+    with path.open("a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return False
+        fcntl.flock(lock, fcntl.LOCK_UN)
+        return True
+
+
 def test_a_paused_instance_never_holds_an_index_twice(
         cluster: Cluster, start_server: Callable[..., ServerProcess]) -> None:
-    """An instance paused (SIGSTOP) past 2 x TTL is cleared; on resume it ends its
-    session and registers again only once that session's service has stopped: a
+    """An instance paused (SIGSTOP) past 2 x TTL is cleared; its supervisor ends the
+    session's service before that (1.5 x TTL without a sign of life); on resume the
+    instance ends its session and registers again only once that session has ended: a
     reservation landing on its index 0 at once finds the index's lock free (before,
     it re-registered at once, and the new session found the old one's lock held)."""
     folder = cluster.tmp_path
@@ -444,7 +456,10 @@ def test_a_paused_instance_never_holds_an_index_twice(
             assert await asyncio.wait_for(ws.recv(), 10) == b"x"
             if token == first:  # held open across the pause
                 os.kill(a.serving_pid(), signal.SIGSTOP)
-                await asyncio.sleep(2 * TTL + 1)
+                paused = time.monotonic()
+                # its supervisor ends the session's service after 1.5 x TTL
+                wait_until(lambda: lock_free(folder / "lock-0"), 2 * TTL + 0.5)
+                await asyncio.sleep(paused + 2 * TTL + 1 - time.monotonic())
                 os.kill(a.serving_pid(), signal.SIGCONT)
                 with pytest.raises(websockets.ConnectionClosed):
                     await asyncio.wait_for(ws.recv(), 10)
