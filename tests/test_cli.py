@@ -206,3 +206,35 @@ def test_a_command_service_config(tmp_path: Path) -> None:
     [service] = parse_settings(["--remote_session_config", str(config), "1"]).services
     assert service.command == ("bin/app", "--port={port}", "{color}")
     assert service.directory == tmp_path.resolve() and service.script is None
+
+
+def test_the_host_names_answered_to() -> None:
+    """Loopback is always answered to (protocol.host_refusal); the machine's names and
+    addresses, the listen address and --allowed_host too (issue 22.6)."""
+    import socket
+
+    names = parse_settings(["--allowed_host", "Viz.Example.com", "--allowed_host",
+                            "[fd00::9]", "--listen_address", "10.1.2.3", "1"]).host_names
+    assert names is not None
+    assert {"viz.example.com", "fd00::9", "10.1.2.3", socket.gethostname().lower()} <= names
+    assert parse_settings(["--allowed_host", "*", "1"]).host_names is None
+    line = one_error_line(run_launcher("--allowed_host", "https://viz.example.com/", "1"))
+    assert line == ("websocketserver.py: error: --allowed_host 'https://viz.example.com/': "
+                    "give a host name or address (viz.example.com, 10.0.0.5), not a URL")
+
+
+@pytest.mark.parametrize(("argv", "warned"), [
+    ([], True),
+    (["--listen_address", "0.0.0.0"], True),
+    (["--listen_address", "10.0.0.5"], True),
+    (["--listen_address", "127.0.0.1"], False),
+    (["--listen_address", "localhost"], False),
+    (["--security_token", "K"], False),
+    (["--trusted_proxy", "10.0.0.2"], False),
+])
+def test_a_rest_api_open_to_anyone_is_warned_about(tmp_path: Path, argv: list[str],
+                                                   warned: bool) -> None:
+    warnings = parse_settings(["--http_directory", str(tmp_path), *argv, "1"]).warnings
+    open_api = [w for w in warnings if w.startswith("the REST API on port 9090 is open to "
+                                                    "anyone who reaches it")]
+    assert len(open_api) == int(warned), warnings

@@ -14,7 +14,9 @@ from websocketserver.protocol import (
     Policy,
     Refusal,
     UpgradeRequest,
+    cross_site_refusal,
     decide,
+    host_refusal,
     limit_refusal,
     protocol_refusal,
 )
@@ -111,3 +113,82 @@ def test_bad_upgrade_corpus_is_refused_by_the_decision(data: bytes, status: int)
         assert status == 404 and decision.token is not None
     else:
         assert decision.status == status, decision
+
+
+# -- what a page of another site can make a browser send (issue 22, finding 6) ----------
+
+NAMES = frozenset({"viz.example.com", "10.0.0.5", "fd00::2"})
+
+
+@pytest.mark.parametrize("host", [
+    "viz.example.com", "VIZ.example.com:8080", "viz.example.com.", "10.0.0.5:9090",
+    "[fd00::2]:8080", "localhost", "localhost:9090", "app.localhost", "127.0.0.1:1",
+    "127.8.9.10", "[::1]:8080", None])
+def test_the_names_the_server_answers_to(host: str | None) -> None:
+    assert host_refusal(host, NAMES) is None
+
+
+@pytest.mark.parametrize("host", ["attacker.example", "attacker.example:9090",
+                                  "viz.example.com.attacker.example", "10.0.0.6",
+                                  "[fd00::3]:80", "localhost.attacker.example", ""])
+def test_other_host_names_get_421_naming_the_option(host: str) -> None:
+    refusal = host_refusal(host, NAMES)
+    assert refusal is not None and refusal.status == 421
+    assert "--allowed_host" in refusal.reason
+
+
+def test_no_host_check_with_a_star() -> None:
+    assert host_refusal("attacker.example", None) is None
+
+
+def test_the_upgrade_checks_host_unless_forwarded() -> None:
+    """A forwarded upgrade carries the Host the browser gave the forwarding instance,
+    which checked it; its signature is checked after the decision (forward.check)."""
+    policy = Policy(allowed_origins=(), basic_mode=True, hosts=NAMES)
+    assert decide(request(Host="viz.example.com:8080"), policy) == Accept(KEY.encode(), False,
+                                                                          None)
+    refused = decide(request(Host="rebind.attacker.example"), policy)
+    assert isinstance(refused, Refusal) and refused.status == 421
+    forwarded = request(Host="node2.example.com", X_Websocketserver_Forward="n s")
+    assert isinstance(decide(forwarded, policy), Accept)
+
+
+PAGE = "http://127.0.0.1:9090"
+
+
+@pytest.mark.parametrize("headers", [
+    {},  # curl, PyEnSight, scripts
+    {"Sec-Fetch-Site": "none"},  # typed in the address bar, a bookmark
+    {"Sec-Fetch-Site": "same-origin"},  # the dashboard's buttons
+    {"Sec-Fetch-Site": "same-origin", "Origin": PAGE},
+    {"Host": "viz:9090", "Origin": "http://viz:9090"},  # plain http, no Sec-Fetch
+    {"Host": "viz:9090", "Referer": "http://viz:9090/v1/status_view"},
+    {"Host": "viz:9090", "Origin": "https://portal.example"},  # listed
+    {"Sec-Fetch-Site": "cross-site", "Origin": "https://portal.example/"},
+    {"Sec-Fetch-Site": "cross-site", "Referer": "https://portal.example/page?x=1"},
+])
+def test_requests_that_are_not_cross_site(headers: dict[str, str]) -> None:
+    assert cross_site_refusal(CIMultiDict(headers), ("https://portal.example",)) is None
+
+
+@pytest.mark.parametrize("headers", [
+    {"Sec-Fetch-Site": "cross-site"},  # <img src=".../v1/stop" referrerpolicy=no-referrer>
+    {"Sec-Fetch-Site": "cross-site", "Referer": "https://attacker.example/"},
+    {"Sec-Fetch-Site": "cross-site", "Origin": "https://attacker.example"},
+    {"Sec-Fetch-Site": "same-site", "Origin": "http://127.0.0.1:8888"},  # another port
+    {"Sec-Fetch-Site": "cross-site", "Origin": "null"},  # a sandboxed frame
+    {"Host": "viz:9090", "Origin": "http://attacker.example"},  # plain http
+    {"Host": "viz:9090", "Referer": "http://attacker.example/x"},
+    {"Host": "viz:9090", "Referer": "not a url"},
+])
+def test_cross_site_requests_are_refused(headers: dict[str, str]) -> None:
+    refusal = cross_site_refusal(CIMultiDict(headers), ("https://portal.example",))
+    assert refusal is not None and refusal.status == 403
+    assert "--allowed_origin" in refusal.reason
+
+
+def test_no_allowed_origin_allows_no_other_site() -> None:
+    """Unlike websockets, where no --allowed_origin means any origin."""
+    headers = CIMultiDict({"Sec-Fetch-Site": "cross-site", "Origin": "https://x.example"})
+    assert cross_site_refusal(headers, ()) is not None
+    assert cross_site_refusal(headers, ("*",)) is None

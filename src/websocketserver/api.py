@@ -3,7 +3,10 @@
 Every call needs the security token when one is configured (``?security_token=``
 or ``Authorization: Bearer``), compared in constant time; the one exception is
 ``/v1/release/{token}``, which the holder of that reservation token may call.
-Errors are JSON ``{"error": "..."}`` with a fitting status.
+Errors are JSON ``{"error": "..."}`` with a fitting status. The calls that change
+state (stop, reserve, release) made by a page of another site are refused (403) unless
+they carry the security token or the page's origin is in ``--allowed_origin``: with no
+security token, an ``<img src=".../v1/stop">`` on any page stopped the server.
 
 A token reserved by a known user is that user's: other callers see its instance
 with ``"token": null`` and may not release it (403); the security token's holder
@@ -26,6 +29,7 @@ from prometheus_client import CollectorRegistry
 from . import __version__
 from .identity import USER_KEY_PARAM
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from .protocol import cross_site_refusal
 from .reservations import State, StoreUnavailable
 from .services import ServiceError, ServiceManager
 
@@ -33,6 +37,7 @@ log = logging.getLogger("websocketserver.api")
 
 TOKEN_PARAM = "security_token"
 _NOT_OPTIONS = {TOKEN_PARAM, USER_KEY_PARAM}
+_STATE_CHANGING = {"stop", "reserve", "release"}
 
 Handler = Callable[[web.BaseRequest, str], Awaitable[web.StreamResponse]]
 
@@ -91,6 +96,11 @@ class RestApi:
             return json_error(404, f"unknown API call: {request.path}")
         if request.method not in ("GET", "HEAD"):
             return json_error(405, "the REST API takes GET requests")
+        if name in _STATE_CHANGING and not self._admin(request):  # a forged request
+            refusal = cross_site_refusal(  # cannot carry the security token
+                request.headers, self.services.settings.allowed_origins)
+            if refusal is not None:
+                return json_error(refusal.status, refusal.reason)
         if not self.authorized(request) and not await self._holds_token(request, name, args):
             return json_error(401, "missing or wrong security_token")
         try:

@@ -23,7 +23,7 @@ from typing import Any, NoReturn
 from . import __version__
 from .install import discover
 from .settings import BUILTIN_APPS, ServiceConfig, Settings, SettingsError, load_service_config
-from .startup import program_name
+from .startup import host_name, is_loopback, machine_names, program_name
 
 TOKEN_ENV = "WEBSOCKETSERVER_SECURITY_TOKEN"
 CLUSTER_SECRET_ENV = "WEBSOCKETSERVER_CLUSTER_SECRET"
@@ -216,6 +216,11 @@ def build_parser() -> argparse.ArgumentParser:
     limits.add_argument("--allowed_origin", metavar="origin", action="append", default=[],
                         help="Browser Origin allowed to open websockets, e.g. "
                         "https://portal.example.com; repeatable. Default: any origin")
+    limits.add_argument("--allowed_host", metavar="name", action="append", default=[],
+                        help="Host name (or address) this server also answers to, besides "
+                        "loopback, this machine's names and addresses and --listen_address: "
+                        "the name a front end or a DNS alias gives it; other Host headers get "
+                        "421. Repeatable; '*': any")
     limits.add_argument("--max_tunnels", metavar="n", type=_count, default=10000,
                         help="Most tunnels at once (beyond: 503). Default:10000")
     limits.add_argument("--max_tunnels_per_client", metavar="n", type=_count, default=1000,
@@ -331,9 +336,19 @@ def _check_pem(cert: Path | None, key: Path | None) -> None:
                             "server's user")
 
 
-def _warnings(args: argparse.Namespace, services: list[ServiceConfig]) -> tuple[str, ...]:
-    """Options that do nothing as given: said at start-up, since nothing else would."""
+def _warnings(args: argparse.Namespace, services: list[ServiceConfig],
+              token: str | None) -> tuple[str, ...]:
+    """Options that do nothing as given, and a REST API open to anyone: said at
+    start-up, since nothing else would."""
     found = []
+    listen = args.listen_address
+    if (args.http_directory is not None and token is None and args.users_file is None
+            and not args.trusted_proxy and not (listen and is_loopback(host_name(listen)))):
+        port = 9090 if args.http_port is None else args.http_port
+        found.append(f"the REST API on port {port} is open to anyone who reaches it (no "
+                     "--security_token, no --users_file or --trusted_proxy) and it listens "
+                     "beyond loopback: anyone can stop the server or reserve its services; "
+                     "set a security token, or --listen_address 127.0.0.1")
     if args.http_directory is None:
         if args.http_port is not None:
             found.append(f"--http_port {args.http_port} does nothing without "
@@ -403,6 +418,8 @@ def _settings(args: argparse.Namespace, location: Path | None) -> Settings:
         "add_headers": tuple(args.add_header),
         "trusted_proxies": tuple(args.trusted_proxy),
         "allowed_origins": tuple(args.allowed_origin),
+        "allowed_hosts": tuple(args.allowed_host),
+        "host_names": _host_names(args, cluster["node_address"]),
         "ansys_install_root": web_root,
         "local_app_root": app_root,
         "install_notes": notes,
@@ -410,11 +427,24 @@ def _settings(args: argparse.Namespace, location: Path | None) -> Settings:
         "http_port": http_port,
         "client_hostname": args.client_hostname or "localhost",
         "security_token": token,
-        "warnings": _warnings(args, services),
+        "warnings": _warnings(args, services, token),
     }
     as_given = {f.name: getattr(args, f.name) for f in dataclasses.fields(Settings)
                 if f.name in vars(args) and f.name not in derived}
     return Settings(**as_given, **derived)
+
+
+def _host_names(args: argparse.Namespace, node_address: str) -> frozenset[str] | None:
+    """The names a ``Host`` header may give (loopback ones are always allowed): the
+    machine's, the listen and node addresses, ``--allowed_host``; None with ``*``."""
+    if "*" in args.allowed_host:
+        return None
+    for name in args.allowed_host:
+        if not name.strip() or "/" in name or " " in name.strip():
+            raise SettingsError(f"--allowed_host {name!r}: give a host name or address "
+                                "(viz.example.com, 10.0.0.5), not a URL")
+    given = [*args.allowed_host, args.listen_address or "", node_address]
+    return machine_names() | {host_name(name) for name in given if name}
 
 
 def _cluster(args: argparse.Namespace) -> dict[str, Any]:

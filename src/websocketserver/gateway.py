@@ -125,7 +125,7 @@ class WebSocketGateway:
                 tail: bytes) -> None:
         """Act on a complete upgrade request: refuse it, or open its tunnel."""
         policy = Policy(self.settings.allowed_origins, self.settings.client_port is not None,
-                        self.live.closing)
+                        self.live.closing, self.settings.host_names)
         decision = decide(request, policy)
         if isinstance(decision, Refusal):
             self.refuse(transport, decision)

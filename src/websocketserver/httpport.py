@@ -9,6 +9,10 @@ requests by aiohttp's ``keepalive_timeout``. A request head is bounded as on the
 websocket port (100 header lines, 4 x ``--max_header_size`` in all: aiohttp alone
 takes 128 x 8,190 bytes, and 400 such heads held 700 MiB), and so is the number of
 connections (``--max_http_connections``).
+
+Every answer, errors included, carries :func:`answer_headers` (framing, sniffing,
+referrer; ``--add_header`` overrides them), and a request for a host name this server
+does not answer to gets 421 (DNS rebinding, :func:`~.protocol.host_refusal`).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 from aiohttp.web_protocol import RequestHandler, _ErrInfo
+from multidict import CIMultiDict
 from prometheus_client import Counter
 
 from .api import RestApi, json_error
@@ -32,14 +37,39 @@ from .files import FileServer
 from .handshake import MAX_HEADERS
 from .limits import GuardedSite, HandshakeGuard, give_back_memory
 from .metrics import Metrics
-from .protocol import protocol_refusal
+from .protocol import host_refusal, protocol_refusal
 from .settings import Settings
 
 log = logging.getLogger("websocketserver.http")
 
 _API_PATH = re.compile(r"/v\d+(/|$)")
+_ORIGIN = re.compile(r"[a-z][a-z0-9+.-]*://[^\s;,'\"/]+", re.IGNORECASE)
+_LOOPBACK_FRAMERS = tuple(f"{scheme}://{host}:*" for scheme in ("http", "https")
+                          for host in ("localhost", "127.0.0.1", "[::1]"))
 TRIM_DELAY = 1.0
 """Seconds the HTTP port has been without connections before their memory is given back."""
+
+
+def answer_headers(settings: Settings) -> CIMultiDict[str]:
+    """The headers of every answer of the HTTP port, ``--add_header`` last (it wins).
+
+    * ``Content-Security-Policy: frame-ancestors``: who may frame these pages
+      (clickjacking of the dashboard's buttons): this origin, pages on this machine's
+      loopback (a Jupyter notebook framing a PyEnSight page), and ``--allowed_origin``
+      (portals framing noVNC). Not ``X-Frame-Options``: it cannot name those, and a
+      browser that knows both obeys the CSP alone.
+    * ``X-Content-Type-Options: nosniff``: a file is what its type says.
+    * ``Referrer-Policy: no-referrer``: URLs carry tokens (``?token=``,
+      ``?security_token=``), which a page's links must not pass on.
+    """
+    origins = [origin.rstrip("/") for origin in settings.allowed_origins]
+    sources = ["*"] if "*" in origins else [
+        "'self'", *_LOOPBACK_FRAMERS, *(o for o in origins if _ORIGIN.fullmatch(o))]
+    headers = CIMultiDict([("Content-Security-Policy", f"frame-ancestors {' '.join(sources)}"),
+                           ("X-Content-Type-Options", "nosniff"),
+                           ("Referrer-Policy", "no-referrer")])
+    headers.update(settings.add_headers)
+    return headers
 
 
 class HttpPort:
@@ -57,13 +87,15 @@ class HttpPort:
     async def listen(self, port: int,
                      context: ssl.SSLContext | None) -> list[tuple[str, int]]:
         """Listen on ``port`` (TLS with ``context``); the addresses listened on."""
-        extra_headers = self._settings.add_headers
+        extra_headers = answer_headers(self._settings)
+        hosts = self._settings.host_names
         counters: dict[int, Counter] = {}
 
         async def dispatch(request: web.BaseRequest) -> web.StreamResponse:
             self._guard.seen(request)
-            response = _protocol_error(request) or await self._route(request)
-            if extra_headers and not response.prepared:
+            response = (_protocol_error(request) or _host_error(request, hosts)
+                        or await self._route(request))
+            if not response.prepared:
                 response.headers.update(extra_headers)
             status = response.status
             if status not in counters:
@@ -75,7 +107,7 @@ class HttpPort:
         # keepalive_timeout bounds every later request's head as the guard bounds the
         # first: aiohttp closes a connection whose next request is not complete this
         # long after the previous answer, whether it is idle or half-way through a head.
-        server = _HttpServer(dispatch, self._metrics, 4 * size, access_log=None,
+        server = _HttpServer(dispatch, self._metrics, 4 * size, extra_headers, access_log=None,
                              max_line_size=size, max_field_size=size, max_headers=MAX_HEADERS,
                              keepalive_timeout=self._guard.timeout)
         runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=2.0)
@@ -113,22 +145,29 @@ def _protocol_error(request: web.BaseRequest) -> web.Response | None:
     return json_error(refusal.status, refusal.reason) if refusal is not None else None
 
 
+def _host_error(request: web.BaseRequest, hosts: frozenset[str] | None) -> web.Response | None:
+    refusal = host_refusal(request.headers.get("Host"), hosts)
+    return json_error(refusal.status, refusal.reason) if refusal is not None else None
+
+
 class _HttpServer(web.Server):
     """aiohttp's low-level server, its connections answering errors as :class:`_Handler`
     and counted (``open``) for ``--max_http_connections``."""
 
     def __init__(self, handler: Callable[[web.BaseRequest], Awaitable[web.StreamResponse]],
-                 metrics: Metrics, head_limit: int, **kwargs: Any) -> None:
+                 metrics: Metrics, head_limit: int, headers: CIMultiDict[str],
+                 **kwargs: Any) -> None:
         super().__init__(handler, **kwargs)
         self.metrics = metrics
         self.head_limit = head_limit
+        self.headers = headers
         self.open = 0
         self._handler_kwargs = kwargs
         self._trim: asyncio.TimerHandle | None = None
 
     def __call__(self) -> RequestHandler:
-        return _Handler(self, self.metrics, self.head_limit, loop=asyncio.get_running_loop(),
-                        **self._handler_kwargs)
+        return _Handler(self, self.metrics, self.head_limit, self.headers,
+                        loop=asyncio.get_running_loop(), **self._handler_kwargs)
 
     def connection_made(self, handler: RequestHandler, transport: asyncio.Transport) -> None:
         super().connection_made(handler, transport)
@@ -158,12 +197,13 @@ class _Handler(RequestHandler):
     in it; this one never says more than the status.
     """
 
-    __slots__ = ("_metrics", "_head_limit", "_head", "_body")
+    __slots__ = ("_metrics", "_head_limit", "_head", "_body", "_headers")
 
     def __init__(self, manager: web.Server, metrics: Metrics, head_limit: int,
-                 **kwargs: Any) -> None:
+                 headers: CIMultiDict[str], **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
         self._metrics = metrics
+        self._headers = headers
         self._head_limit = head_limit
         self._head = 0  # bytes of the request head being received
         self._body: StreamReader = EMPTY_PAYLOAD  # the last request's, being received
@@ -203,5 +243,6 @@ class _Handler(RequestHandler):
         reason = ("malformed HTTP request" if status == HTTPStatus.BAD_REQUEST
                   else HTTPStatus(status).phrase.lower())
         response = json_error(status, reason)
+        response.headers.update(self._headers)
         response.force_close()
         return response

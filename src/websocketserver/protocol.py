@@ -7,6 +7,11 @@ token's claim in the store, the tunnel limits — become refusals through
 :func:`claim_refusal` and :func:`limit_refusal`. Writing the answer is the I/O
 layer's job (``handshake.write_refusal``, or picows' 101). Tests drive these with
 values, no socket (``tests/test_protocol.py``).
+
+Both ports also judge here what a browser could be made to send by a page of another
+site: :func:`host_refusal` (DNS rebinding: a request for a name this server does not
+answer to) and :func:`cross_site_refusal` (a state-changing REST call made by another
+site's page, e.g. ``<img src=".../v1/stop">``).
 """
 
 from __future__ import annotations
@@ -15,13 +20,15 @@ import base64
 import binascii
 from collections.abc import Mapping
 from dataclasses import dataclass
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, urlsplit
 
 from multidict import CIMultiDict, MultiDict, MultiDictProxy
 
 from .limits import LimitExceeded, origin_allowed
+from .startup import host_name, is_loopback
 
 _NO_QUERY: MultiDictProxy[str] = MultiDictProxy(MultiDict())
+_FORWARD_HEADER = "X-Websocketserver-Forward"  # forward.FORWARD_HEADER (which imports this)
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +80,7 @@ class Policy:
     allowed_origins: tuple[str, ...]
     basic_mode: bool  # a --client_port is configured
     closing: bool = False
+    hosts: frozenset[str] | None = None  # names the server answers to; None: any
 
 
 def protocol_refusal(version: str, expect: str | None) -> Refusal | None:
@@ -94,6 +102,10 @@ def decide(request: UpgradeRequest, policy: Policy) -> Accept | Refusal:
         return refusal
     if request.version == "1.1" and len(headers.getall("Host", ())) != 1:
         return Refusal(400, "an HTTP/1.1 request needs one Host header")
+    if _FORWARD_HEADER not in headers:  # a forward's signature is checked instead: its
+        refusal = host_refusal(headers.get("Host"), policy.hosts)  # Host is the browser's
+        if refusal is not None:  # to the forwarding instance, which checked it
+            return refusal
     if request.method != "GET":
         return Refusal(405, "websocket upgrades are GET requests")
     if (headers.get("Upgrade", "").lower() != "websocket"
@@ -114,6 +126,72 @@ def decide(request: UpgradeRequest, policy: Policy) -> Accept | Refusal:
     offered = headers.get("Sec-WebSocket-Protocol", "")
     binary = "binary" in (p.strip() for p in offered.split(","))
     return Accept(key.encode("ascii"), binary, token)
+
+
+def host_refusal(host: str | None, names: frozenset[str] | None) -> Refusal | None:
+    """421 for a ``Host`` this server does not answer to (``names``, and loopback).
+
+    DNS rebinding: a page of another site, its name made to resolve to this server,
+    is same-origin with it and can read its answers (``/v1/status`` and its tokens);
+    its requests still carry its own name as ``Host``. ``names``: None checks nothing
+    (``--allowed_host '*'``). A request without ``Host`` (HTTP/1.0) is not a browser's.
+    """
+    if names is None or host is None:
+        return None
+    name = host_name(host)
+    if name in names or is_loopback(name):
+        return None
+    shown = name if len(name) <= 100 else name[:100] + "..."
+    return Refusal(421, f"this server does not answer to the host name {shown!r}: add it "
+                        "with --allowed_host (the name users and front ends use for it)")
+
+
+def _origin_of(url: str | None) -> str | None:
+    """``scheme://host[:port]`` of a URL (a ``Referer``), None if it has none."""
+    if not url:
+        return None
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "null"  # unparsable: from somewhere, not from here
+    return f"{parts.scheme}://{parts.netloc}" if parts.scheme and parts.netloc else "null"
+
+
+def _listed(origin: str, allowed: tuple[str, ...]) -> bool:
+    """Whether ``--allowed_origin`` names ``origin`` (``*``: every one)."""
+    wanted = origin.rstrip("/").lower()
+    return any(a == "*" or a.rstrip("/").lower() == wanted for a in allowed)
+
+
+def cross_site_refusal(headers: Mapping[str, str],
+                       allowed_origins: tuple[str, ...]) -> Refusal | None:
+    """403 for a request a page of another origin made (CSRF), unless that origin is
+    in ``--allowed_origin``; None for a typed URL, a same-origin page, or a client
+    that is not a browser (no ``Origin``, ``Referer``, ``Sec-Fetch-Site``: PyEnSight,
+    curl, scripts).
+
+    Browsers send ``Sec-Fetch-Site`` to https and loopback URLs; ``same-origin`` and
+    ``none`` (typed, bookmarked) pass, anything else (``same-site``: another port of
+    this host; ``cross-site``) needs a listed ``Origin``, else ``Referer``. Without it
+    (plain http to another host) a request whose ``Origin`` (else ``Referer``) names
+    another host than its ``Host`` is refused; one with neither passes, as a page
+    can make a browser send neither (``referrerpolicy="no-referrer"``): there only the
+    security token protects (SECURITY.md).
+    """
+    fetch_site = headers.get("Sec-Fetch-Site")
+    if fetch_site in ("same-origin", "none"):
+        return None
+    source = headers.get("Origin") or _origin_of(headers.get("Referer"))
+    if fetch_site is None:
+        if source is None:
+            return None
+        netloc = source.partition("://")[2]
+        if netloc and netloc.lower() == headers.get("Host", "").strip().lower():
+            return None
+    if source is not None and _listed(source, allowed_origins):
+        return None
+    return Refusal(403, "refused: a page of another site made this request (a page's "
+                        "origin may be allowed with --allowed_origin)")
 
 
 def valid_key(key: str) -> bool:

@@ -73,6 +73,8 @@ class Settings:
     users_file: Path | None = None
     groups_file: Path | None = None
     allowed_origins: tuple[str, ...] = ()
+    allowed_hosts: tuple[str, ...] = ()  # --allowed_host: names besides the machine's own
+    host_names: frozenset[str] | None = None  # every name answered to (cli); None: any
     max_tunnels: int = 10000
     max_tunnels_per_client: int = 1000
     max_tunnels_per_user: int = 100

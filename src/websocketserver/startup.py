@@ -1,4 +1,5 @@
-"""What the server says as it starts: its name as invoked, and one line per listener.
+"""What the server says as it starts: its name as invoked, and one line per listener;
+and the names it answers to (the ``Host`` check of both ports, see :mod:`.protocol`).
 
 The lines say what each port serves or tunnels to, so that a newcomer sees at the
 default ``--verbose 0`` what the command line they typed amounts to; the warnings
@@ -7,8 +8,10 @@ default ``--verbose 0`` what the command line they typed amounts to; the warning
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import logging
+import socket
 from pathlib import Path
 
 from .settings import Settings
@@ -21,6 +24,40 @@ def program_name(argv0: str) -> str:
     if name == "__main__.py":
         return "python -m websocketserver"
     return name if name and name != "-c" else "websocketserver"
+
+
+def host_name(host: str) -> str:
+    """The name or address of a ``Host`` header, lower case, without port or brackets."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1:].partition("]")[0]
+    if host.count(":") == 1:
+        host = host.partition(":")[0]
+    return host.rstrip(".")
+
+
+def is_loopback(name: str) -> bool:
+    """``localhost``, ``*.localhost`` (RFC 6761) or a loopback address: names that no
+    DNS answer can point elsewhere (browsers resolve them to loopback themselves)."""
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(name.partition("%")[0]).is_loopback
+    except ValueError:
+        return False
+
+
+@functools.cache
+def machine_names() -> frozenset[str]:
+    """This machine's host name, its fully qualified name and the addresses of its
+    interfaces: the ``Host`` names it answers to besides loopback and the options'."""
+    import psutil  # imported here: `-h` and usage errors stay fast
+
+    names = {socket.gethostname(), socket.getfqdn()}
+    for addresses in psutil.net_if_addrs().values():
+        names.update(address.address.partition("%")[0] for address in addresses
+                     if address.family in (socket.AF_INET, socket.AF_INET6))
+    return frozenset(name.lower().rstrip(".") for name in names if name)
 
 
 def summary(settings: Settings) -> list[str]:
