@@ -26,8 +26,8 @@ TIMEOUT = 0.5
 """``--handshake_timeout`` of the servers here."""
 BOUND = TIMEOUT + 2.0
 """Latest a stalled connection may be closed (the timeout plus slack for a busy machine)."""
-REQUEST = b"GET /no-such-file HTTP/1.1\r\nHost: x\r\n\r\n"  # a small answer (404)
-PARTIAL = b"GET /no-such-file HTTP/1.1\r\nHost: x\r\n"  # a head that never ends
+REQUEST = b"GET /no-such-file HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"  # a small answer (404)
+PARTIAL = b"GET /no-such-file HTTP/1.1\r\nHost: 127.0.0.1\r\n"  # a head that never ends
 LIMIT_FILES = ("import os, resource, sys; "
                "resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256)); "
                "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])")
@@ -184,7 +184,7 @@ def ws_port_answers(port: int) -> bool:
     """Whether the websocket port answers a plain GET (426) now."""
     with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port),
                                                                 timeout=2) as sock:
-        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         return sock.recv(64).startswith(b"HTTP/1.1 426 ")
     return False
 

@@ -111,7 +111,7 @@ def test_slowloris_connection_is_closed(start_server, port_name) -> None:
     server = start_server("--handshake_timeout", "0.5", "--client_port", "1")
     port = getattr(server, port_name)
     with socket.create_connection(("127.0.0.1", port)) as sock:
-        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n")  # never finish the headers
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # never finish the headers
         sock.settimeout(10)
         began = time.monotonic()
         assert sock.recv(1024) == b""  # closed by the server
@@ -173,7 +173,7 @@ def test_ping_interval_drops_a_silent_peer(start_server, echo) -> None:
     server = start_server("--client_port", str(echo.port), "--ping_interval", "0.25")
     key = base64.b64encode(os.urandom(16)).decode()
     with socket.create_connection(("127.0.0.1", server.ws_port)) as sock:
-        sock.sendall((f"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+        sock.sendall((f"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
                       f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
                       "Sec-WebSocket-Version: 13\r\n\r\n").encode())
         sock.settimeout(10)

@@ -133,7 +133,7 @@ def test_request_and_first_frame_in_one_write(start_server, echo) -> None:
     payload = b"sent with the request"
     masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
     frame = struct.pack("!BB", 0x82, 0x80 | len(payload)) + mask + masked
-    request = (b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    request = (b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
                b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: " + key + b"\r\n\r\n")
     with socket.create_connection(("127.0.0.1", server.ws_port), timeout=10) as sock:
         sock.sendall(request + frame)
@@ -195,7 +195,7 @@ def test_a_closed_tunnels_slot_is_free_once_its_close_frame_is_seen(
     close = struct.pack("!BB", 0x88, 0x82) + bytes(4) + struct.pack("!H", 1000)  # mask 0
     for attempt in range(150):
         key = base64.b64encode(os.urandom(16))
-        request = (b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+        request = (b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
                    b"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
                    b"Sec-WebSocket-Key: " + key + b"\r\n\r\n")
         with socket.create_connection(("127.0.0.1", server.ws_port), timeout=10) as sock:
