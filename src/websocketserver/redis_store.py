@@ -61,20 +61,23 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Collection, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from importlib import resources
 from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from . import lifecycle
+from .lifecycle import ENDED_KEPT, IllegalTransition, State
 from .redis_link import RedisLink
+from .reservations import CLAIMS as MOVED_BY_CLAIM
 from .reservations import (
     Claim,
     ClaimOutcome,
     NoSlotFree,
     Reservation,
     ReservationStore,
-    State,
     StoreUnavailable,
 )
 
@@ -91,389 +94,17 @@ FORWARD_MAX_AHEAD = 2.0
 """Seconds a forward's time may be ahead of Redis's now (two reads of one clock)."""
 
 CLAIMS: dict[State, tuple[State, ClaimOutcome, bool]] = {
-    State.RESERVED: (State.STARTING, ClaimOutcome.CLAIMED, True),
-    State.DETACHED: (State.ACTIVE, ClaimOutcome.REATTACHED, False),
+    State.RESERVED: (MOVED_BY_CLAIM[State.RESERVED], ClaimOutcome.CLAIMED, True),
+    State.DETACHED: (MOVED_BY_CLAIM[State.DETACHED], ClaimOutcome.REATTACHED, False),
 }
-"""What :meth:`RedisStore.claim` does per state: new state, outcome, and whether another
-instance may take it over (move it to itself); a state not listed is in use."""
+"""What :meth:`RedisStore.claim` does per state: new state (as for every store),
+outcome, and whether another instance may take it over (move it to itself); a state
+not listed is in use."""
 UNSTARTED = State.RESERVED
 """The state whose reservations outlive their instance (nothing runs for them yet)."""
 RUNNING = (State.STARTING, State.ACTIVE, State.DETACHED)
 """The states of a session that runs on its instance (registered again after Redis lost
 its data)."""
-
-# Shared head of every script. KEYS: nodes, res, meta, nonces, used, idle. ARGV: this
-# instance's name, its epoch, the heartbeat TTL (ms), the stop channel prefix; the
-# script's own from ARGV[5].
-_HEAD = """
-local NODES, RES, META, NONCES, USED, IDLE = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5],
-  KEYS[6]
-local PREFIX = string.sub(NODES, 1, #NODES - #'nodes')
-local ME, EPOCH, TTL, CHANNEL = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
-local CLAIMS = cjson.decode(%(claims)s)
-local UNSTARTED, STOPPING = %(unstarted)s, %(stopping)s
-local clock = redis.call('TIME')
-local NOW = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
-
-local function decoded(values)
-  local out = {}
-  for i, value in ipairs(values) do out[i] = cjson.decode(value) end
-  return out
-end
-local function get(hash, field)
-  local raw = redis.call('HGET', hash, field)
-  if raw then return cjson.decode(raw) end
-  return nil
-end
--- the sessions of `node` that another instance is stopping
-local function stops(node) return PREFIX .. 'stops:' .. node end
-local function put(r)
-  redis.call('HSET', RES, r.token, cjson.encode(r))
-  if r.state == UNSTARTED then
-    redis.call('ZADD', IDLE, r.changed, r.token)
-  else
-    redis.call('ZREM', IDLE, r.token)
-  end
-end
-local function put_node(n) redis.call('HSET', NODES, n.name, cjson.encode(n)) end
-local function answer(t)
-  t.now = NOW
-  return cjson.encode(t)
-end
-local function live(n) return NOW - n.seen < n.ttl end
-local function stale()
-  local me = get(NODES, ME)
-  return me == nil or me.epoch ~= EPOCH
-end
-
--- the slots of `service` that node `name` holds: {index (text): token}
-local function slots(name, service)
-  local raw = redis.call('HGET', USED, name .. '\t' .. service)
-  if raw then return cjson.decode(raw) end
-  return {}
-end
--- note in USED that `r` holds its slot (token: r.token) or no longer does (nil)
-local function mark(r, token)
-  local field, key = r.node .. '\t' .. r.service, tostring(r.index)
-  local used = slots(r.node, r.service)
-  if token == nil and used[key] ~= r.token then return end
-  used[key] = token
-  if next(used) == nil then
-    redis.call('HDEL', USED, field)
-  else
-    redis.call('HSET', USED, field, cjson.encode(used))
-  end
-end
--- forget `r`: its record, its slot and its entries in the indexes
-local function drop(r)
-  redis.call('HDEL', RES, r.token)
-  redis.call('ZREM', IDLE, r.token)
-  redis.call('HDEL', stops(r.node), r.token)
-  mark(r, nil)
-end
--- indices of `service` held on node `name` (on every node of `nodes` if nil), and how many
-local function held(service, name, nodes)
-  local names = {name}
-  if name == nil then
-    for i, n in ipairs(nodes) do names[i] = n.name end
-  end
-  local used, count = {}, 0
-  for _, node in ipairs(names) do
-    for index in pairs(slots(node, service)) do
-      used[tonumber(index)] = true
-      count = count + 1
-    end
-  end
-  return used, count
-end
-local function lowest_free(used, count)
-  for i = 0, count - 1 do
-    if not used[i] then return i end
-  end
-  return nil
-end
-
--- The node for a reservation of `service`: the least-loaded live node that runs it
--- and has room, ties to this node, then by name. Returns the node and its lowest free
--- index (nil for a cluster-scoped service, whose index is cluster-wide).
-local function place(nodes, service, scope)
-  local best, best_index, best_load, best_rank
-  for _, n in ipairs(nodes) do
-    local count = n.counts[service]
-    if count and live(n) then
-      local used, load = held(service, n.name)
-      local index = nil
-      if scope ~= 'cluster' then index = lowest_free(used, count) end
-      local rank = (n.name == ME) and '' or n.name
-      if (scope == 'cluster' or index ~= nil) and (best == nil or load < best_load
-          or (load == best_load and rank < best_rank)) then
-        best, best_index, best_load, best_rank = n.name, index, load, rank
-      end
-    end
-  end
-  return best, best_index
-end
-
--- Node `name` is gone (its registration already deleted or replaced): forget its
--- sessions (they ended with it) and what it began to release but did not finish, and
--- move its never-used reservations to live nodes with room (drop them if none has).
-local function evict(name)
-  local moving = {}
-  for _, r in ipairs(decoded(redis.call('HVALS', RES))) do
-    if r.node == name or (r.by == name and r.state == STOPPING and not r.ran) then
-      drop(r)
-      if r.node == name and r.state == UNSTARTED then moving[#moving + 1] = r end
-    end
-  end
-  local nodes = decoded(redis.call('HVALS', NODES))
-  for _, r in ipairs(moving) do
-    local target, index = place(nodes, r.service, r.scope)
-    if target then
-      r.node = target
-      if index ~= nil then r.index = index end
-      put(r)
-      mark(r, r.token)
-    end
-  end
-end
-
--- No instance reached Redis for over TTL / 2 (Redis down, or cut off from all): that
--- time is nobody's silence, so every node's last beat moves forward by it. Run first
--- by every script that judges who is live.
-local function forgive_outage()
-  local last = tonumber(redis.call('HGET', META, 'contact'))
-  if last and NOW - last > TTL / 2 then
-    for _, n in ipairs(decoded(redis.call('HVALS', NODES))) do
-      n.seen = n.seen + (NOW - last)
-      put_node(n)
-    end
-  end
-  redis.call('HSET', META, 'contact', NOW)
-end
-"""
-
-_REGISTER = """
--- ARGV[5..10]: address, counts (JSON), registration id, the secret's check value, the
--- entry's signature, this instance's sessions to register again (JSON list: after Redis
--- lost its data, else empty)
-local old = get(NODES, ME)
-if old and old.rid == ARGV[7] then
-  return answer({epoch = old.epoch, generation = redis.call('HGET', META, 'generation')})
-end
-if old and live(old) and old.epoch ~= EPOCH then
-  return answer({error = 'duplicate', address = old.address})
-end
-forgive_outage()
-local check = redis.call('HGET', META, 'secret')
-if check and check ~= ARGV[8] then
-  for _, n in ipairs(decoded(redis.call('HVALS', NODES))) do
-    if n.name ~= ME and live(n) then return answer({error = 'secret', node = n.name}) end
-  end
-end
-redis.call('HSET', META, 'secret', ARGV[8])
-if not redis.call('HGET', META, 'generation') then
-  redis.call('HSET', META, 'generation', ARGV[7])
-end
-if not redis.call('HGET', META, 'used') then  -- kept from now on
-  for _, r in ipairs(decoded(redis.call('HVALS', RES))) do mark(r, r.token) end
-  redis.call('HSET', META, 'used', 1)
-end
-if not redis.call('HGET', META, 'idle') then  -- kept from now on
-  for _, r in ipairs(decoded(redis.call('HVALS', RES))) do put(r) end
-  redis.call('HSET', META, 'idle', 1)
-end
-local epoch = redis.call('HINCRBY', META, 'epoch', 1)
-put_node({name = ME, epoch = epoch, address = ARGV[5], counts = cjson.decode(ARGV[6]),
-          ttl = TTL, seen = NOW, rid = ARGV[7], sig = ARGV[9]})
-if old then evict(ME) end
-local nodes = decoded(redis.call('HVALS', NODES))
-local refused = {}
-for _, r in ipairs(cjson.decode(ARGV[10])) do
-  local taken = get(RES, r.token) ~= nil
-  if not taken then
-    local used = held(r.service, r.scope == 'cluster' and nil or ME, nodes)
-    taken = used[r.index] ~= nil
-  end
-  if taken then
-    refused[#refused + 1] = r.token
-  else
-    r.node, r.by, r.changed = ME, ME, NOW
-    put(r)
-    mark(r, r.token)
-  end
-end
-return answer({epoch = epoch, generation = redis.call('HGET', META, 'generation'),
-               refused = refused})
-"""
-
-_HEARTBEAT = """
--- ARGV[5]: the generation this instance registered in
-if stale() then
-  if redis.call('HGET', META, 'generation') ~= ARGV[5] then return answer({error = 'lost'}) end
-  return answer({error = 'stale'})
-end
-forgive_outage()
-local me = get(NODES, ME)
-me.seen = NOW
-put_node(me)
-for _, n in ipairs(decoded(redis.call('HVALS', NODES))) do
-  if NOW - n.seen >= 2 * n.ttl then
-    redis.call('HDEL', NODES, n.name)
-    evict(n.name)
-  end
-end
-return answer({})
-"""
-
-_DEREGISTER = """
-if stale() then return answer({error = 'stale'}) end
-redis.call('HDEL', NODES, ME)
-evict(ME)
-return answer({})
-"""
-
-_RESERVE = """
--- ARGV[5..10]: token, service, count, scope, options (JSON text), owner (JSON)
-if stale() then return answer({error = 'stale'}) end
-local token, service, count, scope = ARGV[5], ARGV[6], tonumber(ARGV[7]), ARGV[8]
-local existing = get(RES, token)
-if existing then return answer({r = existing}) end  -- a retried call that was applied
-forgive_outage()
-local nodes = decoded(redis.call('HVALS', NODES))
-local index = nil
-if scope == 'cluster' then
-  index = lowest_free((held(service, nil, nodes)), count)
-  if index == nil then return answer({error = 'full'}) end
-end
-local node, slot = place(nodes, service, scope)
-if node == nil then return answer({error = 'full'}) end
-local r = {token = token, service = service, scope = scope, node = node,
-           index = index or slot, state = UNSTARTED, owner = cjson.decode(ARGV[10]),
-           options = ARGV[9], timestamp = NOW, changed = NOW, by = ME, op = '', ran = false}
-put(r)
-mark(r, r.token)
-return answer({r = r})
-"""
-
-_CLAIM = """
--- ARGV[5..7]: token, user (JSON), operation id
-if stale() then return answer({error = 'stale'}) end
-local r = get(RES, ARGV[5])
-if r == nil then return answer({outcome = 'unknown'}) end
-if r.op == ARGV[7] and r.node == ME then  -- a retried call that was applied
-  for _, rule in pairs(CLAIMS) do
-    if rule[1] == r.state then return answer({outcome = rule[2], r = r}) end
-  end
-end
-local user = cjson.decode(ARGV[6])
-if r.owner ~= cjson.null and user ~= cjson.null and user ~= r.owner then
-  return answer({outcome = 'not owner', r = r})
-end
-local rule = CLAIMS[r.state]
-if rule == nil then return answer({outcome = 'in use', r = r}) end
-if r.node ~= ME then
-  local count = get(NODES, ME).counts[r.service]
-  local index = nil
-  if rule[3] and count then
-    if r.scope == 'cluster' then
-      index = r.index
-    else
-      index = lowest_free((held(r.service, ME)), count)
-    end
-  end
-  if index == nil then return answer({outcome = 'elsewhere', r = r}) end
-  mark(r, nil)
-  r.node, r.index = ME, index
-  mark(r, r.token)
-end
-r.state, r.changed, r.by, r.op, r.ran = rule[1], NOW, ME, ARGV[7], true
-put(r)
-return answer({outcome = rule[2], r = r})
-"""
-
-_TRANSITION = """
--- ARGV[5..8]: token, expected states (comma-separated), new state, operation id
-if stale() then return answer({error = 'stale'}) end
-local r = get(RES, ARGV[5])
-if r == nil then return answer({}) end
-if r.op == ARGV[8] and r.by == ME and r.state == ARGV[7] then return answer({r = r}) end
-local allowed = false
-for state in string.gmatch(ARGV[6], '[^,]+') do
-  if state == r.state then allowed = true end
-end
-if not allowed then return answer({}) end
-r.state, r.changed, r.by, r.op = ARGV[7], NOW, ME, ARGV[8]
-put(r)
-if r.state == STOPPING and r.ran and r.node ~= ME then
-  redis.call('HSET', stops(r.node), r.token, r.token)
-  redis.call('PUBLISH', CHANNEL .. r.node, r.token)
-end
-return answer({r = r})
-"""
-
-_REMOVE = """
--- ARGV[5]: token
-if stale() then return answer({error = 'stale'}) end
-local r = get(RES, ARGV[5])
-if r then
-  drop(r)
-end
-return answer({r = r})
-"""
-
-_NONCE = """
--- ARGV[5..8]: nonce, the forward's time (Redis ms), how long it is valid, how far ahead
-local at = tonumber(ARGV[6])
-redis.call('ZREMRANGEBYSCORE', NONCES, '-inf', NOW)
-if at == nil or NOW - at > tonumber(ARGV[7]) or at - NOW > tonumber(ARGV[8]) then
-  return answer({fresh = false, expired = true})
-end
-return answer({fresh = redis.call('ZADD', NONCES, 'NX', at + tonumber(ARGV[7]), ARGV[5]) == 1})
-"""
-
-_RECLAIM = """
--- ARGV[5..6]: seconds (ms) a reservation may stay unused, at most how many to reclaim
-if stale() then return answer({error = 'stale'}) end
-local out = {}
-for _, token in ipairs(redis.call('ZRANGEBYSCORE', IDLE, '-inf', NOW - tonumber(ARGV[5]),
-                                  'LIMIT', 0, tonumber(ARGV[6]))) do
-  local r = get(RES, token)
-  if r and r.state == UNSTARTED then
-    drop(r)
-    out[#out + 1] = r
-  else  -- not unused any more (the index is kept by put(): only a stray entry)
-    redis.call('ZREM', IDLE, token)
-  end
-end
-return answer({rs = out})
-"""
-
-_READ = """
--- ARGV[5]: a token to get; '' for every reservation; ARGV[6]: a service: its reservations
-if ARGV[5] ~= '' then return answer({r = get(RES, ARGV[5])}) end
-if ARGV[6] == '' then return answer({rs = decoded(redis.call('HVALS', RES))}) end
-local suffix, out = '\t' .. ARGV[6], {}
-for _, field in ipairs(redis.call('HKEYS', USED)) do
-  if string.sub(field, -#suffix) == suffix then
-    for _, token in pairs(cjson.decode(redis.call('HGET', USED, field))) do
-      local r = get(RES, token)
-      if r then out[#out + 1] = r end
-    end
-  end
-end
-return answer({rs = out})
-"""
-
-_NODES = """
--- ARGV[5]: one instance's name, or '' for every instance
-if ARGV[5] ~= '' then return answer({n = get(NODES, ARGV[5])}) end
-return answer({nodes = decoded(redis.call('HVALS', NODES))})
-"""
-
-_STOPS = """
-return answer({tokens = redis.call('HVALS', stops(ME))})
-"""
-
 
 class DuplicateNode(Exception):
     """A live instance is registered under the same name."""
@@ -493,7 +124,7 @@ class StaleNode(StoreUnavailable):
 
 @dataclass(frozen=True)
 class _Scripts:
-    """The Lua source of each script."""
+    """The Lua source of each script: ``lua/head.lua`` (filled in) and ``lua/NAME.lua``."""
 
     register: str
     heartbeat: str
@@ -552,14 +183,7 @@ class RedisStore(ReservationStore):
         self._redis = aioredis.Redis.from_url(
             url, decode_responses=True, socket_timeout=SOCKET_TIMEOUT,
             socket_connect_timeout=SOCKET_TIMEOUT, socket_keepalive=True)
-        head = _HEAD % {"claims": _lua_string(json.dumps(
-                            {str(state): [str(new), str(outcome), movable]
-                             for state, (new, outcome, movable) in CLAIMS.items()})),
-                        "unstarted": _lua_string(UNSTARTED), "stopping": _lua_string(
-                            State.STOPPING)}
-        self._scripts = _Scripts(*(head + body for body in (
-            _REGISTER, _HEARTBEAT, _DEREGISTER, _RESERVE, _CLAIM, _TRANSITION, _REMOVE,
-            _NONCE, _RECLAIM, _READ, _NODES, _STOPS)))
+        self._scripts = _scripts()
 
     # -- membership --------------------------------------------------------------------
 
@@ -733,13 +357,15 @@ class RedisStore(ReservationStore):
             raise NoSlotFree(service)
         return self._reservation(reply["r"], reply["now"])
 
-    async def get(self, token: str) -> Reservation | None:
-        reply = await self._run(self._scripts.read, token, "", check_stale=False)
+    async def get(self, token: str, ended: bool = False) -> Reservation | None:
+        reply = await self._run(self._scripts.read, token, "", "1" if ended else "",
+                                check_stale=False)
         return self._reservation(reply["r"], reply["now"]) if reply.get("r") else None
 
     async def transition(self, token: str, expected: State | tuple[State, ...],
                          new: State) -> Reservation | None:
         states = expected if isinstance(expected, tuple) else (expected,)
+        lifecycle.check_all(states, new)  # the scripts check it too
         reply = await self._run(self._scripts.transition, token, ",".join(states), new,
                                 uuid.uuid4().hex)
         self._note(reply.get("r"))
@@ -760,21 +386,22 @@ class RedisStore(ReservationStore):
         return Claim(ClaimOutcome(reply["outcome"]),
                      self._reservation(record, reply["now"]) if record else None)
 
-    async def remove(self, token: str) -> Reservation | None:
+    async def remove(self, token: str, reason: str = "ended") -> Reservation | None:
         self._mine.pop(token, None)
-        reply = await self._run(self._scripts.remove, token)
+        reply = await self._run(self._scripts.remove, token, reason)
         return self._reservation(reply["r"], reply["now"]) if reply.get("r") else None
 
     async def reclaim(self, unused_for: float, limit: int = 100) -> list[Reservation]:
         """Remove up to ``limit`` reservations never used for ``unused_for`` seconds
         (Redis's clock), any instance's, reading only those."""
-        reply = await self._run(self._scripts.reclaim, round(unused_for * 1000), limit)
+        reply = await self._run(self._scripts.reclaim, round(unused_for * 1000), limit,
+                                f"unused for {unused_for:g} s")
         return [self._reservation(r, reply["now"]) for r in _array(reply.get("rs"))]
 
     async def list(self, service: str | None = None) -> list[Reservation]:
         """Every instance's reservations (of ``service``: read through its slots, not
         every reservation), by service, node and index."""
-        reply = await self._run(self._scripts.read, "", service or "", check_stale=False)
+        reply = await self._run(self._scripts.read, "", service or "", "", check_stale=False)
         found = [self._reservation(r, reply["now"]) for r in _array(reply.get("rs"))]
         return sorted(found, key=lambda r: (r.service, r.node or "", r.index))
 
@@ -803,6 +430,8 @@ class RedisStore(ReservationStore):
             raise StoreUnavailable(f"Redis: {type(exc).__name__}: {exc}") from None
         self._available = True
         reply: dict[str, Any] = json.loads(raw)
+        if reply.get("error") == "illegal":
+            raise IllegalTransition("the store's lifecycle table refused a transition")
         if check_stale and reply.get("error") == "stale":
             raise StaleNode(f"instance {self.name} (epoch {self._epoch}) was cleared from "
                             "the cluster")
@@ -826,7 +455,7 @@ class RedisStore(ReservationStore):
             options=json.loads(record["options"]), owner=record["owner"],
             state=State(record["state"]), timestamp=record["timestamp"] / 1000,
             changed=time.monotonic() - (now_ms - record["changed"]) / 1000,
-            node=record["node"])
+            node=record["node"], end_reason=record.get("end_reason"))
 
 
 def node_signature(secret: bytes, name: str, address: str) -> str:
@@ -834,6 +463,20 @@ def node_signature(secret: bytes, name: str, address: str) -> str:
     cluster secret can name an address that others forward websockets to."""
     message = f"node\n{name}\n{address}".encode("utf-8", "surrogateescape")
     return hmac.new(secret, message, hashlib.sha256).hexdigest()
+
+
+def _scripts() -> _Scripts:
+    """The scripts, each its file after the shared head with this module's constants."""
+    folder = resources.files(__package__) / "lua"
+    head = (folder / "head.lua").read_text() % {
+        "claims": _lua_string(json.dumps({str(state): [str(new), str(outcome), movable]
+                                          for state, (new, outcome, movable)
+                                          in CLAIMS.items()})),
+        "moves": _lua_string(lifecycle.table_json()),
+        "unstarted": _lua_string(UNSTARTED), "stopping": _lua_string(State.STOPPING),
+        "ended": _lua_string(State.ENDED), "ended_kept": round(ENDED_KEPT * 1000)}
+    return _Scripts(**{field.name: head + (folder / f"{field.name}.lua").read_text()
+                       for field in fields(_Scripts)})
 
 
 def _array(value: Any) -> list[Any]:

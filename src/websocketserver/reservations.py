@@ -10,17 +10,19 @@ A token reserved by a known user is bound to that user (:func:`may_use`): other
 known users may not use it. Its first websocket takes it with :meth:`~ReservationStore.claim`,
 one atomic step from reserved to starting, so of simultaneous upgrades one wins.
 
-Lifecycle of a token::
+A token's life is the one table of :mod:`.lifecycle`, which every store enforces::
 
     reserved --first websocket (claim)--> starting --start() returned--> active
     active   --browser left, grace > 0--> detached --websocket again (claim)--> active
-    reserved --timeout / release--------> stopping
+    reserved --timeout / release--------> ended (index free)
     starting, active --failure / release / service ended / shutdown--> stopping
-    detached --grace over / release / shutdown--> stopping --stopped--> gone (index free)
+    detached --grace over / release / shutdown--> stopping --stopped--> ended
 
 With ``--reconnect_grace`` (0 by default: no ``detached`` state), a started instance
 whose websocket went away is kept ``detached`` for that long; the next websocket with
-its token re-attaches it, by the same :meth:`~ReservationStore.claim`.
+its token re-attaches it, by the same :meth:`~ReservationStore.claim`. An ended
+reservation is readable for five minutes (``get(token, ended=True)``) with its
+``end_reason``; everything else treats it as gone.
 """
 
 from __future__ import annotations
@@ -33,13 +35,13 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from .lifecycle import ENDED_KEPT, IllegalTransition, State, check, check_all
 
-class State(enum.StrEnum):
-    RESERVED = "reserved"
-    STARTING = "starting"
-    ACTIVE = "active"
-    DETACHED = "detached"  # started, its websocket gone: kept for a reconnect
-    STOPPING = "stopping"
+__all__ = ["IllegalTransition", "State"]  # re-exported: imported from here before
+
+CLAIMS: dict[State, State] = {State.RESERVED: State.STARTING, State.DETACHED: State.ACTIVE}
+"""What a claim does per state (claimed, re-attached); in any other state the token is
+in use. Both moves are in the lifecycle table."""
 
 
 class NoSlotFree(Exception):
@@ -79,6 +81,8 @@ class Reservation:
     """When the state last changed (monotonic clock)."""
     node: str | None = None
     """The cluster instance whose slot it holds (None: the single server's own)."""
+    end_reason: str | None = None
+    """Why it ended (state ``ended`` only)."""
 
 
 def may_use(reservation: Reservation, user: str | None) -> bool:
@@ -115,13 +119,18 @@ class ReservationStore(ABC):
         """Take the lowest free index of ``service``, or raise :class:`NoSlotFree`."""
 
     @abstractmethod
-    async def get(self, token: str) -> Reservation | None:
-        """The reservation of ``token``, if it exists."""
+    async def get(self, token: str, ended: bool = False) -> Reservation | None:
+        """The reservation of ``token``, if it exists (and, with ``ended``, if it ended
+        less than :data:`~.lifecycle.ENDED_KEPT` seconds ago)."""
 
     @abstractmethod
     async def transition(self, token: str, expected: State | tuple[State, ...],
                          new: State) -> Reservation | None:
-        """Move ``token`` to ``new`` if it is in an ``expected`` state; None otherwise."""
+        """Move ``token`` to ``new`` if it is in an ``expected`` state; None otherwise.
+
+        Raises :class:`IllegalTransition` if the table forbids a move from an
+        ``expected`` state to ``new`` (ending is :meth:`remove`'s).
+        """
 
     @abstractmethod
     async def claim(self, token: str, user: str | None) -> Claim:
@@ -134,18 +143,19 @@ class ReservationStore(ABC):
         """
 
     @abstractmethod
-    async def remove(self, token: str) -> Reservation | None:
-        """Forget ``token`` (its index becomes free); return what it was."""
+    async def remove(self, token: str, reason: str = "ended") -> Reservation | None:
+        """End ``token``: its index becomes free, it stays readable as ended with
+        ``reason`` for a while; return what it was (None: not live)."""
 
     @abstractmethod
     async def reclaim(self, unused_for: float, limit: int = 100) -> list[Reservation]:
-        """Remove up to ``limit`` reservations still reserved ``unused_for`` seconds
-        after their last change; return them. Reads only those (a cluster's store must
-        not read every reservation each second)."""
+        """End up to ``limit`` reservations still reserved ``unused_for`` seconds after
+        their last change; return them. Reads only those (a cluster's store must not
+        read every reservation each second); also forgets ended ones kept long enough."""
 
     @abstractmethod
     async def list(self, service: str | None = None) -> list[Reservation]:
-        """All reservations (of one service), by service and index."""
+        """All live reservations (of one service), by service and index."""
 
     @property
     def available(self) -> bool:
@@ -165,6 +175,7 @@ class MemoryStore(ReservationStore):
 
     def __init__(self) -> None:
         self._by_token: dict[str, Reservation] = {}
+        self._ended: dict[str, Reservation] = {}  # in the order they ended
         self._lock = asyncio.Lock()
 
     async def reserve(self, service: str, count: int, options: dict[str, Any],
@@ -179,14 +190,19 @@ class MemoryStore(ReservationStore):
             self._by_token[reservation.token] = reservation
             return reservation
 
-    async def get(self, token: str) -> Reservation | None:
-        return self._by_token.get(token)
+    async def get(self, token: str, ended: bool = False) -> Reservation | None:
+        found = self._by_token.get(token)
+        if found is None and ended:
+            self._forget_ended()
+            found = self._ended.get(token)
+        return found
 
     async def transition(self, token: str, expected: State | tuple[State, ...],
                          new: State) -> Reservation | None:
+        allowed = expected if isinstance(expected, tuple) else (expected,)
+        check_all(allowed, new)
         async with self._lock:
             current = self._by_token.get(token)
-            allowed = expected if isinstance(expected, tuple) else (expected,)
             if current is None or current.state not in allowed:
                 return None
             updated = replace(current, state=new, changed=time.monotonic())
@@ -200,19 +216,18 @@ class MemoryStore(ReservationStore):
                 return Claim(ClaimOutcome.UNKNOWN, None)
             if not may_use(current, user):
                 return Claim(ClaimOutcome.NOT_OWNER, current)
-            if current.state is State.RESERVED:
-                outcome, state = ClaimOutcome.CLAIMED, State.STARTING
-            elif current.state is State.DETACHED:
-                outcome, state = ClaimOutcome.REATTACHED, State.ACTIVE
-            else:
+            state = CLAIMS.get(current.state)
+            if state is None:
                 return Claim(ClaimOutcome.IN_USE, current)
+            outcome = (ClaimOutcome.CLAIMED if state is State.STARTING
+                       else ClaimOutcome.REATTACHED)
             claimed = replace(current, state=state, changed=time.monotonic())
             self._by_token[token] = claimed
             return Claim(outcome, claimed)
 
-    async def remove(self, token: str) -> Reservation | None:
+    async def remove(self, token: str, reason: str = "ended") -> Reservation | None:
         async with self._lock:
-            return self._by_token.pop(token, None)
+            return self._end(token, reason)
 
     async def reclaim(self, unused_for: float, limit: int = 100) -> list[Reservation]:
         limit_time = time.monotonic() - unused_for
@@ -220,8 +235,25 @@ class MemoryStore(ReservationStore):
             expired = [r for r in self._by_token.values()
                        if r.state is State.RESERVED and r.changed < limit_time][:limit]
             for reservation in expired:
-                del self._by_token[reservation.token]
+                self._end(reservation.token, f"unused for {unused_for:g} s")
             return expired
+
+    def _end(self, token: str, reason: str) -> Reservation | None:
+        current = self._by_token.pop(token, None)
+        if current is not None:
+            check(current.state, State.ENDED)
+            self._ended[token] = replace(current, state=State.ENDED,
+                                         changed=time.monotonic(), end_reason=reason)
+        self._forget_ended()
+        return current
+
+    def _forget_ended(self) -> None:
+        limit = time.monotonic() - ENDED_KEPT
+        while self._ended:
+            oldest = next(iter(self._ended.values()))
+            if oldest.changed >= limit:
+                return
+            del self._ended[oldest.token]
 
     async def list(self, service: str | None = None) -> list[Reservation]:
         found = [r for r in self._by_token.values() if service is None or r.service == service]

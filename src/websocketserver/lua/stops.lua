@@ -1,0 +1,1 @@
+return answer({tokens = redis.call('HVALS', stops(ME))})

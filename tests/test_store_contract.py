@@ -1,0 +1,211 @@
+"""The reservation store's contract, run against every store: memory and Redis (a real
+redis-server) pass the same tests, as trio's ``testing/_check_streams.py`` runs one
+suite against every stream. What only a cluster has (take-over, fencing, eviction,
+several instances) stays in ``test_redis_store.py``.
+
+Each store registers the services of COUNTS; a test reserves them with those counts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import uuid
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
+
+import pytest
+
+from websocketserver.lifecycle import TRANSITIONS, IllegalTransition, State
+from websocketserver.redis_store import RedisStore
+from websocketserver.reservations import ClaimOutcome, MemoryStore, NoSlotFree, ReservationStore
+
+if TYPE_CHECKING:
+    from cluster_support import RedisServer
+
+pytest_plugins = ["cluster_support"]
+
+COUNTS = {"one": 1, "two": 2, "five": 5}
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def store(request: pytest.FixtureRequest) -> AsyncIterator[ReservationStore]:
+    if request.param == "memory":
+        yield MemoryStore()
+        return
+    redis_server: RedisServer = request.getfixturevalue("redis_server")
+    shared = RedisStore(redis_server.url, "a", "a.test:8080", COUNTS, heartbeat_ttl=1.0,
+                        secret=b"contract")
+    await shared.start()
+    try:
+        yield shared
+    finally:
+        await shared.close()
+
+
+async def test_lowest_free_index_exhaustion_and_freeing(store: ReservationStore) -> None:
+    first = await store.reserve("two", 2, {"a": "1"}, owner="merlin")
+    second = await store.reserve("two", 2, {})
+    assert (first.index, second.index) == (0, 1)
+    assert uuid.UUID(first.token) and first.owner == "merlin" and first.options == {"a": "1"}
+    assert first.state is State.RESERVED
+    with pytest.raises(NoSlotFree):
+        await store.reserve("two", 2, {})
+    assert (await store.reserve("one", 1, {})).index == 0  # counted per service
+    assert await store.capacity("two", 2) == 2
+    await store.remove(first.token)
+    assert (await store.reserve("two", 2, {})).index == 0
+
+
+async def test_concurrent_reservations_never_share_an_index(store: ReservationStore) -> None:
+    results = await asyncio.gather(*(store.reserve("five", 5, {}) for _ in range(10)),
+                                   return_exceptions=True)
+    assert sorted(r.index for r in results if not isinstance(r, BaseException)) == \
+           [0, 1, 2, 3, 4]
+    assert sum(isinstance(r, NoSlotFree) for r in results) == 5
+    assert [r.index for r in await store.list("five")] == [0, 1, 2, 3, 4]
+    assert await store.list("one") == []
+
+
+async def test_transitions_are_compare_and_set(store: ReservationStore) -> None:
+    r = await store.reserve("one", 1, {})
+    moved = await store.transition(r.token, State.RESERVED, State.STARTING)
+    assert moved is not None and moved.state is State.STARTING
+    assert await store.transition(r.token, State.RESERVED, State.STARTING) is None
+    active = await store.transition(r.token, (State.STARTING, State.DETACHED), State.ACTIVE)
+    assert active is not None and active.state is State.ACTIVE
+    assert active.timestamp == r.timestamp
+    assert await store.transition("nope", State.RESERVED, State.STARTING) is None
+    stored = await store.get(r.token)
+    assert stored is not None and stored.state is State.ACTIVE
+
+
+async def test_an_illegal_transition_raises_and_changes_nothing(
+        store: ReservationStore) -> None:
+    """As h11's state machine: a move the lifecycle table does not list raises, whatever
+    the token's state (it is the caller's bug), and the token stays as it was."""
+    r = await store.reserve("one", 1, {})
+    for old, new in ((State.RESERVED, State.ACTIVE), (State.STOPPING, State.ACTIVE),
+                     (State.ACTIVE, State.ACTIVE), (State.RESERVED, State.DETACHED)):
+        with pytest.raises(IllegalTransition):
+            await store.transition(r.token, old, new)
+    with pytest.raises(IllegalTransition):  # one illegal move among legal ones
+        await store.transition(r.token, (State.STARTING, State.RESERVED), State.ACTIVE)
+    stored = await store.get(r.token)
+    assert stored is not None and stored.state is State.RESERVED
+
+
+async def test_claim_moves_reserved_to_starting_once(store: ReservationStore) -> None:
+    r = await store.reserve("one", 1, {})
+    results = await asyncio.gather(*(store.claim(r.token, None) for _ in range(10)))
+    outcomes = [c.outcome for c in results]
+    assert outcomes.count(ClaimOutcome.CLAIMED) == 1
+    assert outcomes.count(ClaimOutcome.IN_USE) == 9
+    [won] = [c.reservation for c in results if c.outcome is ClaimOutcome.CLAIMED]
+    assert won is not None and won.state is State.STARTING and won.token == r.token
+    stored = await store.get(r.token)
+    assert stored is not None and stored.state is State.STARTING
+    assert all(c.reservation is not None and c.reservation.state is State.STARTING
+               for c in results)
+    unknown = await store.claim("nope", None)
+    assert unknown.outcome is ClaimOutcome.UNKNOWN and unknown.reservation is None
+
+
+async def test_a_claim_and_a_release_racing_one_wins(store: ReservationStore) -> None:
+    for _ in range(20):
+        r = await store.reserve("one", 1, {})
+        claim, released = await asyncio.gather(
+            store.claim(r.token, None),
+            store.transition(r.token, State.RESERVED, State.STOPPING))
+        assert (claim.outcome is ClaimOutcome.CLAIMED) != (released is not None)
+        await store.remove(r.token)
+
+
+async def test_a_users_token_is_refused_to_other_known_users(store: ReservationStore) -> None:
+    r = await store.reserve("five", 5, {}, owner="alice")
+    assert (await store.claim(r.token, "bob")).outcome is ClaimOutcome.NOT_OWNER
+    stored = await store.get(r.token)
+    assert stored is not None and stored.state is State.RESERVED  # nothing taken
+    assert (await store.claim(r.token, "alice")).outcome is ClaimOutcome.CLAIMED
+    assert (await store.claim(r.token, "bob")).outcome is ClaimOutcome.NOT_OWNER  # not 409
+    held = await store.reserve("five", 5, {}, owner="alice")
+    assert (await store.claim(held.token, None)).outcome is ClaimOutcome.CLAIMED
+    anonymous = await store.reserve("five", 5, {})
+    assert (await store.claim(anonymous.token, "bob")).outcome is ClaimOutcome.CLAIMED
+
+
+async def test_a_detached_token_is_reattached_once(store: ReservationStore) -> None:
+    r = await store.reserve("one", 1, {}, owner="alice")
+    await store.claim(r.token, "alice")
+    await store.transition(r.token, State.STARTING, State.ACTIVE)
+    assert (await store.claim(r.token, "alice")).outcome is ClaimOutcome.IN_USE  # attached
+    await store.transition(r.token, State.ACTIVE, State.DETACHED)
+    assert (await store.claim(r.token, "bob")).outcome is ClaimOutcome.NOT_OWNER
+    results = await asyncio.gather(*(store.claim(r.token, "alice") for _ in range(10)))
+    assert sorted(c.outcome for c in results) == \
+           [ClaimOutcome.IN_USE] * 9 + [ClaimOutcome.REATTACHED]
+    stored = await store.get(r.token)
+    assert stored is not None and stored.state is State.ACTIVE
+
+
+async def test_an_ended_reservation_stays_readable_with_its_reason(
+        store: ReservationStore) -> None:
+    """Its slot is free at once; it is gone for everything but ``get(ended=True)``."""
+    r = await store.reserve("one", 1, {"k": "v"})
+    await store.claim(r.token, None)
+    await store.transition(r.token, State.STARTING, State.STOPPING)
+    removed = await store.remove(r.token, "service ended")
+    assert removed is not None and removed.state is State.STOPPING
+    assert await store.get(r.token) is None
+    assert await store.list() == []
+    assert (await store.claim(r.token, None)).outcome is ClaimOutcome.UNKNOWN
+    assert await store.transition(r.token, State.STOPPING, State.ENDED) is None
+    assert await store.remove(r.token) is None  # ended once
+    ended = await store.get(r.token, ended=True)
+    assert ended is not None and ended.state is State.ENDED
+    assert (ended.end_reason, ended.options, ended.index) == ("service ended", {"k": "v"}, 0)
+    assert (await store.reserve("one", 1, {})).index == 0
+
+
+async def test_reclaim_ends_only_reservations_unused_for_long_enough(
+        store: ReservationStore) -> None:
+    old = await store.reserve("five", 5, {})
+    used = await store.reserve("five", 5, {})
+    await store.claim(used.token, None)
+    await asyncio.sleep(0.3)
+    new = await store.reserve("five", 5, {})
+    assert [r.token for r in await store.reclaim(0.2)] == [old.token]
+    assert {r.token for r in await store.list("five")} == {used.token, new.token}
+    ended = await store.get(old.token, ended=True)
+    assert ended is not None and ended.end_reason == "unused for 0.2 s"
+    assert await store.transition(used.token, State.STARTING, State.RESERVED) is not None
+    assert await store.reclaim(0.2) == []  # reserved again just now: its time starts anew
+
+
+def test_the_lifecycle_table_is_complete_and_ends_once() -> None:
+    assert set(TRANSITIONS) == set(State)
+    assert TRANSITIONS[State.ENDED] == {}
+    assert all(State.ENDED in moves for state, moves in TRANSITIONS.items()
+               if state is not State.ENDED)
+    assert all(state not in moves for state, moves in TRANSITIONS.items())
+
+
+async def test_the_redis_scripts_follow_the_table(redis_server: RedisServer) -> None:
+    """The Lua refuses exactly what the table forbids, asked directly (without the
+    Python check in front of it): the rules are written once, in lifecycle.py."""
+    shared = RedisStore(redis_server.url, "a", "a.test:8080", COUNTS, heartbeat_ttl=1.0,
+                        secret=b"contract")
+    await shared.start()
+    try:
+        for old, new in itertools.product(State, State):
+            if new is State.ENDED:
+                continue  # ending is remove()'s
+            try:
+                await shared._run(shared._scripts.transition, "none", old, new,  # noqa: SLF001
+                                  uuid.uuid4().hex)
+                refused = False
+            except IllegalTransition:
+                refused = True
+            assert refused == (new not in TRANSITIONS[old]), (old, new)
+    finally:
+        await shared.close()
