@@ -26,15 +26,14 @@ Backpressure holds in both directions with no unbounded buffer:
 * upstream, as soon as the backend socket does not take a whole batch (or, before
   the backend is connected, once ``HIGH_WATER`` bytes wait), the browser's socket
   stops being read until the rest has been written;
-* control frames: while the browser's transport is above ``HIGH_WATER``, pings are
-  answered by one pong, with the latest payload, once it drains (RFC 6455 5.5.3
-  allows answering only the most recent ping), so a ping flood from a browser that
-  never reads queues nothing;
-* large frames: picows holds a frame whole until its last byte, and its read buffer
-  keeps the size it grew to. What a tunnel holds upstream beyond ``HIGH_WATER``
-  (twice its largest partial frame, plus bytes waiting for the backend) is charged
-  to the process's :class:`UpstreamBudget`; a tunnel that would exceed it is closed
-  with 1009, so many tunnels of large messages cannot exhaust memory together.
+* control frames: while the browser's transport is above ``HIGH_WATER``, one pong
+  is owed, with the latest ping's payload, and sent once it drains;
+* large frames: what a tunnel holds upstream beyond ``HIGH_WATER`` is charged to
+  the process's budget; a tunnel that would exceed it is closed with 1009.
+
+The bookkeeping behind these (the queue for the backend, partial sends, the budget
+charge, the owed pong) is :class:`~.upstream.UpstreamQueue`, without I/O; the
+tunnel makes the socket calls it asks for.
 
 A browser that resets its connection while its socket is not being read (its
 backend stalled) is noticed by a check of the socket's TCP state every
@@ -49,7 +48,7 @@ one :class:`TunnelState`, moved only along ``_TRANSITIONS``.
 (This module is longer than the others on purpose: the relay is one class whose
 callbacks run per frame and per read, and every indirection added there costs
 throughput; the parts that are not per-frame live in ``frames.py``, ``backend.py``
-and ``tunnels.py``.)
+and ``tunnels.py``, the upstream bookkeeping in ``upstream.py``.)
 """
 
 from __future__ import annotations
@@ -76,11 +75,12 @@ from .frames import (
     frame_size,
     wire_close_code,
 )
+from .upstream import HIGH_WATER as HIGH_WATER  # re-exported: forward.py reads it here
+from .upstream import UpstreamBudget as UpstreamBudget  # re-exported: tunnels.py
+from .upstream import UpstreamQueue
 
 log = logging.getLogger("websocketserver.tunnel")
 
-HIGH_WATER = 1024 * 1024
-"""Bytes waiting in one direction before the sending side stops being read."""
 READ_SIZE = 1024 * 1024
 """Largest chunk read from the backend at once, so the largest frame sent."""
 IOV_BATCH = 512
@@ -100,19 +100,6 @@ class TunnelStats:
     started: float = field(default_factory=time.monotonic)
     bytes_up: int = 0  # browser -> backend
     bytes_down: int = 0  # backend -> browser
-
-
-class UpstreamBudget:
-    """Upstream bytes that the tunnels of one process hold beyond ``HIGH_WATER`` each.
-
-    One per process (the main one and each relay): ``--max_upstream_buffer``.
-    """
-
-    __slots__ = ("limit", "used")
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.used = 0
 
 
 class TunnelState(enum.IntEnum):
@@ -151,9 +138,8 @@ class Tunnel(WSListener):
 
     __slots__ = ("stats", "reason", "backend_ended", "closed", "state", "_checker",
                  "_loop", "_ws", "_browser", "_browser_paused", "_sock", "_fd", "_reading",
-                 "_writing", "_batch", "_unsent", "_pending", "_close_timer", "_on_stop",
-                 "_budget", "_unparsed", "_peak", "_unsent_bytes", "_charged", "_full",
-                 "_pong", "_reset_timer")
+                 "_writing", "_up", "_close_timer", "_on_stop", "_unparsed",
+                 "_reset_timer")
 
     def __init__(self, stats: TunnelStats, max_message: int, budget: UpstreamBudget) -> None:
         super().__init__()
@@ -162,13 +148,8 @@ class Tunnel(WSListener):
         self.backend_ended = False  # the service closed or lost its connection first
         self.state = _CONNECTING
         self._checker = FrameChecker(max_message)
-        self._budget = budget
+        self._up = UpstreamQueue(budget)
         self._unparsed = 0  # bytes picows holds that are not a whole frame yet
-        self._peak = 0  # the most it held: its read buffer keeps that size
-        self._unsent_bytes = 0  # the bytes in _unsent
-        self._charged = 0  # what this tunnel holds of the budget
-        self._full = False  # the browser's transport is above HIGH_WATER
-        self._pong: bytes | None = None  # the pong owed once it drains
         self._reset_timer: asyncio.TimerHandle | None = None
         self._loop = asyncio.get_running_loop()
         self.closed: asyncio.Future[None] = self._loop.create_future()
@@ -179,9 +160,6 @@ class Tunnel(WSListener):
         self._fd = -1
         self._reading = False  # the backend socket is watched for reading
         self._writing = False  # unsent data waits for the backend socket
-        self._batch: list[bytes] = []
-        self._unsent: list[bytes | memoryview] = []
-        self._pending = 0  # bytes received before the backend was connected
         self._close_timer: asyncio.TimerHandle | None = None
         self._on_stop: Callable[[], None] | None = None
 
@@ -200,6 +178,7 @@ class Tunnel(WSListener):
             return
         self._move(_RELAYING)
         self._sock = sock
+        self._up.connected = True
         self._fd = sock.fileno()
         self._start_reading()
         self._flush_upstream()
@@ -256,55 +235,39 @@ class Tunnel(WSListener):
             self._close_timer.cancel()
         if self._reset_timer is not None:
             self._reset_timer.cancel()
-        self._budget.used -= self._charged
-        self._charged = 0
+        self._up.end()
         self._move(_CLOSED)
         self.closed.set_result(None)
 
     def pause_writing(self) -> None:
         """The browser's transport holds more than HIGH_WATER: stop reading the backend."""
-        self._full = True
+        self._up.filled()
         if self._reading:
             self._reading = False
             self._loop.remove_reader(self._fd)
 
     def resume_writing(self) -> None:
-        self._full = False
-        pong, self._pong = self._pong, None
+        pong = self._up.drained()
         if pong is not None and self._ws is not None and not self._ws.is_close_frame_sent:
             self._ws.send_pong(pong)
         if self._sock is not None and not self._reading and self.state < _STOPPED:
             self._start_reading()
 
-    # -- what picows holds: called by its protocol around each read (see websocket.py)
+    # -- what picows holds: called by its protocol around each read (tunnels.py) ---
 
     def received(self, size: int) -> None:
         """``size`` bytes of the browser's were given to picows."""
         self._unparsed += size
 
     def parsed(self) -> None:
-        """picows has made frames of what it could: charge what it still holds, if that
-        is more than ever (the charge changes only with the peak and the unsent bytes,
-        which charge themselves)."""
-        if self._unparsed > self._peak:
-            self._peak = self._unparsed
-            self._charge()
-
-    def _charge(self) -> None:
-        if self.state is _CLOSED:
-            return
-        charge = max(0, 2 * self._peak + self._unsent_bytes - HIGH_WATER)
-        budget = self._budget
-        if charge > self._charged and budget.used + charge - self._charged > budget.limit:
+        """picows has made frames of what it could: the rest it holds is charged."""
+        if not self._up.held(self._unparsed):
             self._overflow()
-            return
-        budget.used += charge - self._charged
-        self._charged = charge
 
     def _overflow(self) -> None:
         """Closing without waiting for the browser's answer: it is still sending."""
         ws = self._ws if self.state < _STOPPED else None
-        reason = f"upstream buffer of {self._budget.limit} bytes exhausted"
+        reason = f"upstream buffer of {self._up.budget.limit} bytes exhausted"
         self._stop(reason)
         if ws is not None:
             ws.send_close(WSCloseCode.MESSAGE_TOO_BIG, close_reason(reason))
@@ -319,7 +282,9 @@ class Tunnel(WSListener):
         verdict = self._checker.check(frame.msg_type,  # type: ignore[arg-type]  # an IntEnum
                                       frame.fin, frame.rsv1 or frame.rsv2 or frame.rsv3, data)
         if verdict is FORWARD:
-            self._relay(data)
+            self.stats.bytes_up += len(data)
+            if self._up.append(data) and not self._browser_paused:
+                self._pause_browser()  # still connecting: HIGH_WATER bytes are held
             if frame.last_in_buffer:
                 self._flush_upstream()  # what one read of the browser brought: one sendmsg
             return
@@ -337,7 +302,7 @@ class Tunnel(WSListener):
             self._stop(f"protocol error: {verdict.reason}")
             # picows sends the close frame and disconnects, as for its own errors
             raise WSProtocolError(WSCloseCode(verdict.code), verdict.reason)
-        if frame.last_in_buffer and self._batch:
+        if frame.last_in_buffer and self._up.batch:
             self._flush_upstream()
 
     def _after_close(self, transport: WSTransport, frame: WSFrame) -> None:
@@ -348,9 +313,7 @@ class Tunnel(WSListener):
             transport.disconnect()
 
     def _answer_ping(self, transport: WSTransport, payload: bytes) -> None:
-        if self._full:  # owed once the browser reads again: only the latest
-            self._pong = payload
-        else:
+        if self._up.ping(payload):  # else owed until the browser reads again
             transport.send_pong(payload)
 
     # -- upstream: browser -> backend -----------------------------------------------
@@ -370,15 +333,6 @@ class Tunnel(WSListener):
         self._flush_upstream()
         self._stop("browser closed the websocket")
         ws.send_close(WSCloseCode.OK)
-
-    def _relay(self, data: bytes) -> None:
-        self.stats.bytes_up += len(data)
-        batch = self._batch
-        batch.append(data)
-        if self._sock is None:  # still connecting: hold up to HIGH_WATER bytes
-            self._pending += len(data)
-            if self._pending > HIGH_WATER and not self._browser_paused:
-                self._pause_browser()
 
     def _pause_browser(self) -> None:
         self._browser_paused = True
@@ -413,21 +367,18 @@ class Tunnel(WSListener):
             browser.resume_reading()
 
     def _flush_upstream(self) -> None:
-        batch = self._batch
-        if not batch or self._sock is None:
+        up = self._up
+        if not up.batch or self._sock is None:
             return
-        waiting = bool(self._unsent)  # the backend is full: queue behind, keep the order
-        self._unsent.extend(batch)
-        self._unsent_bytes += sum(map(len, batch))
-        batch.clear()
-        if not waiting:
+        if up.flush():
             self._send_unsent()
-        if self._unsent_bytes:
-            self._charge()
+        if up.unsent_bytes and not up.charge():
+            self._overflow()
 
     def _send_unsent(self) -> None:
         """Write what the backend socket takes; wait for writability for the rest."""
-        unsent = self._unsent
+        up = self._up
+        unsent = up.unsent
         sendmsg = self._sock.sendmsg  # type: ignore[union-attr]
         while unsent:
             chunk = unsent[:IOV_BATCH]
@@ -436,21 +387,10 @@ class Tunnel(WSListener):
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as exc:
-                unsent.clear()
-                self._unsent_bytes = 0
+                up.clear()
                 self._backend_lost(exc)
                 return
-            self._unsent_bytes -= sent
-            done = 0
-            for buf in chunk:
-                if sent < len(buf):
-                    break
-                sent -= len(buf)
-                done += 1
-            del unsent[:done]
-            if sent:
-                unsent[0] = memoryview(unsent[0])[sent:]
-            if done < len(chunk):
+            if not up.advance(sent, chunk):
                 break  # the socket is full
         if unsent and not self._writing:
             self._writing = True
@@ -460,8 +400,8 @@ class Tunnel(WSListener):
 
     def _on_writable(self) -> None:
         self._send_unsent()
-        self._charge()
-        if not self._unsent and self._sock is not None:
+        self._up.charge()  # less waits now: a refund, never refused
+        if not self._up.unsent and self._sock is not None:
             self._writing = False
             self._loop.remove_writer(self._fd)
             if self._browser_paused:
@@ -502,7 +442,5 @@ class Tunnel(WSListener):
             if self._writing:
                 self._loop.remove_writer(self._fd)
             self._reading = self._writing = False
-            self._batch.clear()
-            self._unsent.clear()
-            self._unsent_bytes = 0
+            self._up.clear()
             sock.close()
