@@ -1,6 +1,8 @@
 """Cluster benchmark (SCALE-OUT.md): memory vs Redis store, direct vs forwarded tunnel.
 
-Usage: ``python bench/cluster.py [--quick] [--reps N] [--parallel N] [--no-pair]``.
+Usage: ``python bench/cluster.py [--quick] [--reps N] [--parallel N] [--no-pair]``;
+``python bench/cluster.py --scale [--quick] [--counts ...]`` runs the scaling benchmark
+of ``cluster_scale.py`` instead (what grows with the number of reservations).
 
 Starts on free 127.0.0.1 ports a real ``redis-server`` (the settings of
 docs/cluster.md: AOF, ``noeviction``, an ACL user), the TCP backend of ``backend.py``
@@ -76,10 +78,28 @@ SECURITY_TOKEN = "bench"
 CLUSTER_SECRET = "cluster-bench-secret"
 SERVICE = "bench"
 REDIS_USER = "websocketserver"
-REDIS_ACL = ("on ~websocketserver:* resetchannels &websocketserver:* -@all "
-             "+evalsha +eval +script|load +subscribe +unsubscribe +ping +select "
-             "+hget +hset +hdel +hvals +hincrby +time +publish +zadd +zremrangebyscore")
-"""The store's ACL, as in tests/cluster_support.py (docs/cluster.md's Redis settings)."""
+_ACL_FALLBACK = ("on ~websocketserver:* resetchannels &websocketserver:* -@all "
+                 "+evalsha +eval +script|load +subscribe +unsubscribe +ping +select "
+                 "+hget +hset +hdel +hvals +hincrby +time +publish +zadd +zremrangebyscore")
+
+
+def _documented_acl() -> str:
+    """The store's ACL as docs/cluster.md's Redis settings give it (the line
+    ``user websocketserver on >CHANGE-ME ~... +...``, password left out), so that the
+    benchmark follows the store's needs; the ACL of this version if the line is gone."""
+    try:
+        text = (BENCH_DIR.parent / "docs" / "cluster.md").read_text(encoding="utf-8")
+    except OSError:
+        return _ACL_FALLBACK
+    for line in text.splitlines():
+        words = line.split()
+        if words[:3] == ["user", REDIS_USER, "on"]:
+            return " ".join(word for word in words[2:] if not word.startswith(">"))
+    return _ACL_FALLBACK
+
+
+REDIS_ACL = _documented_acl()
+"""The store's ACL (docs/cluster.md's Redis settings, as tests/cluster_support.py)."""
 SAMPLE_TIMEOUT = 120.0
 
 
@@ -556,6 +576,11 @@ def _terminate(signum: int, _frame: FrameType | None) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; the exit status (1 if a measurement failed, 130 interrupted)."""
+    arguments = sys.argv[1:] if argv is None else list(argv)
+    if "--scale" in arguments:
+        import cluster_scale
+
+        return cluster_scale.main([a for a in arguments if a != "--scale"])
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer, shorter rounds (~40 s)")
@@ -563,8 +588,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--parallel", type=int, default=32, help="client tasks in the cycles")
     parser.add_argument("--no-pair", action="store_true",
                         help="skip the two-instance cycles row")
+    parser.add_argument("--scale", action="store_true",
+                        help="the scaling benchmark instead (cluster_scale.py; its options)")
     parser.add_argument("--client", action="store_true", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    args = parser.parse_args(arguments)
     raise_nofile_limit()
     if args.client:
         import uvloop
