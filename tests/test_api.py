@@ -10,9 +10,10 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from websocketserver.api import RestApi, render_status
+from websocketserver.errors import Refused
 from websocketserver.identity import Identity
 from websocketserver.reservations import MemoryStore, State
-from websocketserver.services import ServiceError, ServiceManager
+from websocketserver.services import ServiceManager
 from websocketserver.settings import ServiceConfig, Settings
 
 SCRIPT = ("from websocketserver import RemoteServiceScript\n"
@@ -176,7 +177,7 @@ async def test_release_while_an_upgrade_holds_the_claim(users_api) -> None:
     token = (await (await client.get("/v1/reserve/viewer")).json())["token"]
     claimed = await services.claim(token, None)
     assert (await client.get(f"/v1/release/{token}")).status == 200
-    with pytest.raises(ServiceError) as gone:
+    with pytest.raises(Refused) as gone:
         async with services.activate(token, lambda reason: None, claimed=claimed):
             pass
     assert gone.value.status == 410
@@ -191,11 +192,11 @@ async def test_release_while_an_upgrade_holds_the_claim(users_api) -> None:
 async def test_unclaim_makes_the_token_usable_again(users_api) -> None:
     client, services = users_api
     token = (await (await client.get("/v1/reserve/viewer?user_key=alice-key")).json())["token"]
-    with pytest.raises(ServiceError) as refused:
+    with pytest.raises(Refused) as refused:
         await services.claim(token, "bob")
     assert refused.value.status == 403
     await services.claim(token, "alice")
-    with pytest.raises(ServiceError) as in_use:
+    with pytest.raises(Refused) as in_use:
         await services.claim(token, "alice")
     assert in_use.value.status == 409
     await services.unclaim(token)

@@ -8,16 +8,14 @@ import pytest
 from multidict import CIMultiDict
 
 from e2e.test_bad_input import BAD_UPGRADES
-from websocketserver.limits import LimitExceeded
+from websocketserver.errors import Refused
 from websocketserver.protocol import (
     Accept,
     Policy,
-    Refusal,
     UpgradeRequest,
     cross_site_refusal,
     decide,
     host_refusal,
-    limit_refusal,
     protocol_refusal,
 )
 
@@ -59,27 +57,27 @@ def test_bad_upgrades_are_refused(changed: dict[str, str | None], status: int) -
     method = str(changed.pop("method", "GET"))
     version = str(changed.pop("version", "1.1"))
     decision = decide(request(method=method, version=version, **changed), BASIC)
-    assert isinstance(decision, Refusal) and decision.status == status, decision
+    assert isinstance(decision, Refused) and decision.status == status, decision
 
 
 def test_origin_closing_and_basic_mode() -> None:
     only = Policy(allowed_origins=("https://portal.example",), basic_mode=True)
-    assert decide(request(Origin="https://evil.example"), only) == Refusal(
+    assert decide(request(Origin="https://evil.example"), only) == Refused(
         403, "origin not allowed: https://evil.example")
     assert isinstance(decide(request(Origin="https://portal.example/"), only), Accept)
     assert isinstance(decide(request(), only), Accept)  # no Origin: not a browser
     closing = Policy(allowed_origins=(), basic_mode=True, closing=True)
-    assert decide(request(), closing) == Refusal(503, "server is shutting down")
+    assert decide(request(), closing) == Refused(503, "server is shutting down")
     no_backend = Policy(allowed_origins=(), basic_mode=False)
     assert decide(request(), no_backend).status == 404  # type: ignore[union-attr]
     assert isinstance(decide(request(b"/?token=t"), no_backend), Accept)
 
 
 def test_limits_and_http_versions() -> None:
-    assert limit_refusal(LimitExceeded(429, "too many")) == Refusal(429, "too many")
+    assert Refused(429, "too many") == Refused(429, "too many") != Refused(503, "too many")
     assert protocol_refusal("1.1", None) is None
     assert protocol_refusal("1.1", "100-Continue") is None
-    assert protocol_refusal("0.9", None) == Refusal(505, "HTTP/0.9 is not supported")
+    assert protocol_refusal("0.9", None) == Refused(505, "HTTP/0.9 is not supported")
 
 
 class _Parsed:
@@ -148,7 +146,7 @@ def test_the_upgrade_checks_host_unless_forwarded() -> None:
     assert decide(request(Host="viz.example.com:8080"), policy) == Accept(KEY.encode(), False,
                                                                           None)
     refused = decide(request(Host="rebind.attacker.example"), policy)
-    assert isinstance(refused, Refusal) and refused.status == 421
+    assert isinstance(refused, Refused) and refused.status == 421
     forwarded = request(Host="node2.example.com", X_Websocketserver_Forward="n s")
     assert isinstance(decide(forwarded, policy), Accept)
 

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from websocketserver.errors import Refused
 from websocketserver.identity import Identity
 from websocketserver.reservations import MemoryStore, State
-from websocketserver.services import ServiceError, ServiceManager
+from websocketserver.services import ServiceManager
 from websocketserver.settings import ServiceConfig, Settings
 
 SCRIPT = """
@@ -74,7 +75,7 @@ async def wait_empty(manager: ServiceManager, timeout: float = 5) -> None:
 @pytest.mark.parametrize("options, status", [({"fail": "1"}, 502), ({"hang": "1"}, 504)])
 async def test_start_failures_free_the_slot(manager: ServiceManager, options, status) -> None:
     reservation = await manager.reserve("rec", options, None)
-    with pytest.raises(ServiceError) as error:
+    with pytest.raises(Refused) as error:
         async with manager.activate(reservation.token, lambda reason: None):
             pass
     assert error.value.status == status
@@ -85,7 +86,7 @@ async def test_start_failures_free_the_slot(manager: ServiceManager, options, st
 async def test_late_start_holds_its_slot_until_stopped(manager: ServiceManager) -> None:
     """A start that returns after its timeout is stopped before its index is reused."""
     slow = await manager.reserve("rec", {"slow": "0.8"}, None)
-    with pytest.raises(ServiceError):
+    with pytest.raises(Refused):
         async with manager.activate(slow.token, lambda reason: None):
             pass
     assert [r.index for r in await manager.store.list()] == [0]  # still held
@@ -101,11 +102,11 @@ async def test_late_start_holds_its_slot_until_stopped(manager: ServiceManager) 
 async def test_second_activation_and_unknown_token(manager: ServiceManager) -> None:
     reservation = await manager.reserve("rec", {}, None)
     async with manager.activate(reservation.token, lambda reason: None):
-        with pytest.raises(ServiceError) as again:
+        with pytest.raises(Refused) as again:
             async with manager.activate(reservation.token, lambda reason: None):
                 pass
         assert again.value.status == 409
-    with pytest.raises(ServiceError) as unknown:
+    with pytest.raises(Refused) as unknown:
         async with manager.activate(reservation.token, lambda reason: None):
             pass
     assert unknown.value.status == 404
@@ -121,7 +122,7 @@ async def test_release_of_active_session_calls_its_closer(manager: ServiceManage
 
 async def test_groups_hide_and_refuse(manager: ServiceManager) -> None:
     assert [s.name for s in manager.visible(None)] == ["rec"]
-    with pytest.raises(ServiceError) as refused:
+    with pytest.raises(Refused) as refused:
         await manager.reserve("locked", {}, None)
     assert refused.value.status == 403
     assert [s["name"] for s in await manager.status(None)] == ["rec"]
@@ -173,7 +174,7 @@ async def test_left_instance_is_detached_and_reattached_without_a_start(tmp_path
     assert claimed.state is State.ACTIVE
     async with manager.activate(token, lambda reason: None, claimed=claimed) as use:
         assert use.address == ("127.0.0.1", 4242)
-        with pytest.raises(ServiceError) as again:  # one websocket at a time
+        with pytest.raises(Refused) as again:  # one websocket at a time
             await manager.claim(token, None)
         assert again.value.status == 409
     assert [c[0] for c in calls(manager)] == ["start", "stop"]  # no second start
@@ -214,7 +215,7 @@ async def test_a_release_between_claim_and_activate_ends_the_session(tmp_path) -
     token = (await manager.reserve("rec", {}, None)).token
     claimed = await manager.claim(token, None)
     await manager.release(token)
-    with pytest.raises(ServiceError) as gone:
+    with pytest.raises(Refused) as gone:
         async with manager.activate(token, lambda reason: None, claimed=claimed):
             pass
     assert gone.value.status == 410 and await manager.store.list() == []
@@ -224,7 +225,7 @@ async def test_a_release_between_claim_and_activate_ends_the_session(tmp_path) -
     claimed = await manager.claim(token, None)
     assert claimed.state is State.ACTIVE
     await manager.release(token)
-    with pytest.raises(ServiceError) as gone:
+    with pytest.raises(Refused) as gone:
         async with manager.activate(token, lambda reason: None, claimed=claimed):
             pass
     assert gone.value.status == 410 and await manager.store.list() == []
@@ -291,7 +292,7 @@ async def test_a_detached_instance_found_dead_ends_its_session(tmp_path, dead) -
     token = (await manager.reserve("rec", {}, None)).token
     await leave(manager, token)
     type(manager.services["rec"].script).dead = dead
-    with pytest.raises(ServiceError) as gone:
+    with pytest.raises(Refused) as gone:
         await manager.claim(token, None)
     assert gone.value.status == 410 and "ended while detached" in str(gone.value)
     assert await manager.store.list() == []

@@ -172,14 +172,16 @@ async def test_reclaim_ends_only_reservations_unused_for_long_enough(
     old = await store.reserve("five", 5, {})
     used = await store.reserve("five", 5, {})
     await store.claim(used.token, None)
-    await asyncio.sleep(0.3)
+    await asyncio.sleep(0.6)
     new = await store.reserve("five", 5, {})
-    assert [r.token for r in await store.reclaim(0.2)] == [old.token]
+    assert [r.token for r in await store.reclaim(0.5)] == [old.token]
     assert {r.token for r in await store.list("five")} == {used.token, new.token}
     ended = await store.get(old.token, ended=True)
-    assert ended is not None and ended.end_reason == "unused for 0.2 s"
+    assert ended is not None and ended.end_reason == "unused for 0.5 s"
+    await asyncio.sleep(0.6)  # used was claimed over 0.5 s ago, but is not reserved
     assert await store.transition(used.token, State.STARTING, State.RESERVED) is not None
-    assert await store.reclaim(0.2) == []  # reserved again just now: its time starts anew
+    reclaimed = [r.token for r in await store.reclaim(0.5)]  # reserved again just now:
+    assert reclaimed == [new.token]                          # its time starts anew
 
 
 def test_the_lifecycle_table_is_complete_and_ends_once() -> None:

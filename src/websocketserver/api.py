@@ -27,11 +27,12 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from . import __version__
+from .errors import Refused
 from .identity import USER_KEY_PARAM
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .protocol import cross_site_refusal
-from .reservations import State, StoreUnavailable
-from .services import ServiceError, ServiceManager
+from .reservations import State
+from .services import ServiceManager
 
 log = logging.getLogger("websocketserver.api")
 
@@ -105,10 +106,8 @@ class RestApi:
             return json_error(401, "missing or wrong security_token")
         try:
             return await handler(request, args[0] if args else "")
-        except ServiceError as exc:
-            return json_error(exc.status, str(exc))
-        except StoreUnavailable as exc:  # fail closed, say why
-            return json_error(503, f"reservation store unavailable: {exc}")
+        except Refused as exc:  # a store outage too: 503, fail closed, say why
+            return json_error(exc.status, exc.reason)
 
     def health(self) -> web.StreamResponse:
         """``/v1/health``: 200 while serving, 503 while shutting down. A store outage

@@ -49,7 +49,8 @@ class Cluster:
         except WrongSecret as exc:
             raise SettingsError(f"--cluster_secret: {exc}") from None
         except StoreUnavailable as exc:
-            raise SettingsError(f"--redis: cannot register this instance: {exc}") from None
+            raise SettingsError(f"--redis: cannot register this instance: {exc.detail}"
+                                ) from None
         self._watchers = [asyncio.create_task(self._releases(released)),
                           asyncio.create_task(self._rejoin(released, fenced)),
                           asyncio.create_task(self._renew_lease())]

@@ -29,7 +29,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from . import backend
-from .protocol import Refusal, UpgradeRequest
+from .errors import Refused
+from .protocol import UpgradeRequest
 from .tunnel import HIGH_WATER
 
 log = logging.getLogger("websocketserver.forward")
@@ -69,8 +70,8 @@ def signed_headers(secret: bytes, token: str, at: int, client: str,
     return lines
 
 
-def check(request: UpgradeRequest, secret: bytes | None) -> Forwarded | Refusal | None:
-    """None: not a forward. A :class:`Refusal` (403) if it claims to be one but its
+def check(request: UpgradeRequest, secret: bytes | None) -> Forwarded | Refused | None:
+    """None: not a forward. A :class:`Refused` (403) if it claims to be one but its
     signature does not hold (or no cluster is configured); else who it forwards."""
     value = request.headers.get(FORWARD_HEADER)
     if value is None:
@@ -84,7 +85,7 @@ def check(request: UpgradeRequest, secret: bytes | None) -> Forwarded | Refusal 
     if secret is None or token is None or not nonce or at < 0 or not hmac.compare_digest(
             signature.encode("ascii", "replace"),
             sign(secret, token, nonce, at, client, user).encode("ascii")):
-        return Refusal(403, "forwarded websocket with a wrong signature")
+        return Refused(403, "forwarded websocket with a wrong signature")
     return Forwarded(nonce, at, client, user)
 
 

@@ -31,17 +31,18 @@ from prometheus_client import Counter
 
 from . import forward
 from .backend import BackendError
+from .errors import Refused, StoreUnavailable
 from .handshake import Handshake, write_refusal
 from .identity import Identity
-from .limits import LimitExceeded, TunnelLimits
+from .limits import TunnelLimits
 from .metrics import Metrics
-from .protocol import Accept, Policy, Refusal, UpgradeRequest, decide, limit_refusal
+from .protocol import Accept, Policy, UpgradeRequest, decide
 from .relay import RelayPool
-from .reservations import Reservation, StoreUnavailable
-from .services import Elsewhere, ServiceError, ServiceManager
+from .reservations import Reservation
+from .services import Elsewhere, ServiceManager
 from .settings import Settings
 from .tunnel import Tunnel
-from .tunnels import START_FAILED, LiveTunnels, answer_upgrade, websocket_protocol
+from .tunnels import LiveTunnels, answer_upgrade, websocket_protocol
 
 if TYPE_CHECKING:  # loaded for a cluster only (redis-py costs ~80 ms at every start)
     from .cluster import Cluster
@@ -112,7 +113,7 @@ class WebSocketGateway:
 
     # -- deciding on an upgrade request ---------------------------------------------
 
-    def refuse(self, transport: asyncio.Transport, refusal: Refusal) -> None:
+    def refuse(self, transport: asyncio.Transport, refusal: Refused) -> None:
         """Answer ``refusal`` as JSON, close the connection, count it."""
         write_refusal(transport, refusal)
         counter = self._refusals.get(refusal.status)
@@ -127,11 +128,11 @@ class WebSocketGateway:
         policy = Policy(self.settings.allowed_origins, self.settings.client_port is not None,
                         self.live.closing, self.settings.host_names)
         decision = decide(request, policy)
-        if isinstance(decision, Refusal):
+        if isinstance(decision, Refused):
             self.refuse(transport, decision)
             return
         came = forward.check(request, self.cluster.secret if self.cluster else None)
-        if isinstance(came, Refusal):
+        if isinstance(came, Refused):
             self.refuse(transport, came)
         elif decision.token is None:
             self._accept(request, transport, tail, decision)
@@ -152,20 +153,16 @@ class WebSocketGateway:
         try:
             if came is not None and self.cluster is not None and not await self.cluster.fresh(
                     came.nonce, came.at):
-                raise ServiceError(403, "forwarded websocket replayed or too old")
+                raise Refused(403, "forwarded websocket replayed or too old")
             claimed = await self.services.claim(token, user)
-        except Elsewhere as exc:
-            if came is None and self.cluster is not None:
-                await self._forward(request, transport, tail, token, exc.node, client, user)
-            elif not transport.is_closing():  # one hop at most
-                self.refuse(transport, Refusal(409, "reservation moved to another instance"))
-            return
-        except (ServiceError, StoreUnavailable) as exc:
+            if isinstance(claimed, Elsewhere) and (came is not None or self.cluster is None):
+                raise Refused(409, "reservation moved to another instance")  # one hop
+        except Refused as exc:
             if not transport.is_closing():
-                status = exc.status if isinstance(exc, ServiceError) else 503
-                reason = (str(exc) if isinstance(exc, ServiceError)
-                          else f"reservation store unavailable: {exc}")
-                self.refuse(transport, Refusal(status, reason))
+                self.refuse(transport, exc)
+            return
+        if isinstance(claimed, Elsewhere):
+            await self._forward(request, transport, tail, token, claimed.node, client, user)
             return
         if not transport.is_closing():
             transport.resume_reading()
@@ -180,8 +177,8 @@ class WebSocketGateway:
         assert self.cluster is not None
         try:
             self._acquire(client, user)
-        except LimitExceeded as exc:
-            self.refuse(transport, limit_refusal(exc))
+        except Refused as exc:
+            self.refuse(transport, exc)
             return
         try:
             owner = await self.cluster.owner(node)
@@ -195,7 +192,8 @@ class WebSocketGateway:
         except (BackendError, StoreUnavailable) as exc:
             self.limits.release(client, user)
             if not transport.is_closing():
-                self.refuse(transport, Refusal(503, f"cannot reach instance {node}: {exc}"))
+                detail = exc.detail if isinstance(exc, StoreUnavailable) else str(exc)
+                self.refuse(transport, Refused(503, f"cannot reach instance {node}: {detail}"))
             return
         log.info("websocket forwarded: %s -> %s (%s:%d)", client, node, host, port)
 
@@ -210,8 +208,8 @@ class WebSocketGateway:
             user = self.identity.user(request)
         try:
             self._acquire(client, user)
-        except LimitExceeded as exc:
-            self.refuse(transport, limit_refusal(exc))
+        except Refused as exc:
+            self.refuse(transport, exc)
             return False
         self._upgrades.inc()
         if accept.token is None and self.relays is not None and self.relays.hand_over(
@@ -230,10 +228,10 @@ class WebSocketGateway:
         return True
 
     def _acquire(self, client: str, user: str | None) -> None:
-        """Take the tunnel's slot in the limits, or raise :class:`LimitExceeded`."""
+        """Take the tunnel's slot in the limits, or raise :class:`~.errors.Refused`."""
         try:
             self.limits.acquire(client, user)
-        except LimitExceeded:
+        except Refused:
             if self.relays is None:
                 raise
             self.relays.receive()  # a relay may have freed one: its report is waiting
@@ -267,8 +265,8 @@ class WebSocketGateway:
                 # the service refusing or ending the connection
                 use.keep = (reached and session.stopped is None and not self.live.closing
                             and not tunnel.backend_ended)
-        except ServiceError as exc:
-            tunnel.close(START_FAILED, str(exc))
+        except Refused as exc:
+            tunnel.close(WSCloseCode(exc.close), exc.reason)
             await tunnel.closed
         except asyncio.CancelledError:
             if not session.interrupted:

@@ -18,8 +18,9 @@ from collections.abc import Callable
 import httptools
 from multidict import CIMultiDict
 
+from .errors import Refused
 from .logs import Sampled
-from .protocol import Refusal, UpgradeRequest
+from .protocol import UpgradeRequest
 
 log = logging.getLogger("websocketserver.handshake")
 _refused = Sampled(log)  # what clients cause at will: a few lines per 10 s, then a count
@@ -31,14 +32,6 @@ MAX_HEADERS = 100
 OnRequest = Callable[[UpgradeRequest, asyncio.Transport, bytes], None]
 
 
-class Refused(Exception):
-    """Raised while parsing: the request is refused (see :class:`.protocol.Refusal`)."""
-
-    def __init__(self, status: int, reason: str) -> None:
-        super().__init__(reason)
-        self.refusal = Refusal(status, reason)
-
-
 def peer_of(transport: asyncio.BaseTransport) -> str:
     peer = transport.get_extra_info("peername")
     if not peer:
@@ -46,7 +39,7 @@ def peer_of(transport: asyncio.BaseTransport) -> str:
     return f"[{peer[0]}]:{peer[1]}" if ":" in peer[0] else f"{peer[0]}:{peer[1]}"
 
 
-def write_refusal(transport: asyncio.Transport, refusal: Refusal) -> None:
+def write_refusal(transport: asyncio.Transport, refusal: Refused) -> None:
     """Answer ``refusal`` as JSON and close the connection."""
     status = refusal.status
     _refused.warning("websocket refused (%d): %s: %s", status, peer_of(transport),
@@ -63,7 +56,7 @@ class Handshake(asyncio.Protocol):
     """Reads one upgrade request; ``on_request`` or ``on_refusal`` gets the outcome."""
 
     def __init__(self, max_header_size: int, timeout: float, on_request: OnRequest,
-                 on_refusal: Callable[[asyncio.Transport, Refusal], None]) -> None:
+                 on_refusal: Callable[[asyncio.Transport, Refused], None]) -> None:
         self._limit = max_header_size
         self._timeout = timeout
         self._on_request = on_request
@@ -126,7 +119,7 @@ class Handshake(asyncio.Protocol):
                 self._target, self._headers, str(peer[0]) if peer else None)
         except Refused as exc:
             self._done = True
-            self._on_refusal(transport, exc.refusal)
+            self._on_refusal(transport, exc)
             return
         self._on_request(request, transport, tail)
 

@@ -8,9 +8,9 @@
   stops accepting at ``--max_http_connections`` (the rest wait in the backlog).
 * :class:`TunnelLimits` counts tunnels globally, per client address and per user,
   and says why a new one is refused.
-* :func:`origin_allowed` is the websocket ``Origin`` policy (cross-site websocket
-  hijacking): browsers always send ``Origin``, so a page on another site can be
-  refused; clients that are not browsers send none and are not affected.
+
+(The websocket ``Origin`` policy is pure and lives with the upgrade decision:
+``protocol.origin_allowed``.)
 """
 
 from __future__ import annotations
@@ -26,11 +26,12 @@ import socket
 import ssl
 import sys
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
+from .errors import Refused
 from .logs import Sampled
 
 log = logging.getLogger("websocketserver.limits")
@@ -310,14 +311,6 @@ def give_back_memory() -> None:
             _LIBC.malloc_trim(0)
 
 
-class LimitExceeded(Exception):
-    """A new tunnel would exceed a limit; ``status`` is the HTTP status to refuse with."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-
-
 class TunnelLimits:
     """Counts of live tunnels (including ones still starting their service)."""
 
@@ -328,14 +321,14 @@ class TunnelLimits:
         self._users: Counter[str] = Counter()
 
     def acquire(self, client: str, user: str | None) -> None:
-        """Count a new tunnel, or raise :class:`LimitExceeded` saying which limit."""
+        """Count a new tunnel, or raise :class:`~.errors.Refused` saying which limit."""
         if self.total >= self.max_total:
-            raise LimitExceeded(503, f"server is at its limit of {self.max_total} tunnels")
+            raise Refused(503, f"server is at its limit of {self.max_total} tunnels")
         if self._clients[client] >= self.max_per_client:
-            raise LimitExceeded(429, f"client {client} is at its limit of "
+            raise Refused(429, f"client {client} is at its limit of "
                                      f"{self.max_per_client} tunnels")
         if user is not None and self._users[user] >= self.max_per_user:
-            raise LimitExceeded(429, f"user {user} is at its limit of "
+            raise Refused(429, f"user {user} is at its limit of "
                                      f"{self.max_per_user} tunnels")
         self.total += 1
         self._clients[client] += 1
@@ -353,16 +346,3 @@ def _decrement(counter: Counter[str], key: str) -> None:
     counter[key] -= 1
     if counter[key] <= 0:
         del counter[key]
-
-
-def origin_allowed(origin: str | None, allowed: Iterable[str]) -> bool:
-    """Whether a websocket with this ``Origin`` header may connect.
-
-    No allow-list (the default, as in the original server) or ``*`` allows any
-    origin; a request without ``Origin`` comes from a non-browser client and is
-    allowed.
-    """
-    allowed = tuple(allowed)
-    if not allowed or "*" in allowed or origin is None:
-        return True
-    return origin.rstrip("/").lower() in {a.rstrip("/").lower() for a in allowed}

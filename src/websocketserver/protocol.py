@@ -2,10 +2,10 @@
 
 :class:`~.handshake.Handshake` parses the bytes (httptools) into an
 :class:`UpgradeRequest`; :func:`decide` judges it against the :class:`Policy` (the
-settings and whether the server is closing); the outcomes of what needs state — the
-token's claim in the store, the tunnel limits — become refusals through
-:func:`claim_refusal` and :func:`limit_refusal`. Writing the answer is the I/O
-layer's job (``handshake.write_refusal``, or picows' 101). Tests drive these with
+settings and whether the server is closing) and returns :class:`Accept` or a
+:class:`~.errors.Refused` (the one error type, also raised by what needs state: the
+token's claim in the store, the tunnel limits). Writing the answer is the I/O layer's
+job (``handshake.write_refusal``, or picows' 101). Tests drive these with
 values, no socket (``tests/test_protocol.py``).
 
 Both ports also judge here what a browser could be made to send by a page of another
@@ -24,7 +24,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 from multidict import CIMultiDict, MultiDict, MultiDictProxy
 
-from .limits import LimitExceeded, origin_allowed
+from .errors import Refused
 from .startup import host_name, is_loopback
 
 _NO_QUERY: MultiDictProxy[str] = MultiDictProxy(MultiDict())
@@ -57,14 +57,6 @@ class UpgradeRequest:
 
 
 @dataclass(frozen=True, slots=True)
-class Refusal:
-    """Refuse the request with ``status`` and the JSON ``{"error": reason}``."""
-
-    status: int
-    reason: str
-
-
-@dataclass(frozen=True, slots=True)
 class Accept:
     """Answer 101; ``token``: the reservation to claim first (None: basic mode)."""
 
@@ -83,52 +75,52 @@ class Policy:
     hosts: frozenset[str] | None = None  # names the server answers to; None: any
 
 
-def protocol_refusal(version: str, expect: str | None) -> Refusal | None:
+def protocol_refusal(version: str, expect: str | None) -> Refused | None:
     """What neither port speaks: HTTP other than 1.0 and 1.1, an unknown ``Expect``."""
     if version not in ("1.0", "1.1"):
-        return Refusal(505, f"HTTP/{version} is not supported")
+        return Refused(505, f"HTTP/{version} is not supported")
     if expect is not None and expect.lower() != "100-continue":
-        return Refusal(417, "unsupported Expect header")
+        return Refused(417, "unsupported Expect header")
     return None
 
 
-def decide(request: UpgradeRequest, policy: Policy) -> Accept | Refusal:
+def decide(request: UpgradeRequest, policy: Policy) -> Accept | Refused:
     """Whether the request is a websocket upgrade this server serves, and how."""
     if policy.closing:
-        return Refusal(503, "server is shutting down")
+        return Refused(503, "server is shutting down")
     headers = request.headers
     refusal = protocol_refusal(request.version, headers.get("Expect"))
     if refusal is not None:
         return refusal
     if request.version == "1.1" and len(headers.getall("Host", ())) != 1:
-        return Refusal(400, "an HTTP/1.1 request needs one Host header")
+        return Refused(400, "an HTTP/1.1 request needs one Host header")
     if _FORWARD_HEADER not in headers:  # a forward's signature is checked instead: its
         refusal = host_refusal(headers.get("Host"), policy.hosts)  # Host is the browser's
         if refusal is not None:  # to the forwarding instance, which checked it
             return refusal
     if request.method != "GET":
-        return Refusal(405, "websocket upgrades are GET requests")
+        return Refused(405, "websocket upgrades are GET requests")
     if (headers.get("Upgrade", "").lower() != "websocket"
             or headers.get("Sec-WebSocket-Version") != "13"):
-        return Refusal(426, "this port serves websocket upgrades only (version 13)")
+        return Refused(426, "this port serves websocket upgrades only (version 13)")
     if request.version != "1.1":
-        return Refusal(400, "websocket upgrades need HTTP/1.1")
+        return Refused(400, "websocket upgrades need HTTP/1.1")
     connection = {t.strip().lower() for t in headers.get("Connection", "").split(",")}
     key = headers.get("Sec-WebSocket-Key")
     if "upgrade" not in connection or key is None or not valid_key(key):
-        return Refusal(400, "malformed websocket handshake")
+        return Refused(400, "malformed websocket handshake")
     origin = headers.get("Origin")
     if not origin_allowed(origin, policy.allowed_origins):
-        return Refusal(403, f"origin not allowed: {origin}")
+        return Refused(403, f"origin not allowed: {origin}")
     token = request.query.get("token")
     if token is None and not policy.basic_mode:
-        return Refusal(404, "no service here: no --client_port configured and no ?token= given")
+        return Refused(404, "no service here: no --client_port configured and no ?token= given")
     offered = headers.get("Sec-WebSocket-Protocol", "")
     binary = "binary" in (p.strip() for p in offered.split(","))
     return Accept(key.encode("ascii"), binary, token)
 
 
-def host_refusal(host: str | None, names: frozenset[str] | None) -> Refusal | None:
+def host_refusal(host: str | None, names: frozenset[str] | None) -> Refused | None:
     """421 for a ``Host`` this server does not answer to (``names``, and loopback).
 
     DNS rebinding: a page of another site, its name made to resolve to this server,
@@ -142,7 +134,7 @@ def host_refusal(host: str | None, names: frozenset[str] | None) -> Refusal | No
     if name in names or is_loopback(name):
         return None
     shown = name if len(name) <= 100 else name[:100] + "..."
-    return Refusal(421, f"this server does not answer to the host name {shown!r}: add it "
+    return Refused(421, f"this server does not answer to the host name {shown!r}: add it "
                         "with --allowed_host (the name users and front ends use for it)")
 
 
@@ -164,7 +156,7 @@ def _listed(origin: str, allowed: tuple[str, ...]) -> bool:
 
 
 def cross_site_refusal(headers: Mapping[str, str],
-                       allowed_origins: tuple[str, ...]) -> Refusal | None:
+                       allowed_origins: tuple[str, ...]) -> Refused | None:
     """403 for a request a page of another origin made (CSRF), unless that origin is
     in ``--allowed_origin``; None for a typed URL, a same-origin page, or a client
     that is not a browser (no ``Origin``, ``Referer``, ``Sec-Fetch-Site``: PyEnSight,
@@ -190,7 +182,7 @@ def cross_site_refusal(headers: Mapping[str, str],
             return None
     if source is not None and _listed(source, allowed_origins):
         return None
-    return Refusal(403, "refused: a page of another site made this request (a page's "
+    return Refused(403, "refused: a page of another site made this request (a page's "
                         "origin may be allowed with --allowed_origin)")
 
 
@@ -202,6 +194,13 @@ def valid_key(key: str) -> bool:
         return False
 
 
-def limit_refusal(exc: LimitExceeded) -> Refusal:
-    """The refusal for a tunnel over a limit (429 per client or user, 503 in all)."""
-    return Refusal(exc.status, str(exc))
+def origin_allowed(origin: str | None, allowed: tuple[str, ...]) -> bool:
+    """Whether a websocket with this ``Origin`` header may connect.
+
+    No allow-list (the default, as in the original server) or ``*`` allows any
+    origin; a request without ``Origin`` comes from a non-browser client and is
+    allowed.
+    """
+    if not allowed or "*" in allowed or origin is None:
+        return True
+    return origin.rstrip("/").lower() in {a.rstrip("/").lower() for a in allowed}

@@ -251,7 +251,7 @@ class RedisStore(ReservationStore):
                                         check_stale=False)
             except StoreUnavailable as exc:
                 if was_available:
-                    log.warning("Redis unavailable: %s", exc)
+                    log.warning("Redis unavailable: %s", exc.detail)
                 continue
             if not was_available:
                 log.info("Redis available again")

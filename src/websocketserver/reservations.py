@@ -35,9 +35,10 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from .errors import StoreUnavailable
 from .lifecycle import ENDED_KEPT, IllegalTransition, State, check, check_all
 
-__all__ = ["IllegalTransition", "State"]  # re-exported: imported from here before
+__all__ = ["IllegalTransition", "State", "StoreUnavailable"]  # imported from here before
 
 CLAIMS: dict[State, State] = {State.RESERVED: State.STARTING, State.DETACHED: State.ACTIVE}
 """What a claim does per state (claimed, re-attached); in any other state the token is
@@ -46,10 +47,6 @@ in use. Both moves are in the lifecycle table."""
 
 class NoSlotFree(Exception):
     """Every one of the service's ``count`` instances is taken."""
-
-
-class StoreUnavailable(Exception):
-    """A shared store cannot be reached or refused the operation: answer 503, fail closed."""
 
 
 class ClaimOutcome(enum.StrEnum):

@@ -24,6 +24,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from .errors import Refused
 from .identity import Identity
 from .local_apps import LocalApplication
 from .metrics import Metrics
@@ -58,21 +59,13 @@ STORE_RETRY = 1.0
 cluster's Redis) does not answer."""
 
 
-class Elsewhere(Exception):
-    """The token's reservation runs on another instance of the cluster (``node``), and
-    this one has no free slot to take it over: forward its websocket there."""
+@dataclass(frozen=True)
+class Elsewhere:
+    """What a claim answers when the token's reservation runs on another instance of the
+    cluster (``node``) and this one has no free slot to take it over: forward its
+    websocket there."""
 
-    def __init__(self, node: str) -> None:
-        super().__init__(f"reservation runs on {node}")
-        self.node = node
-
-
-class ServiceError(Exception):
-    """A request the services layer refuses; ``status`` is the HTTP status to answer."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
+    node: str
 
 
 @dataclass(frozen=True)
@@ -167,12 +160,12 @@ class ServiceManager:
     def _service_for(self, name: str, user: str | None) -> Service:
         service = self.services.get(name)
         if service is None:
-            raise ServiceError(404, f"unknown service: {name}")
+            raise Refused(404, f"unknown service: {name}")
         if service.group is not None and not self.identity.is_member(user, service.group):
             if user is None:
-                raise ServiceError(403, f"service {name} is restricted to group "
+                raise Refused(403, f"service {name} is restricted to group "
                                         f"{service.group}; caller is anonymous")
-            raise ServiceError(403, f"user {user} is not in group {service.group}")
+            raise Refused(403, f"user {user} is not in group {service.group}")
         return service
 
     async def status(self, user: str | None, admin: bool = False) -> list[dict[str, Any]]:
@@ -221,7 +214,7 @@ class ServiceManager:
         try:
             reservation = await self.store.reserve(name, service.config.count, options, user)
         except NoSlotFree:
-            raise ServiceError(503, f"all {service.config.count} instances of {name} "
+            raise Refused(503, f"all {service.config.count} instances of {name} "
                                     "are in use") from None
         log.info("reserved %s index %d for %s", name, reservation.index, user or "anonymous")
         return reservation
@@ -234,9 +227,9 @@ class ServiceManager:
         """
         known = await self.store.get(token)
         if known is None:
-            raise ServiceError(404, "unknown token")
+            raise Refused(404, "unknown token")
         if not admin and not may_use(known, user):
-            raise ServiceError(403, f"token is reserved by another user than {user}")
+            raise Refused(403, f"token is reserved by another user than {user}")
         reservation = await self.store.transition(token, State.RESERVED, State.STOPPING)
         if reservation is not None:
             await self.store.remove(token)
@@ -245,7 +238,7 @@ class ServiceManager:
             return reservation
         reservation = await self.store.get(token)
         if reservation is None:
-            raise ServiceError(404, "unknown token")
+            raise Refused(404, "unknown token")
         if not self.end_here(token):
             # claimed by an upgrade not yet activating it (activate or unclaim frees
             # it), or running on another instance of a cluster (the store tells it)
@@ -272,13 +265,14 @@ class ServiceManager:
             detached.set()
         return closer is not None or detached is not None
 
-    async def claim(self, token: str, user: str | None) -> Reservation:
+    async def claim(self, token: str, user: str | None) -> Reservation | Elsewhere:
         """Take ``token`` for a websocket of ``user`` (reserved -> starting, or detached
         -> active: a re-attach; atomically).
 
-        Raises :class:`ServiceError`: 404 unknown token, 403 another known user's, 409
+        Raises :class:`~.errors.Refused`: 404 unknown token, 403 another known user's, 409
         already in use, 410 a detached instance that died (its session is ended). The
-        winner must then :meth:`activate` it or :meth:`unclaim` it.
+        winner must then :meth:`activate` it or :meth:`unclaim` it. In a cluster, a
+        reservation of another instance that cannot move here is :class:`Elsewhere`.
         """
         claim = await self.store.claim(token, user)
         attachment = self._attachments.get(token)
@@ -293,17 +287,17 @@ class ServiceManager:
             instance = self._running.get(token)
             if instance is not None and not await self._alive(instance):
                 await self._end_dead(token, instance)
-                raise ServiceError(410, f"the {instance.service.name} instance ended while "
+                raise Refused(410, f"the {instance.service.name} instance ended while "
                                         "detached; its session is over")
         if claim.outcome is ClaimOutcome.UNKNOWN:
-            raise ServiceError(404, "unknown or expired token")
+            raise Refused(404, "unknown or expired token")
         if claim.outcome is ClaimOutcome.NOT_OWNER:
-            raise ServiceError(403, f"token is reserved by another user than {user}")
+            raise Refused(403, f"token is reserved by another user than {user}")
         if claim.outcome is ClaimOutcome.IN_USE:
-            raise ServiceError(409, "token is already in use")
+            raise Refused(409, "token is already in use")
         assert claim.reservation is not None
         if claim.outcome is ClaimOutcome.ELSEWHERE:
-            raise Elsewhere(claim.reservation.node or "?")
+            return Elsewhere(claim.reservation.node or "?")
         return claim.reservation
 
     async def unclaim(self, token: str) -> None:
@@ -329,31 +323,33 @@ class ServiceManager:
 
         ``claimed``: what the caller's won :meth:`claim` returned; else it is claimed here
         as by an anonymous caller. ``close(reason)`` is called if the reservation is released
-        while in use. Raises :class:`ServiceError` (404 unknown token, 409 already in
+        while in use. Raises :class:`~.errors.Refused` (404 unknown token, 409 already in
         use, 410 released once claimed, 502 the service failed to start) before yielding.
         """
-        reservation: Reservation | None
+        reservation: Reservation | Elsewhere | None
         if claimed is None:
             reservation = await self.claim(token, None)
+            if isinstance(reservation, Elsewhere):
+                raise Refused(409, "reservation moved to another instance")
         elif claimed.state is State.STARTING:  # not read again: a release since the claim
             reservation = claimed  # fails the transition to active below (410)
         else:  # a re-attach: only the store tells whether it was released since
             reservation = await self.store.get(token)
         if reservation is None:
-            raise ServiceError(410, "reservation released")
+            raise Refused(410, "reservation released")
         service = self.services[reservation.service]
         self._closers[token] = close
         instance = self._running.get(token)  # set: a re-attach
         attachment: Attachment | None = None
         try:
             if reservation.state is not (State.STARTING if instance is None else State.ACTIVE):
-                raise ServiceError(410, "reservation released")  # before the closer was set
+                raise Refused(410, "reservation released")  # before the closer was set
             if instance is None:
                 address = await self._start(service, reservation)
                 instance = self._running[token] = _Instance(service, reservation.index,
                                                             address)
                 if await self.store.transition(token, State.STARTING, State.ACTIVE) is None:
-                    raise ServiceError(410, "reservation released while starting")
+                    raise Refused(410, "reservation released while starting")
             else:
                 self.metrics.service_reattached(service.name)
                 log.info("%s index %d re-attached", service.name, reservation.index)
@@ -374,7 +370,7 @@ class ServiceManager:
                                                 State.STOPPING)
             except StoreUnavailable as exc:  # stopped all the same; freed once it answers
                 log.debug("%s index %d: not marked stopping: %s", service.name,
-                          reservation.index, exc)
+                          reservation.index, exc.detail)
             finally:
                 if attachment is not None:
                     del self._attachments[token]
@@ -414,7 +410,7 @@ class ServiceManager:
                 return  # a re-attach claimed it first, or it is gone: not this holder's
         except StoreUnavailable as exc:  # no re-attach can claim it either: stop it
             log.warning("%s index %d: the store is unavailable (%s); stopping it",
-                        instance.service.name, instance.index, exc)
+                        instance.service.name, instance.index, exc.detail)
         await self._end(token, instance)
 
     async def _end(self, token: str, instance: _Instance) -> None:
@@ -441,7 +437,7 @@ class ServiceManager:
             if self._closing:
                 return
             log.warning("%s: the store is unavailable (%s); trying again every %g s", what,
-                        exc, STORE_RETRY)
+                        exc.detail, STORE_RETRY)
             task = asyncio.create_task(self._retry(change))
             self._retrying.add(task)
             task.add_done_callback(self._retrying.discard)
@@ -464,7 +460,7 @@ class ServiceManager:
         except TimeoutError:
             self.metrics.service_failed(service.name)
             self._abandon(service, reservation, start)
-            raise ServiceError(504, f"{service.name} did not start within {timeout:g} s"
+            raise Refused(504, f"{service.name} did not start within {timeout:g} s"
                                ) from None
         except asyncio.CancelledError:
             self._abandon(service, reservation, start)
@@ -474,7 +470,7 @@ class ServiceManager:
             log.warning("%s index %d failed to start: %s: %s", service.name,
                         reservation.index, type(exc).__name__, exc)
             await self._stop(service, reservation.index)
-            raise ServiceError(502, f"{service.name} failed to start: {exc}") from None
+            raise Refused(502, f"{service.name} failed to start: {exc}") from None
         seconds = time.monotonic() - began
         self.metrics.service_started(service.name, seconds)
         log.info("%s index %d started on %s:%s in %.2f s", service.name, reservation.index,
@@ -550,7 +546,7 @@ class ServiceManager:
             await self.store.transition(token, State.ACTIVE, State.STOPPING)
         except StoreUnavailable as exc:  # stopped all the same; freed once it answers
             log.debug("%s index %d: not marked stopping: %s", instance.service.name,
-                      instance.index, exc)
+                      instance.index, exc.detail)
         await self._end(token, instance)
 
     # -- housekeeping ----------------------------------------------------------------
@@ -565,7 +561,7 @@ class ServiceManager:
             try:
                 await self._reclaim()
             except StoreUnavailable as exc:  # a cluster's Redis is down: next time
-                log.debug("reclaiming skipped: %s", exc)
+                log.debug("reclaiming skipped: %s", exc.detail)
 
     async def _reclaim(self) -> None:
         for reservation in await self.store.reclaim(self.settings.timeout):

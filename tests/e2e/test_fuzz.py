@@ -119,7 +119,8 @@ HEADER_VALUES = [b"127.0.0.1", b"Upgrade", b"websocket", b"keep-alive", b"close"
 HOST = (b"Host", b"127.0.0.1")
 UPGRADE_HEADERS = [HOST, (b"Upgrade", b"websocket"), (b"Connection", b"Upgrade"),
                    (b"Sec-WebSocket-Version", b"13"), (b"Sec-WebSocket-Key", WS_KEY)]
-STATUSES = {101, 200, 206, 301, 304, 400, 401, 404, 405, 412, 416, 417, 426, 501, 505}
+STATUSES = {101, 200, 206, 301, 304, 400, 401, 404, 405, 412, 416, 417, 421, 426, 431,
+            501, 505}
 """Every status the server may answer these requests with (never 500)."""
 HTTP_ANSWERS = {"101", "200", "400", "404", "405", "426"}
 """Answers even the quick run must provoke: upgrades, files, refusals on both ports."""
