@@ -7,7 +7,7 @@ import struct
 
 import pytest
 
-from e2e.test_bad_input import INVALID_FRAMES, MAX_MESSAGE, VALID_EDGES
+from corpora import INVALID_FRAMES, MAX_MESSAGE, VALID_EDGES
 from websocketserver.frames import (
     FORWARD,
     IGNORE,

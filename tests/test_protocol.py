@@ -7,7 +7,7 @@ import httptools
 import pytest
 from multidict import CIMultiDict
 
-from e2e.test_bad_input import BAD_UPGRADES
+from corpora import BAD_UPGRADES
 from websocketserver.errors import Refused
 from websocketserver.protocol import (
     Accept,

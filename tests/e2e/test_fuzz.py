@@ -35,8 +35,7 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from e2e.test_bad_input import (
-    HANDSHAKE_TIMEOUT,
+from corpora import (
     INVALID_DATA,
     NORMAL,
     OP_BINARY,
@@ -48,13 +47,16 @@ from e2e.test_bad_input import (
     PROTOCOL_ERROR,
     TOO_BIG,
     WS_KEY,
+    close_payload,
+    frame,
+)
+from e2e.test_bad_input import (
+    HANDSHAKE_TIMEOUT,
     Conn,
     assert_alive,
     assert_no_leak,
     assert_no_traceback,
     close_code,
-    close_payload,
-    frame,
     port,
     ws_open,
 )
