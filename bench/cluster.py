@@ -1,4 +1,4 @@
-"""Cluster benchmark (SCALE-OUT.md): memory vs Redis store, direct vs forwarded tunnel.
+"""Cluster benchmark (docs/cluster.md): memory vs Redis store, direct vs forwarded tunnel.
 
 Usage: ``python bench/cluster.py [--quick] [--reps N] [--parallel N] [--no-pair]``;
 ``python bench/cluster.py --scale [--quick] [--counts ...]`` runs the scaling benchmark

@@ -1,5 +1,6 @@
-"""The cluster (SCALE-OUT.md), end to end: real instances sharing a real redis-server,
-behind a real HAProxy, on loopback. One test per acceptance item of the spec."""
+"""The cluster (docs/cluster.md), end to end: real instances sharing a real redis-server,
+behind a real HAProxy, on loopback. One test per promise of docs/cluster.md (capacity,
+forwarding, failures, Redis outages and restarts, clocks, node names and secrets)."""
 
 from __future__ import annotations
 
