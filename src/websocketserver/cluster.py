@@ -17,6 +17,7 @@ from . import processes
 from .redis_store import DuplicateNode, RedisStore, WrongSecret
 from .reservations import StoreUnavailable
 from .settings import Settings, SettingsError
+from .tasks import Tasks
 
 log = logging.getLogger("websocketserver.cluster")
 
@@ -33,7 +34,7 @@ class Cluster:
         self.name = settings.node_name
         self.secret = settings.cluster_secret.encode()
         self.store = store
-        self._watchers: list[asyncio.Task[None]] = []
+        self._watchers = Tasks(log)
 
     async def start(self, released: Callable[[str], object],
                     fenced: Callable[[str], Awaitable[None]]) -> None:
@@ -51,9 +52,9 @@ class Cluster:
         except StoreUnavailable as exc:
             raise SettingsError(f"--redis: cannot register this instance: {exc.detail}"
                                 ) from None
-        self._watchers = [asyncio.create_task(self._releases(released)),
-                          asyncio.create_task(self._rejoin(released, fenced)),
-                          asyncio.create_task(self._renew_lease())]
+        self._watchers.spawn(self._releases(released), "stop requests")
+        self._watchers.spawn(self._rejoin(released, fenced), "rejoin")
+        self._watchers.spawn(self._renew_lease(), "lease")
 
     async def _renew_lease(self) -> None:
         """Tell the supervisor this instance's event loop runs; if it stalls for
@@ -107,7 +108,5 @@ class Cluster:
         return await self.store.remember_nonce(nonce, at)
 
     async def close(self) -> None:
-        for task in self._watchers:
-            task.cancel()
-        await asyncio.gather(*self._watchers, return_exceptions=True)
+        await self._watchers.cancel()
         await self.store.close()

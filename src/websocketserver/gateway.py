@@ -139,7 +139,8 @@ class WebSocketGateway:
         else:
             transport.pause_reading()  # until the reservation has been claimed
             self.live.spawn(self._upgrade_token(request, transport, tail, decision,
-                                                decision.token, came))
+                                                decision.token, came),
+                            f"upgrade from {request.remote or '?'}")
 
     async def _upgrade_token(self, request: UpgradeRequest, transport: asyncio.Transport,
                              tail: bytes, accept: Accept, token: str,
@@ -221,10 +222,12 @@ class WebSocketGateway:
         transport.set_protocol(protocol)
         answer_upgrade(protocol, accept.key, tail)
         if accept.token is None:
-            self.live.spawn(self.live.basic(tunnel, lambda: self.limits.release(client, user)))
+            self.live.spawn(self.live.basic(tunnel, lambda: self.limits.release(client, user)),
+                            f"tunnel from {client}")
         else:  # claimed by _upgrade_token
             assert claimed is not None
-            self.live.spawn(self._service_tunnel(tunnel, client, user, claimed))
+            self.live.spawn(self._service_tunnel(tunnel, client, user, claimed),
+                            f"{claimed.service}[{claimed.index}] tunnel from {client}")
         return True
 
     def _acquire(self, client: str, user: str | None) -> None:

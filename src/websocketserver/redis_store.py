@@ -80,6 +80,7 @@ from .reservations import (
     ReservationStore,
     StoreUnavailable,
 )
+from .tasks import Tasks
 
 log = logging.getLogger("websocketserver.cluster")
 
@@ -176,7 +177,7 @@ class RedisStore(ReservationStore):
         self._channel = prefix + "stop:"
         self._epoch = 0
         self._available = False
-        self._beating: asyncio.Task[None] | None = None
+        self._beating = Tasks(log)
         # The script calls share one pipelined connection (redis_link.py); the
         # subscription to stop requests has a connection of its own, through redis-py.
         self._link = RedisLink(url, OPERATION_TIMEOUT, SOCKET_TIMEOUT)
@@ -235,8 +236,8 @@ class RedisStore(ReservationStore):
             self._mine.pop(token, None)
         self.lost = False
         self.fenced.clear()
-        if self._beating is None or self._beating.done():
-            self._beating = asyncio.create_task(self._beat_forever())
+        if not self._beating:
+            self._beating.spawn(self._beat_forever(), "heartbeat")
         log.info("registered in the cluster as %s (epoch %d%s)", self.name, self._epoch,
                  f", {len(sessions) - len(refused)} sessions registered again"
                  if restore else "")
@@ -270,9 +271,7 @@ class RedisStore(ReservationStore):
 
     async def close(self) -> None:
         """Stop beating, leave the cluster (never-used reservations move), disconnect."""
-        if self._beating is not None:
-            self._beating.cancel()
-            await asyncio.gather(self._beating, return_exceptions=True)
+        await self._beating.cancel()
         if self._epoch and not self.fenced.is_set():
             with contextlib.suppress(StoreUnavailable):
                 await self._run(self._scripts.deregister)

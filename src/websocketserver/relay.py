@@ -275,7 +275,8 @@ class _Relay:
         sock = socket.socket(fileno=fds[0])
         tunnel = self.live.tunnel(message.peer)
         self._ids[tunnel] = message.tunnel_id
-        self.live.spawn(self._run(sock, tunnel, message.key, message.binary, message.tail))
+        self.live.spawn(self._run(sock, tunnel, message.key, message.binary, message.tail),
+                        f"relayed tunnel from {message.peer}")
 
     async def _run(self, sock: socket.socket, tunnel: Tunnel, key: bytes, binary: bool,
                    tail: bytes) -> None:

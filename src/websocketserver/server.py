@@ -34,6 +34,7 @@ from .reservations import MemoryStore, ReservationStore
 from .services import ServiceManager
 from .settings import Settings, SettingsError
 from .startup import log_startup, program_name
+from .tasks import Tasks
 
 if TYPE_CHECKING:
     from .cluster import Cluster
@@ -108,8 +109,9 @@ class Server:
         stack.push_async_callback(self.gateway.close, SHUTDOWN_TIMEOUT)
         if self.settings.ws_port != -1:
             await self._open("ws", self.settings.ws_port, context, self.gateway.listen)
-            watch = asyncio.create_task(watch_descriptors(self.settings.ws_port))
-            stack.push_async_callback(_cancel, watch)
+            watching = Tasks(log)
+            watching.spawn(watch_descriptors(self.settings.ws_port), "descriptor watch")
+            stack.push_async_callback(watching.cancel)
         stack.push_async_callback(self.services.close)
         self.services.start_reclaiming()
         self.gateway.start_sweeping()
@@ -136,11 +138,6 @@ class Server:
         await self._stack.aclose()
         if self._started:
             log.info("stopped")
-
-
-async def _cancel(task: asyncio.Task[None]) -> None:
-    task.cancel()
-    await asyncio.gather(task, return_exceptions=True)
 
 
 async def serve(settings: Settings, relays: RelayPool | None = None) -> None:

@@ -46,6 +46,7 @@ from .scripts import (
     load_script,
 )
 from .settings import ServiceConfig, Settings
+from .tasks import Tasks
 from .tunnel import TunnelStats
 
 log = logging.getLogger("websocketserver.services")
@@ -136,13 +137,13 @@ class ServiceManager:
             self.services[config.name] = Service(config, script)
         self._closers: dict[str, Callable[[str], None]] = {}
         self._traffic: dict[str, TunnelStats] = {}
-        self._abandoned: dict[str, asyncio.Task[None]] = {}
-        self._reclaimer: asyncio.Task[None] | None = None
+        self._abandoned: dict[str, asyncio.Task[None]] = {}  # by token, owned by _background
+        self._reclaimer = Tasks(log)
         self._running: dict[str, _Instance] = {}  # started, not stopped yet
         self._attachments: dict[str, Attachment] = {}
         self._detached: dict[str, asyncio.Event] = {}  # set: the holder is to end now
-        self._holders: set[asyncio.Task[None]] = set()
-        self._retrying: set[asyncio.Task[None]] = set()  # changes to make once Redis answers
+        self._holders = Tasks(log)  # one per detached instance
+        self._background = Tasks(log)  # abandoned starts, changes to make once Redis answers
         self._closing = False
 
     def grace(self, service: Service) -> float:
@@ -387,9 +388,8 @@ class ServiceManager:
     async def _detach(self, token: str, instance: _Instance, grace: float) -> None:
         """Keep a detached ``instance`` for ``grace`` seconds, in a holder task."""
         wake = self._detached[token] = asyncio.Event()
-        holder = asyncio.create_task(self._hold(token, instance, grace, wake))
-        self._holders.add(holder)
-        holder.add_done_callback(self._holders.discard)
+        holder = self._holders.spawn(self._hold(token, instance, grace, wake),
+                                     f"{instance.service.name}[{instance.index}] detached")
         log.info("%s index %d detached: kept %g s for a reconnect", instance.service.name,
                  instance.index, grace)
         if self._closing:  # shutdown began meanwhile, and awaits the caller: stop it now
@@ -438,9 +438,7 @@ class ServiceManager:
                 return
             log.warning("%s: the store is unavailable (%s); trying again every %g s", what,
                         exc.detail, STORE_RETRY)
-            task = asyncio.create_task(self._retry(change))
-            self._retrying.add(task)
-            task.add_done_callback(self._retrying.discard)
+            self._background.spawn(self._retry(change), f"retry: {what}")
 
     @staticmethod
     async def _retry(change: Callable[[], Awaitable[None]]) -> None:
@@ -486,8 +484,9 @@ class ServiceManager:
         instances up. The slot is held until the start ends (and is then stopped) or
         for one more ``--start_timeout`` at most.
         """
-        self._abandoned[reservation.token] = asyncio.create_task(
-            self._finish_abandoned(service, reservation, start))
+        self._abandoned[reservation.token] = self._background.spawn(
+            self._finish_abandoned(service, reservation, start),
+            f"{service.name}[{reservation.index}] abandoned start")
 
     async def _finish_abandoned(self, service: Service, reservation: Reservation,
                                 start: asyncio.Future[tuple[str, int]]) -> None:
@@ -553,7 +552,7 @@ class ServiceManager:
 
     def start_reclaiming(self) -> None:
         """Begin reclaiming reservations unused for ``--timeout`` seconds."""
-        self._reclaimer = asyncio.create_task(self._reclaim_forever())
+        self._reclaimer.spawn(self._reclaim_forever(), "reclaimer")
 
     async def _reclaim_forever(self) -> None:
         while True:
@@ -572,15 +571,10 @@ class ServiceManager:
         """Stop reclaiming; end every session (their tunnels stop their services) and
         stop the detached instances."""
         self._closing = True
-        if self._reclaimer is not None:
-            self._reclaimer.cancel()
-            await asyncio.gather(self._reclaimer, return_exceptions=True)
+        await self._reclaimer.cancel()
         self.end_all("server shutting down")
-        await asyncio.gather(*self._holders, return_exceptions=True)
-        waiting = [*self._abandoned.values(), *self._retrying]
-        for task in waiting:
-            task.cancel()
-        await asyncio.gather(*waiting, return_exceptions=True)
+        await self._holders.wait()
+        await self._background.cancel()
 
     async def end_all_and_wait(self, reason: str) -> None:
         """End every session of this instance, as :meth:`end_all`, and return once each

@@ -10,7 +10,6 @@ picows, which answers 101 and parses frames for the :class:`~.tunnel.Tunnel`.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable, Coroutine
@@ -21,6 +20,7 @@ from picows.picows import WSProtocol  # type: ignore[attr-defined]  # not in its
 from .backend import BackendError
 from .errors import Close
 from .settings import Settings
+from .tasks import Tasks
 from .tunnel import Tunnel, TunnelStats, UpstreamBudget
 
 log = logging.getLogger("websocketserver.tunnels")
@@ -45,8 +45,8 @@ class LiveTunnels:
         self.closing = False
         self._on_opened = opened
         self._on_ended = ended
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._sweeper: asyncio.Task[None] | None = None
+        self._tasks = Tasks(log)
+        self._sweeper = Tasks(log)
         self.budget = UpstreamBudget(settings.max_upstream_buffer)
 
     def tunnel(self, peer: str) -> Tunnel:
@@ -54,11 +54,10 @@ class LiveTunnels:
         return Tunnel(TunnelStats(peer=peer, target=""), self.settings.max_message_size,
                       self.budget)
 
-    def spawn(self, coroutine: Coroutine[object, object, None]) -> None:
-        """Run ``coroutine`` as a task that :meth:`close` waits for."""
-        task = asyncio.get_running_loop().create_task(coroutine)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+    def spawn(self, coroutine: Coroutine[object, object, None], label: str) -> None:
+        """Run ``coroutine`` as a task that :meth:`close` waits for; if it fails, the
+        error is logged with ``label`` (the connection it serves) and ends only it."""
+        self._tasks.spawn(coroutine, label)
 
     async def basic(self, tunnel: Tunnel, released: Callable[[], None]) -> None:
         """Connect to ``--client_hostname:--client_port``; the task ends there, and the
@@ -102,7 +101,7 @@ class LiveTunnels:
     def start_sweeping(self) -> None:
         """With ``--idle_timeout``, close tunnels that carry no traffic for that long."""
         if self.settings.idle_timeout is not None:
-            self._sweeper = asyncio.create_task(self._sweep(self.settings.idle_timeout))
+            self._sweeper.spawn(self._sweep(self.settings.idle_timeout), "idle sweep")
 
     async def _sweep(self, timeout: float) -> None:
         # Byte counters are compared between sweeps, so the hot path pays nothing.
@@ -123,17 +122,15 @@ class LiveTunnels:
     async def close(self, timeout: float, reason: str = "server shutting down") -> None:
         """Refuse new tunnels, close every open one and wait (at most ``timeout``)."""
         self.closing = True
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
+        await self._sweeper.cancel()
         for tunnel in list(self.tunnels):
             tunnel.close(WSCloseCode.GOING_AWAY, reason)
-        waiting = [*self._tasks, *(tunnel.closed for tunnel in self.tunnels)]
-        if waiting:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(timeout):
-                    await asyncio.gather(*waiting, return_exceptions=True)
+        began = time.monotonic()
+        await self._tasks.wait(timeout)
+        closing = [tunnel.closed for tunnel in self.tunnels]
+        left = timeout - (time.monotonic() - began)
+        if closing and left > 0:
+            await asyncio.wait(closing, timeout=left)
 
 
 _SECOND_CLOSE = "Received CLOSE for the second time"
