@@ -311,11 +311,11 @@ def tree_memory(pid: int, with_pss: bool = True) -> TreeMemory:
     for proc in _tree(pid):
         try:
             if with_pss:
-                info = proc.memory_full_info()
-                pss += info.pss
+                full = proc.memory_full_info()
+                pss += full.pss
+                rss += full.rss
             else:
-                info = proc.memory_info()
-            rss += info.rss
+                rss += proc.memory_info().rss
             fds += proc.num_fds()
             count += 1
         except psutil.NoSuchProcess:

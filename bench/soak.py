@@ -28,6 +28,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import cast
 
 import aiohttp
 import psutil
@@ -40,7 +41,8 @@ TOKEN = "soak"
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+        port: int = sock.getsockname()[1]
+        return port
 
 
 def raise_file_limit() -> int:
@@ -64,11 +66,12 @@ async def echo_backend(port: int) -> None:
         await server.serve_forever()
 
 
-def wait_port(port: int, proc: subprocess.Popen, timeout: float = 20) -> None:
+def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 20) -> None:
     deadline = time.monotonic() + timeout
     while True:
         if proc.poll() is not None:
-            raise SystemExit(f"soak: process {proc.args[:3]} exited with {proc.returncode}")
+            argv = cast(list[str], proc.args)  # Soak starts every process from a list
+            raise SystemExit(f"soak: process {argv[:3]} exited with {proc.returncode}")
         with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
             return
         if time.monotonic() > deadline:
@@ -80,7 +83,7 @@ class Soak:
     def __init__(self, args: argparse.Namespace, workdir: Path) -> None:
         self.args = args
         self.workdir = workdir
-        self.procs: list[subprocess.Popen] = []
+        self.procs: list[subprocess.Popen[bytes]] = []
         self.backend_port, self.ws_port, self.http_port = free_port(), free_port(), free_port()
         self.cycles = 0
         self.failures: list[str] = []

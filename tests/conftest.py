@@ -10,17 +10,18 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, settings
 
 pytest.register_assert_rewrite("cluster_support")  # imported by test modules for fixtures
 
-from support import EchoBackend, ServerProcess  # noqa: E402 - after the rewrite hook
+from support import EchoBackend, ServerProcess, StartServer  # noqa: E402 - after the rewrite hook
 
 FUZZ_ENV = "WEBSOCKETSERVER_FUZZ"
 """Environment variable naming the Hypothesis profile: ``quick`` (default) or ``full``."""
-_COMMON = {"deadline": None, "derandomize": True, "database": None,
+_COMMON: dict[str, Any] = {"deadline": None, "derandomize": True, "database": None,
            "suppress_health_check": [HealthCheck.too_slow, HealthCheck.filter_too_much]}
 settings.register_profile("quick", max_examples=400, **_COMMON)
 settings.register_profile("full", max_examples=6000, **_COMMON)
@@ -45,11 +46,11 @@ def echo() -> Iterator[EchoBackend]:
 
 
 @pytest.fixture
-def start_server(tmp_path: Path) -> Iterator:
+def start_server(tmp_path: Path) -> Iterator[StartServer]:
     """Start ``ServerProcess.start(*args, **kwargs)``; each is stopped after the test."""
     started: list[ServerProcess] = []
 
-    def start(*args: str, **kwargs) -> ServerProcess:
+    def start(*args: str, **kwargs: Any) -> ServerProcess:
         kwargs.setdefault("log_dir", tmp_path)
         server = ServerProcess.start(*args, **kwargs)
         started.append(server)

@@ -14,6 +14,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +66,7 @@ def free_port() -> int:
     raise RuntimeError(f"no free port in {_POOL.start}-{_POOL.stop - 1}")
 
 
-def wait_port(port: int, timeout: float = 15.0, proc: subprocess.Popen | None = None) -> None:
+def wait_port(port: int, timeout: float = 15.0, proc: subprocess.Popen[Any] | None = None) -> None:
     """Wait until 127.0.0.1:port accepts a connection."""
     deadline = time.monotonic() + timeout
     while True:
@@ -205,6 +206,10 @@ class ServerProcess:
                 self.proc.kill()
                 self.proc.wait()
         self._log.close()
+
+
+StartServer = Callable[..., ServerProcess]
+"""The ``start_server`` fixture: ``ServerProcess.start``, each server stopped after the test."""
 
 
 def marked_processes(server: ServerProcess | None = None) -> list[psutil.Process]:

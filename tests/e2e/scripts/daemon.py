@@ -6,6 +6,7 @@ its starter) keeps running, so stop() has to find it by its marker.
 
 import sys
 from pathlib import Path
+from typing import Any
 
 from websocketserver import CommandService
 
@@ -20,5 +21,5 @@ DAEMONIZE = (
 
 
 class Daemon(CommandService):
-    def command(self, index, options, port):
+    def command(self, index: int, options: dict[str, Any], port: int) -> list[str]:
         return [sys.executable, "-c", DAEMONIZE, str(ECHO), str(port)]
