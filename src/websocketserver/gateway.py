@@ -49,8 +49,9 @@ if TYPE_CHECKING:  # loaded for a cluster only (redis-py costs ~80 ms at every s
 
 log = logging.getLogger("websocketserver.gateway")
 
-class _Session:
-    """A service tunnel seen from its reservation: a release or shutdown ends it."""
+class _Websocket:
+    """A session's websocket as its session closes it (a release, shutdown): the tunnel
+    once it relays, else the task still starting the service."""
 
     def __init__(self, task: asyncio.Task[object], tunnel: Tunnel) -> None:
         self.task = task
@@ -253,29 +254,31 @@ class WebSocketGateway:
         token = claimed.token
         task = asyncio.current_task()
         assert task is not None
-        session = _Session(task, tunnel)
+        websocket = _Websocket(task, tunnel)
         try:
-            async with self.services.activate(token, session.close, claimed=claimed) as use:
+            async with self.services.activate(token, websocket.close,
+                                              claimed=claimed) as session:
                 deadline = time.monotonic() + self.settings.start_timeout
-                tunnel.when_stopped(use.leave)
+                tunnel.when_stopped(session.leave)
+                assert session.address is not None  # started
 
                 def opened() -> None:
-                    session.running = True
-                    self.services.attach(token, tunnel.stats)
+                    websocket.running = True
+                    session.traffic = tunnel.stats
 
-                reached = await self._tunnel(tunnel, use.address, deadline, opened)
+                reached = await self._tunnel(tunnel, session.address, deadline, opened)
                 # kept for a reconnect if the browser left: not a release, shutdown, or
                 # the service refusing or ending the connection
-                use.keep = (reached and session.stopped is None and not self.live.closing
-                            and not tunnel.backend_ended)
+                session.keep = (reached and websocket.stopped is None
+                                and not self.live.closing and not tunnel.backend_ended)
         except Refused as exc:
             tunnel.close(WSCloseCode(exc.close), exc.reason)
             await tunnel.closed
         except asyncio.CancelledError:
-            if not session.interrupted:
+            if not websocket.interrupted:
                 raise
             task.uncancel()
-            tunnel.close(WSCloseCode.GOING_AWAY, session.stopped or "")
+            tunnel.close(WSCloseCode.GOING_AWAY, websocket.stopped or "")
             await tunnel.closed
 
     async def _tunnel(self, tunnel: Tunnel, target: tuple[str, int], deadline: float,

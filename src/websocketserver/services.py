@@ -45,9 +45,9 @@ from .scripts import (
     call,
     load_script,
 )
+from .session import Session
 from .settings import ServiceConfig, Settings
 from .tasks import Tasks
-from .tunnel import TunnelStats
 
 log = logging.getLogger("websocketserver.services")
 
@@ -67,34 +67,6 @@ class Elsewhere:
     websocket there."""
 
     node: str
-
-
-@dataclass(frozen=True)
-class _Instance:
-    """A started instance: it outlives its websocket while detached."""
-
-    service: Service
-    index: int
-    address: tuple[str, int]
-
-
-class Attachment:
-    """One websocket's use of a started instance, as :meth:`ServiceManager.activate`
-    yields it; its owner says whether the instance is to be kept for a reconnect."""
-
-    def __init__(self, address: tuple[str, int], grace: float) -> None:
-        self.address = address
-        self.grace = grace
-        self.keep = False
-        """Set by the owner: the browser left (not a release, shutdown or service end)."""
-        self.left = False
-        self.settled: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        """Resolved once the token's next state (detached, stopping) is in the store."""
-
-    def leave(self) -> None:
-        """The websocket relays nothing more: a reconnect now waits for :attr:`settled`
-        instead of being refused (a reload reconnects at once)."""
-        self.left = True
 
 
 @dataclass(frozen=True)
@@ -135,13 +107,8 @@ class ServiceManager:
             if isinstance(script, CommandService):
                 script.service_name = config.name  # its output is logged as name[index]
             self.services[config.name] = Service(config, script)
-        self._closers: dict[str, Callable[[str], None]] = {}
-        self._traffic: dict[str, TunnelStats] = {}
-        self._abandoned: dict[str, asyncio.Task[None]] = {}  # by token, owned by _background
+        self._sessions: dict[str, Session] = {}  # by token: activated, slot not yet freed
         self._reclaimer = Tasks(log)
-        self._running: dict[str, _Instance] = {}  # started, not stopped yet
-        self._attachments: dict[str, Attachment] = {}
-        self._detached: dict[str, asyncio.Event] = {}  # set: the holder is to end now
         self._holders = Tasks(log)  # one per detached instance
         self._background = Tasks(log)  # abandoned starts, changes to make once Redis answers
         self._closing = False
@@ -189,7 +156,8 @@ class ServiceManager:
         return result
 
     def _instance(self, reservation: Reservation, show_token: bool) -> dict[str, Any]:
-        traffic = self._traffic.get(reservation.token)
+        session = self._sessions.get(reservation.token)
+        traffic = session.traffic if session is not None else None
         instance = {"index": reservation.index,
                     "token": reservation.token if show_token else None,
                     "timestamp": reservation.timestamp, "options": reservation.options,
@@ -203,10 +171,6 @@ class ServiceManager:
             instance["detached_seconds_left"] = round(
                 max(0.0, reservation.changed + grace - time.monotonic()), 1)
         return instance
-
-    def attach(self, token: str, traffic: TunnelStats) -> None:
-        """Report ``traffic`` as the active session's byte counts in the status."""
-        self._traffic[token] = traffic
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -233,7 +197,7 @@ class ServiceManager:
             raise Refused(403, f"token is reserved by another user than {user}")
         reservation = await self.store.transition(token, State.RESERVED, State.STOPPING)
         if reservation is not None:
-            await self.store.remove(token)
+            await self.store.remove(token, "released")
             log.info("released %s index %d (never used)", reservation.service,
                      reservation.index)
             return reservation
@@ -250,21 +214,14 @@ class ServiceManager:
     def end_all(self, reason: str) -> None:
         """End every session of this instance: its tunnel closes (which stops it), a
         detached one's holder stops it now."""
-        for close in list(self._closers.values()):
-            close(reason)
-        for detached in list(self._detached.values()):
-            detached.set()
+        for session in list(self._sessions.values()):
+            session.end(reason)
 
     def end_here(self, token: str) -> bool:
         """End ``token``'s session here as a release does (here, or on another instance
         of the cluster); False if none runs here."""
-        closer = self._closers.get(token)
-        detached = self._detached.get(token)
-        if closer is not None:
-            closer("reservation released")
-        elif detached is not None:  # its holder stops it now
-            detached.set()
-        return closer is not None or detached is not None
+        session = self._sessions.get(token)
+        return session is not None and session.end("reservation released")
 
     async def claim(self, token: str, user: str | None) -> Reservation | Elsewhere:
         """Take ``token`` for a websocket of ``user`` (reserved -> starting, or detached
@@ -276,20 +233,19 @@ class ServiceManager:
         reservation of another instance that cannot move here is :class:`Elsewhere`.
         """
         claim = await self.store.claim(token, user)
-        attachment = self._attachments.get(token)
-        if (claim.outcome is ClaimOutcome.IN_USE and attachment is not None
-                and attachment.left and attachment.grace > 0):
-            await asyncio.shield(attachment.settled)  # its websocket is being detached
+        session = self._sessions.get(token)
+        if (claim.outcome is ClaimOutcome.IN_USE and session is not None
+                and session.settled is not None and session.settling()):
+            await asyncio.shield(session.settled)  # its websocket is being detached
             claim = await self.store.claim(token, user)
-        if claim.outcome is ClaimOutcome.REATTACHED:
-            detached = self._detached.pop(token, None)
-            if detached is not None:
-                detached.set()  # its holder ends without stopping it
-            instance = self._running.get(token)
-            if instance is not None and not await self._alive(instance):
-                await self._end_dead(token, instance)
-                raise Refused(410, f"the {instance.service.name} instance ended while "
-                                        "detached; its session is over")
+        if claim.outcome is ClaimOutcome.REATTACHED and session is not None:
+            wake, session.wake = session.wake, None
+            if wake is not None:
+                wake.set()  # its holder ends without stopping it
+            if session.address is not None and not await self._alive(session):
+                await self._end_dead(token, session)
+                raise Refused(410, f"the {session.service.name} instance ended while "
+                                   "detached; its session is over")
         if claim.outcome is ClaimOutcome.UNKNOWN:
             raise Refused(404, "unknown or expired token")
         if claim.outcome is ClaimOutcome.NOT_OWNER:
@@ -306,21 +262,21 @@ class ServiceManager:
         await self._now_or_later(lambda: self._unclaim(token), "giving back a claimed token")
 
     async def _unclaim(self, token: str) -> None:
-        instance = self._running.get(token)
-        if instance is None:
+        session = self._sessions.get(token)
+        if session is None or session.address is None:
             if await self.store.transition(token, State.STARTING, State.RESERVED) is None:
-                await self.store.remove(token)  # released meanwhile
+                await self.store.remove(token, "released")  # released meanwhile
         elif await self.store.transition(token, State.ACTIVE, State.DETACHED) is not None:
-            await self._detach(token, instance, self.grace(instance.service))
+            await self._detach(token, session)
         else:  # a re-attach, released meanwhile
-            await self._end(token, instance)
+            await self._end(token, session)
 
     @contextlib.asynccontextmanager
     async def activate(self, token: str, close: Callable[[str], None],
-                       claimed: Reservation | None = None) -> AsyncIterator[Attachment]:
+                       claimed: Reservation | None = None) -> AsyncIterator[Session]:
         """Start the service of ``token`` (or re-attach to its detached instance) and
-        yield its :class:`Attachment`; on exit, stop it, or detach it if the owner set
-        :attr:`Attachment.keep` and the service has a reconnect grace.
+        yield its :class:`~.session.Session`; on exit, stop it, or detach it if the owner
+        set :attr:`~.session.Session.keep` and the service has a reconnect grace.
 
         ``claimed``: what the caller's won :meth:`claim` returned; else it is claimed here
         as by an anonymous caller. ``close(reason)`` is called if the reservation is released
@@ -339,92 +295,90 @@ class ServiceManager:
         if reservation is None:
             raise Refused(410, "reservation released")
         service = self.services[reservation.service]
-        self._closers[token] = close
-        instance = self._running.get(token)  # set: a re-attach
-        attachment: Attachment | None = None
+        session = self._sessions.get(token)  # set: a re-attach
+        if session is None:
+            session = self._sessions[token] = Session(service, reservation.index,
+                                                      self.grace(service))
+        started = session.address is not None
+        session.attach(close)
+        yielded = False
         try:
-            if reservation.state is not (State.STARTING if instance is None else State.ACTIVE):
+            if reservation.state is not (State.ACTIVE if started else State.STARTING):
                 raise Refused(410, "reservation released")  # before the closer was set
-            if instance is None:
-                address = await self._start(service, reservation)
-                instance = self._running[token] = _Instance(service, reservation.index,
-                                                            address)
+            if not started:
+                session.address = await self._start(session, reservation)
                 if await self.store.transition(token, State.STARTING, State.ACTIVE) is None:
                     raise Refused(410, "reservation released while starting")
             else:
                 self.metrics.service_reattached(service.name)
-                log.info("%s index %d re-attached", service.name, reservation.index)
-            attachment = self._attachments[token] = Attachment(instance.address,
-                                                               self.grace(service))
-            yield attachment
+                log.info("%s re-attached", session.id)
+            yielded = True
+            yield session
         finally:
-            self._closers.pop(token, None)
-            self._traffic.pop(token, None)
+            session.unattach()
             detached = False
             try:
-                detached = (attachment is not None and attachment.keep
-                            and attachment.grace > 0 and not self._closing
+                detached = (yielded and session.keep and session.grace > 0
+                            and not self._closing
                             and await self.store.transition(token, State.ACTIVE,
                                                             State.DETACHED) is not None)
                 if not detached:
                     await self.store.transition(token, (State.STARTING, State.ACTIVE),
                                                 State.STOPPING)
             except StoreUnavailable as exc:  # stopped all the same; freed once it answers
-                log.debug("%s index %d: not marked stopping: %s", service.name,
-                          reservation.index, exc.detail)
+                log.debug("%s: not marked stopping: %s", session.id, exc.detail)
             finally:
-                if attachment is not None:
-                    del self._attachments[token]
-                    attachment.settled.set_result(None)
+                session.settle()
             if detached:
-                assert instance is not None and attachment is not None
-                await self._detach(token, instance, attachment.grace)
-            elif token not in self._abandoned:  # else _finish_abandoned frees the slot
-                if instance is not None:
-                    await self._end(token, instance)
+                await self._detach(token, session)
+            elif session.abandoned is None:  # else the abandoned start frees the slot
+                if session.address is not None:
+                    await self._end(token, session)
                 else:
-                    await self._free(token, service.name, reservation.index)
+                    await self._free(token, session)
 
-    async def _detach(self, token: str, instance: _Instance, grace: float) -> None:
-        """Keep a detached ``instance`` for ``grace`` seconds, in a holder task."""
-        wake = self._detached[token] = asyncio.Event()
-        holder = self._holders.spawn(self._hold(token, instance, grace, wake),
-                                     f"{instance.service.name}[{instance.index}] detached")
-        log.info("%s index %d detached: kept %g s for a reconnect", instance.service.name,
-                 instance.index, grace)
+    async def _detach(self, token: str, session: Session) -> None:
+        """Keep a detached session's instance for its grace, in a holder task."""
+        wake = session.wake = asyncio.Event()
+        holder = self._holders.spawn(self._hold(token, session, wake),
+                                     f"{session.id} detached")
+        log.info("%s detached: kept %g s for a reconnect", session.id, session.grace)
         if self._closing:  # shutdown began meanwhile, and awaits the caller: stop it now
             wake.set()
             await holder
 
-    async def _hold(self, token: str, instance: _Instance, grace: float,
-                    wake: asyncio.Event) -> None:
-        """Wait for a re-attach (which takes ``wake`` out of ``_detached``) or for the
-        grace to end, a release or shutdown (which leave it): then stop the instance."""
+    async def _hold(self, token: str, session: Session, wake: asyncio.Event) -> None:
+        """Wait for a re-attach (which takes ``wake`` from the session) or for the grace
+        to end, a release or shutdown (which leave it): then stop the instance."""
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(wake.wait(), grace)
-        if self._detached.get(token) is not wake:
+            await asyncio.wait_for(wake.wait(), session.grace)
+        if session.wake is not wake:
             return  # re-attached
-        del self._detached[token]
+        session.wake = None
         try:
             if await self.store.transition(token, State.DETACHED, State.STOPPING) is None:
                 return  # a re-attach claimed it first, or it is gone: not this holder's
         except StoreUnavailable as exc:  # no re-attach can claim it either: stop it
-            log.warning("%s index %d: the store is unavailable (%s); stopping it",
-                        instance.service.name, instance.index, exc.detail)
-        await self._end(token, instance)
+            log.warning("%s: the store is unavailable (%s); stopping it", session.id,
+                        exc.detail)
+        await self._end(token, session)
 
-    async def _end(self, token: str, instance: _Instance) -> None:
-        """Stop a started ``instance`` and free its slot (its token is stopping)."""
-        await self._stop(instance.service, instance.index)
-        self._running.pop(token, None)
-        await self._free(token, instance.service.name, instance.index)
+    async def _end(self, token: str, session: Session) -> None:
+        """Stop a session's started instance and free its slot (its token is stopping)."""
+        await self._stop(session.service, session.index)
+        session.address = None
+        await self._free(token, session)
 
-    async def _free(self, token: str, service: str, index: int) -> None:
-        """Remove ``token``, whose instance is stopped or never ran, from the store."""
+    async def _free(self, token: str, session: Session) -> None:
+        """Drop the session, whose instance is stopped or never ran, and remove its
+        token from the store."""
+        self._sessions.pop(token, None)
+        name, index = session.service.name, session.index
+
         async def remove() -> None:
             await self.store.remove(token)
-            log.info("%s index %d is free", service, index)
-        await self._now_or_later(remove, f"freeing {service} index {index}")
+            log.info("%s index %d is free", name, index)
+        await self._now_or_later(remove, f"freeing {name} index {index}")
 
     async def _now_or_later(self, change: Callable[[], Awaitable[None]], what: str) -> None:
         """Make ``change`` to the store now or, while the store (a cluster's Redis) does
@@ -448,8 +402,8 @@ class ServiceManager:
                 await change()
                 return
 
-    async def _start(self, service: Service, reservation: Reservation) -> tuple[str, int]:
-        timeout = self.settings.start_timeout
+    async def _start(self, session: Session, reservation: Reservation) -> tuple[str, int]:
+        service, timeout = session.service, self.settings.start_timeout
         began = time.monotonic()
         start = asyncio.ensure_future(call(service.script.start, reservation.index,
                                            dict(reservation.options)))
@@ -457,11 +411,11 @@ class ServiceManager:
             host, port = await asyncio.wait_for(asyncio.shield(start), timeout)
         except TimeoutError:
             self.metrics.service_failed(service.name)
-            self._abandon(service, reservation, start)
+            self._abandon(session, reservation, start)
             raise Refused(504, f"{service.name} did not start within {timeout:g} s"
                                ) from None
         except asyncio.CancelledError:
-            self._abandon(service, reservation, start)
+            self._abandon(session, reservation, start)
             raise
         except Exception as exc:
             self.metrics.service_failed(service.name)
@@ -475,7 +429,7 @@ class ServiceManager:
                  host, port, seconds)
         return str(host), int(port)
 
-    def _abandon(self, service: Service, reservation: Reservation,
+    def _abandon(self, session: Session, reservation: Reservation,
                  start: asyncio.Future[tuple[str, int]]) -> None:
         """Give up on a start() that is still running, without freeing its index yet.
 
@@ -484,13 +438,13 @@ class ServiceManager:
         instances up. The slot is held until the start ends (and is then stopped) or
         for one more ``--start_timeout`` at most.
         """
-        self._abandoned[reservation.token] = self._background.spawn(
-            self._finish_abandoned(service, reservation, start),
-            f"{service.name}[{reservation.index}] abandoned start")
+        session.abandoned = self._background.spawn(
+            self._finish_abandoned(session, reservation, start),
+            f"{session.id} abandoned start")
 
-    async def _finish_abandoned(self, service: Service, reservation: Reservation,
+    async def _finish_abandoned(self, session: Session, reservation: Reservation,
                                 start: asyncio.Future[tuple[str, int]]) -> None:
-        index = reservation.index
+        service, index = session.service, session.index
         try:
             await self._stop(service, index)  # whatever it launched so far
             try:
@@ -505,8 +459,8 @@ class ServiceManager:
                 log.debug("%s index %d: abandoned start() failed: %s", service.name, index, exc)
             await self._stop(service, index)  # the start finished late: stop what it made
         finally:
-            self._abandoned.pop(reservation.token, None)
-            await self._free(reservation.token, service.name, index)
+            session.abandoned = None
+            await self._free(reservation.token, session)
 
     async def _stop(self, service: Service, index: int) -> None:
         try:
@@ -519,14 +473,14 @@ class ServiceManager:
             log.error("%s index %d: stop() failed: %s: %s", service.name, index,
                       type(exc).__name__, exc)
 
-    async def _alive(self, instance: _Instance) -> bool:
-        """Whether a detached ``instance`` still runs, as its script's ``alive()`` says:
-        its port may have been taken by another process since it died. A script that
-        raises or does not answer within ``--stop_timeout`` counts as dead, so that a
-        user's keystrokes never go to a stranger."""
-        name, index = instance.service.name, instance.index
+    async def _alive(self, session: Session) -> bool:
+        """Whether a detached session's instance still runs, as its script's ``alive()``
+        says: its port may have been taken by another process since it died. A script
+        that raises or does not answer within ``--stop_timeout`` counts as dead, so that
+        a user's keystrokes never go to a stranger."""
+        name, index = session.service.name, session.index
         try:
-            return bool(await asyncio.wait_for(call(instance.service.script.alive, index),
+            return bool(await asyncio.wait_for(call(session.service.script.alive, index),
                                                self.settings.stop_timeout))
         except TimeoutError:
             log.error("%s index %d: alive() did not return within %g s", name, index,
@@ -536,17 +490,15 @@ class ServiceManager:
                       type(exc).__name__, exc)
         return False
 
-    async def _end_dead(self, token: str, instance: _Instance) -> None:
-        """End the session of a detached ``instance`` found dead on a re-attach (the
+    async def _end_dead(self, token: str, session: Session) -> None:
+        """End a detached session whose instance was found dead on a re-attach (the
         claim made it active): stop what is left of it and free its slot."""
-        log.warning("%s index %d ended while detached: its session is over",
-                    instance.service.name, instance.index)
+        log.warning("%s ended while detached: its session is over", session.id)
         try:
             await self.store.transition(token, State.ACTIVE, State.STOPPING)
         except StoreUnavailable as exc:  # stopped all the same; freed once it answers
-            log.debug("%s index %d: not marked stopping: %s", instance.service.name,
-                      instance.index, exc.detail)
-        await self._end(token, instance)
+            log.debug("%s: not marked stopping: %s", session.id, exc.detail)
+        await self._end(token, session)
 
     # -- housekeeping ----------------------------------------------------------------
 
@@ -581,5 +533,5 @@ class ServiceManager:
         one's service is stopped (or its abandoned start given up): only then may its
         slot be booked again."""
         self.end_all(reason)
-        while self._closers or self._running or self._abandoned or self._holders:
+        while self._sessions or self._holders:
             await asyncio.sleep(ENDED_POLL)
