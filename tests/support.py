@@ -19,6 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+from websockets.asyncio.client import ClientConnection
+from websockets.exceptions import ConnectionClosed
+from websockets.frames import Close
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
@@ -235,3 +238,16 @@ def wait_until(predicate: Any, timeout: float = 10.0, interval: float = 0.05) ->
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout} s: {predicate}")
         time.sleep(interval)
+
+
+async def recv_bytes(ws: ClientConnection) -> bytes:
+    """The next message on ``ws``, which must be binary."""
+    message = await ws.recv()
+    assert isinstance(message, bytes), f"a text message where a binary one was due: {message!r}"
+    return message
+
+
+def received_close(closed: ConnectionClosed) -> Close:
+    """The close frame the server sent before ``closed``; the test fails if it sent none."""
+    assert closed.rcvd is not None, f"closed without a close frame: {closed}"
+    return closed.rcvd

@@ -32,7 +32,7 @@ def test_port_first_or_last_and_local_session_last(tmp_path: Path) -> None:
     assert [s.name for s in first.services] == ["local_envision"]
 
 
-def test_repeatable_options_and_token_from_environment(monkeypatch) -> None:
+def test_repeatable_options_and_token_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("WEBSOCKETSERVER_SECURITY_TOKEN", "from-env")
     settings = parse_settings(["--add_header", "a=1", "--add_header", "b=x=y",
                                "--local_session", "ensight", "2",

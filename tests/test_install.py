@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import websockets
 
-from support import EXAMPLES, wait_until
+from support import EXAMPLES, StartServer, recv_bytes, wait_until
 from websocketserver.cli import parse_settings
 from websocketserver.install import Install, discover, version_folder
 
@@ -98,7 +98,8 @@ def test_the_version_folder_of_unversioned_ansys_urls(tmp_path: Path) -> None:
     assert version_folder(tmp_path / "missing") is None
 
 
-def test_settings_from_the_location_and_options_first(tmp_path: Path, monkeypatch) -> None:
+def test_settings_from_the_location_and_options_first(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     for name, value in NO_INSTALL.items():
         monkeypatch.setenv(name, value)
     cei = make_tree(tmp_path / "v261")
@@ -122,7 +123,8 @@ def test_settings_from_the_location_and_options_first(tmp_path: Path, monkeypatc
 
 
 @pytest.mark.parametrize("level", ["", "CEI"])
-def test_install_urls_from_the_environment(start_server, tmp_path: Path, level: str) -> None:
+def test_install_urls_from_the_environment(start_server: StartServer, tmp_path: Path,
+                                           level: str) -> None:
     cei = make_tree(tmp_path / "ansys_inc" / "v261")
     value = str(cei if level else cei.parent)
     (tmp_path / "www").mkdir()
@@ -141,7 +143,7 @@ def test_install_urls_from_the_environment(start_server, tmp_path: Path, level: 
                        f"($PYENSIGHT_ANSYS_INSTALLATION={value})" in server.log())
 
 
-def test_without_an_install_ansys_urls_come_from_http_directory(start_server,
+def test_without_an_install_ansys_urls_come_from_http_directory(start_server: StartServer,
                                                                 tmp_path: Path) -> None:
     www = tmp_path / "www"
     (www / "ansys261" / "nexus").mkdir(parents=True)
@@ -156,13 +158,14 @@ async def _echo_or_close(url: str) -> tuple[bytes | None, str]:
     async with websockets.connect(url) as ws:
         try:
             await ws.send(b"RFB?")
-            return await asyncio.wait_for(ws.recv(), 20), ""  # type: ignore[return-value]
+            return await asyncio.wait_for(recv_bytes(ws), 20), ""
         except websockets.ConnectionClosed as closed:
             return None, closed.rcvd.reason if closed.rcvd else ""
 
 
 @pytest.mark.parametrize("level", ["", "CEI"])
-def test_local_envision_under_root_or_root_cei(start_server, tmp_path: Path, level: str) -> None:
+def test_local_envision_under_root_or_root_cei(start_server: StartServer, tmp_path: Path,
+                                               level: str) -> None:
     cei = make_tree(tmp_path / "v261")
     root = cei if level else cei.parent
     server = start_server("--local_session", "envision", "5",
@@ -171,7 +174,8 @@ def test_local_envision_under_root_or_root_cei(start_server, tmp_path: Path, lev
     assert asyncio.run(_echo_or_close(server.ws_url(token=token))) == (b"RFB?", "")
 
 
-def test_missing_application_names_both_paths_tried(start_server, tmp_path: Path) -> None:
+def test_missing_application_names_both_paths_tried(start_server: StartServer,
+                                                    tmp_path: Path) -> None:
     root = tmp_path / "v261"
     make_tree(root, app=False)
     server = start_server("--local_session", "envision", "5",

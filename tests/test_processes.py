@@ -10,6 +10,7 @@ import sys
 import textwrap
 import time
 import uuid
+from pathlib import Path
 
 import psutil
 
@@ -26,7 +27,7 @@ DAEMONIZE = textwrap.dedent("""
 """)
 
 
-def test_kill_instance_finds_a_daemon_by_its_marker(tmp_path) -> None:
+def test_kill_instance_finds_a_daemon_by_its_marker(tmp_path: Path) -> None:
     pidfile = tmp_path / "pid"
     marker = f"test-marker-{uuid.uuid4().hex}"  # no other run's leftover shares it
     launcher = subprocess.Popen([sys.executable, "-c", DAEMONIZE, str(pidfile)],
@@ -58,7 +59,7 @@ def test_terminate_escalates_to_kill() -> None:
     assert time.monotonic() - began < 5
 
 
-def test_supervisor_ends_daemons_and_returns_the_status(tmp_path) -> None:
+def test_supervisor_ends_daemons_and_returns_the_status(tmp_path: Path) -> None:
     """A served function that leaves a daemon behind: the supervisor ends it."""
     pidfile = tmp_path / "pid"
     program = textwrap.dedent(f"""

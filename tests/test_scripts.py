@@ -7,6 +7,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -23,7 +24,8 @@ from websocketserver.scripts import (
 from websocketserver.settings import ServiceConfig, SettingsError
 
 
-def config(tmp_path: Path, source: str | None, options: dict | None = None) -> ServiceConfig:
+def config(tmp_path: Path, source: str | None,
+           options: dict[str, Any] | None = None) -> ServiceConfig:
     script = tmp_path / "svc.py"
     if source is not None:
         script.write_text(source)
@@ -49,7 +51,8 @@ def test_loads_the_one_subclass_with_common_options(tmp_path: Path) -> None:
      "class A(R):\n    def __init__(self, o):\n        raise KeyError('k')\n",
      "A() failed: KeyError"),
 ])
-def test_script_errors_name_service_and_script(tmp_path: Path, source, message) -> None:
+def test_script_errors_name_service_and_script(tmp_path: Path, source: str | None,
+                                               message: str) -> None:
     with pytest.raises(SettingsError) as error:
         load_script(config(tmp_path, source))
     text = str(error.value)
@@ -77,12 +80,12 @@ async def test_call_runs_plain_methods_off_the_loop_and_awaits_async_ones() -> N
 
 
 class Echo(CommandService):
-    def command(self, index, options, port):
+    def command(self, index: int, options: dict[str, Any], port: int) -> list[str]:
         return [sys.executable, str(EXAMPLES / "echo_server.py"), str(port)]
 
 
 class Fails(CommandService):
-    def command(self, index, options, port):
+    def command(self, index: int, options: dict[str, Any], port: int) -> list[str]:
         return [sys.executable, "-c", "import sys; sys.exit(3)"]
 
 
@@ -106,14 +109,14 @@ class Silent(CommandService):
 
     start_timeout = 30.0
 
-    def command(self, index, options, port):
+    def command(self, index: int, options: dict[str, Any], port: int) -> list[str]:
         return [sys.executable, "-c", "import time; time.sleep(60)"]
 
 
 class Daemonizes(CommandService):
     """Its launcher exits 0 at once; the child it forked listens half a second later."""
 
-    def command(self, index, options, port):
+    def command(self, index: int, options: dict[str, Any], port: int) -> list[str]:
         return [sys.executable, "-c",
                 "import os, sys, time\n"
                 "if os.fork(): sys.exit(0)\n"

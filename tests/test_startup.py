@@ -10,10 +10,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-from support import EXAMPLES, LAUNCHER, ROOT, free_port, wait_until
+from support import EXAMPLES, LAUNCHER, ROOT, EchoBackend, StartServer, free_port, wait_until
 
 
-def test_one_line_per_listener(start_server, echo, tmp_path: Path) -> None:
+def test_one_line_per_listener(start_server: StartServer, echo: EchoBackend,
+                               tmp_path: Path) -> None:
     config = tmp_path / "services.json"
     config.write_text(json.dumps({"echo": {"script": str(EXAMPLES / "echo_service.py"),
                                            "count": 2}}))
@@ -30,7 +31,8 @@ def test_one_line_per_listener(start_server, echo, tmp_path: Path) -> None:
     assert "WARNING" not in log
 
 
-def test_options_that_do_nothing_are_warned_about(start_server, tmp_path: Path) -> None:
+def test_options_that_do_nothing_are_warned_about(start_server: StartServer,
+                                                  tmp_path: Path) -> None:
     config = tmp_path / "services.json"
     config.write_text(json.dumps({"echo": {"script": str(EXAMPLES / "echo_service.py"),
                                            "count": 1}}))

@@ -208,7 +208,7 @@ class Conn:
 
     def frames_until_closed(self) -> list[tuple[int, bytes]]:
         """Every frame until the connection closes; nothing may follow a close frame."""
-        frames = []
+        frames: list[tuple[int, bytes]] = []
         while (next_frame := self.frame()) is not None:
             assert not frames or frames[-1][0] != OP_CLOSE, f"frame after close: {frames}"
             frames.append(next_frame)
@@ -221,7 +221,8 @@ def close_code(frames: list[tuple[int, bytes]]) -> int | None:
         return None
     payload = frames[-1][1]
     assert len(payload) >= 2, f"close frame without a code: {payload!r}"
-    return struct.unpack("!H", payload[:2])[0]
+    code: int = struct.unpack("!H", payload[:2])[0]
+    return code
 
 
 def ws_open(port: int, context: ssl.SSLContext | None = None) -> Conn:
@@ -567,7 +568,8 @@ def test_valid_edge_case_is_served(server: ServerProcess, data: bytes, pongs: li
                                    echo: bytes) -> None:
     with ws_open(port(server, "ws")) as conn:
         conn.send(data)
-        got_pongs, got_echo = [], b""
+        got_pongs: list[bytes] = []
+        got_echo = b""
         while len(got_pongs) < len(pongs) or len(got_echo) < len(echo):
             next_frame = conn.frame()
             assert next_frame is not None, "closed before answering"

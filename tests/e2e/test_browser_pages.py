@@ -4,19 +4,20 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from playwright.sync_api import Browser, Page, expect
 
 from e2e.vnc_support import ARTIFACTS
-from support import ROOT, free_port, wait_port
+from support import ROOT, StartServer, free_port, wait_port
 
 CONFIG = Path(__file__).parent / "scripts" / "services.json"
 
 
 @pytest.fixture
-def page(chromium: Browser):
+def page(chromium: Browser) -> Iterator[Page]:
     context = chromium.new_context(viewport={"width": 1100, "height": 800})
     context.set_default_timeout(20_000)
     page = context.new_page()
@@ -50,7 +51,7 @@ def test_demo_shows_data_flowing_both_ways(page: Page) -> None:
         assert demo.wait(15) == 0
 
 
-def test_dashboard_lists_reserves_and_releases(page: Page, start_server) -> None:
+def test_dashboard_lists_reserves_and_releases(page: Page, start_server: StartServer) -> None:
     server = start_server("--remote_session_config", str(CONFIG))
     server.get_json("/v1/reserve/echo?target_pathname=/data/a.txt")
     page.goto(server.url("/v1/status_view"))

@@ -25,7 +25,7 @@ import pytest
 import websockets
 from cluster_support import HAProxy, RedisServer, redis_server, start_haproxy
 
-from support import EXAMPLES, ServerProcess, wait_until
+from support import EXAMPLES, ServerProcess, received_close, recv_bytes, wait_until
 
 __all__ = ["redis_server", "start_haproxy"]  # fixtures used below
 
@@ -84,7 +84,8 @@ def api(port: int, path: str) -> str:
 def instances(node: ServerProcess, service: str) -> list[dict[str, Any]]:
     status, document = node.get_json("/v1/status")
     assert status == 200, document
-    return next(s for s in document if s["name"] == service)["instances"]
+    found: list[dict[str, Any]] = next(s for s in document if s["name"] == service)["instances"]
+    return found
 
 
 async def echo_through(url: str, size: int = 1 << 20) -> bytes:
@@ -93,7 +94,7 @@ async def echo_through(url: str, size: int = 1 << 20) -> bytes:
         await ws.send(payload)
         received = b""
         while len(received) < size:
-            received += await asyncio.wait_for(ws.recv(), 10)
+            received += await asyncio.wait_for(recv_bytes(ws), 10)
     assert received == payload
     return received
 
@@ -167,7 +168,7 @@ def test_websocket_on_another_instance_take_over_forward_and_release(cluster: Cl
                 await fwd.send(payload)
                 received = b""
                 while len(received) < len(payload):
-                    received += await asyncio.wait_for(fwd.recv(), 10)
+                    received += await asyncio.wait_for(recv_bytes(fwd), 10)
                 assert received == payload
                 assert {e["token"]: (e["node"], e["state"]) for e in instances(c, "echo")
                         }[second] == (owner, "active")
@@ -177,7 +178,7 @@ def test_websocket_on_another_instance_take_over_forward_and_release(cluster: Cl
                 while True:
                     await asyncio.wait_for(taken.recv(), 5)
             assert time.monotonic() - started < 1.0
-            assert closed.value.rcvd is not None and closed.value.rcvd.code == 1001
+            assert closed.value.rcvd is not None and received_close(closed.value).code == 1001
 
     asyncio.run(scenario())
 

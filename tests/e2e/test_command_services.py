@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import websockets
 
-from support import marked_processes, wait_until
+from support import StartServer, marked_processes, received_close, recv_bytes, wait_until
 
 # A service as a newcomer writes one: says what it was given, prints on stdout and
 # stderr, one over-long line and a lot of output before it listens (a reader that
@@ -52,10 +52,11 @@ def write_service(folder: Path, command: list[str]) -> Path:
 async def echo_once(url: str) -> bytes:
     async with websockets.connect(url, open_timeout=30) as ws:
         await ws.send(b"ping")
-        return bytes(await asyncio.wait_for(ws.recv(), 30))
+        return bytes(await asyncio.wait_for(recv_bytes(ws), 30))
 
 
-def test_command_service_substitutes_and_logs_its_output(start_server, tmp_path) -> None:
+def test_command_service_substitutes_and_logs_its_output(start_server: StartServer,
+                                                         tmp_path: Path) -> None:
     """Relative paths are the config folder's (the server runs elsewhere); a
     reservation's option overrides the config's; the output is prefixed and cut."""
     config = write_service(tmp_path / "conf", [
@@ -79,7 +80,7 @@ def test_command_service_substitutes_and_logs_its_output(start_server, tmp_path)
             assert line.count("filler line") == 1, line
 
 
-def test_command_service_runs_a_program_by_name(start_server, tmp_path) -> None:
+def test_command_service_runs_a_program_by_name(start_server: StartServer, tmp_path: Path) -> None:
     """A program found on PATH, with a script beside the config as its argument."""
     config = write_service(tmp_path / "conf", [
         os.path.basename(sys.executable), "chatty.py", "--port={port}"])
@@ -100,7 +101,8 @@ class Echo(CommandService):
 """
 
 
-def test_command_service_script_runs_beside_its_file(start_server, tmp_path) -> None:
+def test_command_service_script_runs_beside_its_file(start_server: StartServer,
+                                                     tmp_path: Path) -> None:
     """The README's ``CommandService`` snippet, a relative ``echo_server.py`` included,
     works wherever the server is started."""
     folder = tmp_path / "conf"
@@ -115,7 +117,7 @@ def test_command_service_script_runs_beside_its_file(start_server, tmp_path) -> 
     assert asyncio.run(echo_once(server.ws_url(token=token))) == b"ping"
 
 
-def test_builtin_session_output_is_prefixed(start_server, tmp_path) -> None:
+def test_builtin_session_output_is_prefixed(start_server: StartServer, tmp_path: Path) -> None:
     config = write_service(tmp_path / "conf", ["unused"])
     command = f"{config.parent / 'chatty.py'} --port={{port}}"
     server = start_server("--local_session", "ensight", "1", "--local_app_command", command,
@@ -125,7 +127,8 @@ def test_builtin_session_output_is_prefixed(start_server, tmp_path) -> None:
     wait_until(lambda: "local_ensight[0]: args ['--port=" in server.log())
 
 
-def test_release_during_start_frees_the_slot_at_once(start_server, tmp_path) -> None:
+def test_release_during_start_frees_the_slot_at_once(start_server: StartServer,
+                                                     tmp_path: Path) -> None:
     """A program that never listens, released while the server waits for its port: the
     websocket closes and the slot is free within seconds, not after --start_timeout."""
     config = tmp_path / "services.json"
@@ -140,7 +143,7 @@ def test_release_during_start_frees_the_slot_at_once(start_server, tmp_path) -> 
             assert server.get_json(f"/v1/release/{token}")[0] == 200
             with pytest.raises(websockets.ConnectionClosed) as closed:
                 await asyncio.wait_for(ws.recv(), 10)
-            return closed.value.rcvd.code, closed.value.rcvd.reason
+            return received_close(closed.value).code, received_close(closed.value).reason
 
     assert asyncio.run(session()) == (1001, "reservation released")
     wait_until(lambda: server.get_json("/v1/status")[1][0]["instances"] == [], timeout=10)

@@ -5,27 +5,40 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import websockets
+from websockets.typing import Subprotocol
 
-from support import LAUNCHER, ROOT, ServerProcess, free_port
+from support import (
+    LAUNCHER,
+    ROOT,
+    EchoBackend,
+    ServerProcess,
+    StartServer,
+    free_port,
+    received_close,
+    recv_bytes,
+)
 
 SIZES = [1, 125, 126, 65535, 65536, 1024 * 1024, 16 * 1024 * 1024]
 
 
 async def echo_roundtrip(url: str, payload: bytes | str) -> bytes:
-    async with websockets.connect(url, subprotocols=["binary"], max_size=None) as ws:
+    async with websockets.connect(url, subprotocols=[Subprotocol("binary")], max_size=None) as ws:
         await ws.send(payload)
         expected = len(payload.encode() if isinstance(payload, str) else payload)
         received = bytearray()
         while len(received) < expected:
-            received += await ws.recv()
+            received += await recv_bytes(ws)
         return bytes(received)
 
 
 @pytest.mark.parametrize("launch_line", ["port_last", "port_first"])
-def test_contract_launch_lines_tunnel_and_stop(launch_line, echo, tmp_path) -> None:
+def test_contract_launch_lines_tunnel_and_stop(launch_line: str, echo: EchoBackend,
+                                               tmp_path: Path) -> None:
     """Both real launch lines of CONTRACT §1 start, tunnel, and stop on /v1/stop."""
     ws_port, http_port = free_port(), free_port()
     common = ["--http_directory", str(ROOT / "demo" / "www"), "--http_port", str(http_port)]
@@ -57,7 +70,7 @@ def test_contract_launch_lines_tunnel_and_stop(launch_line, echo, tmp_path) -> N
 
 
 @pytest.fixture(scope="module")
-def echo_server(tmp_path_factory):
+def echo_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     from support import EchoBackend
 
     backend = EchoBackend()
@@ -69,19 +82,20 @@ def echo_server(tmp_path_factory):
 
 
 @pytest.mark.parametrize("size", SIZES)
-def test_binary_messages_are_byte_exact(echo_server, size) -> None:
+def test_binary_messages_are_byte_exact(echo_server: ServerProcess, size: int) -> None:
     data = os.urandom(size)
     assert asyncio.run(echo_roundtrip(echo_server.ws_url(), data)) == data
 
 
-def test_text_frames_are_forwarded_as_bytes(echo_server) -> None:
+def test_text_frames_are_forwarded_as_bytes(echo_server: ServerProcess) -> None:
     assert asyncio.run(echo_roundtrip(echo_server.ws_url("/any/path"), "héllo")) == \
         "héllo".encode()
 
 
-def test_binary_subprotocol_and_none(echo_server) -> None:
+def test_binary_subprotocol_and_none(echo_server: ServerProcess) -> None:
     async def check() -> tuple[str | None, str | None]:
-        async with websockets.connect(echo_server.ws_url(), subprotocols=["binary"]) as ws:
+        async with websockets.connect(echo_server.ws_url(),
+                                      subprotocols=[Subprotocol("binary")]) as ws:
             offered = ws.subprotocol
         async with websockets.connect(echo_server.ws_url()) as ws:
             await ws.send(b"x")
@@ -92,7 +106,7 @@ def test_binary_subprotocol_and_none(echo_server) -> None:
     assert asyncio.run(check()) == ("binary", None)
 
 
-def test_status_needs_token(echo_server) -> None:
+def test_status_needs_token(echo_server: ServerProcess) -> None:
     assert echo_server.get_json("/v1/status", auth=False) == (
         401, {"error": "missing or wrong security_token"})
     assert echo_server.get_json("/v1/status?security_token=wrong", auth=False)[0] == 401
@@ -101,27 +115,27 @@ def test_status_needs_token(echo_server) -> None:
     assert (status, body) == (200, [])
 
 
-def test_unknown_api_and_bridge(echo_server) -> None:
+def test_unknown_api_and_bridge(echo_server: ServerProcess) -> None:
     assert echo_server.get_json("/v1/nope")[0] == 404
     assert echo_server.get_json("/v2/status")[0] == 404
     status, body = echo_server.get_json("/ensight/v1/session")
     assert status == 501 and "error" in body
 
 
-def test_token_never_logged(echo_server) -> None:
+def test_token_never_logged(echo_server: ServerProcess) -> None:
     echo_server.get("/v1/status")
     echo_server.get("/v1/nope?security_token=K")
     assert "security_token=K" not in echo_server.log()
 
 
-def test_backend_refusing_closes_with_reason(start_server) -> None:
+def test_backend_refusing_closes_with_reason(start_server: StartServer) -> None:
     server = start_server("--client_port", str(free_port()))
 
     async def check() -> tuple[int, str]:
         async with websockets.connect(server.ws_url()) as ws:
             with pytest.raises(websockets.ConnectionClosed) as closed:
                 await ws.recv()
-            return closed.value.rcvd.code, closed.value.rcvd.reason
+            return received_close(closed.value).code, received_close(closed.value).reason
 
     code, reason = asyncio.run(check())
     assert code == 1011 and "cannot connect to backend" in reason
@@ -129,11 +143,12 @@ def test_backend_refusing_closes_with_reason(start_server) -> None:
     assert server.get_json("/v1/status")[0] == 200
 
 
-def test_backend_closing_closes_websocket(start_server) -> None:
+def test_backend_closing_closes_websocket(start_server: StartServer) -> None:
     port = free_port()
 
     async def check() -> tuple[int, bytes]:
-        async def greet_and_close(reader, writer) -> None:
+        async def greet_and_close(reader: asyncio.StreamReader,
+                                  writer: asyncio.StreamWriter) -> None:
             writer.write(b"bye")
             await writer.drain()
             writer.close()
@@ -142,15 +157,15 @@ def test_backend_closing_closes_websocket(start_server) -> None:
         async with backend:
             server = await asyncio.to_thread(start_server, "--client_port", str(port))
             async with websockets.connect(server.ws_url()) as ws:
-                data = await ws.recv()
+                data = await recv_bytes(ws)
                 with pytest.raises(websockets.ConnectionClosed) as closed:
                     await ws.recv()
-                return closed.value.rcvd.code, data
+                return received_close(closed.value).code, data
 
     assert asyncio.run(check()) == (1000, b"bye")
 
 
-def test_no_client_port_and_no_token_is_refused(start_server) -> None:
+def test_no_client_port_and_no_token_is_refused(start_server: StartServer) -> None:
     server = start_server()
 
     async def check() -> int:
@@ -162,12 +177,12 @@ def test_no_client_port_and_no_token_is_refused(start_server) -> None:
     assert asyncio.run(check()) == 404
 
 
-def test_sigterm_is_graceful(start_server, echo) -> None:
+def test_sigterm_is_graceful(start_server: StartServer, echo: EchoBackend) -> None:
     server = start_server("--client_port", str(echo.port))
     server.proc.terminate()
     assert server.wait_exit(5) == 0
 
 
-def test_no_websocket_listener(start_server, echo) -> None:
+def test_no_websocket_listener(start_server: StartServer, echo: EchoBackend) -> None:
     server = start_server("--client_port", str(echo.port), ws_port=-1)
     assert server.get_json("/v1/status")[0] == 200

@@ -22,7 +22,7 @@ from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 from e2e.conftest import CHROMIUM_ARGS
 from e2e.vnc_support import CHROMIUM, require
-from support import ServerProcess, free_port
+from support import ServerProcess, StartServer, free_port
 
 CONFIG = Path(__file__).parent / "scripts" / "services.json"
 SECURITY_HEADERS = {"content-security-policy", "x-content-type-options", "referrer-policy"}
@@ -157,7 +157,7 @@ def test_errors_answered_by_the_parser_carry_them_too(server: ServerProcess) -> 
         assert SECURITY_HEADERS <= raw_head(server.http_port, request).keys()
 
 
-def test_add_header_overrides_them(start_server) -> None:
+def test_add_header_overrides_them(start_server: StartServer) -> None:
     server = start_server("--add_header", "Content-Security-Policy=frame-ancestors *",
                           "--add_header", "X-Frame-Options=DENY",
                           "--allowed_origin", "https://portal.example")
@@ -166,7 +166,7 @@ def test_add_header_overrides_them(start_server) -> None:
     assert headers["x-frame-options"] == "DENY" and headers["referrer-policy"] == "no-referrer"
 
 
-def test_allowed_origins_may_frame_the_pages(start_server) -> None:
+def test_allowed_origins_may_frame_the_pages(start_server: StartServer) -> None:
     server = start_server("--allowed_origin", "https://portal.example/",
                           "--allowed_origin", "null")
     policy = dict(server.get("/")[1])["Content-Security-Policy"]

@@ -8,11 +8,12 @@ import re
 
 import websockets
 
-from support import EXAMPLES, wait_until
+from support import EXAMPLES, EchoBackend, StartServer, wait_until
 from websocketserver import __version__
 
 
-def test_dashboard_shows_server_figures_and_reclaim_time(start_server, echo) -> None:
+def test_dashboard_shows_server_figures_and_reclaim_time(start_server: StartServer,
+                                                         echo: EchoBackend) -> None:
     server = start_server("--remote_session_config", str(EXAMPLES / "desktop_services.json"),
                           "--client_port", str(echo.port), "--timeout", "600")
     status, _ = server.get_json("/v1/reserve/echo")

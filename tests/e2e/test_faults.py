@@ -8,17 +8,18 @@ import os
 import socket
 import struct
 import threading
+from collections.abc import Callable, Iterator
 
 import pytest
 import websockets
 
-from support import free_port, wait_until
+from support import StartServer, free_port, received_close, recv_bytes, wait_until
 
 
 class FaultyBackend:
     """A TCP backend in a thread; ``behaviour(conn)`` decides what each connection gets."""
 
-    def __init__(self, behaviour) -> None:
+    def __init__(self, behaviour: Callable[[socket.socket], None]) -> None:
         self.port = free_port()
         self.behaviour = behaviour
         self.closed_by_peer = threading.Event()
@@ -77,7 +78,7 @@ def flood(backend: FaultyBackend, conn: socket.socket) -> None:
 
 
 @pytest.fixture
-def backend(request):
+def backend(request: pytest.FixtureRequest) -> Iterator[FaultyBackend]:
     faulty = FaultyBackend(request.param)
     yield faulty
     faulty.close()
@@ -89,11 +90,11 @@ async def closed(url: str, send: bytes = b"hello") -> tuple[int, str]:
         with pytest.raises(websockets.ConnectionClosed) as info:
             while True:
                 await asyncio.wait_for(ws.recv(), 10)
-        return info.value.rcvd.code, info.value.rcvd.reason
+        return received_close(info.value).code, received_close(info.value).reason
 
 
 @pytest.mark.parametrize("backend", [reset], indirect=True)
-def test_backend_reset(start_server, backend) -> None:
+def test_backend_reset(start_server: StartServer, backend: FaultyBackend) -> None:
     server = start_server("--client_port", str(backend.port))
     code, reason = asyncio.run(closed(server.ws_url()))
     assert code == 1011 and "backend connection lost" in reason
@@ -101,22 +102,24 @@ def test_backend_reset(start_server, backend) -> None:
 
 
 @pytest.mark.parametrize("backend", [half_close], indirect=True)
-def test_backend_half_close_delivers_data_then_closes(start_server, backend) -> None:
+def test_backend_half_close_delivers_data_then_closes(start_server: StartServer,
+                                                      backend: FaultyBackend) -> None:
     server = start_server("--client_port", str(backend.port))
 
     async def scenario() -> tuple[bytes, int]:
         async with websockets.connect(server.ws_url()) as ws:
-            data = await asyncio.wait_for(ws.recv(), 10)
+            data = await asyncio.wait_for(recv_bytes(ws), 10)
             with pytest.raises(websockets.ConnectionClosed) as info:
                 await asyncio.wait_for(ws.recv(), 10)
-            return data, info.value.rcvd.code
+            return data, received_close(info.value).code
 
     assert asyncio.run(scenario()) == (b"last words", 1000)
     assert backend.closed_by_peer.wait(10)  # and the server closed its side too
 
 
 @pytest.mark.parametrize("backend", [wait_for_peer_close], indirect=True)
-def test_browser_vanishing_without_close_frame_closes_backend(start_server, backend) -> None:
+def test_browser_vanishing_without_close_frame_closes_backend(start_server: StartServer,
+                                                              backend: FaultyBackend) -> None:
     server = start_server("--client_port", str(backend.port))
     key = base64.b64encode(os.urandom(16)).decode()
     sock = socket.create_connection(("127.0.0.1", server.ws_port))
@@ -131,7 +134,8 @@ def test_browser_vanishing_without_close_frame_closes_backend(start_server, back
 
 
 @pytest.mark.parametrize("backend", [flood], indirect=True)
-def test_flood_toward_stalled_browser_keeps_memory_bounded(start_server, backend) -> None:
+def test_flood_toward_stalled_browser_keeps_memory_bounded(start_server: StartServer,
+                                                           backend: FaultyBackend) -> None:
     """1 GiB offered to a browser that stops reading: the server's RSS barely moves."""
     server = start_server("--client_port", str(backend.port))
     processes = server.descendants()  # the server process and its relay, which relays

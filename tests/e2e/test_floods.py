@@ -17,7 +17,7 @@ from collections.abc import Iterator
 import psutil
 import pytest
 
-from support import ROOT, ServerProcess, wait_until
+from support import ROOT, EchoBackend, ServerProcess, StartServer, wait_until
 
 MiB = 1024 * 1024
 SERVICES = ROOT / "tests" / "e2e" / "scripts" / "services.json"
@@ -134,7 +134,8 @@ def assert_ping_flood_bounded(server: ServerProcess, sock: socket.socket) -> Non
 
 
 @pytest.mark.parametrize("relays", ["0", "1"])
-def test_ping_flood_from_a_browser_that_never_reads(start_server, echo, relays) -> None:
+def test_ping_flood_from_a_browser_that_never_reads(start_server: StartServer, echo: EchoBackend,
+                                                    relays: list[psutil.Process]) -> None:
     """Pings as fast as the socket takes them, never a read: the pongs owed are
     coalesced (only the latest is kept) instead of piling up for the browser."""
     server = start_server("--client_port", str(echo.port), "--relay_processes", relays)
@@ -142,7 +143,7 @@ def test_ping_flood_from_a_browser_that_never_reads(start_server, echo, relays) 
     assert_ping_flood_bounded(server, sock)
 
 
-def test_ping_flood_through_a_reservation_token(start_server) -> None:
+def test_ping_flood_through_a_reservation_token(start_server: StartServer) -> None:
     """The same in the main process, on a service tunnel."""
     server = start_server("--remote_session_config", str(SERVICES))
     status, reply = server.get_json("/v1/reserve/echo")
@@ -156,8 +157,9 @@ def test_ping_flood_through_a_reservation_token(start_server) -> None:
 
 
 @pytest.mark.parametrize("relays", ["0", "1"])
-def test_large_messages_toward_a_backend_that_never_reads(start_server, silent,
-                                                          relays) -> None:
+def test_large_messages_toward_a_backend_that_never_reads(start_server: StartServer,
+                                                          silent: SilentBackend,
+                                                          relays: list[psutil.Process]) -> None:
     """Eight tunnels each send one 24 MiB frame to a backend that reads nothing. Held
     whole, that is ~8 x 72 MiB; the process's upstream budget (here 32 MiB) closes
     the tunnels that would exceed it with 1009."""
@@ -189,7 +191,8 @@ def test_large_messages_toward_a_backend_that_never_reads(start_server, silent,
 
 
 @pytest.mark.parametrize("relays", ["0", "1"])
-def test_a_reset_browser_ends_its_stalled_tunnel(start_server, silent, relays) -> None:
+def test_a_reset_browser_ends_its_stalled_tunnel(start_server: StartServer, silent: SilentBackend,
+                                                 relays: list[psutil.Process]) -> None:
     """A browser whose upstream is stalled (its socket is not read) resets: the tunnel
     ends within seconds, and its limit slot is free again, without the backend."""
     server = start_server("--client_port", str(silent.port), "--relay_processes", relays,

@@ -62,7 +62,7 @@ from e2e.test_bad_input import (
 )
 from support import EchoBackend, ServerProcess
 
-INPUTS = settings.default.max_examples
+INPUTS = settings().max_examples
 """Inputs per test, from the loaded profile (tests/conftest.py)."""
 HEALTH_EVERY = 100
 MAX_MESSAGE = 256

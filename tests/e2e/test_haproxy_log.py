@@ -13,12 +13,12 @@ import pytest
 import websockets
 from cluster_support import HAProxy, start_haproxy
 
-from support import wait_until
+from support import EchoBackend, StartServer, wait_until
 
 __all__ = ["start_haproxy"]  # the fixture used below
 
 
-async def test_the_access_log_has_no_query_string(start_server, echo,
+async def test_the_access_log_has_no_query_string(start_server: StartServer, echo: EchoBackend,
                                                   start_haproxy: Callable[..., HAProxy]) -> None:
     server = start_server("--client_port", str(echo.port), token="SECRET-TOKEN-1")
     assert server.http_port is not None

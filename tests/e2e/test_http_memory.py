@@ -16,7 +16,7 @@ import time
 
 import psutil
 
-from support import ServerProcess, wait_until
+from support import ServerProcess, StartServer, wait_until
 
 MiB = 1024 * 1024
 LINE = b"X-Pad-%03d: " + b"a" * 8100 + b"\r\n"  # under --max_header_size (8190)
@@ -39,7 +39,7 @@ def unfinished_head(port: int) -> socket.socket:
     return sock
 
 
-def test_400_unfinished_heads_hold_little_memory(start_server) -> None:
+def test_400_unfinished_heads_hold_little_memory(start_server: StartServer) -> None:
     server = start_server()
     assert server.http_port is not None
     time.sleep(0.3)  # its start-up allocations settle
@@ -58,7 +58,7 @@ def test_400_unfinished_heads_hold_little_memory(start_server) -> None:
     wait_until(lambda: tree_rss(server) - idle < 32 * MiB, timeout=5)  # 706 MiB stayed
 
 
-def test_a_long_head_gets_431_json(start_server) -> None:
+def test_a_long_head_gets_431_json(start_server: StartServer) -> None:
     server = start_server()
     assert server.http_port is not None
     with unfinished_head(server.http_port) as sock:
@@ -73,7 +73,7 @@ def test_a_long_head_gets_431_json(start_server) -> None:
     assert json.loads(body) == {"error": "request header fields too large"}
 
 
-def test_connections_beyond_the_limit_wait(start_server) -> None:
+def test_connections_beyond_the_limit_wait(start_server: StartServer) -> None:
     """At --max_http_connections, a new connection is not served until one closes."""
     server = start_server("--max_http_connections", "3")
     assert server.http_port is not None

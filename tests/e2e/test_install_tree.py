@@ -22,12 +22,21 @@ import sys
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
+from typing import cast
 
 import psutil
 import pytest
 import websockets
 
-from support import EXAMPLES, LAUNCHER, ServerProcess, free_port, marked_processes, wait_until
+from support import (
+    EXAMPLES,
+    LAUNCHER,
+    ServerProcess,
+    free_port,
+    marked_processes,
+    recv_bytes,
+    wait_until,
+)
 
 KEY = "8c1f2e4a-launcher-key"
 LOADER = b"// the install's viewer-loader.js\n"
@@ -104,7 +113,7 @@ def write_pages(server: ServerProcess, session: Path) -> None:
 async def through_envision(server: ServerProcess, token: str) -> bytes:
     async with websockets.connect(server.ws_url(token=token)) as ws:
         await ws.send(b"RFB 003.008\n")
-        return await asyncio.wait_for(ws.recv(), 20)  # type: ignore[return-value]
+        return await asyncio.wait_for(recv_bytes(ws), 20)
 
 
 def tree_of(server: ServerProcess) -> list[psutil.Process]:
@@ -192,7 +201,7 @@ def _sigterm_every_websocketserver_process(server: ServerProcess) -> None:
     """The container launcher's ``pkill -f websocketserver.py``: SIGTERM, at once, to
     every process whose command line names the script. (Done by pid here, limited to
     this test's own script path, so that no other server on this machine is hit.)"""
-    script = str(Path(server.proc.args[1]))
+    script = str(Path(cast(list[str], server.proc.args)[1]))  # started from an argv list
     targets = [p for p in psutil.process_iter(["cmdline"])
                if script in " ".join(p.info["cmdline"] or ())]
     assert len(targets) >= 2  # the supervisor and the server at least
@@ -203,7 +212,8 @@ def _sigterm_every_websocketserver_process(server: ServerProcess) -> None:
 
 @pytest.mark.parametrize("stop", [_kill_tree_then_rest_stop,
                                   _sigterm_every_websocketserver_process])
-def test_both_launcher_stops_leave_no_process(cei: Path, tmp_path: Path, stop) -> None:
+def test_both_launcher_stops_leave_no_process(cei: Path, tmp_path: Path,
+                                              stop: Callable[[ServerProcess], None]) -> None:
     server = launch(cei, tmp_path, "local", free_port())
     try:
         processes = stopped_while_busy(server, stop)

@@ -146,6 +146,7 @@ def status_answers(server: ServerProcess) -> bool:
 def test_many_stalled_keepalive_connections_are_all_closed(
         start_server: Callable[..., ServerProcess]) -> None:
     server = start_server("--handshake_timeout", str(TIMEOUT))
+    assert server.http_port is not None
     stalled = stall(server.http_port, 200)
     try:
         for sock in stalled:

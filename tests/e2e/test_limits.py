@@ -8,14 +8,18 @@ import json
 import os
 import socket
 import time
+from pathlib import Path
+from typing import Any
 
 import pytest
 import websockets
+from websockets.asyncio.client import ClientConnection
+from websockets.typing import Origin
 
-from support import wait_until
+from support import EchoBackend, StartServer, received_close, wait_until
 
 
-def refused_status(url: str, **kwargs) -> int:
+def refused_status(url: str, **kwargs: Any) -> int:
     async def attempt() -> int:
         with pytest.raises(websockets.InvalidStatus) as refused:
             async with websockets.connect(url, **kwargs):
@@ -25,12 +29,12 @@ def refused_status(url: str, **kwargs) -> int:
     return asyncio.run(attempt())
 
 
-async def echo_once(ws) -> None:
+async def echo_once(ws: ClientConnection) -> None:
     await ws.send(b"x")
     assert await asyncio.wait_for(ws.recv(), 10) == b"x"
 
 
-def test_global_and_per_client_tunnel_limits(start_server, echo) -> None:
+def test_global_and_per_client_tunnel_limits(start_server: StartServer, echo: EchoBackend) -> None:
     server = start_server("--client_port", str(echo.port), "--max_tunnels", "3",
                           "--max_tunnels_per_client", "2")
 
@@ -52,7 +56,7 @@ def test_global_and_per_client_tunnel_limits(start_server, echo) -> None:
     assert "limit of 2 tunnels" in server.log()
 
 
-def test_global_limit_is_503(start_server, echo) -> None:
+def test_global_limit_is_503(start_server: StartServer, echo: EchoBackend) -> None:
     server = start_server("--client_port", str(echo.port), "--max_tunnels", "1")
 
     async def scenario() -> int:
@@ -65,7 +69,7 @@ def test_global_limit_is_503(start_server, echo) -> None:
     assert asyncio.run(scenario()) == 503
 
 
-def test_per_user_limit(start_server, echo, tmp_path) -> None:
+def test_per_user_limit(start_server: StartServer, echo: EchoBackend, tmp_path: Path) -> None:
     users = tmp_path / "users.json"
     users.write_text(json.dumps({"merlin": "mk", "arthur": "ak"}))
     server = start_server("--client_port", str(echo.port), "--users_file", str(users),
@@ -83,7 +87,7 @@ def test_per_user_limit(start_server, echo, tmp_path) -> None:
     assert asyncio.run(scenario()) == 429
 
 
-def test_message_too_big_closes_1009(start_server, echo) -> None:
+def test_message_too_big_closes_1009(start_server: StartServer, echo: EchoBackend) -> None:
     server = start_server("--client_port", str(echo.port), "--max_message_size", "1000")
 
     async def scenario() -> int:
@@ -93,13 +97,13 @@ def test_message_too_big_closes_1009(start_server, echo) -> None:
             await ws.send(os.urandom(1001))
             with pytest.raises(websockets.ConnectionClosed) as closed:
                 await asyncio.wait_for(ws.recv(), 10)
-            return closed.value.rcvd.code
+            return received_close(closed.value).code
 
     assert asyncio.run(scenario()) == 1009
     assert server.get_json("/v1/status")[0] == 200
 
 
-def test_oversized_header_is_refused(start_server) -> None:
+def test_oversized_header_is_refused(start_server: StartServer) -> None:
     server = start_server("--max_header_size", "2000")
     status, _, body = server.get("/index.html", headers={"X-Big": "a" * 3000})
     assert status in (400, 431) and b"Traceback" not in body
@@ -107,7 +111,7 @@ def test_oversized_header_is_refused(start_server) -> None:
 
 
 @pytest.mark.parametrize("port_name", ["http_port", "ws_port"])
-def test_slowloris_connection_is_closed(start_server, port_name) -> None:
+def test_slowloris_connection_is_closed(start_server: StartServer, port_name: str) -> None:
     server = start_server("--handshake_timeout", "0.5", "--client_port", "1")
     port = getattr(server, port_name)
     with socket.create_connection(("127.0.0.1", port)) as sock:
@@ -121,7 +125,8 @@ def test_slowloris_connection_is_closed(start_server, port_name) -> None:
 
 
 @pytest.mark.parametrize("port_name", ["http_port", "ws_port"])
-def test_many_silent_connections_write_a_few_log_lines(start_server, port_name) -> None:
+def test_many_silent_connections_write_a_few_log_lines(start_server: StartServer,
+                                                       port_name: str) -> None:
     """100 connections that send nothing cost the log at most 10 lines (per 10 s)
     rather than 100: a client can open them at will."""
     server = start_server("--handshake_timeout", "0.5", "--client_port", "1")
@@ -138,20 +143,21 @@ def test_many_silent_connections_write_a_few_log_lines(start_server, port_name) 
     assert server.get("/index.html")[0] == 200
 
 
-def test_origin_allow_list(start_server, echo) -> None:
+def test_origin_allow_list(start_server: StartServer, echo: EchoBackend) -> None:
     server = start_server("--client_port", str(echo.port),
                           "--allowed_origin", "https://portal.example.com")
     assert refused_status(server.ws_url(), origin="https://evil.example.net") == 403
 
     async def allowed() -> None:
-        for origin in ("https://portal.example.com", None):
+        for origin in (Origin("https://portal.example.com"), None):
             async with websockets.connect(server.ws_url(), origin=origin) as ws:
                 await echo_once(ws)
 
     asyncio.run(allowed())
 
 
-def test_idle_timeout_closes_quiet_tunnels_only(start_server, echo) -> None:
+def test_idle_timeout_closes_quiet_tunnels_only(start_server: StartServer,
+                                                echo: EchoBackend) -> None:
     server = start_server("--client_port", str(echo.port), "--idle_timeout", "0.6")
 
     async def scenario() -> tuple[int, str]:
@@ -163,12 +169,12 @@ def test_idle_timeout_closes_quiet_tunnels_only(start_server, echo) -> None:
             assert busy.state is websockets.State.OPEN
             with pytest.raises(websockets.ConnectionClosed) as closed:
                 await asyncio.wait_for(quiet.recv(), 5)
-            return closed.value.rcvd.code, closed.value.rcvd.reason
+            return received_close(closed.value).code, received_close(closed.value).reason
 
     assert asyncio.run(scenario()) == (1001, "idle for 0.6 s")
 
 
-def test_ping_interval_drops_a_silent_peer(start_server, echo) -> None:
+def test_ping_interval_drops_a_silent_peer(start_server: StartServer, echo: EchoBackend) -> None:
     """A peer that never answers pings is disconnected."""
     server = start_server("--client_port", str(echo.port), "--ping_interval", "0.25")
     key = base64.b64encode(os.urandom(16)).decode()

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import websockets
 
-from support import EXAMPLES, marked_processes, wait_until
+from support import EXAMPLES, StartServer, marked_processes, received_close, recv_bytes, wait_until
 
 FAKE_APP = f"""#!{sys.executable}
 # Stands in for EnSight: records its argv, serves echo on the VNC port it was given.
@@ -35,10 +35,11 @@ def install(root: Path, app: str) -> Path:
 async def echo_once(url: str) -> bytes:
     async with websockets.connect(url) as ws:
         await ws.send(b"vnc?")
-        return await asyncio.wait_for(ws.recv(), 20)
+        return await asyncio.wait_for(recv_bytes(ws), 20)
 
 
-def test_ensight_launched_with_the_original_command(start_server, tmp_path) -> None:
+def test_ensight_launched_with_the_original_command(start_server: StartServer,
+                                                    tmp_path: Path) -> None:
     binary = install(tmp_path, "ensight")
     server = start_server("--local_session", "ensight", "2", "--local_app_root", str(tmp_path))
     status, body = server.get_json("/v1/reserve/local_ensight?target_pathname=/data/car.case")
@@ -51,7 +52,7 @@ def test_ensight_launched_with_the_original_command(start_server, tmp_path) -> N
     wait_until(lambda: marked_processes(server) == [])
 
 
-def test_command_template_replaces_the_application(start_server) -> None:
+def test_command_template_replaces_the_application(start_server: StartServer) -> None:
     command = f"{sys.executable} {EXAMPLES / 'echo_server.py'} {{port}}"
     server = start_server("--local_session", "envision", "1", "--local_app_command", command)
     token = server.get_json("/v1/reserve/local_envision")[1]["token"]
@@ -59,7 +60,8 @@ def test_command_template_replaces_the_application(start_server) -> None:
 
 
 @pytest.mark.parametrize("extra", [[], ["--local_app_root", "/nonexistent/ansys"]])
-def test_missing_install_is_reported_on_activation(start_server, extra) -> None:
+def test_missing_install_is_reported_on_activation(start_server: StartServer,
+                                                   extra: list[str]) -> None:
     server = start_server("--local_session", "envision", "5", *extra,
                           env={"WEBSOCKETSERVER_APP_ROOT": "", "PYENSIGHT_ANSYS_INSTALLATION": ""})
     status, body = server.get_json("/v1/reserve/local_envision")  # the server started fine
@@ -69,7 +71,7 @@ def test_missing_install_is_reported_on_activation(start_server, extra) -> None:
         async with websockets.connect(server.ws_url(token=body["token"])) as ws:
             with pytest.raises(websockets.ConnectionClosed) as closed:
                 await asyncio.wait_for(ws.recv(), 20)
-            return closed.value.rcvd.code, closed.value.rcvd.reason
+            return received_close(closed.value).code, received_close(closed.value).reason
 
     code, reason = asyncio.run(attempt())
     assert code == 1011 and "envision is not installed here" in reason

@@ -8,10 +8,12 @@ from pathlib import Path
 import websockets
 from prometheus_client.parser import text_string_to_metric_families
 
+from support import ServerProcess, StartServer
+
 CONFIG = Path(__file__).parent / "scripts" / "services.json"
 
 
-def scrape(server) -> dict[tuple[str, tuple], float]:
+def scrape(server: ServerProcess) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     status, headers, body = server.get("/v1/metrics")
     assert status == 200 and headers["Content-Type"].startswith("text/plain")
     samples = {}
@@ -21,7 +23,7 @@ def scrape(server) -> dict[tuple[str, tuple], float]:
     return samples
 
 
-def test_metrics_follow_tunnels_services_and_http(start_server) -> None:
+def test_metrics_follow_tunnels_services_and_http(start_server: StartServer) -> None:
     server = start_server("--remote_session_config", str(CONFIG), "--start_timeout", "3")
     assert server.get("/v1/metrics", auth=False)[0] == 401
     token = server.get_json("/v1/reserve/echo")[1]["token"]
@@ -53,7 +55,7 @@ def test_metrics_follow_tunnels_services_and_http(start_server) -> None:
                                                          ("status", "101")))] == 1
 
 
-def test_failures_are_counted(start_server) -> None:
+def test_failures_are_counted(start_server: StartServer) -> None:
     server = start_server("--remote_session_config", str(CONFIG))
     token = server.get_json("/v1/reserve/raising")[1]["token"]
 

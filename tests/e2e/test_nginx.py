@@ -9,13 +9,15 @@ import shutil
 import ssl
 import subprocess
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trustme
 import websockets
 
-from support import ROOT, free_port, wait_port
+from support import ROOT, EchoBackend, StartServer, free_port, recv_bytes, wait_port
 
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 pytestmark = pytest.mark.skipif(not os.path.exists(NGINX),
@@ -24,7 +26,7 @@ CONFIG = Path(__file__).parent / "scripts" / "services.json"
 
 
 @pytest.fixture
-def nginx(tmp_path: Path):
+def nginx(tmp_path: Path) -> Iterator[dict[str, Any]]:
     """Start nginx with deploy/nginx.conf, its ports and certificate replaced."""
     ca = trustme.CA()
     cert = ca.issue_cert("127.0.0.1", "localhost")
@@ -63,7 +65,7 @@ def nginx(tmp_path: Path):
         proc.wait(10)
 
 
-def test_reserve_and_tunnel_through_nginx(start_server, nginx) -> None:
+def test_reserve_and_tunnel_through_nginx(start_server: StartServer, nginx: dict[str, Any]) -> None:
     server = start_server("--remote_session_config", str(CONFIG), "--trusted_proxy",
                           "127.0.0.1", "--verbose", "1", ws_port=nginx["ws"],
                           http_port=nginx["http"])
@@ -74,7 +76,7 @@ def test_reserve_and_tunnel_through_nginx(start_server, nginx) -> None:
     with urllib.request.urlopen(f"{base}/index.html", context=nginx["ssl"]) as response:
         assert b"websocketserver demo" in response.read()
 
-    async def session() -> bytes:
+    async def session() -> bool:
         url = f"wss://127.0.0.1:{nginx['public']}/websockify?token={token}"
         async with websockets.connect(url, ssl=nginx["ssl"], max_size=None,
                                       additional_headers={"X-Forwarded-For": "203.0.113.9"}
@@ -83,7 +85,7 @@ def test_reserve_and_tunnel_through_nginx(start_server, nginx) -> None:
             await ws.send(data)
             received = bytearray()
             while len(received) < len(data):
-                received += await asyncio.wait_for(ws.recv(), 10)
+                received += await asyncio.wait_for(recv_bytes(ws), 10)
             return bytes(received) == data
 
     assert asyncio.run(session())
@@ -91,7 +93,8 @@ def test_reserve_and_tunnel_through_nginx(start_server, nginx) -> None:
     assert "tunnel open: 203.0.113.9 ->" in server.log()
 
 
-def test_forwarded_for_is_ignored_from_untrusted_peers(start_server, echo) -> None:
+def test_forwarded_for_is_ignored_from_untrusted_peers(start_server: StartServer,
+                                                       echo: EchoBackend) -> None:
     server = start_server("--client_port", str(echo.port), "--trusted_proxy", "10.0.0.1",
                           "--verbose", "1")
 

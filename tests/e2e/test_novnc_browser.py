@@ -26,7 +26,7 @@ from e2e.vnc_support import (
     reserve,
     show_desktop,
 )
-from support import ServerProcess, wait_until
+from support import ServerProcess, StartServer, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +57,7 @@ def check_reserved_desktop(browser: Browser, server: ServerProcess, color: str,
         context.close()
 
 
-def test_novnc_basic_mode(browser, site, start_server) -> None:
+def test_novnc_basic_mode(browser: Browser, site: Path, start_server: StartServer) -> None:
     """--client_port to a desktop of our own: noVNC shows it."""
     with XDesktop(size="800x600", color="#ff8800") as desktop:
         server = start_server("--client_port", str(desktop.port), http_dir=site)
@@ -71,13 +71,14 @@ def test_novnc_basic_mode(browser, site, start_server) -> None:
         assert len(desktop.pids) == 2, "basic mode must leave the desktop running"
 
 
-def test_novnc_reserved_desktop(browser, site, start_server) -> None:
+def test_novnc_reserved_desktop(browser: Browser, site: Path, start_server: StartServer) -> None:
     """A reservation with ?color=: noVNC shows that desktop; closing the page stops it."""
     server = start_server("--remote_session_config", str(DESKTOP_CONFIG), http_dir=site)
     check_reserved_desktop(browser, server, "#22aa66", "novnc-reserved.png")
 
 
-def test_novnc_reserved_desktop_over_wss(browser, site, start_server, tmp_path) -> None:
+def test_novnc_reserved_desktop_over_wss(browser: Browser, site: Path, start_server: StartServer,
+                                         tmp_path: Path) -> None:
     """The same over https + wss with a self-signed certificate."""
     ca = trustme.CA()
     issued = ca.issue_cert("127.0.0.1", "localhost")

@@ -15,11 +15,12 @@ import json
 import socket
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import websockets
 
-from support import ROOT, marked_processes, wait_until
+from support import ROOT, ServerProcess, StartServer, marked_processes, wait_until
 
 USERS = {"alice": "alice-key", "bob": "bob-key"}
 
@@ -38,22 +39,26 @@ def config(tmp_path: Path) -> Path:
     return services
 
 
-def users_server(start_server, config: Path, *args: str, token: str | None = None):
+def users_server(start_server: StartServer, config: Path, *args: str,
+                 token: str | None = None) -> ServerProcess:
     return start_server("--remote_session_config", str(config), "--users_file",
                         str(config.with_name("users.json")), "--start_timeout", "10",
                         *args, token=token)
 
 
-def reserve(server, query: str = "") -> str:
+def reserve(server: ServerProcess, query: str = "") -> str:
     status, body = server.get_json(f"/v1/reserve/echo?{query}")
     assert status == 200, body
-    return body["token"]
+    token: str = body["token"]
+    return token
 
 
-def instances(server, query: str = "", headers: dict[str, str] | None = None) -> list[dict]:
+def instances(server: ServerProcess, query: str = "",
+              headers: dict[str, str] | None = None) -> list[dict[str, Any]]:
     status, body = server.get_json(f"/v1/status?{query}", headers=headers)
     assert status == 200, body
-    return next(s for s in body if s["name"] == "echo")["instances"]
+    found: list[dict[str, Any]] = next(s for s in body if s["name"] == "echo")["instances"]
+    return found
 
 
 def echo_once(url: str, headers: dict[str, str] | None = None) -> bytes:
@@ -67,9 +72,9 @@ def echo_once(url: str, headers: dict[str, str] | None = None) -> bytes:
     return asyncio.run(run())
 
 
-def refused(url: str, headers: dict[str, str] | None = None) -> tuple[int, dict]:
+def refused(url: str, headers: dict[str, str] | None = None) -> tuple[int, dict[str, Any]]:
     """An upgrade the server must refuse: its status and JSON body."""
-    async def run() -> tuple[int, dict]:
+    async def run() -> tuple[int, dict[str, Any]]:
         with pytest.raises(websockets.InvalidStatus) as refusal:
             async with websockets.connect(url, additional_headers=headers, open_timeout=15):
                 pass
@@ -78,14 +83,15 @@ def refused(url: str, headers: dict[str, str] | None = None) -> tuple[int, dict]
     return asyncio.run(run())
 
 
-def wait_free(server) -> None:
+def wait_free(server: ServerProcess) -> None:
     wait_until(lambda: instances(server) == [] and marked_processes(server) == [], timeout=15)
 
 
 # -- who sees a token ------------------------------------------------------------------
 
 
-def test_status_shows_a_users_token_only_to_that_user(start_server, config) -> None:
+def test_status_shows_a_users_token_only_to_that_user(start_server: StartServer,
+                                                      config: Path) -> None:
     server = users_server(start_server, config)
     mine = reserve(server, "user_key=alice-key")
     anonymous = reserve(server)
@@ -106,7 +112,7 @@ def test_status_shows_a_users_token_only_to_that_user(start_server, config) -> N
     assert mine in page.decode()
 
 
-def test_security_token_holder_sees_every_token(start_server, config) -> None:
+def test_security_token_holder_sees_every_token(start_server: StartServer, config: Path) -> None:
     server = users_server(start_server, config, token="K")
     mine = reserve(server, "user_key=alice-key")
     assert [i["token"] for i in instances(server)] == [mine]  # the administrator
@@ -115,7 +121,7 @@ def test_security_token_holder_sees_every_token(start_server, config) -> None:
     assert status == 200 and mine in page.decode()
 
 
-def test_trusted_proxy_user_sees_only_own_token(start_server, config) -> None:
+def test_trusted_proxy_user_sees_only_own_token(start_server: StartServer, config: Path) -> None:
     server = users_server(start_server, config, "--trusted_proxy", "127.0.0.1")
     mine = reserve(server, "user_key=alice-key")
     by_header = server.get_json("/v1/reserve/echo", headers={"X-Remote-User": "alice"})[1]
@@ -128,7 +134,8 @@ def test_trusted_proxy_user_sees_only_own_token(start_server, config) -> None:
 # -- who may use or release it -----------------------------------------------------------
 
 
-def test_another_users_websocket_is_refused_before_the_upgrade(start_server, config) -> None:
+def test_another_users_websocket_is_refused_before_the_upgrade(start_server: StartServer,
+                                                               config: Path) -> None:
     server = users_server(start_server, config)
     token = reserve(server, "user_key=alice-key")
     status, body = refused(server.ws_url(token=token, user_key="bob-key"))
@@ -138,7 +145,8 @@ def test_another_users_websocket_is_refused_before_the_upgrade(start_server, con
     wait_free(server)
 
 
-def test_another_users_websocket_is_refused_behind_a_proxy(start_server, config) -> None:
+def test_another_users_websocket_is_refused_behind_a_proxy(start_server: StartServer,
+                                                           config: Path) -> None:
     server = users_server(start_server, config, "--trusted_proxy", "127.0.0.1")
     alice, bob = {"X-Remote-User": "alice"}, {"X-Remote-User": "bob"}
     token = server.get_json("/v1/reserve/echo", headers=alice)[1]["token"]
@@ -147,7 +155,8 @@ def test_another_users_websocket_is_refused_behind_a_proxy(start_server, config)
     wait_free(server)
 
 
-def test_anonymous_holder_of_a_users_token_may_use_it(start_server, config) -> None:
+def test_anonymous_holder_of_a_users_token_may_use_it(start_server: StartServer,
+                                                      config: Path) -> None:
     """The decision: the token is the capability; a page without a user key works."""
     server = users_server(start_server, config)
     token = reserve(server, "user_key=alice-key")
@@ -155,8 +164,8 @@ def test_anonymous_holder_of_a_users_token_may_use_it(start_server, config) -> N
     wait_free(server)
 
 
-def test_launcher_flow_security_token_reservation_page_without_key(start_server,
-                                                                    config) -> None:
+def test_launcher_flow_security_token_reservation_page_without_key(start_server: StartServer,
+                                                                    config: Path) -> None:
     """PyEnSight: reserve with the security token, hand the token to a plain page."""
     server = users_server(start_server, config, token="K")
     token = reserve(server)
@@ -170,7 +179,7 @@ def test_launcher_flow_security_token_reservation_page_without_key(start_server,
 
 
 @pytest.mark.parametrize("security_token", [None, "K"])
-def test_release_by_another_user_is_refused(start_server, config,
+def test_release_by_another_user_is_refused(start_server: StartServer, config: Path,
                                             security_token: str | None) -> None:
     server = users_server(start_server, config, token=security_token)
     token = reserve(server, "user_key=alice-key")
@@ -182,7 +191,8 @@ def test_release_by_another_user_is_refused(start_server, config,
     assert instances(server) == []
 
 
-def test_release_by_anonymous_holder_and_administrator(start_server, config) -> None:
+def test_release_by_anonymous_holder_and_administrator(start_server: StartServer,
+                                                       config: Path) -> None:
     server = users_server(start_server, config, token="K")
     token = reserve(server, "user_key=alice-key")
     assert server.get_json(f"/v1/release/{token}", auth=False)[0] == 200  # the viewer
@@ -191,7 +201,8 @@ def test_release_by_anonymous_holder_and_administrator(start_server, config) -> 
     assert instances(server) == []
 
 
-def test_upgrade_refused_by_a_limit_leaves_the_token_reserved(start_server, config) -> None:
+def test_upgrade_refused_by_a_limit_leaves_the_token_reserved(start_server: StartServer,
+                                                              config: Path) -> None:
     """A claim whose websocket a limit then refuses is given back (not lost, not stuck)."""
     server = users_server(start_server, config, "--max_tunnels_per_user", "1")
     first, second = reserve(server, "user_key=alice-key"), reserve(server, "user_key=alice-key")
@@ -246,7 +257,8 @@ def _answer(sock: socket.socket) -> tuple[int, bytes]:
     return status, body
 
 
-def test_simultaneous_upgrades_with_one_token_one_wins(start_server, config) -> None:
+def test_simultaneous_upgrades_with_one_token_one_wins(start_server: StartServer,
+                                                       config: Path) -> None:
     """Three upgrades whose requests complete in the same instant: one 101, two 409.
 
     Each request is sent but for its last blank line; once the server has read the

@@ -13,12 +13,21 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
 import websockets
 
-from support import LAUNCHER, marked_processes, wait_until
+from support import (
+    LAUNCHER,
+    ServerProcess,
+    StartServer,
+    marked_processes,
+    received_close,
+    recv_bytes,
+    wait_until,
+)
 
 SERVICE = '''
 import asyncio, os, sys
@@ -63,19 +72,21 @@ def config(tmp_path: Path) -> Path:
     return path
 
 
-def reserve(server, name: str = "kept") -> str:
+def reserve(server: ServerProcess, name: str = "kept") -> str:
     status, body = server.get_json(f"/v1/reserve/{name}")
     assert status == 200, body
-    return body["token"]
+    token: str = body["token"]
+    return token
 
 
-def instances(server, name: str = "kept") -> list[dict]:
+def instances(server: ServerProcess, name: str = "kept") -> list[dict[str, Any]]:
     status, body = server.get_json("/v1/status")
     assert status == 200
-    return next(s for s in body if s["name"] == name)["instances"]
+    found: list[dict[str, Any]] = next(s for s in body if s["name"] == name)["instances"]
+    return found
 
 
-def states(server, name: str = "kept") -> list[str]:
+def states(server: ServerProcess, name: str = "kept") -> list[str]:
     return [i["state"] for i in instances(server, name)]
 
 
@@ -83,11 +94,11 @@ async def read_line(ws: websockets.ClientConnection) -> str:
     """One line of the service (its bytes may come in any number of messages)."""
     data = b""
     while not data.endswith(b"\n"):
-        data += await asyncio.wait_for(ws.recv(), 10)
+        data += await asyncio.wait_for(recv_bytes(ws), 10)
     return data.decode().strip()
 
 
-async def visit(server, token: str, value: str | None = None) -> str:
+async def visit(server: ServerProcess, token: str, value: str | None = None) -> str:
     """Connect, read the greeting, set ``value`` if given, leave; the greeting."""
     async with websockets.connect(server.ws_url(token=token), open_timeout=30) as ws:
         greeting = await read_line(ws)
@@ -97,7 +108,8 @@ async def visit(server, token: str, value: str | None = None) -> str:
         return greeting
 
 
-def test_reconnect_within_grace_reaches_the_same_process(start_server, config) -> None:
+def test_reconnect_within_grace_reaches_the_same_process(start_server: StartServer,
+                                                         config: Path) -> None:
     server = start_server("--remote_session_config", str(config), "--reconnect_grace", "30")
     token = reserve(server)
     first = asyncio.run(visit(server, token, "blue"))
@@ -131,7 +143,7 @@ def test_reconnect_within_grace_reaches_the_same_process(start_server, config) -
 
 
 def test_a_reattach_never_reaches_a_process_that_took_a_dead_instances_port(
-        start_server, config) -> None:
+        start_server: StartServer, config: Path) -> None:
     """The detached instance died and another local process listens on its port: the
     re-attach is refused (410) without connecting there, and the session is over."""
     server = start_server("--remote_session_config", str(config), "--reconnect_grace", "30")
@@ -162,7 +174,8 @@ def _bound(port: int) -> socket.socket | None:
         return None
 
 
-def test_grace_expiry_stops_the_instance_and_frees_the_slot(start_server, config) -> None:
+def test_grace_expiry_stops_the_instance_and_frees_the_slot(start_server: StartServer,
+                                                            config: Path) -> None:
     server = start_server("--remote_session_config", str(config), "--reconnect_grace", "1")
     token = reserve(server)
     asyncio.run(visit(server, token))
@@ -175,7 +188,7 @@ def test_grace_expiry_stops_the_instance_and_frees_the_slot(start_server, config
     assert gone.value.response.status_code == 404
 
 
-def test_release_while_detached_stops_at_once(start_server, config) -> None:
+def test_release_while_detached_stops_at_once(start_server: StartServer, config: Path) -> None:
     server = start_server("--remote_session_config", str(config), "--reconnect_grace", "30")
     token = reserve(server)
     asyncio.run(visit(server, token))
@@ -185,7 +198,7 @@ def test_release_while_detached_stops_at_once(start_server, config) -> None:
     wait_until(lambda: instances(server) == [] and marked_processes(server) == [], timeout=5)
 
 
-def test_shutdown_while_detached_leaves_no_process(start_server, config) -> None:
+def test_shutdown_while_detached_leaves_no_process(start_server: StartServer, config: Path) -> None:
     server = start_server("--remote_session_config", str(config), "--reconnect_grace", "30")
     tokens = [reserve(server), reserve(server, "own")]
     for token in [*tokens, tokens[0]]:  # one re-attached and detached again
@@ -199,14 +212,15 @@ def test_shutdown_while_detached_leaves_no_process(start_server, config) -> None
     assert marked_processes(server) == []
 
 
-def test_release_or_shutdown_while_attached_is_not_a_detach(start_server, config) -> None:
+def test_release_or_shutdown_while_attached_is_not_a_detach(start_server: StartServer,
+                                                            config: Path) -> None:
     server = start_server("--remote_session_config", str(config), "--reconnect_grace", "30")
     tokens = [reserve(server), reserve(server, "own")]
 
     async def closing(ws: websockets.ClientConnection) -> tuple[int, str]:
         with pytest.raises(websockets.ConnectionClosed) as closed:
             await asyncio.wait_for(ws.recv(), 10)
-        return closed.value.rcvd.code, closed.value.rcvd.reason
+        return received_close(closed.value).code, received_close(closed.value).reason
 
     async def session() -> list[tuple[int, str]]:
         sockets = [await websockets.connect(server.ws_url(token=t)) for t in tokens]
@@ -228,7 +242,7 @@ def test_release_or_shutdown_while_attached_is_not_a_detach(start_server, config
     assert marked_processes(server) == []
 
 
-def test_the_service_ending_is_not_a_detach(start_server, config) -> None:
+def test_the_service_ending_is_not_a_detach(start_server: StartServer, config: Path) -> None:
     """The service's TCP connection drops while attached: it ended, as without grace."""
     server = start_server("--remote_session_config", str(config), "--reconnect_grace", "30")
     token = reserve(server)
@@ -240,13 +254,13 @@ def test_the_service_ending_is_not_a_detach(start_server, config) -> None:
             proc.kill()
             with pytest.raises(websockets.ConnectionClosed) as closed:
                 await asyncio.wait_for(ws.recv(), 10)
-            return closed.value.rcvd.code
+            return received_close(closed.value).code
 
     assert asyncio.run(session()) in (1000, 1011)
     wait_until(lambda: instances(server) == [])
 
 
-def test_a_services_own_grace_overrides_the_flag(start_server, config) -> None:
+def test_a_services_own_grace_overrides_the_flag(start_server: StartServer, config: Path) -> None:
     server = start_server("--remote_session_config", str(config))  # flag: 0
     tokens = {name: reserve(server, name) for name in ("kept", "own", "never")}
     for token in tokens.values():
@@ -265,7 +279,7 @@ def test_a_services_own_grace_overrides_the_flag(start_server, config) -> None:
     (["--reconnect_grace", "soon"], "--reconnect_grace: not a number: 'soon'"),
     (["--remote_session_config", "BAD"], "field 'reconnect_grace': must be >= 0"),
 ])
-def test_bad_grace_is_a_usage_error(tmp_path, args, message) -> None:
+def test_bad_grace_is_a_usage_error(tmp_path: Path, args: list[str], message: str) -> None:
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"x": {"script": "x.py", "count": 1, "reconnect_grace": -5}}))
     argv = [str(bad) if a == "BAD" else a for a in args]

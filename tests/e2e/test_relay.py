@@ -10,17 +10,19 @@ import os
 import signal
 import socket
 import struct
+from pathlib import Path
 
 import psutil
 import pytest
 import trustme
 import websockets
+from websockets.asyncio.client import ClientConnection
 
 from e2e.test_metrics import scrape
-from support import wait_until
+from support import EchoBackend, ServerProcess, StartServer, received_close, wait_until
 
 
-def relays(server) -> list[psutil.Process]:
+def relays(server: ServerProcess) -> list[psutil.Process]:
     """The server process's children that run its own command: its relay processes."""
     main = psutil.Process(server.serving_pid())
     found = []
@@ -35,12 +37,12 @@ def connected_to(proc: psutil.Process, port: int) -> bool:
                for c in proc.net_connections("tcp"))
 
 
-async def echo_once(ws, data: bytes = b"x") -> None:
+async def echo_once(ws: ClientConnection, data: bytes = b"x") -> None:
     await ws.send(data)
     assert await asyncio.wait_for(ws.recv(), 10) == data
 
 
-def test_a_basic_tunnel_runs_in_the_relay(start_server, echo) -> None:
+def test_a_basic_tunnel_runs_in_the_relay(start_server: StartServer, echo: EchoBackend) -> None:
     server = start_server("--client_port", str(echo.port))
     [relay] = relays(server)
     main = psutil.Process(server.serving_pid())
@@ -54,7 +56,7 @@ def test_a_basic_tunnel_runs_in_the_relay(start_server, echo) -> None:
     asyncio.run(scenario())
 
 
-def test_limits_and_metrics_span_the_relay(start_server, echo) -> None:
+def test_limits_and_metrics_span_the_relay(start_server: StartServer, echo: EchoBackend) -> None:
     server = start_server("--client_port", str(echo.port), "--max_tunnels_per_client", "2")
 
     async def scenario() -> None:
@@ -80,7 +82,8 @@ def test_limits_and_metrics_span_the_relay(start_server, echo) -> None:
     assert metrics[("websocketserver_bytes_total", (("direction", "up"),))] == 2001
 
 
-def test_a_relay_that_dies_costs_its_tunnels_not_the_server(start_server, echo) -> None:
+def test_a_relay_that_dies_costs_its_tunnels_not_the_server(start_server: StartServer,
+                                                            echo: EchoBackend) -> None:
     server = start_server("--client_port", str(echo.port), "--max_tunnels_per_client", "1")
     [relay] = relays(server)
 
@@ -100,7 +103,8 @@ def test_a_relay_that_dies_costs_its_tunnels_not_the_server(start_server, echo) 
     assert server.proc.returncode == 0
 
 
-def test_shutdown_closes_relayed_tunnels_with_1001(start_server, echo) -> None:
+def test_shutdown_closes_relayed_tunnels_with_1001(start_server: StartServer,
+                                                   echo: EchoBackend) -> None:
     server = start_server("--client_port", str(echo.port))
     [relay] = relays(server)
 
@@ -110,14 +114,15 @@ def test_shutdown_closes_relayed_tunnels_with_1001(start_server, echo) -> None:
             server.proc.send_signal(signal.SIGTERM)
             with pytest.raises(websockets.ConnectionClosed) as closed:
                 await asyncio.wait_for(ws.recv(), 10)
-            return closed.value.rcvd.code, closed.value.rcvd.reason
+            return received_close(closed.value).code, received_close(closed.value).reason
 
     assert asyncio.run(scenario()) == (1001, "server shutting down")
     assert server.wait_exit(20) == 0
     assert not psutil.pid_exists(relay.pid) or relay.status() == psutil.STATUS_ZOMBIE
 
 
-def test_a_killed_server_takes_its_relay_along(start_server, echo) -> None:
+def test_a_killed_server_takes_its_relay_along(start_server: StartServer,
+                                               echo: EchoBackend) -> None:
     server = start_server("--client_port", str(echo.port))
     [relay] = relays(server)
     os.kill(server.serving_pid(), signal.SIGKILL)
@@ -125,7 +130,7 @@ def test_a_killed_server_takes_its_relay_along(start_server, echo) -> None:
                or relay.status() == psutil.STATUS_ZOMBIE)
 
 
-def test_request_and_first_frame_in_one_write(start_server, echo) -> None:
+def test_request_and_first_frame_in_one_write(start_server: StartServer, echo: EchoBackend) -> None:
     """What a client sends right behind its request goes to the relay with the socket."""
     server = start_server("--client_port", str(echo.port))
     key = base64.b64encode(os.urandom(16))
@@ -146,8 +151,9 @@ def test_request_and_first_frame_in_one_write(start_server, echo) -> None:
     assert received.endswith(struct.pack("!BB", 0x82, len(payload)) + payload)
 
 
-def test_no_relay_without_basic_mode_with_tls_or_when_asked(start_server, echo,
-                                                            tmp_path) -> None:
+def test_no_relay_without_basic_mode_with_tls_or_when_asked(start_server: StartServer,
+                                                            echo: EchoBackend,
+                                                            tmp_path: Path) -> None:
     ca = trustme.CA()
     cert = ca.issue_cert("127.0.0.1")
     cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
@@ -168,7 +174,7 @@ def test_no_relay_without_basic_mode_with_tls_or_when_asked(start_server, echo,
     asyncio.run(scenario())
 
 
-def test_two_relays_share_the_tunnels(start_server, echo) -> None:
+def test_two_relays_share_the_tunnels(start_server: StartServer, echo: EchoBackend) -> None:
     server = start_server("--client_port", str(echo.port), "--relay_processes", "2")
     both = relays(server)
     assert len(both) == 2
@@ -187,7 +193,7 @@ def test_two_relays_share_the_tunnels(start_server, echo) -> None:
 
 @pytest.mark.parametrize("relay_processes", ["0", "1"])
 def test_a_closed_tunnels_slot_is_free_once_its_close_frame_is_seen(
-        start_server, echo, relay_processes) -> None:
+        start_server: StartServer, echo: EchoBackend, relay_processes: str) -> None:
     """A page that closes its websocket and opens another at once must not meet a 429:
     the slot is given back before the close frame answering the browser's goes out."""
     server = start_server("--client_port", str(echo.port), "--max_tunnels_per_client", "1",

@@ -6,18 +6,26 @@ import asyncio
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
 import websockets
 
-from support import marked_processes, wait_until
+from support import (
+    ServerProcess,
+    StartServer,
+    marked_processes,
+    received_close,
+    recv_bytes,
+    wait_until,
+)
 
 CONFIG = Path(__file__).parent / "scripts" / "services.json"
 
 
 @pytest.fixture
-def server(start_server, tmp_path):
+def server(start_server: StartServer, tmp_path: Path) -> ServerProcess:
     groups = tmp_path / "groups.json"
     groups.write_text(json.dumps({"wizards": ["merlin"]}))
     users = tmp_path / "users.json"
@@ -27,16 +35,18 @@ def server(start_server, tmp_path):
                         "--verbose", "1")
 
 
-def reserve(server, name: str, query: str = "") -> str:
+def reserve(server: ServerProcess, name: str, query: str = "") -> str:
     status, body = server.get_json(f"/v1/reserve/{name}?{query}")
     assert status == 200, body
-    return body["token"]
+    token: str = body["token"]
+    return token
 
 
-def instances(server, name: str, query: str = "") -> list[dict]:
+def instances(server: ServerProcess, name: str, query: str = "") -> list[dict[str, Any]]:
     status, body = server.get_json(f"/v1/status?{query}")
     assert status == 200
-    return next(s for s in body if s["name"] == name)["instances"]
+    found: list[dict[str, Any]] = next(s for s in body if s["name"] == name)["instances"]
+    return found
 
 
 async def close_info(url: str) -> tuple[int, str]:
@@ -45,10 +55,10 @@ async def close_info(url: str) -> tuple[int, str]:
         with pytest.raises(websockets.ConnectionClosed) as closed:
             while True:
                 await asyncio.wait_for(ws.recv(), 30)
-        return closed.value.rcvd.code, closed.value.rcvd.reason
+        return received_close(closed.value).code, received_close(closed.value).reason
 
 
-def test_reserve_connect_echo_close_frees_slot(server) -> None:
+def test_reserve_connect_echo_close_frees_slot(server: ServerProcess) -> None:
     token = reserve(server, "echo", "target_pathname=/data/a.txt")
     [instance] = instances(server, "echo")
     assert instance["token"] == token and instance["index"] == 0
@@ -61,7 +71,7 @@ def test_reserve_connect_echo_close_frees_slot(server) -> None:
             await ws.send(data)
             received = bytearray()
             while len(received) < len(data):
-                received += await ws.recv()
+                received += await recv_bytes(ws)
             assert received == data
             assert [i["state"] for i in instances(server, "echo")] == ["active"]
             assert len(marked_processes(server)) == 1
@@ -75,7 +85,7 @@ def test_reserve_connect_echo_close_frees_slot(server) -> None:
     assert [i["index"] for i in instances(server, "echo")] == [0]
 
 
-def test_status_lists_services_with_common_options(server) -> None:
+def test_status_lists_services_with_common_options(server: ServerProcess) -> None:
     status, body = server.get_json("/v1/status")
     names = [s["name"] for s in body]
     assert "secret" not in names  # group-restricted, caller anonymous
@@ -85,19 +95,19 @@ def test_status_lists_services_with_common_options(server) -> None:
     assert set(echo) >= {"name", "instances", "common_options"}
 
 
-def test_count_exhaustion_is_503(server) -> None:
+def test_count_exhaustion_is_503(server: ServerProcess) -> None:
     reserve(server, "echo")
     reserve(server, "echo")
     status, body = server.get_json("/v1/reserve/echo")
     assert status == 503 and "error" in body
 
 
-def test_unknown_service_and_token(server) -> None:
+def test_unknown_service_and_token(server: ServerProcess) -> None:
     assert server.get_json("/v1/reserve/nope")[0] == 404
     assert server.get_json("/v1/release/not-a-token")[0] == 404
 
 
-def test_groups(server) -> None:
+def test_groups(server: ServerProcess) -> None:
     assert server.get_json("/v1/reserve/secret")[0] == 403
     assert server.get_json("/v1/reserve/secret?user_key=arthur-key")[0] == 403
     assert server.get_json("/v1/reserve/secret?user_key=wrong")[0] == 403
@@ -107,7 +117,7 @@ def test_groups(server) -> None:
     assert instance["options"] == {}  # user_key and security_token are not options
 
 
-def test_release_by_reservation_token_without_security_token(server) -> None:
+def test_release_by_reservation_token_without_security_token(server: ServerProcess) -> None:
     token = reserve(server, "echo")
     assert server.get_json("/v1/release/other", auth=False)[0] == 401
     status, body = server.get_json(f"/v1/release/{token}", auth=False)
@@ -115,7 +125,7 @@ def test_release_by_reservation_token_without_security_token(server) -> None:
     assert instances(server, "echo") == []
 
 
-def test_release_stops_an_active_session(server) -> None:
+def test_release_stops_an_active_session(server: ServerProcess) -> None:
     token = reserve(server, "echo")
 
     async def session() -> tuple[int, str]:
@@ -125,13 +135,13 @@ def test_release_stops_an_active_session(server) -> None:
             assert server.get_json(f"/v1/release/{token}")[0] == 200
             with pytest.raises(websockets.ConnectionClosed) as closed:
                 await asyncio.wait_for(ws.recv(), 10)
-            return closed.value.rcvd.code, closed.value.rcvd.reason
+            return received_close(closed.value).code, received_close(closed.value).reason
 
     assert asyncio.run(session()) == (1001, "reservation released")
     wait_until(lambda: instances(server, "echo") == [] and marked_processes(server) == [])
 
 
-def test_second_websocket_on_active_token_is_refused(server) -> None:
+def test_second_websocket_on_active_token_is_refused(server: ServerProcess) -> None:
     token = reserve(server, "echo")
 
     async def session() -> int:
@@ -146,7 +156,7 @@ def test_second_websocket_on_active_token_is_refused(server) -> None:
     assert asyncio.run(session()) == 409
 
 
-def test_unused_reservation_is_reclaimed(start_server) -> None:
+def test_unused_reservation_is_reclaimed(start_server: StartServer) -> None:
     server = start_server("--remote_session_config", str(CONFIG), "--timeout", "0.5")
     reserve(server, "echo")
     assert len(instances(server, "echo")) == 1
@@ -158,7 +168,8 @@ def test_unused_reservation_is_reclaimed(start_server) -> None:
     ("hanging", "hanging did not start within 1.5 s"),
     ("no_listener", "cannot connect to backend"),
 ])
-def test_failing_service_closes_with_reason_and_frees_slot(server, name, reason) -> None:
+def test_failing_service_closes_with_reason_and_frees_slot(server: ServerProcess, name: str,
+                                                           reason: str) -> None:
     token = reserve(server, name)
     code, got = asyncio.run(close_info(server.ws_url(token=token)))
     assert code == 1011 and reason in got
@@ -167,7 +178,7 @@ def test_failing_service_closes_with_reason_and_frees_slot(server, name, reason)
     assert server.get_json("/v1/status")[0] == 200
 
 
-def test_service_process_crash_ends_session(server) -> None:
+def test_service_process_crash_ends_session(server: ServerProcess) -> None:
     token = reserve(server, "echo")
 
     async def session() -> int:
@@ -178,13 +189,13 @@ def test_service_process_crash_ends_session(server) -> None:
             proc.kill()
             with pytest.raises(websockets.ConnectionClosed) as closed:
                 await asyncio.wait_for(ws.recv(), 10)
-            return closed.value.rcvd.code
+            return received_close(closed.value).code
 
     assert asyncio.run(session()) in (1000, 1011)
     wait_until(lambda: instances(server, "echo") == [])
 
 
-def test_daemonizing_service_leaves_nothing(server) -> None:
+def test_daemonizing_service_leaves_nothing(server: ServerProcess) -> None:
     token = reserve(server, "daemon")
 
     async def session() -> None:
@@ -199,7 +210,7 @@ def test_daemonizing_service_leaves_nothing(server) -> None:
     wait_until(lambda: marked_processes(server) == [] and instances(server, "daemon") == [])
 
 
-def test_sigterm_with_three_active_sessions_leaves_nothing(start_server) -> None:
+def test_sigterm_with_three_active_sessions_leaves_nothing(start_server: StartServer) -> None:
     server = start_server("--remote_session_config", str(CONFIG))
     tokens = [reserve(server, "echo"), reserve(server, "echo"), reserve(server, "daemon")]
 
@@ -215,7 +226,7 @@ def test_sigterm_with_three_active_sessions_leaves_nothing(start_server) -> None
         for ws in sockets:
             with pytest.raises(websockets.ConnectionClosed) as closed:
                 await asyncio.wait_for(ws.recv(), 10)
-            codes.append(closed.value.rcvd.code)
+            codes.append(received_close(closed.value).code)
         psutil.wait_procs(procs, timeout=10)
         return codes
 

@@ -13,7 +13,7 @@ import pytest
 import trustme
 import websockets
 
-from support import LAUNCHER, free_port
+from support import LAUNCHER, EchoBackend, StartServer, free_port, recv_bytes
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +36,8 @@ def client_context(ca: trustme.CA) -> ssl.SSLContext:
     return context
 
 
-def test_wss_and_https(start_server, echo, ca, cert_files) -> None:
+def test_wss_and_https(start_server: StartServer, echo: EchoBackend, ca: trustme.CA,
+                       cert_files: tuple[Path, Path]) -> None:
     server = start_server("--client_port", str(echo.port), tls=cert_files)
     context = client_context(ca)
     status, _, body = server.get("/index.html", context=context)
@@ -44,20 +45,21 @@ def test_wss_and_https(start_server, echo, ca, cert_files) -> None:
     status, _, _ = server.get("/v1/status", context=context)
     assert status == 200
 
-    async def roundtrip() -> bytes:
+    async def roundtrip() -> bool:
         async with websockets.connect(server.ws_url(), ssl=context, max_size=None) as ws:
             data = os.urandom(1 << 20)
             await ws.send(data)
             received = bytearray()
             while len(received) < len(data):
-                received += await ws.recv()
+                received += await recv_bytes(ws)
             return bytes(received) == data
 
     assert asyncio.run(roundtrip())
 
 
 @pytest.mark.parametrize("problem", ["missing", "garbage", "key_mismatch"])
-def test_bad_certificate_is_a_one_line_startup_error(problem, cert_files, tmp_path, ca) -> None:
+def test_bad_certificate_is_a_one_line_startup_error(problem: str, cert_files: tuple[Path, Path],
+                                                     tmp_path: Path, ca: trustme.CA) -> None:
     cert, key = cert_files
     if problem == "missing":
         cert = tmp_path / "nope.pem"

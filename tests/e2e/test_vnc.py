@@ -9,10 +9,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+from pathlib import Path
 
 import psutil
 import pytest
 import websockets
+from websockets.typing import Subprotocol
 
 from e2e.vnc_support import (
     DESKTOP_CONFIG,
@@ -27,7 +29,7 @@ from e2e.vnc_support import (
     reserve,
     rfb_handshake,
 )
-from support import ServerProcess, wait_until
+from support import ServerProcess, StartServer, wait_until
 
 DESKTOP_PROCESSES = ["Xvfb", "x11vnc"]
 
@@ -38,7 +40,7 @@ def _x_binaries() -> None:
 
 
 @pytest.fixture
-def desktop_server(start_server) -> ServerProcess:
+def desktop_server(start_server: StartServer) -> ServerProcess:
     """The real command line with the example desktop/echo config."""
     return start_server("--remote_session_config", str(DESKTOP_CONFIG))
 
@@ -46,12 +48,12 @@ def desktop_server(start_server) -> ServerProcess:
 async def handshake(url: str) -> ServerInit:
     """Open ``url``, complete the RFB handshake, close; bounded in time."""
     async with asyncio.timeout(60):
-        async with websockets.connect(url, subprotocols=["binary"]) as ws:
+        async with websockets.connect(url, subprotocols=[Subprotocol("binary")]) as ws:
             assert ws.subprotocol == "binary"
             return await rfb_handshake(ws)
 
 
-def test_example_config_loads(desktop_server) -> None:
+def test_example_config_loads(desktop_server: ServerProcess) -> None:
     """Both example services are there, with the config's common options."""
     status, body = desktop_server.get_json("/v1/status")
     assert status == 200, body
@@ -60,7 +62,7 @@ def test_example_config_loads(desktop_server) -> None:
     assert desktop["common_options"] == desktop_options()
 
 
-def test_reserved_desktop_speaks_rfb_and_stops(desktop_server) -> None:
+def test_reserved_desktop_speaks_rfb_and_stops(desktop_server: ServerProcess) -> None:
     """Token → Xvfb + x11vnc start, RFB with the configured size, close → both gone."""
     server = desktop_server
     token = reserve(server)
@@ -70,7 +72,7 @@ def test_reserved_desktop_speaks_rfb_and_stops(desktop_server) -> None:
     async def session() -> ServerInit:
         async with asyncio.timeout(60):
             async with websockets.connect(server.ws_url(token=token),
-                                          subprotocols=["binary"]) as ws:
+                                          subprotocols=[Subprotocol("binary")]) as ws:
                 init = await rfb_handshake(ws)
                 assert instance_processes(server) == DESKTOP_PROCESSES
                 assert [i["state"] for i in instances(server)] == ["active"]
@@ -88,7 +90,7 @@ def test_reserved_desktop_speaks_rfb_and_stops(desktop_server) -> None:
     assert instances(server) == []
 
 
-def test_two_desktops_at_once(desktop_server) -> None:
+def test_two_desktops_at_once(desktop_server: ServerProcess) -> None:
     """Both instances run side by side, each with its size; a third is refused."""
     server = desktop_server
     tokens = [reserve(server), reserve(server)]
@@ -98,9 +100,9 @@ def test_two_desktops_at_once(desktop_server) -> None:
     async def both() -> list[ServerInit]:
         async with asyncio.timeout(90):
             async with websockets.connect(server.ws_url(token=tokens[0]),
-                                          subprotocols=["binary"]) as first, \
+                                          subprotocols=[Subprotocol("binary")]) as first, \
                     websockets.connect(server.ws_url(token=tokens[1]),
-                                       subprotocols=["binary"]) as second:
+                                       subprotocols=[Subprotocol("binary")]) as second:
                 inits = await asyncio.gather(rfb_handshake(first), rfb_handshake(second))
                 assert instance_processes(server) == sorted(DESKTOP_PROCESSES * 2)
                 return list(inits)
@@ -112,7 +114,7 @@ def test_two_desktops_at_once(desktop_server) -> None:
     wait_until(lambda: instances(server) == [], timeout=20)
 
 
-def test_server_stop_with_an_active_desktop_leaves_nothing(desktop_server) -> None:
+def test_server_stop_with_an_active_desktop_leaves_nothing(desktop_server: ServerProcess) -> None:
     """/v1/stop during a session: the websocket closes, Xvfb and x11vnc end, exit 0."""
     server = desktop_server
     token = reserve(server)
@@ -120,7 +122,7 @@ def test_server_stop_with_an_active_desktop_leaves_nothing(desktop_server) -> No
     async def session() -> list[psutil.Process]:
         async with asyncio.timeout(60):
             async with websockets.connect(server.ws_url(token=token),
-                                          subprotocols=["binary"]) as ws:
+                                          subprotocols=[Subprotocol("binary")]) as ws:
                 await rfb_handshake(ws)
                 desktop = [p for p in server.descendants() if p.name() in DESKTOP_PROCESSES]
                 assert sorted(p.name() for p in desktop) == DESKTOP_PROCESSES
@@ -137,7 +139,8 @@ def test_server_stop_with_an_active_desktop_leaves_nothing(desktop_server) -> No
     assert alive == []
 
 
-def test_desktop_starts_when_its_display_is_taken(start_server, tmp_path) -> None:
+def test_desktop_starts_when_its_display_is_taken(start_server: StartServer,
+                                                  tmp_path: Path) -> None:
     """Instance 0 prefers :display_base; with that display in use it takes another."""
     base = desktop_options()["display_base"]
     config = tmp_path / "services.json"
@@ -156,7 +159,7 @@ def test_desktop_starts_when_its_display_is_taken(start_server, tmp_path) -> Non
     wait_until(lambda: instance_processes(server) == [], timeout=20)
 
 
-def test_basic_mode_tunnels_to_a_running_desktop(start_server) -> None:
+def test_basic_mode_tunnels_to_a_running_desktop(start_server: StartServer) -> None:
     """--client_port: no token, the tunnel goes to our own x11vnc, which stays up."""
     with XDesktop(size="800x600") as desktop:
         server = start_server("--client_port", str(desktop.port))

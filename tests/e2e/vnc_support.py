@@ -51,7 +51,8 @@ def require_novnc(*binaries: str) -> None:
 
 def desktop_options() -> dict[str, Any]:
     """The common options of the ``desktop`` service of the example config."""
-    return json.loads(DESKTOP_CONFIG.read_text())["desktop"]["options"]
+    options: dict[str, Any] = json.loads(DESKTOP_CONFIG.read_text())["desktop"]["options"]
+    return options
 
 
 def configured_size(index: int) -> tuple[int, int]:
@@ -79,14 +80,16 @@ def instances(server: ServerProcess, service: str = "desktop", **kwargs: Any
     """The ``/v1/status`` instances of ``service``."""
     status, body = server.get_json("/v1/status", **kwargs)
     assert status == 200, body
-    return next(s for s in body if s["name"] == service)["instances"]
+    found: list[dict[str, Any]] = next(s for s in body if s["name"] == service)["instances"]
+    return found
 
 
 def reserve(server: ServerProcess, query: str = "", **kwargs: Any) -> str:
     """Reserve a desktop; return its token."""
     status, body = server.get_json(f"/v1/reserve/desktop{query}", **kwargs)
     assert status == 200, body
-    return body["token"]
+    token: str = body["token"]
+    return token
 
 
 def read_display(ready: BinaryIO, timeout: float) -> int:
@@ -263,7 +266,8 @@ def color_fraction(png: bytes, color: str, tolerance: int = 6) -> float:
     image = Image.open(io.BytesIO(png)).convert("RGB")
     colors = image.getcolors(image.width * image.height) or []
     near = sum(count for count, rgb in colors
-               if all(abs(have - w) <= tolerance for have, w in zip(rgb, want, strict=True)))
+               if isinstance(rgb, tuple)  # an RGB image's colours are (r, g, b)
+               and all(abs(have - w) <= tolerance for have, w in zip(rgb, want, strict=True)))
     return near / (image.width * image.height)
 
 
