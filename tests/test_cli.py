@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -186,7 +187,7 @@ def test_help_ends_with_examples() -> None:
      "/bin/app is not an executable file (a relative program is relative to the config "
      "file's folder)"),
 ])
-def test_command_services_are_checked_at_start_up(tmp_path: Path, service: dict,
+def test_command_services_are_checked_at_start_up(tmp_path: Path, service: dict[str, Any],
                                                    message: str) -> None:
     config = tmp_path / "services.json"
     config.write_text(json.dumps({"myapp": service}))

@@ -6,6 +6,7 @@ import asyncio
 import gzip
 import os
 import time
+from collections.abc import AsyncIterator
 from email.utils import formatdate
 from pathlib import Path
 
@@ -14,6 +15,8 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from websocketserver.files import LISTING_LIMIT, FileServer, content_type
+
+Client = TestClient[web.Request, web.Application]
 
 TRAVERSAL = [
     "/../secret.txt",
@@ -92,7 +95,8 @@ def test_locate_maps_inside_paths(tree: Path) -> None:
 
 def test_ansys_prefix_maps_to_install_root(tree: Path) -> None:
     files = FileServer(tree, tree.parent / "install")
-    assert files.locate("/ansys261/nexus/x.js").read_text() == "ansys"
+    located = files.locate("/ansys261/nexus/x.js")
+    assert located is not None and located.read_text() == "ansys"
     assert files.locate("/ansys261/../secret.txt") is None
     assert files.locate("/app.js") == (tree / "app.js").resolve()
 
@@ -126,7 +130,7 @@ def test_content_types(name: str, expected: str) -> None:
 
 
 @pytest.fixture
-async def client(tree: Path):
+async def client(tree: Path) -> AsyncIterator[Client]:
     files = FileServer(tree)
     app = web.Application()
     app.router.add_get("/{tail:.*}", files.handle)
@@ -134,7 +138,7 @@ async def client(tree: Path):
         yield client
 
 
-async def test_serves_index_and_listing(client: TestClient) -> None:
+async def test_serves_index_and_listing(client: Client) -> None:
     response = await client.get("/")
     assert await response.text() == "<h1>index</h1>"
     response = await client.get("/sub/")
@@ -144,7 +148,7 @@ async def test_serves_index_and_listing(client: TestClient) -> None:
     assert response.status == 301 and response.headers["Location"] == "/sub/"
 
 
-async def test_range_etag_and_conditional_get(client: TestClient, tree: Path) -> None:
+async def test_range_etag_and_conditional_get(client: Client, tree: Path) -> None:
     body = (tree / "sub" / "big.bin").read_bytes()
     response = await client.get("/sub/big.bin?cache=bust")
     assert await response.read() == body
@@ -157,8 +161,9 @@ async def test_range_etag_and_conditional_get(client: TestClient, tree: Path) ->
     assert response.status == 304
 
 
-async def raw_get(port: int, target: str) -> tuple[int, str]:
+async def raw_get(port: int | None, target: str) -> tuple[int, str]:
     """Send the request target byte for byte (no client-side normalisation)."""
+    assert port is not None  # a started TestClient's
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(f"GET {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
     response = (await reader.read()).decode("latin-1")
@@ -168,7 +173,7 @@ async def raw_get(port: int, target: str) -> tuple[int, str]:
 
 
 @pytest.mark.parametrize("url", TRAVERSAL)
-async def test_traversal_over_http_is_refused(client: TestClient, url: str) -> None:
+async def test_traversal_over_http_is_refused(client: Client, url: str) -> None:
     status, text = await raw_get(client.port, url)
     assert "SECRET" not in text and "root:" not in text
     assert status in (400, 404)
@@ -177,12 +182,12 @@ async def test_traversal_over_http_is_refused(client: TestClient, url: str) -> N
 
 @pytest.mark.parametrize("url", ["/.env", "/.git/config", "/%2egit/config", "/env_link",
                                  "/sub/../.env", "/.git/"])
-async def test_dotfiles_are_not_served(client: TestClient, url: str) -> None:
+async def test_dotfiles_are_not_served(client: Client, url: str) -> None:
     status, text = await raw_get(client.port, url)
     assert status == 404 and "SECRET" not in text
 
 
-async def test_dotfiles_are_not_listed_but_well_known_is_served(client: TestClient,
+async def test_dotfiles_are_not_listed_but_well_known_is_served(client: Client,
                                                                 tree: Path) -> None:
     (tree / "index.html").unlink()
     listing = await (await client.get("/")).text()
@@ -192,7 +197,7 @@ async def test_dotfiles_are_not_listed_but_well_known_is_served(client: TestClie
     assert response.status == 200 and await response.text() == "Contact: x"
 
 
-async def test_listing_says_nothing_about_outside_targets(client: TestClient,
+async def test_listing_says_nothing_about_outside_targets(client: Client,
                                                          tree: Path) -> None:
     """A link out of the root is left out whether or not its target exists (issue 12.8)."""
     sub = tree / "sub"
@@ -214,12 +219,12 @@ async def test_listing_says_nothing_about_outside_targets(client: TestClient,
 
 
 @pytest.mark.parametrize("url", ["/app.js/", "/sub/big.bin/", "/link_in.txt/", "/app.js//"])
-async def test_a_file_named_as_a_folder_is_not_found(client: TestClient, url: str) -> None:
+async def test_a_file_named_as_a_folder_is_not_found(client: Client, url: str) -> None:
     """``/app.js/`` is not ``/app.js`` (issue 22.13)."""
     assert (await raw_get(client.port, url))[0] == 404
 
 
-async def test_a_listing_shows_at_most_the_limit(client: TestClient, tree: Path) -> None:
+async def test_a_listing_shows_at_most_the_limit(client: Client, tree: Path) -> None:
     """Folders first, then files by name, the first LISTING_LIMIT; a note counts the rest
     (issue 22.12)."""
     many = tree / "many"
@@ -241,7 +246,7 @@ async def test_a_listing_shows_at_most_the_limit(client: TestClient, tree: Path)
     ("/sub?host=h&port=9", "/sub/?host=h&port=9"),
     ("http://evil.example.com//evil.example.com", "/evil.example.com/"),
 ])
-async def test_directory_redirect_stays_on_this_server(client: TestClient, target: str,
+async def test_directory_redirect_stays_on_this_server(client: Client, target: str,
                                                         location: str) -> None:
     """Location is one absolute path, never ``//host`` (issue 12.9)."""
     status, response = await raw_get(client.port, target)
@@ -251,7 +256,7 @@ async def test_directory_redirect_stays_on_this_server(client: TestClient, targe
 
 @pytest.mark.parametrize("target", ["/\\evil.example.com", "/%5Cevil.example.com",
                                     "/%2Fevil.example.com", "/%2F%2Fevil.example.com"])
-async def test_no_redirect_through_escaped_slashes(client: TestClient, target: str) -> None:
+async def test_no_redirect_through_escaped_slashes(client: Client, target: str) -> None:
     status, _ = await raw_get(client.port, target)
     assert status == 404
 
@@ -281,7 +286,7 @@ RANGES = [  # Range header, status, body expected, Content-Range expected
 
 
 @pytest.mark.parametrize("header, status, body, content_range", RANGES)
-async def test_range_semantics(client: TestClient, header: str, status: int, body: bytes,
+async def test_range_semantics(client: Client, header: str, status: int, body: bytes,
                                content_range: str | None) -> None:
     """RFC 9110 §14: suffix 0 is unsatisfiable, invalid or multiple ranges give 200."""
     response = await client.get("/sub/big.bin", headers={"Range": header})
@@ -290,7 +295,7 @@ async def test_range_semantics(client: TestClient, header: str, status: int, bod
     assert response.headers.get("Content-Range") == content_range
 
 
-async def test_range_of_empty_file(client: TestClient) -> None:
+async def test_range_of_empty_file(client: Client) -> None:
     response = await client.get("/empty.txt", headers={"Range": "bytes=0-"})
     assert response.status == 416 and response.headers["Content-Range"] == "bytes */0"
     response = await client.get("/empty.txt", headers={"Range": "bytes=-5"})
@@ -314,7 +319,7 @@ def old_big(tree: Path) -> float:
     ("{earlier}", False),
     ("not a validator", False),
 ])
-async def test_if_range(client: TestClient, old_big: float, if_range: str,
+async def test_if_range(client: Client, old_big: float, if_range: str,
                         partial: bool) -> None:
     """RFC 9110 §13.1.5: only the current strong ETag or exact date keeps the Range."""
     etag = (await client.head("/sub/big.bin")).headers["ETag"]
@@ -327,7 +332,7 @@ async def test_if_range(client: TestClient, old_big: float, if_range: str,
     assert await response.read() == (BODY[10:20] if partial else BODY)
 
 
-async def test_if_range_date_of_this_second_is_weak(client: TestClient, tree: Path) -> None:
+async def test_if_range_date_of_this_second_is_weak(client: Client, tree: Path) -> None:
     """A file changed within the last second may change again within its Last-Modified."""
     (tree / "app.js").write_text("export {}")
     response = await client.get("/app.js")
@@ -336,7 +341,7 @@ async def test_if_range_date_of_this_second_is_weak(client: TestClient, tree: Pa
     assert response.status == 200
 
 
-async def test_preconditions_come_before_range(client: TestClient) -> None:
+async def test_preconditions_come_before_range(client: Client) -> None:
     etag = (await client.head("/sub/big.bin")).headers["ETag"]
     response = await client.get("/sub/big.bin",
                                 headers={"Range": "bytes=-0", "If-None-Match": etag})
@@ -346,7 +351,7 @@ async def test_preconditions_come_before_range(client: TestClient) -> None:
     assert response.status == 412
 
 
-async def test_precompressed_sibling_is_not_substituted(client: TestClient,
+async def test_precompressed_sibling_is_not_substituted(client: Client,
                                                         tree: Path) -> None:
     """The file named is the file sent, so Range and validators refer to it."""
     (tree / "app.js.gz").write_bytes(gzip.compress(b"stale"))

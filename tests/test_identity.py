@@ -7,8 +7,10 @@ import json
 import os
 import pwd
 from pathlib import Path
+from typing import Any
 
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 
 from websocketserver.identity import Identity
@@ -19,11 +21,12 @@ class _Transport:
     def __init__(self, peer: str) -> None:
         self.peer = peer
 
-    def get_extra_info(self, name: str, default=None):
+    def get_extra_info(self, name: str, default: object = None) -> object:
         return (self.peer, 50000) if name == "peername" else default
 
 
-def request(path: str = "/", peer: str = "127.0.0.1", headers: dict | None = None):
+def request(path: str = "/", peer: str = "127.0.0.1",
+            headers: dict[str, str] | None = None) -> web.Request:
     return make_mocked_request("GET", path, headers=headers or {},
                                transport=_Transport(peer))
 
@@ -75,5 +78,6 @@ def test_operating_system_groups() -> None:
 def test_bad_files(tmp_path: Path, option: str, content: str, message: str) -> None:
     path = tmp_path / "f.json"
     path.write_text(content)
+    options: dict[str, Any] = {option: path}
     with pytest.raises(SettingsError, match=message):
-        Identity(Settings(ws_port=1, **{option: path}))
+        Identity(Settings(ws_port=1, **options))

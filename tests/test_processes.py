@@ -52,6 +52,7 @@ def test_terminate_escalates_to_kill() -> None:
                                  "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
                                  "print('ready', flush=True)\ntime.sleep(600)"],
                                 stdout=subprocess.PIPE)
+    assert stubborn.stdout is not None
     assert stubborn.stdout.readline() == b"ready\n"
     began = time.monotonic()
     processes.terminate([psutil.Process(stubborn.pid)], grace=0.5)

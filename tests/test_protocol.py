@@ -56,7 +56,7 @@ def test_a_good_upgrade_is_accepted() -> None:
 def test_bad_upgrades_are_refused(changed: dict[str, str | None], status: int) -> None:
     method = str(changed.pop("method", "GET"))
     version = str(changed.pop("version", "1.1"))
-    decision = decide(request(method=method, version=version, **changed), BASIC)
+    decision = decide(request(b"/websockify", method=method, version=version, **changed), BASIC)
     assert isinstance(decision, Refused) and decision.status == status, decision
 
 

@@ -17,7 +17,7 @@ import sys
 import time
 import urllib.request
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Collection
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from threading import Thread
@@ -176,6 +176,7 @@ async def test_release_from_another_instance_reaches_the_owner_within_a_second(
     await a.claim(token, None)
     await a.transition(token, State.STARTING, State.ACTIVE)
     requests = a.stop_requests()
+    assert isinstance(requests, AsyncGenerator)  # for aclose()
     try:
         # released while a was not listening (a Redis outage): a finds it on subscribing
         assert await b.transition(token, State.ACTIVE, State.STOPPING) is not None
@@ -224,7 +225,9 @@ async def test_an_instance_forwards_only_to_an_address_signed_with_the_secret(
     a = await join("a", {"svc": 1})
     await join("b", {"svc": 1})
     admin = redis_server.client()
-    entry = json.loads(admin.hget("websocketserver:nodes", "b"))
+    raw = admin.hget("websocketserver:nodes", "b")
+    assert raw is not None
+    entry = json.loads(raw)
     assert (await a.address("b") or ("",))[0] == "b.test:8080"
     entry["address"] = "evil.test:25"
     admin.hset("websocketserver:nodes", "b", json.dumps(entry))
@@ -418,6 +421,7 @@ async def test_redis_restart_keeps_everything_and_instances_reconnect(
     await b.reserve("svc", 2, {}, "alice")
     before = await a.list()
     requests = a.stop_requests()
+    assert isinstance(requests, AsyncGenerator)  # for aclose()
     listening = asyncio.ensure_future(anext(requests))
     redis_server.kill()
     await asyncio.sleep(3 * TTL)  # longer than it takes to clear a silent instance
@@ -467,7 +471,7 @@ def test_haproxy_config_balances_both_ports(start_haproxy: Any) -> None:
     backends = [_HealthyBackend(name) for name in ("one", "two")]
     try:
         proxy = start_haproxy([(b.port, b.port) for b in backends])
-        seen = Counter()
+        seen: Counter[str] = Counter()
         for _ in range(4):
             for port in (proxy.http_port, proxy.ws_port):
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/health",

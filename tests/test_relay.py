@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+from typing import Any
 
 import pytest
 
@@ -20,10 +21,10 @@ def test_messages_and_descriptors_arrive_in_order_past_a_full_buffer() -> None:
     async def scenario() -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-        received: list[tuple[tuple, bytes]] = []
+        received: list[tuple[tuple[Any, ...], bytes]] = []
         done = asyncio.get_running_loop().create_future()
 
-        def on_message(message: tuple, fds: list[int]) -> None:
+        def on_message(message: tuple[Any, ...], fds: list[int]) -> None:
             with os.fdopen(fds[0], "rb") as pipe:
                 received.append((message, pipe.read()))
             if len(received) == 200:
