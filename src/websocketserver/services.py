@@ -1,17 +1,15 @@
 """Services: reserve an instance, start it when its websocket arrives, stop it after.
 
-:class:`ServiceManager` drives each token through its lifecycle (see
-:mod:`websocketserver.reservations`) and is the only place that calls service
-scripts. Whatever a script does (raise, hang, return a port nobody listens on, die
-mid-session), the websocket gets a reason, the slot is freed and the server goes on.
+:class:`ServiceManager` drives each token through its lifecycle (the table of
+:mod:`.lifecycle`, kept by the reservation store); each token activated here has a
+:class:`~.session.Session`, which calls its service's script. Whatever a script does
+(raise, hang, return a port nobody listens on, die mid-session), the websocket gets a
+reason, the slot is freed and the server goes on.
 
 With a reconnect grace (``--reconnect_grace``, or a service's ``"reconnect_grace"``),
 an instance whose browser left is kept *detached* by a holder task for that long: a
 websocket with its token re-attaches to it (a new TCP connection to the same host and
 port, no second ``start()``); else the holder stops it.
-
-(Longer than the other modules: a token's whole lifecycle, grace included, is kept in
-one class so that each transition and its clean-up read together.)
 """
 
 from __future__ import annotations
@@ -42,7 +40,6 @@ from .scripts import (
     CommandService,
     ConfiguredCommand,
     RemoteServiceScript,
-    call,
     load_script,
 )
 from .session import Session
@@ -242,7 +239,7 @@ class ServiceManager:
             wake, session.wake = session.wake, None
             if wake is not None:
                 wake.set()  # its holder ends without stopping it
-            if session.address is not None and not await self._alive(session):
+            if session.address is not None and not await session.alive():
                 await self._end_dead(token, session)
                 raise Refused(410, f"the {session.service.name} instance ended while "
                                    "detached; its session is over")
@@ -297,8 +294,7 @@ class ServiceManager:
         service = self.services[reservation.service]
         session = self._sessions.get(token)  # set: a re-attach
         if session is None:
-            session = self._sessions[token] = Session(service, reservation.index,
-                                                      self.grace(service))
+            session = self._new_session(token, service, reservation.index)
         started = session.address is not None
         session.attach(close)
         yielded = False
@@ -306,7 +302,7 @@ class ServiceManager:
             if reservation.state is not (State.ACTIVE if started else State.STARTING):
                 raise Refused(410, "reservation released")  # before the closer was set
             if not started:
-                session.address = await self._start(session, reservation)
+                session.address = await session.start(reservation)
                 if await self.store.transition(token, State.STARTING, State.ACTIVE) is None:
                     raise Refused(410, "reservation released while starting")
             else:
@@ -337,6 +333,12 @@ class ServiceManager:
                 else:
                     await self._free(token, session)
 
+    def _new_session(self, token: str, service: Service, index: int) -> Session:
+        session = self._sessions[token] = Session(
+            service, index, self.grace(service), self.settings, self.metrics,
+            self._background, lambda: self._free(token, session))
+        return session
+
     async def _detach(self, token: str, session: Session) -> None:
         """Keep a detached session's instance for its grace, in a holder task."""
         wake = session.wake = asyncio.Event()
@@ -365,7 +367,7 @@ class ServiceManager:
 
     async def _end(self, token: str, session: Session) -> None:
         """Stop a session's started instance and free its slot (its token is stopping)."""
-        await self._stop(session.service, session.index)
+        await session.stop()
         session.address = None
         await self._free(token, session)
 
@@ -401,94 +403,6 @@ class ServiceManager:
             with contextlib.suppress(StoreUnavailable):
                 await change()
                 return
-
-    async def _start(self, session: Session, reservation: Reservation) -> tuple[str, int]:
-        service, timeout = session.service, self.settings.start_timeout
-        began = time.monotonic()
-        start = asyncio.ensure_future(call(service.script.start, reservation.index,
-                                           dict(reservation.options)))
-        try:
-            host, port = await asyncio.wait_for(asyncio.shield(start), timeout)
-        except TimeoutError:
-            self.metrics.service_failed(service.name)
-            self._abandon(session, reservation, start)
-            raise Refused(504, f"{service.name} did not start within {timeout:g} s"
-                               ) from None
-        except asyncio.CancelledError:
-            self._abandon(session, reservation, start)
-            raise
-        except Exception as exc:
-            self.metrics.service_failed(service.name)
-            log.warning("%s index %d failed to start: %s: %s", service.name,
-                        reservation.index, type(exc).__name__, exc)
-            await self._stop(service, reservation.index)
-            raise Refused(502, f"{service.name} failed to start: {exc}") from None
-        seconds = time.monotonic() - began
-        self.metrics.service_started(service.name, seconds)
-        log.info("%s index %d started on %s:%s in %.2f s", service.name, reservation.index,
-                 host, port, seconds)
-        return str(host), int(port)
-
-    def _abandon(self, session: Session, reservation: Reservation,
-                 start: asyncio.Future[tuple[str, int]]) -> None:
-        """Give up on a start() that is still running, without freeing its index yet.
-
-        A plain start() runs in a thread that cannot be interrupted; were its index
-        given to the next reservation at once, a late return would mix the two
-        instances up. The slot is held until the start ends (and is then stopped) or
-        for one more ``--start_timeout`` at most.
-        """
-        session.abandoned = self._background.spawn(
-            self._finish_abandoned(session, reservation, start),
-            f"{session.id} abandoned start")
-
-    async def _finish_abandoned(self, session: Session, reservation: Reservation,
-                                start: asyncio.Future[tuple[str, int]]) -> None:
-        service, index = session.service, session.index
-        try:
-            await self._stop(service, index)  # whatever it launched so far
-            try:
-                await asyncio.wait_for(asyncio.shield(start), self.settings.start_timeout)
-            except TimeoutError:
-                start.cancel()
-                log.error("%s index %d: start() still running %g s after it was abandoned; "
-                          "freeing the slot (anything it launches later ends when the "
-                          "server exits)", service.name, index, self.settings.start_timeout)
-                return
-            except Exception as exc:  # failed late: it may still have launched something
-                log.debug("%s index %d: abandoned start() failed: %s", service.name, index, exc)
-            await self._stop(service, index)  # the start finished late: stop what it made
-        finally:
-            session.abandoned = None
-            await self._free(reservation.token, session)
-
-    async def _stop(self, service: Service, index: int) -> None:
-        try:
-            await asyncio.wait_for(call(service.script.stop, index),
-                                   self.settings.stop_timeout)
-        except TimeoutError:
-            log.error("%s index %d: stop() did not return within %g s", service.name, index,
-                      self.settings.stop_timeout)
-        except Exception as exc:
-            log.error("%s index %d: stop() failed: %s: %s", service.name, index,
-                      type(exc).__name__, exc)
-
-    async def _alive(self, session: Session) -> bool:
-        """Whether a detached session's instance still runs, as its script's ``alive()``
-        says: its port may have been taken by another process since it died. A script
-        that raises or does not answer within ``--stop_timeout`` counts as dead, so that
-        a user's keystrokes never go to a stranger."""
-        name, index = session.service.name, session.index
-        try:
-            return bool(await asyncio.wait_for(call(session.service.script.alive, index),
-                                               self.settings.stop_timeout))
-        except TimeoutError:
-            log.error("%s index %d: alive() did not return within %g s", name, index,
-                      self.settings.stop_timeout)
-        except Exception as exc:
-            log.error("%s index %d: alive() failed: %s: %s", name, index,
-                      type(exc).__name__, exc)
-        return False
 
     async def _end_dead(self, token: str, session: Session) -> None:
         """End a detached session whose instance was found dead on a re-attach (the

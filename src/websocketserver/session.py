@@ -2,9 +2,11 @@
 
 A :class:`Session` is made when a claimed token's websocket activates it
 (:meth:`~.services.ServiceManager.activate`) and dropped when its slot is freed. It
-owns the started instance (its address), the websocket attached to it (how to close
-it, what it carried, whether the browser left and whether to keep the instance), the
-detached instance's grace timer, and an abandoned start. The session's *state* is the
+owns the service instance (starting it through the service's script, stopping it,
+asking whether it is alive: every call bounded, whatever the script does), the
+websocket attached to it (how to close it, what it carried, whether the browser left
+and whether to keep the instance), the detached instance's grace timer, and an
+abandoned start. The session's *state* is the
 store's (:mod:`.lifecycle`: one table, enforced by both stores); this object holds what
 only this instance knows. Its :attr:`~Session.id` names it in the log, where tokens
 never appear.
@@ -14,11 +16,22 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import Callable
+import logging
+import time
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Protocol
+
+from .errors import Refused
+from .metrics import Metrics
+from .reservations import Reservation
+from .scripts import call
+from .settings import Settings
+from .tasks import Tasks
 
 if TYPE_CHECKING:
     from .services import Service
+
+log = logging.getLogger("websocketserver.services")
 
 _numbers = itertools.count(1)
 
@@ -33,10 +46,16 @@ class Traffic(Protocol):
 class Session:
     """The session of one token on this instance (see the module)."""
 
-    def __init__(self, service: Service, index: int, grace: float) -> None:
+    def __init__(self, service: Service, index: int, grace: float, settings: Settings,
+                 metrics: Metrics, background: Tasks,
+                 free: Callable[[], Awaitable[None]]) -> None:
         self.service = service
         self.index = index
         self.grace = grace
+        self._settings = settings
+        self._metrics = metrics
+        self._background = background
+        self._free = free  # frees the slot once an abandoned start has ended
         """Seconds the instance is kept detached when its browser leaves."""
         self.id = f"{service.name}[{index}]#{next(_numbers)}"
         """A name for the log (tokens are secrets)."""
@@ -94,4 +113,95 @@ class Session:
         if self.wake is not None:
             self.wake.set()
             return True
+        return False
+
+    # -- the instance, through the service's script ---------------------------------
+
+    async def start(self, reservation: Reservation) -> tuple[str, int]:
+        """Start the instance; where it listens. Raises :class:`~.errors.Refused` (502
+        it failed, 504 not within ``--start_timeout``: then it is abandoned)."""
+        service, index, timeout = self.service, self.index, self._settings.start_timeout
+        began = time.monotonic()
+        start = asyncio.ensure_future(call(service.script.start, index,
+                                           dict(reservation.options)))
+        try:
+            host, port = await asyncio.wait_for(asyncio.shield(start), timeout)
+        except TimeoutError:
+            self._metrics.service_failed(service.name)
+            self._abandon(start)
+            raise Refused(504, f"{service.name} did not start within {timeout:g} s"
+                          ) from None
+        except asyncio.CancelledError:
+            self._abandon(start)
+            raise
+        except Exception as exc:
+            self._metrics.service_failed(service.name)
+            log.warning("%s index %d failed to start: %s: %s", service.name, index,
+                        type(exc).__name__, exc)
+            await self.stop()
+            raise Refused(502, f"{service.name} failed to start: {exc}") from None
+        seconds = time.monotonic() - began
+        self._metrics.service_started(service.name, seconds)
+        log.info("%s index %d started on %s:%s in %.2f s", service.name, index, host, port,
+                 seconds)
+        return str(host), int(port)
+
+    def _abandon(self, start: asyncio.Future[tuple[str, int]]) -> None:
+        """Give up on a start() that is still running, without freeing its index yet.
+
+        A plain start() runs in a thread that cannot be interrupted; were its index
+        given to the next reservation at once, a late return would mix the two
+        instances up. The slot is held until the start ends (and is then stopped) or
+        for one more ``--start_timeout`` at most.
+        """
+        self.abandoned = self._background.spawn(self._finish_abandoned(start),
+                                                f"{self.id} abandoned start")
+
+    async def _finish_abandoned(self, start: asyncio.Future[tuple[str, int]]) -> None:
+        name, index, timeout = self.service.name, self.index, self._settings.start_timeout
+        try:
+            await self.stop()  # whatever it launched so far
+            try:
+                await asyncio.wait_for(asyncio.shield(start), timeout)
+            except TimeoutError:
+                start.cancel()
+                log.error("%s index %d: start() still running %g s after it was abandoned; "
+                          "freeing the slot (anything it launches later ends when the "
+                          "server exits)", name, index, timeout)
+                return
+            except Exception as exc:  # failed late: it may still have launched something
+                log.debug("%s index %d: abandoned start() failed: %s", name, index, exc)
+            await self.stop()  # the start finished late: stop what it made
+        finally:
+            self.abandoned = None
+            await self._free()
+
+    async def stop(self) -> None:
+        """Stop the instance (its script's stop(), bounded by ``--stop_timeout``)."""
+        name, index = self.service.name, self.index
+        try:
+            await asyncio.wait_for(call(self.service.script.stop, index),
+                                   self._settings.stop_timeout)
+        except TimeoutError:
+            log.error("%s index %d: stop() did not return within %g s", name, index,
+                      self._settings.stop_timeout)
+        except Exception as exc:
+            log.error("%s index %d: stop() failed: %s: %s", name, index,
+                      type(exc).__name__, exc)
+
+    async def alive(self) -> bool:
+        """Whether the detached instance still runs, as its script's ``alive()`` says:
+        its port may have been taken by another process since it died. A script that
+        raises or does not answer within ``--stop_timeout`` counts as dead, so that a
+        user's keystrokes never go to a stranger."""
+        name, index = self.service.name, self.index
+        try:
+            return bool(await asyncio.wait_for(call(self.service.script.alive, index),
+                                               self._settings.stop_timeout))
+        except TimeoutError:
+            log.error("%s index %d: alive() did not return within %g s", name, index,
+                      self._settings.stop_timeout)
+        except Exception as exc:
+            log.error("%s index %d: alive() failed: %s: %s", name, index,
+                      type(exc).__name__, exc)
         return False
