@@ -39,7 +39,8 @@ async def echo_roundtrip(url: str, payload: bytes | str) -> bytes:
 @pytest.mark.parametrize("launch_line", ["port_last", "port_first"])
 def test_contract_launch_lines_tunnel_and_stop(launch_line: str, echo: EchoBackend,
                                                tmp_path: Path) -> None:
-    """Both real launch lines of CONTRACT §1 start, tunnel, and stop on /v1/stop."""
+    """Both real launch lines (the port last or first, docs/reference.md) start, tunnel,
+    and stop on /v1/stop."""
     ws_port, http_port = free_port(), free_port()
     common = ["--http_directory", str(ROOT / "demo" / "www"), "--http_port", str(http_port)]
     if launch_line == "port_last":
