@@ -19,7 +19,7 @@ from support import StartServer, free_port, received_close, recv_bytes, wait_unt
 class FaultyBackend:
     """A TCP backend in a thread; ``behaviour(conn)`` decides what each connection gets."""
 
-    def __init__(self, behaviour: Callable[[socket.socket], None]) -> None:
+    def __init__(self, behaviour: Callable[[FaultyBackend, socket.socket], None]) -> None:
         self.port = free_port()
         self.behaviour = behaviour
         self.closed_by_peer = threading.Event()
