@@ -135,7 +135,7 @@ def assert_ping_flood_bounded(server: ServerProcess, sock: socket.socket) -> Non
 
 @pytest.mark.parametrize("relays", ["0", "1"])
 def test_ping_flood_from_a_browser_that_never_reads(start_server: StartServer, echo: EchoBackend,
-                                                    relays: list[psutil.Process]) -> None:
+                                                    relays: str) -> None:
     """Pings as fast as the socket takes them, never a read: the pongs owed are
     coalesced (only the latest is kept) instead of piling up for the browser."""
     server = start_server("--client_port", str(echo.port), "--relay_processes", relays)
@@ -159,7 +159,7 @@ def test_ping_flood_through_a_reservation_token(start_server: StartServer) -> No
 @pytest.mark.parametrize("relays", ["0", "1"])
 def test_large_messages_toward_a_backend_that_never_reads(start_server: StartServer,
                                                           silent: SilentBackend,
-                                                          relays: list[psutil.Process]) -> None:
+                                                          relays: str) -> None:
     """Eight tunnels each send one 24 MiB frame to a backend that reads nothing. Held
     whole, that is ~8 x 72 MiB; the process's upstream budget (here 32 MiB) closes
     the tunnels that would exceed it with 1009."""
@@ -192,7 +192,7 @@ def test_large_messages_toward_a_backend_that_never_reads(start_server: StartSer
 
 @pytest.mark.parametrize("relays", ["0", "1"])
 def test_a_reset_browser_ends_its_stalled_tunnel(start_server: StartServer, silent: SilentBackend,
-                                                 relays: list[psutil.Process]) -> None:
+                                                 relays: str) -> None:
     """A browser whose upstream is stalled (its socket is not read) resets: the tunnel
     ends within seconds, and its limit slot is free again, without the backend."""
     server = start_server("--client_port", str(silent.port), "--relay_processes", relays,
