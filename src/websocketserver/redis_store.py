@@ -2,41 +2,7 @@
 
 Every change is one Lua script run by Redis (atomic: Redis runs one script at a time)
 and every time in it is Redis's ``TIME``, so no decision depends on an instance's
-clock. Data, under a key prefix (``websocketserver:`` by default):
-
-* ``nodes`` (hash): instance name -> JSON ``{name, epoch, address, counts, ttl, seen,
-  rid}``; ``seen`` is when it last beat (Redis milliseconds), ``counts`` its services'
-  counts, ``ttl`` its heartbeat TTL (each instance is judged by its own);
-* ``res`` (hash): token -> JSON reservation ``{token, service, scope, node, index, state,
-  owner, options, timestamp, changed, by, op, ran}``; ``by`` is the instance that made
-  the last change, ``op`` that change's id (a retried call is recognised), ``ran``
-  whether it was ever claimed;
-* ``used`` (hash): ``node<TAB>service`` -> JSON ``{index: token}``, the slots that
-  node's reservations of that service hold, changed in the same scripts as ``res`` so
-  that placing a reservation decodes no reservation (built from ``res`` by the first
-  registration that finds it missing: every instance of a cluster must run a version
-  that keeps it);
-* ``idle`` (sorted set): the tokens of never-used (reserved) reservations, scored by
-  when they last changed, so that reclaiming reads only the expired ones;
-* ``stops:<node>`` (hash): token -> token, the sessions of ``node`` that another
-  instance moved to stopping and that still exist (what the stop scan reads);
-* ``meta`` (hash): ``epoch`` (the registration counter), ``contact`` (when an instance
-  last reached Redis), ``used`` and ``idle`` (set once those are kept), ``secret`` (a
-  check value of the cluster secret: an instance with another secret is refused while
-  one with this one is live), ``generation`` (a random id set by the first registration
-  in an empty Redis: a new one means Redis lost its data);
-* ``nonces`` (sorted set): nonces of forwarded websockets seen, scored by when they
-  may be forgotten (a forward is refused after FORWARD_MAX_AGE, so that is how long);
-* channel ``stop:<node>``: tokens another instance moved to stopping on that node.
-
-Each node entry carries ``sig``, an HMAC of its name and address under the cluster
-secret: an instance forwards a websocket only to an address so signed, so write access
-to Redis alone cannot point forwarding at another host.
-
-No periodic task reads every reservation: reserving reads ``used``, reclaiming the
-expired part of ``idle``, the stop scan this node's ``stops``, a service's status that
-service's slots in ``used``; only an instance's eviction and the full listing (metrics,
-the dashboard) read them all.
+clock. The data and the scripts that keep it are :mod:`.redis_scripts`'s.
 
 An instance registers (a new epoch), beats every ``min(ttl / 4, 0.5)`` s, and every
 write carries its epoch: once its registration is cleared or replaced, all its writes
@@ -61,17 +27,15 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Collection, Mapping
-from dataclasses import dataclass, fields
-from importlib import resources
 from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from . import lifecycle
-from .lifecycle import ENDED_KEPT, IllegalTransition, State
+from .lifecycle import IllegalTransition, State
 from .redis_link import RedisLink
-from .reservations import CLAIMS as MOVED_BY_CLAIM
+from .redis_scripts import RUNNING, array, load_scripts, node_signature
 from .reservations import (
     Claim,
     ClaimOutcome,
@@ -94,19 +58,6 @@ instance); its nonce is remembered that long, so a replay is refused either way.
 FORWARD_MAX_AHEAD = 2.0
 """Seconds a forward's time may be ahead of Redis's now (two reads of one clock)."""
 
-CLAIMS: dict[State, tuple[State, ClaimOutcome, bool]] = {
-    State.RESERVED: (MOVED_BY_CLAIM[State.RESERVED], ClaimOutcome.CLAIMED, True),
-    State.DETACHED: (MOVED_BY_CLAIM[State.DETACHED], ClaimOutcome.REATTACHED, False),
-}
-"""What :meth:`RedisStore.claim` does per state: new state (as for every store),
-outcome, and whether another instance may take it over (move it to itself); a state
-not listed is in use."""
-UNSTARTED = State.RESERVED
-"""The state whose reservations outlive their instance (nothing runs for them yet)."""
-RUNNING = (State.STARTING, State.ACTIVE, State.DETACHED)
-"""The states of a session that runs on its instance (registered again after Redis lost
-its data)."""
-
 class DuplicateNode(Exception):
     """A live instance is registered under the same name."""
 
@@ -121,24 +72,6 @@ class StaleNode(StoreUnavailable):
     Its sessions are no longer in the store (their slots may be booked again): it must
     end them before it registers afresh.
     """
-
-
-@dataclass(frozen=True)
-class _Scripts:
-    """The Lua source of each script: ``lua/head.lua`` (filled in) and ``lua/NAME.lua``."""
-
-    register: str
-    heartbeat: str
-    deregister: str
-    reserve: str
-    claim: str
-    transition: str
-    remove: str
-    nonce: str
-    reclaim: str
-    read: str
-    nodes: str
-    stops: str
 
 
 class RedisStore(ReservationStore):
@@ -184,7 +117,7 @@ class RedisStore(ReservationStore):
         self._redis = aioredis.Redis.from_url(
             url, decode_responses=True, socket_timeout=SOCKET_TIMEOUT,
             socket_connect_timeout=SOCKET_TIMEOUT, socket_keepalive=True)
-        self._scripts = _scripts()
+        self._scripts = load_scripts()
 
     # -- membership --------------------------------------------------------------------
 
@@ -229,7 +162,7 @@ class RedisStore(ReservationStore):
                               "another cluster secret")
         self._epoch = int(reply["epoch"])
         self._generation = str(reply["generation"])
-        refused = [str(token) for token in _array(reply.get("refused"))]
+        refused = [str(token) for token in array(reply.get("refused"))]
         if not restore:
             self._mine.clear()
         for token in refused:
@@ -325,7 +258,7 @@ class RedisStore(ReservationStore):
         """Not yet ``announced`` tokens of this instance that another one is stopping;
         they are added to ``announced``, and gone ones leave it."""
         reply = await self._run(self._scripts.stops, check_stale=False)
-        stopping = {str(token) for token in _array(reply.get("tokens"))}
+        stopping = {str(token) for token in array(reply.get("tokens"))}
         new = stopping - announced
         announced.intersection_update(stopping)
         announced.update(new)
@@ -395,13 +328,13 @@ class RedisStore(ReservationStore):
         (Redis's clock), any instance's, reading only those."""
         reply = await self._run(self._scripts.reclaim, round(unused_for * 1000), limit,
                                 f"unused for {unused_for:g} s")
-        return [self._reservation(r, reply["now"]) for r in _array(reply.get("rs"))]
+        return [self._reservation(r, reply["now"]) for r in array(reply.get("rs"))]
 
     async def list(self, service: str | None = None) -> list[Reservation]:
         """Every instance's reservations (of ``service``: read through its slots, not
         every reservation), by service, node and index."""
         reply = await self._run(self._scripts.read, "", service or "", "", check_stale=False)
-        found = [self._reservation(r, reply["now"]) for r in _array(reply.get("rs"))]
+        found = [self._reservation(r, reply["now"]) for r in array(reply.get("rs"))]
         return sorted(found, key=lambda r: (r.service, r.node or "", r.index))
 
     async def capacity(self, service: str, count: int) -> int:
@@ -409,7 +342,7 @@ class RedisStore(ReservationStore):
         if service in self.cluster_scope:
             return count
         reply = await self._run(self._scripts.nodes, "", check_stale=False)
-        return sum(int(n["counts"].get(service, 0)) for n in _array(reply.get("nodes"))
+        return sum(int(n["counts"].get(service, 0)) for n in array(reply.get("nodes"))
                    if reply["now"] - n["seen"] < n["ttl"])
 
     # -- plumbing ----------------------------------------------------------------------
@@ -455,35 +388,3 @@ class RedisStore(ReservationStore):
             state=State(record["state"]), timestamp=record["timestamp"] / 1000,
             changed=time.monotonic() - (now_ms - record["changed"]) / 1000,
             node=record["node"], end_reason=record.get("end_reason"))
-
-
-def node_signature(secret: bytes, name: str, address: str) -> str:
-    """What an instance's entry in Redis is signed with: only an instance knowing the
-    cluster secret can name an address that others forward websockets to."""
-    message = f"node\n{name}\n{address}".encode("utf-8", "surrogateescape")
-    return hmac.new(secret, message, hashlib.sha256).hexdigest()
-
-
-def _scripts() -> _Scripts:
-    """The scripts, each its file after the shared head with this module's constants."""
-    folder = resources.files(__package__) / "lua"
-    head = (folder / "head.lua").read_text() % {
-        "claims": _lua_string(json.dumps({str(state): [str(new), str(outcome), movable]
-                                          for state, (new, outcome, movable)
-                                          in CLAIMS.items()})),
-        "moves": _lua_string(lifecycle.table_json()),
-        "unstarted": _lua_string(UNSTARTED), "stopping": _lua_string(State.STOPPING),
-        "ended": _lua_string(State.ENDED), "ended_kept": round(ENDED_KEPT * 1000)}
-    return _Scripts(**{field.name: head + (folder / f"{field.name}.lua").read_text()
-                       for field in fields(_Scripts)})
-
-
-def _array(value: Any) -> list[Any]:
-    """A JSON array from Lua's cjson, which encodes an empty one as ``{}``."""
-    return list(value) if value else []
-
-
-def _lua_string(text: str) -> str:
-    """``text`` as a Lua string literal (long brackets: no escapes to get wrong)."""
-    assert "]==]" not in text
-    return f"[==[{text}]==]"
