@@ -9,11 +9,11 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from websocketserver.api import RestApi, render_status
-from websocketserver.errors import Refused
+from websocketserver.core.errors import Refused
+from websocketserver.http_port.api import RestApi, render_status
 from websocketserver.identity import Identity
-from websocketserver.reservations import MemoryStore, State
-from websocketserver.services import ServiceManager
+from websocketserver.sessions.reservations import MemoryStore, State
+from websocketserver.sessions.services import ServiceManager
 from websocketserver.settings import ServiceConfig, Settings
 
 SCRIPT = ("from websocketserver import RemoteServiceScript\n"

@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 from support import ROOT
-from websocketserver.errors import CLOSE_CODES, Close, Refused, StoreUnavailable, close_code_table
+from websocketserver.core.errors import (
+    CLOSE_CODES,
+    Close,
+    Refused,
+    StoreUnavailable,
+    close_code_table,
+)
 
 
 def test_the_reference_shows_the_close_code_table_of_the_code() -> None:

@@ -14,7 +14,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from websocketserver.files import LISTING_LIMIT, FileServer, content_type
+from websocketserver.http_port.files import LISTING_LIMIT, FileServer, content_type
 
 Client = TestClient[web.Request, web.Application]
 

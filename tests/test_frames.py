@@ -8,7 +8,7 @@ import struct
 import pytest
 
 from corpora import INVALID_FRAMES, MAX_MESSAGE, VALID_EDGES
-from websocketserver.frames import (
+from websocketserver.core.frames import (
     FORWARD,
     IGNORE,
     Closed,

@@ -12,12 +12,12 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from websocketserver.gateway import WebSocketGateway
 from websocketserver.identity import Identity
 from websocketserver.metrics import Metrics
-from websocketserver.reservations import MemoryStore
-from websocketserver.services import ServiceManager
+from websocketserver.sessions.reservations import MemoryStore
+from websocketserver.sessions.services import ServiceManager
 from websocketserver.settings import Settings
+from websocketserver.websocket_port.gateway import WebSocketGateway
 
 
 def request(extra: bytes = b"", connection: bytes = b"Upgrade", version: bytes = b"13") -> bytes:

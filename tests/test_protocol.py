@@ -8,8 +8,8 @@ import pytest
 from multidict import CIMultiDict
 
 from corpora import BAD_UPGRADES
-from websocketserver.errors import Refused
-from websocketserver.protocol import (
+from websocketserver.core.errors import Refused
+from websocketserver.core.protocol import (
     Accept,
     Policy,
     UpgradeRequest,

@@ -14,7 +14,7 @@ import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
-from websocketserver.redis_link import RedisLink
+from websocketserver.cluster.redis_link import RedisLink
 
 if TYPE_CHECKING:
     from cluster_support import RedisServer

@@ -26,9 +26,9 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from support import ROOT, free_port
-from websocketserver.lifecycle import TRANSITIONS
-from websocketserver.redis_store import DuplicateNode, RedisStore, StaleNode, WrongSecret
-from websocketserver.reservations import (
+from websocketserver.cluster.redis_store import DuplicateNode, RedisStore, StaleNode, WrongSecret
+from websocketserver.core.lifecycle import TRANSITIONS
+from websocketserver.sessions.reservations import (
     ClaimOutcome,
     NoSlotFree,
     Reservation,
@@ -297,8 +297,8 @@ async def _gone(store: RedisStore, node: str) -> bool:
 
 NODE_SCRIPT = """
 import asyncio, json, sys
-from websocketserver.redis_store import RedisStore
-from websocketserver.reservations import State
+from websocketserver.cluster.redis_store import RedisStore
+from websocketserver.sessions.reservations import State
 
 async def main():
     store = RedisStore(sys.argv[1], "a", "a.test:8080", {"svc": 2},

@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 
-from websocketserver.channel import Channel, Ended, HandOver, decode
-from websocketserver.relay import _Relay
 from websocketserver.settings import Settings
+from websocketserver.websocket_port.channel import Channel, Ended, HandOver, decode
+from websocketserver.websocket_port.relay import _Relay
 
 
 def test_messages_and_descriptors_arrive_in_order_past_a_full_buffer() -> None:

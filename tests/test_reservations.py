@@ -3,7 +3,7 @@ of ``test_store_contract.py``, run against memory and Redis alike."""
 
 from __future__ import annotations
 
-from websocketserver.reservations import Reservation, may_see, may_use
+from websocketserver.sessions.reservations import Reservation, may_see, may_use
 
 
 def test_who_may_use_and_see_a_token() -> None:

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from websocketserver.errors import Refused
+from websocketserver.core.errors import Refused
 from websocketserver.identity import Identity
-from websocketserver.reservations import MemoryStore, State
-from websocketserver.services import ServiceManager
+from websocketserver.sessions.reservations import MemoryStore, State
+from websocketserver.sessions.services import ServiceManager
 from websocketserver.settings import ServiceConfig, Settings
 
 SCRIPT = """

@@ -16,9 +16,14 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from websocketserver.lifecycle import TRANSITIONS, IllegalTransition, State
-from websocketserver.redis_store import RedisStore
-from websocketserver.reservations import ClaimOutcome, MemoryStore, NoSlotFree, ReservationStore
+from websocketserver.cluster.redis_store import RedisStore
+from websocketserver.core.lifecycle import TRANSITIONS, IllegalTransition, State
+from websocketserver.sessions.reservations import (
+    ClaimOutcome,
+    MemoryStore,
+    NoSlotFree,
+    ReservationStore,
+)
 
 if TYPE_CHECKING:
     from cluster_support import RedisServer

@@ -10,7 +10,7 @@ import pytest
 
 from websocketserver.settings import Settings
 from websocketserver.tasks import Tasks
-from websocketserver.tunnels import LiveTunnels
+from websocketserver.websocket_port.live import LiveTunnels
 
 
 async def test_a_failing_task_is_logged_once_and_ends_only_itself(

@@ -12,9 +12,9 @@ import pytest
 import websockets
 from picows import WSUpgradeRequest, ws_create_server
 
-from websocketserver import tunnel as tunnel_module
-from websocketserver.backend import BackendError
-from websocketserver.tunnel import Tunnel, TunnelStats, UpstreamBudget
+from websocketserver.websocket_port import tunnel as tunnel_module
+from websocketserver.websocket_port.backend import BackendError
+from websocketserver.websocket_port.tunnel import Tunnel, TunnelStats, UpstreamBudget
 
 FLOOD = 256 * 1024 * 1024
 BOUND = 48 * 1024 * 1024  # far below FLOOD: what kernel buffers + our limits may hold

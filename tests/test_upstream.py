@@ -5,8 +5,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-from websocketserver import upstream
-from websocketserver.upstream import HIGH_WATER, UpstreamBudget, UpstreamQueue
+from websocketserver.core import upstream
+from websocketserver.core.upstream import HIGH_WATER, UpstreamBudget, UpstreamQueue
 
 MiB = 1024 * 1024
 

@@ -1,11 +1,25 @@
 """websocketserver: put a TCP service (a VNC desktop, a 3D application) into a web page.
 
 The public API for service scripts is :class:`RemoteServiceScript` (and the
-:class:`CommandService` helper); everything else is the server's own.
+:class:`CommandService` helper); everything else is the server's own. It is loaded on
+first use, so that importing a part of the server (the sans-I/O ``core``) loads only
+that part.
 """
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-from .scripts import CommandService, RemoteServiceScript, free_port  # noqa: E402
+if TYPE_CHECKING:
+    from .scripts import CommandService, RemoteServiceScript, free_port
 
 __all__ = ["CommandService", "RemoteServiceScript", "free_port", "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("CommandService", "RemoteServiceScript", "free_port"):
+        from . import scripts
+        return getattr(scripts, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -6,8 +6,6 @@
   first are bounded by aiohttp's ``keepalive_timeout``, see ``httpport.py``.) It
   accepts connections itself, so that running out of descriptors is logged, and
   stops accepting at ``--max_http_connections`` (the rest wait in the backlog).
-* :class:`TunnelLimits` counts tunnels globally, per client address and per user,
-  and says why a new one is refused.
 
 (The websocket ``Origin`` policy is pure and lives with the upgrade decision:
 ``protocol.origin_allowed``.)
@@ -25,13 +23,11 @@ import os
 import socket
 import ssl
 import sys
-from collections import Counter
 from collections.abc import Callable
 
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
-from .errors import Refused
 from .logs import Sampled
 
 log = logging.getLogger("websocketserver.limits")
@@ -309,40 +305,3 @@ def give_back_memory() -> None:
     if _LIBC is not None:
         with contextlib.suppress(AttributeError):
             _LIBC.malloc_trim(0)
-
-
-class TunnelLimits:
-    """Counts of live tunnels (including ones still starting their service)."""
-
-    def __init__(self, total: int, per_client: int, per_user: int) -> None:
-        self.max_total, self.max_per_client, self.max_per_user = total, per_client, per_user
-        self.total = 0
-        self._clients: Counter[str] = Counter()
-        self._users: Counter[str] = Counter()
-
-    def acquire(self, client: str, user: str | None) -> None:
-        """Count a new tunnel, or raise :class:`~.errors.Refused` saying which limit."""
-        if self.total >= self.max_total:
-            raise Refused(503, f"server is at its limit of {self.max_total} tunnels")
-        if self._clients[client] >= self.max_per_client:
-            raise Refused(429, f"client {client} is at its limit of "
-                                     f"{self.max_per_client} tunnels")
-        if user is not None and self._users[user] >= self.max_per_user:
-            raise Refused(429, f"user {user} is at its limit of "
-                                     f"{self.max_per_user} tunnels")
-        self.total += 1
-        self._clients[client] += 1
-        if user is not None:
-            self._users[user] += 1
-
-    def release(self, client: str, user: str | None) -> None:
-        self.total -= 1
-        _decrement(self._clients, client)
-        if user is not None:
-            _decrement(self._users, user)
-
-
-def _decrement(counter: Counter[str], key: str) -> None:
-    counter[key] -= 1
-    if counter[key] <= 0:
-        del counter[key]

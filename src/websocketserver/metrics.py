@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterable
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from prometheus_client import (
     CollectorRegistry,
@@ -21,8 +21,11 @@ from prometheus_client import (
 )
 from prometheus_client.core import CounterMetricFamily
 
-from .reservations import Reservation, State
-from .tunnel import TunnelStats
+from .core.lifecycle import State
+
+if TYPE_CHECKING:
+    from .sessions.reservations import Reservation
+    from .websocket_port.tunnel import TunnelStats
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 

@@ -20,24 +20,24 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from . import processes
-from .api import RestApi
-from .files import FileServer
-from .gateway import WebSocketGateway
-from .httpport import HttpPort
+from .http_port.api import RestApi
+from .http_port.files import FileServer
+from .http_port.port import HttpPort
 from .identity import Identity
 from .install import log_install
 from .limits import watch_descriptors
 from .logs import configure_logging
 from .metrics import Metrics
-from .relay import RelayPool
-from .reservations import MemoryStore, ReservationStore
-from .services import ServiceManager
+from .sessions.reservations import MemoryStore, ReservationStore
+from .sessions.services import ServiceManager
 from .settings import Settings, SettingsError
 from .startup import log_startup, program_name
 from .tasks import Tasks
+from .websocket_port.gateway import WebSocketGateway
+from .websocket_port.relay import RelayPool
 
 if TYPE_CHECKING:
-    from .cluster import Cluster
+    from .cluster.membership import Cluster
 
 log = logging.getLogger("websocketserver.server")
 
@@ -66,8 +66,8 @@ class Server:
         self.metrics = Metrics()
         store: ReservationStore
         if settings.redis is not None:
-            from .cluster import Cluster  # imported here: redis-py costs ~80 ms a start
-            from .redis_store import RedisStore
+            from .cluster.membership import Cluster  # imported here: redis-py costs ~80 ms a start
+            from .cluster.redis_store import RedisStore
 
             store = RedisStore(
                 settings.redis, settings.node_name,

@@ -260,7 +260,7 @@ def test_a_forged_or_replayed_forward_is_refused(cluster: Cluster) -> None:
     forged = {"X-Websocketserver-Forward": "nonce " + "0" * 64,
               "X-Websocketserver-Client": "10.0.0.1"}
     assert asyncio.run(upgrade(forged)) == 403
-    from websocketserver.forward import sign  # a valid signature: too old, then sent twice
+    from websocketserver.cluster.forward import sign  # a valid signature: too old, then sent twice
 
     def signed(at: int) -> dict[str, str]:
         signature = sign(SECRET.encode(), token, "n1", at, "10.0.0.1", None)

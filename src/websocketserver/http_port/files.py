@@ -32,7 +32,7 @@ from aiohttp import hdrs, web
 from aiohttp.abc import AbstractStreamWriter
 from multidict import CIMultiDict
 
-from .install import version_folder
+from ..install import version_folder
 
 _TYPES = mimetypes.MimeTypes()
 for _type, _ext in (

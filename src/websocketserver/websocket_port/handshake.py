@@ -18,9 +18,9 @@ from collections.abc import Callable
 import httptools
 from multidict import CIMultiDict
 
-from .errors import Refused
-from .logs import Sampled
-from .protocol import UpgradeRequest
+from ..core.errors import Refused
+from ..core.protocol import UpgradeRequest
+from ..logs import Sampled
 
 log = logging.getLogger("websocketserver.handshake")
 _refused = Sampled(log)  # what clients cause at will: a few lines per 10 s, then a count

@@ -32,13 +32,13 @@ from aiohttp.web_protocol import RequestHandler, _ErrInfo
 from multidict import CIMultiDict
 from prometheus_client import Counter
 
+from ..core.protocol import host_refusal, protocol_refusal
+from ..limits import GuardedSite, HandshakeGuard, give_back_memory
+from ..metrics import Metrics
+from ..settings import Settings
+from ..websocket_port.handshake import MAX_HEADERS
 from .api import RestApi, json_error
 from .files import FileServer
-from .handshake import MAX_HEADERS
-from .limits import GuardedSite, HandshakeGuard, give_back_memory
-from .metrics import Metrics
-from .protocol import host_refusal, protocol_refusal
-from .settings import Settings
 
 log = logging.getLogger("websocketserver.http")
 

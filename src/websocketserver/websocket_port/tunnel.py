@@ -63,8 +63,7 @@ from dataclasses import dataclass, field
 
 from picows import WSCloseCode, WSFrame, WSListener, WSProtocolError, WSTransport
 
-from . import backend
-from .frames import (
+from ..core.frames import (
     FORWARD,
     Closed,
     Fail,
@@ -75,9 +74,10 @@ from .frames import (
     frame_size,
     wire_close_code,
 )
-from .upstream import HIGH_WATER as HIGH_WATER  # re-exported: forward.py reads it here
-from .upstream import UpstreamBudget as UpstreamBudget  # re-exported: tunnels.py
-from .upstream import UpstreamQueue
+from ..core.upstream import HIGH_WATER as HIGH_WATER  # re-exported: forward.py reads it here
+from ..core.upstream import UpstreamBudget as UpstreamBudget  # re-exported: tunnels.py
+from ..core.upstream import UpstreamQueue
+from . import backend
 
 log = logging.getLogger("websocketserver.tunnel")
 

@@ -24,8 +24,8 @@ from urllib.parse import parse_qsl, urlsplit
 
 from multidict import CIMultiDict, MultiDict, MultiDictProxy
 
+from ..startup import host_name, is_loopback
 from .errors import Refused
-from .startup import host_name, is_loopback
 
 _NO_QUERY: MultiDictProxy[str] = MultiDictProxy(MultiDict())
 _FORWARD_HEADER = "X-Websocketserver-Forward"  # forward.FORWARD_HEADER (which imports this)

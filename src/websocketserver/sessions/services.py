@@ -22,10 +22,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import Refused
-from .identity import Identity
+from ..core.errors import Refused
+from ..identity import Identity
+from ..metrics import Metrics
+from ..scripts import CommandService, ConfiguredCommand, RemoteServiceScript, load_script
+from ..settings import ServiceConfig, Settings
+from ..tasks import Tasks
 from .local_apps import LocalApplication
-from .metrics import Metrics
 from .reservations import (
     ClaimOutcome,
     NoSlotFree,
@@ -36,15 +39,7 @@ from .reservations import (
     may_see,
     may_use,
 )
-from .scripts import (
-    CommandService,
-    ConfiguredCommand,
-    RemoteServiceScript,
-    load_script,
-)
 from .session import Session
-from .settings import ServiceConfig, Settings
-from .tasks import Tasks
 
 log = logging.getLogger("websocketserver.services")
 

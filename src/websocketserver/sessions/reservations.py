@@ -35,8 +35,8 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from .errors import StoreUnavailable
-from .lifecycle import ENDED_KEPT, IllegalTransition, State, check, check_all
+from ..core.errors import StoreUnavailable
+from ..core.lifecycle import ENDED_KEPT, IllegalTransition, State, check, check_all
 
 __all__ = ["IllegalTransition", "State", "StoreUnavailable"]  # imported from here before
 

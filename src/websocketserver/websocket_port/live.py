@@ -17,10 +17,10 @@ from collections.abc import Callable, Coroutine
 from picows import WSAutoPingStrategy, WSCloseCode, WSUpgradeResponse, WSUpgradeResponseWithListener
 from picows.picows import WSProtocol  # type: ignore[attr-defined]  # not in its stub
 
+from ..core.errors import Close
+from ..settings import Settings
+from ..tasks import Tasks
 from .backend import BackendError
-from .errors import Close
-from .settings import Settings
-from .tasks import Tasks
 from .tunnel import Tunnel, TunnelStats, UpstreamBudget
 
 log = logging.getLogger("websocketserver.tunnels")

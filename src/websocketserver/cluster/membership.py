@@ -13,11 +13,11 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 
-from . import processes
+from .. import processes
+from ..sessions.reservations import StoreUnavailable
+from ..settings import Settings, SettingsError
+from ..tasks import Tasks
 from .redis_store import DuplicateNode, RedisStore, WrongSecret
-from .reservations import StoreUnavailable
-from .settings import Settings, SettingsError
-from .tasks import Tasks
 
 log = logging.getLogger("websocketserver.cluster")
 

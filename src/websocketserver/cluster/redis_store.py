@@ -32,11 +32,9 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from . import lifecycle
-from .lifecycle import IllegalTransition, State
-from .redis_link import RedisLink
-from .redis_scripts import RUNNING, array, load_scripts, node_signature
-from .reservations import (
+from ..core import lifecycle
+from ..core.lifecycle import IllegalTransition, State
+from ..sessions.reservations import (
     Claim,
     ClaimOutcome,
     NoSlotFree,
@@ -44,7 +42,9 @@ from .reservations import (
     ReservationStore,
     StoreUnavailable,
 )
-from .tasks import Tasks
+from ..tasks import Tasks
+from .redis_link import RedisLink
+from .redis_scripts import RUNNING, array, load_scripts, node_signature
 
 log = logging.getLogger("websocketserver.cluster")
 

@@ -29,23 +29,23 @@ from typing import TYPE_CHECKING
 from picows import WSCloseCode
 from prometheus_client import Counter
 
-from . import forward
+from ..cluster import forward
+from ..core.errors import Refused, StoreUnavailable
+from ..core.protocol import Accept, Policy, UpgradeRequest, decide
+from ..identity import Identity
+from ..metrics import Metrics
+from ..sessions.reservations import Reservation
+from ..sessions.services import Elsewhere, ServiceManager
+from ..settings import Settings
 from .backend import BackendError
-from .errors import Refused, StoreUnavailable
 from .handshake import Handshake, write_refusal
-from .identity import Identity
-from .limits import TunnelLimits
-from .metrics import Metrics
-from .protocol import Accept, Policy, UpgradeRequest, decide
+from .live import LiveTunnels, answer_upgrade, websocket_protocol
 from .relay import RelayPool
-from .reservations import Reservation
-from .services import Elsewhere, ServiceManager
-from .settings import Settings
 from .tunnel import Tunnel
-from .tunnels import LiveTunnels, answer_upgrade, websocket_protocol
+from .tunnel_limits import TunnelLimits
 
 if TYPE_CHECKING:  # loaded for a cluster only (redis-py costs ~80 ms at every start)
-    from .cluster import Cluster
+    from ..cluster.membership import Cluster
 
 log = logging.getLogger("websocketserver.gateway")
 

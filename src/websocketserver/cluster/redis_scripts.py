@@ -53,10 +53,10 @@ from dataclasses import dataclass, fields
 from importlib import resources
 from typing import Any
 
-from . import lifecycle
-from .lifecycle import ENDED_KEPT, State
-from .reservations import CLAIMS as MOVED_BY_CLAIM
-from .reservations import ClaimOutcome
+from ..core import lifecycle
+from ..core.lifecycle import ENDED_KEPT, State
+from ..sessions.reservations import CLAIMS as MOVED_BY_CLAIM
+from ..sessions.reservations import ClaimOutcome
 
 CLAIMS: dict[State, tuple[State, ClaimOutcome, bool]] = {
     State.RESERVED: (MOVED_BY_CLAIM[State.RESERVED], ClaimOutcome.CLAIMED, True),

@@ -26,13 +26,13 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from . import __version__
-from .errors import Refused
-from .identity import USER_KEY_PARAM
-from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from .protocol import cross_site_refusal
-from .reservations import State
-from .services import ServiceManager
+from .. import __version__
+from ..core.errors import Refused
+from ..core.protocol import cross_site_refusal
+from ..identity import USER_KEY_PARAM
+from ..metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from ..sessions.reservations import State
+from ..sessions.services import ServiceManager
 
 log = logging.getLogger("websocketserver.api")
 

@@ -22,7 +22,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from .scripts import CommandService
+from ..scripts import CommandService
 
 DEFAULT_COMMAND = "{root}/bin/{app} -batch -vnc vnc://%3Frfb_port={port}%26use_auth=0"
 

@@ -34,14 +34,17 @@ import signal
 import socket
 import sys
 import time
+from typing import TYPE_CHECKING
 
+from ..processes import die_with_parent
+from ..settings import Settings
 from .channel import MAX_MESSAGE, Channel, Ended, HandOver, Message, Opened, Stop
-from .limits import TunnelLimits
-from .metrics import Metrics
-from .processes import die_with_parent
-from .settings import Settings
+from .live import LiveTunnels, answer_upgrade, websocket_protocol
 from .tunnel import Tunnel, TunnelStats
-from .tunnels import LiveTunnels, answer_upgrade, websocket_protocol
+
+if TYPE_CHECKING:
+    from ..metrics import Metrics
+    from .tunnel_limits import TunnelLimits
 
 log = logging.getLogger("websocketserver.relay")
 

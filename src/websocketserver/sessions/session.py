@@ -21,12 +21,12 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Protocol
 
-from .errors import Refused
-from .metrics import Metrics
+from ..core.errors import Refused
+from ..metrics import Metrics
+from ..scripts import call
+from ..settings import Settings
+from ..tasks import Tasks
 from .reservations import Reservation
-from .scripts import call
-from .settings import Settings
-from .tasks import Tasks
 
 if TYPE_CHECKING:
     from .services import Service

@@ -28,10 +28,10 @@ import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from . import backend
-from .errors import Refused
-from .protocol import UpgradeRequest
-from .tunnel import HIGH_WATER
+from ..core.errors import Refused
+from ..core.protocol import UpgradeRequest
+from ..websocket_port import backend
+from ..websocket_port.tunnel import HIGH_WATER
 
 log = logging.getLogger("websocketserver.forward")
 

@@ -1,0 +1,2 @@
+"""The cluster (``--redis``): membership, the Redis store and its scripts, forwarding
+websockets between instances."""

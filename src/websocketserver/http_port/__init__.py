@@ -1,0 +1,1 @@
+"""The HTTP port: files, the REST API and the dashboard."""

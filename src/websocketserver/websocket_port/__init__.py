@@ -1,0 +1,2 @@
+"""The websocket port: reading upgrades, deciding, tunnelling (the hot path), and the
+relay processes."""
