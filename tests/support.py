@@ -177,6 +177,14 @@ class ServerProcess:
                     alive.append(child)
         return alive
 
+    def tree_rss(self) -> int:
+        """RSS of the server's whole process tree (supervisor, server, relays)."""
+        total = 0
+        for proc in [psutil.Process(self.pid), *self.descendants()]:
+            with contextlib.suppress(psutil.Error):
+                total += proc.memory_info().rss
+        return total
+
     def serving_pid(self) -> int:
         """The server process proper: the supervisor's child running the same command."""
         if self._serving_pid is None:

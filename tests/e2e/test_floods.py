@@ -14,7 +14,6 @@ import threading
 import time
 from collections.abc import Iterator
 
-import psutil
 import pytest
 
 from support import ROOT, EchoBackend, ServerProcess, StartServer, wait_until
@@ -22,15 +21,6 @@ from support import ROOT, EchoBackend, ServerProcess, StartServer, wait_until
 MiB = 1024 * 1024
 SERVICES = ROOT / "tests" / "e2e" / "scripts" / "services.json"
 
-
-def tree_rss(server: ServerProcess) -> int:
-    total = 0
-    for proc in [psutil.Process(server.pid), *server.descendants()]:
-        try:
-            total += proc.memory_info().rss
-        except psutil.Error:
-            pass
-    return total
 
 
 def upgrade(port: int, path: str = "/websockify") -> socket.socket:
@@ -124,9 +114,9 @@ def ping_flood(sock: socket.socket) -> int:
 def assert_ping_flood_bounded(server: ServerProcess, sock: socket.socket) -> None:
     """100 MiB of pings on ``sock``, never a read: the tree grows by under 40 MiB and
     the server keeps answering."""
-    before = tree_rss(server)
+    before = server.tree_rss()
     sent = ping_flood(sock)
-    growth = tree_rss(server) - before
+    growth = server.tree_rss() - before
     assert sent > 40 * MiB, "the flood never got going"
     assert growth < 40 * MiB, f"RSS grew by {growth / MiB:.0f} MiB for {sent / MiB:.0f} MiB"
     assert server.get_json("/v1/status")[0] == 200
@@ -165,7 +155,7 @@ def test_large_messages_toward_a_backend_that_never_reads(start_server: StartSer
     the tunnels that would exceed it with 1009."""
     server = start_server("--client_port", str(silent.port), "--relay_processes", relays,
                           "--max_upstream_buffer", str(32 * MiB))
-    before = tree_rss(server)
+    before = server.tree_rss()
     size = 24 * MiB
     payload = frame_header(0x2, size) + b"u" * size
     socks = [upgrade(server.ws_port) for _ in range(8)]
@@ -175,7 +165,7 @@ def test_large_messages_toward_a_backend_that_never_reads(start_server: StartSer
         thread.start()
     for thread in threads:
         thread.join()
-    growth = tree_rss(server) - before
+    growth = server.tree_rss() - before
     assert growth < 96 * MiB, f"RSS grew by {growth / MiB:.0f} MiB"
     assert server.get_json("/v1/status")[0] == 200
     closes = []

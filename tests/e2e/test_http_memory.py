@@ -14,23 +14,11 @@ import json
 import socket
 import time
 
-import psutil
-
-from support import ServerProcess, StartServer, wait_until
+from support import StartServer, wait_until
 
 MiB = 1024 * 1024
 LINE = b"X-Pad-%03d: " + b"a" * 8100 + b"\r\n"  # under --max_header_size (8190)
 
-
-def tree_rss(server: ServerProcess) -> int:
-    """RSS of the server's whole process tree (supervisor, server, relay)."""
-    total = 0
-    for proc in [psutil.Process(server.pid), *server.descendants()]:
-        try:
-            total += proc.memory_info().rss
-        except psutil.Error:
-            pass
-    return total
 
 
 def unfinished_head(port: int) -> socket.socket:
@@ -43,7 +31,7 @@ def test_400_unfinished_heads_hold_little_memory(start_server: StartServer) -> N
     server = start_server()
     assert server.http_port is not None
     time.sleep(0.3)  # its start-up allocations settle
-    idle = tree_rss(server)
+    idle = server.tree_rss()
     socks = [unfinished_head(server.http_port) for _ in range(400)]
     for number in range(127):  # 127 lines of 8 KB each: about 1 MiB per head
         for sock in socks:
@@ -51,11 +39,11 @@ def test_400_unfinished_heads_hold_little_memory(start_server: StartServer) -> N
                 sock.sendall(LINE % number)
             except OSError:
                 pass  # refused (431) and closed
-    held = tree_rss(server) - idle
+    held = server.tree_rss() - idle
     for sock in socks:
         sock.close()
     assert held < 100 * MiB, f"{held / MiB:.0f} MiB"  # 683 MiB before
-    wait_until(lambda: tree_rss(server) - idle < 32 * MiB, timeout=5)  # 706 MiB stayed
+    wait_until(lambda: server.tree_rss() - idle < 32 * MiB, timeout=5)  # 706 MiB stayed
 
 
 def test_a_long_head_gets_431_json(start_server: StartServer) -> None:

@@ -178,30 +178,26 @@ class Session:
 
     async def stop(self) -> None:
         """Stop the instance (its script's stop(), bounded by ``--stop_timeout``)."""
-        name, index = self.service.name, self.index
-        try:
-            await asyncio.wait_for(call(self.service.script.stop, index),
-                                   self._settings.stop_timeout)
-        except TimeoutError:
-            log.error("%s index %d: stop() did not return within %g s", name, index,
-                      self._settings.stop_timeout)
-        except Exception as exc:
-            log.error("%s index %d: stop() failed: %s: %s", name, index,
-                      type(exc).__name__, exc)
+        await self._ask("stop")
 
     async def alive(self) -> bool:
         """Whether the detached instance still runs, as its script's ``alive()`` says:
         its port may have been taken by another process since it died. A script that
         raises or does not answer within ``--stop_timeout`` counts as dead, so that a
         user's keystrokes never go to a stranger."""
-        name, index = self.service.name, self.index
+        return bool(await self._ask("alive"))
+
+    async def _ask(self, method: str) -> object:
+        """Call the script's ``method`` for this index, bounded by ``--stop_timeout``;
+        a failure or time-out is logged and answers None."""
+        name, index, timeout = self.service.name, self.index, self._settings.stop_timeout
         try:
-            return bool(await asyncio.wait_for(call(self.service.script.alive, index),
-                                               self._settings.stop_timeout))
+            return await asyncio.wait_for(call(getattr(self.service.script, method), index),
+                                          timeout)
         except TimeoutError:
-            log.error("%s index %d: alive() did not return within %g s", name, index,
-                      self._settings.stop_timeout)
+            log.error("%s index %d: %s() did not return within %g s", name, index, method,
+                      timeout)
         except Exception as exc:
-            log.error("%s index %d: alive() failed: %s: %s", name, index,
+            log.error("%s index %d: %s() failed: %s: %s", name, index, method,
                       type(exc).__name__, exc)
-        return False
+        return None
