@@ -444,3 +444,4 @@ class ServiceManager:
         self.end_all(reason)
         while self._sessions or self._holders:
             await asyncio.sleep(ENDED_POLL)
+            self.end_all(reason)  # one activated meanwhile (claimed before the fencing)
