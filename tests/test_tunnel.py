@@ -5,25 +5,30 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from urllib.parse import parse_qsl, urlsplit
 
 import pytest
 import websockets
-from picows import WSUpgradeRequest, ws_create_server
+from picows import WSCloseCode, WSUpgradeRequest, ws_create_server
 
+from support import received_close, recv_bytes
 from websocketserver.websocket_port import tunnel as tunnel_module
 from websocketserver.websocket_port.backend import BackendError
 from websocketserver.websocket_port.tunnel import Tunnel, TunnelStats, UpstreamBudget
 
 FLOOD = 256 * 1024 * 1024
 BOUND = 48 * 1024 * 1024  # far below FLOOD: what kernel buffers + our limits may hold
+Behaviour = Callable[["Backend", asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+"""What a :class:`Backend` does with each connection."""
+Relay = tuple[Callable[[int], str], list[Tunnel]]
+"""The ``relay`` fixture: a URL maker (by the backend's port) and the tunnels opened."""
 
 
 class Backend:
     """A TCP server whose behaviour each test chooses."""
 
-    def __init__(self, behaviour) -> None:
+    def __init__(self, behaviour: Behaviour) -> None:
         self.behaviour = behaviour
         self.server: asyncio.Server | None = None
         self.progress = 0
@@ -35,11 +40,12 @@ class Backend:
         self.port = self.server.sockets[0].getsockname()[1]
         return self
 
-    async def __aexit__(self, *exc) -> None:
+    async def __aexit__(self, *exc: object) -> None:
         self.done.set()
+        assert self.server is not None
         self.server.close()
 
-    async def _serve(self, reader, writer) -> None:
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             await self.behaviour(self, reader, writer)
         except ConnectionError:
@@ -48,14 +54,16 @@ class Backend:
             writer.close()
 
 
-async def echo(backend: Backend, reader, writer) -> None:
+async def echo(backend: Backend, reader: asyncio.StreamReader,
+                writer: asyncio.StreamWriter) -> None:
     while data := await reader.read(65536):
         writer.write(data)
         await writer.drain()
     backend.eof.set()
 
 
-async def flood(backend: Backend, reader, writer) -> None:
+async def flood(backend: Backend, reader: asyncio.StreamReader,
+                writer: asyncio.StreamWriter) -> None:
     chunk = os.urandom(64 * 1024)
     while backend.progress < FLOOD and not backend.done.is_set():
         writer.write(chunk)
@@ -63,12 +71,13 @@ async def flood(backend: Backend, reader, writer) -> None:
         backend.progress += len(chunk)
 
 
-async def stall(backend: Backend, reader, writer) -> None:
+async def stall(backend: Backend, reader: asyncio.StreamReader,
+                writer: asyncio.StreamWriter) -> None:
     await backend.done.wait()
 
 
 @pytest.fixture
-async def relay() -> AsyncIterator:
+async def relay() -> AsyncIterator[Relay]:
     """A picows server whose websockets tunnel to ``?port=`` (and ``&host=``); yields a
     URL maker and the list of tunnels opened."""
     tunnels: list[Tunnel] = []
@@ -78,7 +87,7 @@ async def relay() -> AsyncIterator:
         try:
             await tunnel.connect(host, port)
         except BackendError as exc:
-            tunnel.close(1011, str(exc))
+            tunnel.close(WSCloseCode(1011), str(exc))
         await tunnel.closed
 
     def factory(request: WSUpgradeRequest) -> Tunnel:
@@ -96,11 +105,11 @@ async def relay() -> AsyncIterator:
     yield lambda backend: f"ws://127.0.0.1:{port}/?port={backend}", tunnels
     server.close()
     for tunnel in tunnels:
-        tunnel.close(1001, "test over")
+        tunnel.close(WSCloseCode(1001), "test over")
     await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 15)
 
 
-async def test_echo_is_byte_exact_and_counted(relay) -> None:
+async def test_echo_is_byte_exact_and_counted(relay: Relay) -> None:
     url, tunnels = relay
     async with Backend(echo) as backend:
         async with websockets.connect(url(backend.port), max_size=None) as ws:
@@ -108,19 +117,21 @@ async def test_echo_is_byte_exact_and_counted(relay) -> None:
             await ws.send(data)
             received = bytearray()
             while len(received) < len(data):
-                received += await ws.recv()
+                received += await recv_bytes(ws)
             assert received == data
             await ws.send("text")
             assert await ws.recv() == b"text"
+            assert tunnels[0]._browser is not None
             browser = tunnels[0]._browser.get_extra_info("socket")
             for sock in (tunnels[0]._sock, browser):  # both sockets
+                assert sock is not None
                 assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
         await asyncio.wait_for(backend.eof.wait(), 5)  # client close reached the backend
     stats = tunnels[0].stats
     assert stats.bytes_up == stats.bytes_down == len(data) + 4
 
 
-async def test_backend_named_by_host_name(relay) -> None:
+async def test_backend_named_by_host_name(relay: Relay) -> None:
     """A name goes through the resolver; every address is tried (localhost may be ::1
     first, where the backend does not listen)."""
     url, _ = relay
@@ -130,7 +141,8 @@ async def test_backend_named_by_host_name(relay) -> None:
             assert await ws.recv() == b"by name"
 
 
-async def test_burst_of_small_messages_keeps_order(relay, monkeypatch) -> None:
+async def test_burst_of_small_messages_keeps_order(relay: Relay,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """More messages in one read than one sendmsg takes (IOV_BATCH, made tiny
     here) still reach the backend whole and in order."""
     monkeypatch.setattr(tunnel_module, "IOV_BATCH", 3)
@@ -143,13 +155,14 @@ async def test_burst_of_small_messages_keeps_order(relay, monkeypatch) -> None:
             received = bytearray()
             expected = b"".join(messages)
             while len(received) < len(expected):
-                received += await asyncio.wait_for(ws.recv(), 5)
+                received += await asyncio.wait_for(recv_bytes(ws), 5)
             assert received == expected
     assert tunnels[0].stats.bytes_up == len(expected)
 
 
-async def test_backend_close_ends_websocket_normally(relay) -> None:
-    async def greet(backend, reader, writer) -> None:
+async def test_backend_close_ends_websocket_normally(relay: Relay) -> None:
+    async def greet(backend: Backend, reader: asyncio.StreamReader,
+                    writer: asyncio.StreamWriter) -> None:
         writer.write(b"hello")
         await writer.drain()
 
@@ -159,22 +172,22 @@ async def test_backend_close_ends_websocket_normally(relay) -> None:
             assert await ws.recv() == b"hello"
             with pytest.raises(websockets.ConnectionClosedOK) as closed:
                 await asyncio.wait_for(ws.recv(), 5)
-    assert closed.value.rcvd.code == 1000
-    assert closed.value.rcvd.reason == "backend closed the connection"
+    assert received_close(closed.value).code == 1000
+    assert received_close(closed.value).reason == "backend closed the connection"
 
 
-async def test_refused_backend_gives_reason(relay) -> None:
+async def test_refused_backend_gives_reason(relay: Relay) -> None:
     url, _ = relay
     async with Backend(echo) as backend:
         port = backend.port
     async with websockets.connect(url(port)) as ws:
         with pytest.raises(websockets.ConnectionClosedError) as closed:
             await asyncio.wait_for(ws.recv(), 5)
-    assert closed.value.rcvd.code == 1011
-    assert "cannot connect to backend" in closed.value.rcvd.reason
+    assert received_close(closed.value).code == 1011
+    assert "cannot connect to backend" in received_close(closed.value).reason
 
 
-async def test_downstream_backpressure_stops_a_flooding_backend(relay) -> None:
+async def test_downstream_backpressure_stops_a_flooding_backend(relay: Relay) -> None:
     """A browser that stops reading must make the backend block, not the server buffer."""
     url, tunnels = relay
     async with Backend(flood) as backend:
@@ -188,13 +201,14 @@ async def test_downstream_backpressure_stops_a_flooding_backend(relay) -> None:
             assert stalled_at < BOUND
 
 
-async def test_reading_resumes_after_the_browser_drains(relay) -> None:
+async def test_reading_resumes_after_the_browser_drains(relay: Relay) -> None:
     """A browser that stalls, then reads on, gets every byte in order: the backend is
     paused and resumed as often as needed and nothing is lost."""
     total = 64 * 1024 * 1024
     pattern = bytes(range(256)) * 256  # 64 KiB, so offsets are checkable
 
-    async def counted_flood(backend: Backend, reader, writer) -> None:
+    async def counted_flood(backend: Backend, reader: asyncio.StreamReader,
+                writer: asyncio.StreamWriter) -> None:
         for _ in range(total // len(pattern)):
             writer.write(pattern)
             await writer.drain()
@@ -203,17 +217,17 @@ async def test_reading_resumes_after_the_browser_drains(relay) -> None:
     async with Backend(counted_flood) as backend:
         async with websockets.connect(url(backend.port), max_size=None,
                                       max_queue=1) as ws:
-            received = bytearray(await ws.recv())
+            received = bytearray(await recv_bytes(ws))
             await asyncio.sleep(1)  # stalled: the server's reading must pause
             assert not tunnels[0]._reading
             with pytest.raises(websockets.ConnectionClosedOK):
                 while True:
-                    received += await asyncio.wait_for(ws.recv(), 10)
+                    received += await asyncio.wait_for(recv_bytes(ws), 10)
     assert len(received) == total
     assert received == pattern * (total // len(pattern))
 
 
-async def test_upstream_backpressure_blocks_a_flooding_browser(relay) -> None:
+async def test_upstream_backpressure_blocks_a_flooding_browser(relay: Relay) -> None:
     """A backend that stops reading must stall the browser's sends."""
     url, _ = relay
     sent = 0
