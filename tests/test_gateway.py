@@ -89,7 +89,8 @@ async def upgrade(port: int, data: bytes) -> tuple[asyncio.StreamReader, asyncio
     return reader, writer
 
 
-async def test_frames_sent_with_the_request_are_relayed(gateway) -> None:
+async def test_frames_sent_with_the_request_are_relayed(
+        gateway: tuple[WebSocketGateway, int]) -> None:
     """A client may send its first messages right behind the request, in one write."""
     _, port = gateway
     first, second = os.urandom(100), os.urandom(100 * 1024)
@@ -98,7 +99,7 @@ async def test_frames_sent_with_the_request_are_relayed(gateway) -> None:
     writer.close()
 
 
-async def test_request_dribbled_byte_by_byte(gateway) -> None:
+async def test_request_dribbled_byte_by_byte(gateway: tuple[WebSocketGateway, int]) -> None:
     _, port = gateway
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     for byte in request():
@@ -111,7 +112,7 @@ async def test_request_dribbled_byte_by_byte(gateway) -> None:
     writer.close()
 
 
-async def test_connection_header_with_several_tokens(gateway) -> None:
+async def test_connection_header_with_several_tokens(gateway: tuple[WebSocketGateway, int]) -> None:
     """Firefox sends ``Connection: keep-alive, Upgrade``."""
     _, port = gateway
     reader, writer = await upgrade(port, request(connection=b"keep-alive, Upgrade"))
@@ -120,7 +121,8 @@ async def test_connection_header_with_several_tokens(gateway) -> None:
     writer.close()
 
 
-async def test_binary_subprotocol_is_answered_when_offered(gateway) -> None:
+async def test_binary_subprotocol_is_answered_when_offered(
+        gateway: tuple[WebSocketGateway, int]) -> None:
     _, port = gateway
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(request(b"Sec-WebSocket-Protocol: base64, binary\r\n"))
@@ -129,7 +131,7 @@ async def test_binary_subprotocol_is_answered_when_offered(gateway) -> None:
     writer.close()
 
 
-async def test_refusal_is_json_and_closes(gateway) -> None:
+async def test_refusal_is_json_and_closes(gateway: tuple[WebSocketGateway, int]) -> None:
     _, port = gateway
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(request(version=b"12"))
@@ -145,7 +147,7 @@ async def test_refusal_is_json_and_closes(gateway) -> None:
     writer.close()
 
 
-async def test_a_header_that_never_ends_is_refused(gateway) -> None:
+async def test_a_header_that_never_ends_is_refused(gateway: tuple[WebSocketGateway, int]) -> None:
     """httptools holds a header line until its end: the bytes before the end of the
     request head are bounded too (4 x --max_header_size), not just each finished line."""
     _, port = gateway
@@ -163,7 +165,7 @@ async def test_a_header_that_never_ends_is_refused(gateway) -> None:
     writer.close()
 
 
-async def test_a_long_head_in_one_write_is_refused(gateway) -> None:
+async def test_a_long_head_in_one_write_is_refused(gateway: tuple[WebSocketGateway, int]) -> None:
     """The head limit (4 x --max_header_size) holds when the whole head, lines each
     under the line limit, arrives in one write too (it got 101 at 40 KB)."""
     _, port = gateway
@@ -176,7 +178,8 @@ async def test_a_long_head_in_one_write_is_refused(gateway) -> None:
     writer.close()
 
 
-async def test_close_ends_the_tunnel_and_frees_its_count(gateway) -> None:
+async def test_close_ends_the_tunnel_and_frees_its_count(
+        gateway: tuple[WebSocketGateway, int]) -> None:
     websockets, port = gateway
     reader, writer = await upgrade(port, request())
     writer.write(frame(b"x"))
@@ -193,7 +196,7 @@ async def test_close_ends_the_tunnel_and_frees_its_count(gateway) -> None:
     assert websockets.limits.total == 0 and not websockets.tunnels
 
 
-async def test_a_second_close_frame_is_ignored(gateway) -> None:
+async def test_a_second_close_frame_is_ignored(gateway: tuple[WebSocketGateway, int]) -> None:
     """Autobahn 7.1.2: a close frame, then another in the same write: the first is
     answered with 1000, the second ignored (RFC 6455 5.5.1), not refused with 1002."""
     _, port = gateway
@@ -206,7 +209,7 @@ async def test_a_second_close_frame_is_ignored(gateway) -> None:
     writer.close()
 
 
-async def test_shutdown_closes_tunnels_with_1001(gateway) -> None:
+async def test_shutdown_closes_tunnels_with_1001(gateway: tuple[WebSocketGateway, int]) -> None:
     websockets, port = gateway
     reader, writer = await upgrade(port, request())
     writer.write(frame(b"x"))
