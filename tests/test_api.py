@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -12,9 +13,15 @@ from aiohttp.test_utils import TestClient, TestServer
 from websocketserver.core.errors import Refused
 from websocketserver.http_port.api import RestApi, render_status
 from websocketserver.identity import Identity
-from websocketserver.sessions.reservations import MemoryStore, State
+from websocketserver.sessions.reservations import MemoryStore, Reservation, State
 from websocketserver.sessions.services import ServiceManager
 from websocketserver.settings import ServiceConfig, Settings
+
+Client = TestClient[web.Request, web.Application]
+Api = tuple[Client, list[bool]]
+"""The ``api`` fixture: a client of the REST API and the calls of its stop callback."""
+UsersApi = tuple[Client, ServiceManager]
+"""The ``users_api`` fixture: a client of the REST API and its service manager."""
 
 SCRIPT = ("from websocketserver import RemoteServiceScript\n"
           "class S(RemoteServiceScript):\n"
@@ -23,7 +30,7 @@ SCRIPT = ("from websocketserver import RemoteServiceScript\n"
 
 
 @pytest.fixture
-async def api(tmp_path: Path):
+async def api(tmp_path: Path) -> AsyncIterator[Api]:
     script = tmp_path / "s.py"
     script.write_text(SCRIPT)
     settings = Settings(ws_port=1, security_token="s3cret", services=(
@@ -38,7 +45,7 @@ async def api(tmp_path: Path):
         yield client, stopped
 
 
-async def test_token_by_query_or_bearer(api) -> None:
+async def test_token_by_query_or_bearer(api: Api) -> None:
     client, _ = api
     assert (await client.get("/v1/status")).status == 401
     assert (await client.get("/v1/status?security_token=wrong")).status == 401
@@ -51,7 +58,7 @@ async def test_token_by_query_or_bearer(api) -> None:
     assert body[0]["file_ext"] == [".evsn"]
 
 
-async def test_reserve_release_and_errors(api) -> None:
+async def test_reserve_release_and_errors(api: Api) -> None:
     client, _ = api
     response = await client.get("/v1/reserve/viewer?security_token=s3cret&target_pathname=/a")
     token = (await response.json())["token"]
@@ -68,25 +75,25 @@ async def test_reserve_release_and_errors(api) -> None:
     ("/v1/", 404), ("/v1/unknown", 404), ("/v1/reserve", 404), ("/v1/reserve/", 404),
     ("/v1/status/extra", 404), ("/v9/status", 404),
 ])
-async def test_unknown_calls_are_404_json(api, path: str, status: int) -> None:
+async def test_unknown_calls_are_404_json(api: Api, path: str, status: int) -> None:
     client, _ = api
     response = await client.get(path + "?security_token=s3cret")
     assert response.status == status
     assert "error" in await response.json()
 
 
-async def test_post_is_405(api) -> None:
+async def test_post_is_405(api: Api) -> None:
     client, _ = api
     assert (await client.post("/v1/status?security_token=s3cret")).status == 405
 
 
-async def test_stop_answers_then_stops(api) -> None:
+async def test_stop_answers_then_stops(api: Api) -> None:
     client, stopped = api
     response = await client.get("/v1/stop?security_token=s3cret")
     assert response.status == 200 and stopped == [True]
 
 
-async def test_status_view_escapes_everything(api) -> None:
+async def test_status_view_escapes_everything(api: Api) -> None:
     client, _ = api
     await client.get("/v1/reserve/viewer?security_token=s3cret&x=<script>alert(1)</script>")
     page = await (await client.get("/v1/status_view?security_token=s3cret")).text()
@@ -109,7 +116,7 @@ async def test_status_without_services() -> None:
 
 
 @pytest.fixture
-async def users_api(tmp_path: Path, request: pytest.FixtureRequest):
+async def users_api(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[UsersApi]:
     """The API with stand-alone identities; the security token is the param (or None)."""
     script = tmp_path / "s.py"
     script.write_text(SCRIPT)
@@ -125,12 +132,12 @@ async def users_api(tmp_path: Path, request: pytest.FixtureRequest):
         yield client, services
 
 
-async def _tokens(client: TestClient, query: str) -> list[str | None]:
+async def _tokens(client: Client, query: str) -> list[str | None]:
     [viewer] = await (await client.get(f"/v1/status?{query}")).json()
     return [i["token"] for i in viewer["instances"]]
 
 
-async def test_a_users_token_is_shown_to_that_user_only(users_api) -> None:
+async def test_a_users_token_is_shown_to_that_user_only(users_api: UsersApi) -> None:
     client, _ = users_api
     mine = (await (await client.get("/v1/reserve/viewer?user_key=alice-key")).json())["token"]
     anonymous = (await (await client.get("/v1/reserve/viewer")).json())["token"]
@@ -146,7 +153,7 @@ async def test_a_users_token_is_shown_to_that_user_only(users_api) -> None:
 
 
 @pytest.mark.parametrize("users_api", ["s3cret"], indirect=True)
-async def test_the_security_token_holder_sees_and_releases_every_token(users_api) -> None:
+async def test_the_security_token_holder_sees_and_releases_every_token(users_api: UsersApi) -> None:
     client, _ = users_api
     response = await client.get("/v1/reserve/viewer?user_key=alice-key&security_token=s3cret")
     mine = (await response.json())["token"]
@@ -158,7 +165,7 @@ async def test_the_security_token_holder_sees_and_releases_every_token(users_api
     assert released.status == 200
 
 
-async def test_release_of_a_users_token(users_api) -> None:
+async def test_release_of_a_users_token(users_api: UsersApi) -> None:
     client, services = users_api
     mine = (await (await client.get("/v1/reserve/viewer?user_key=alice-key")).json())["token"]
     refused = await client.get(f"/v1/release/{mine}?user_key=bob-key")
@@ -171,11 +178,12 @@ async def test_release_of_a_users_token(users_api) -> None:
     assert await services.store.list() == []
 
 
-async def test_release_while_an_upgrade_holds_the_claim(users_api) -> None:
+async def test_release_while_an_upgrade_holds_the_claim(users_api: UsersApi) -> None:
     """Claimed by a websocket that has not begun to start it: the release still wins."""
     client, services = users_api
     token = (await (await client.get("/v1/reserve/viewer")).json())["token"]
     claimed = await services.claim(token, None)
+    assert isinstance(claimed, Reservation)  # one instance: held here, never elsewhere
     assert (await client.get(f"/v1/release/{token}")).status == 200
     with pytest.raises(Refused) as gone:
         async with services.activate(token, lambda reason: None, claimed=claimed):
@@ -189,7 +197,7 @@ async def test_release_while_an_upgrade_holds_the_claim(users_api) -> None:
     assert await services.store.list() == []
 
 
-async def test_unclaim_makes_the_token_usable_again(users_api) -> None:
+async def test_unclaim_makes_the_token_usable_again(users_api: UsersApi) -> None:
     client, services = users_api
     token = (await (await client.get("/v1/reserve/viewer?user_key=alice-key")).json())["token"]
     with pytest.raises(Refused) as refused:
@@ -201,4 +209,5 @@ async def test_unclaim_makes_the_token_usable_again(users_api) -> None:
     assert in_use.value.status == 409
     await services.unclaim(token)
     assert [r.state for r in await services.store.list()] == [State.RESERVED]
-    assert (await services.claim(token, None)).state is State.STARTING
+    claimed = await services.claim(token, None)
+    assert isinstance(claimed, Reservation) and claimed.state is State.STARTING
