@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from websocketserver.core.errors import Refused
 from websocketserver.identity import Identity
-from websocketserver.sessions.reservations import MemoryStore, State
+from websocketserver.sessions.reservations import MemoryStore, Reservation, State
 from websocketserver.sessions.services import ServiceManager
 from websocketserver.settings import ServiceConfig, Settings
 
@@ -51,15 +52,22 @@ def manager(tmp_path: Path) -> ServiceManager:
     return ServiceManager(settings, MemoryStore(), Identity(settings))
 
 
-def calls(manager: ServiceManager) -> list:
-    return type(manager.services["rec"].script).calls
+def recorder(manager: ServiceManager) -> Any:
+    """The ``Recorder`` class of ``SCRIPT``, loaded at run time (so its attributes are Any)."""
+    return type(manager.services["rec"].script)
+
+
+def calls(manager: ServiceManager) -> list[tuple[Any, ...]]:
+    found: list[tuple[Any, ...]] = recorder(manager).calls
+    return found
 
 
 async def test_activate_starts_and_stops(manager: ServiceManager) -> None:
     reservation = await manager.reserve("rec", {"target_pathname": "/f.evsn"}, None)
     async with manager.activate(reservation.token, lambda reason: None) as use:
         assert use.address == ("127.0.0.1", 4242)
-        assert (await manager.store.get(reservation.token)).state is State.ACTIVE
+        stored = await manager.store.get(reservation.token)
+        assert stored is not None and stored.state is State.ACTIVE
     assert calls(manager) == [("start", 0, {"target_pathname": "/f.evsn"}), ("stop", 0)]
     assert await manager.store.list() == []
 
@@ -73,7 +81,8 @@ async def wait_empty(manager: ServiceManager, timeout: float = 5) -> None:
 
 
 @pytest.mark.parametrize("options, status", [({"fail": "1"}, 502), ({"hang": "1"}, 504)])
-async def test_start_failures_free_the_slot(manager: ServiceManager, options, status) -> None:
+async def test_start_failures_free_the_slot(manager: ServiceManager, options: dict[str, str],
+                                            status: int) -> None:
     reservation = await manager.reserve("rec", options, None)
     with pytest.raises(Refused) as error:
         async with manager.activate(reservation.token, lambda reason: None):
@@ -161,7 +170,7 @@ async def state(manager: ServiceManager, token: str) -> State | None:
     return reservation.state if reservation else None
 
 
-async def test_left_instance_is_detached_and_reattached_without_a_start(tmp_path) -> None:
+async def test_left_instance_is_detached_and_reattached_without_a_start(tmp_path: Path) -> None:
     manager = graceful(tmp_path, 30)
     token = (await manager.reserve("rec", {}, None)).token
     await leave(manager, token)
@@ -171,7 +180,7 @@ async def test_left_instance_is_detached_and_reattached_without_a_start(tmp_path
     [instance] = status["instances"]
     assert instance["state"] == "detached" and 29 < instance["detached_seconds_left"] <= 30
     claimed = await manager.claim(token, None)
-    assert claimed.state is State.ACTIVE
+    assert isinstance(claimed, Reservation) and claimed.state is State.ACTIVE
     async with manager.activate(token, lambda reason: None, claimed=claimed) as use:
         assert use.address == ("127.0.0.1", 4242)
         with pytest.raises(Refused) as again:  # one websocket at a time
@@ -184,7 +193,7 @@ async def test_left_instance_is_detached_and_reattached_without_a_start(tmp_path
     await manager.close()
 
 
-async def test_detached_instance_is_stopped_when_its_grace_ends(tmp_path) -> None:
+async def test_detached_instance_is_stopped_when_its_grace_ends(tmp_path: Path) -> None:
     manager = graceful(tmp_path, 0.2)
     token = (await manager.reserve("rec", {}, None)).token
     await leave(manager, token)
@@ -195,7 +204,7 @@ async def test_detached_instance_is_stopped_when_its_grace_ends(tmp_path) -> Non
     await manager.close()
 
 
-async def test_release_or_shutdown_stops_a_detached_instance(tmp_path) -> None:
+async def test_release_or_shutdown_stops_a_detached_instance(tmp_path: Path) -> None:
     manager = graceful(tmp_path, 30)
     token = (await manager.reserve("rec", {}, None)).token
     await leave(manager, token)
@@ -208,12 +217,13 @@ async def test_release_or_shutdown_stops_a_detached_instance(tmp_path) -> None:
     assert [c[0] for c in calls(manager)] == ["start", "stop", "start", "stop"]
 
 
-async def test_a_release_between_claim_and_activate_ends_the_session(tmp_path) -> None:
+async def test_a_release_between_claim_and_activate_ends_the_session(tmp_path: Path) -> None:
     """The claimed reservation is passed to activate: a release in between is still
     seen, for a fresh start (after it: stopped) and for a re-attach (no session)."""
     manager = graceful(tmp_path, 30)
     token = (await manager.reserve("rec", {}, None)).token
     claimed = await manager.claim(token, None)
+    assert isinstance(claimed, Reservation)  # one instance: held here, never elsewhere
     await manager.release(token)
     with pytest.raises(Refused) as gone:
         async with manager.activate(token, lambda reason: None, claimed=claimed):
@@ -223,7 +233,7 @@ async def test_a_release_between_claim_and_activate_ends_the_session(tmp_path) -
     token = (await manager.reserve("rec", {}, None)).token
     await leave(manager, token)
     claimed = await manager.claim(token, None)
-    assert claimed.state is State.ACTIVE
+    assert isinstance(claimed, Reservation) and claimed.state is State.ACTIVE
     await manager.release(token)
     with pytest.raises(Refused) as gone:
         async with manager.activate(token, lambda reason: None, claimed=claimed):
@@ -235,7 +245,8 @@ async def test_a_release_between_claim_and_activate_ends_the_session(tmp_path) -
 
 @pytest.mark.parametrize("flag, own, kept", [(0, None, False), (30, None, True),
                                              (30, 0, False), (0, 30, True)])
-async def test_the_services_own_grace_overrides_the_flag(tmp_path, flag, own, kept) -> None:
+async def test_the_services_own_grace_overrides_the_flag(tmp_path: Path, flag: float,
+                                                         own: float | None, kept: bool) -> None:
     manager = graceful(tmp_path, flag, own)
     token = (await manager.reserve("rec", {}, None)).token
     await leave(manager, token)
@@ -243,7 +254,7 @@ async def test_the_services_own_grace_overrides_the_flag(tmp_path, flag, own, ke
     await manager.close()
 
 
-async def test_a_session_not_kept_is_stopped_despite_a_grace(tmp_path) -> None:
+async def test_a_session_not_kept_is_stopped_despite_a_grace(tmp_path: Path) -> None:
     """Release, shutdown or the service ending: the owner leaves ``keep`` unset."""
     manager = graceful(tmp_path, 30)
     token = (await manager.reserve("rec", {}, None)).token
@@ -252,7 +263,7 @@ async def test_a_session_not_kept_is_stopped_despite_a_grace(tmp_path) -> None:
     await manager.close()
 
 
-async def test_a_reattach_that_gets_no_websocket_is_detached_again(tmp_path) -> None:
+async def test_a_reattach_that_gets_no_websocket_is_detached_again(tmp_path: Path) -> None:
     manager = graceful(tmp_path, 30)
     token = (await manager.reserve("rec", {}, None)).token
     await leave(manager, token)
@@ -267,7 +278,7 @@ async def test_a_reattach_that_gets_no_websocket_is_detached_again(tmp_path) -> 
     await manager.close()
 
 
-async def test_a_reconnect_racing_the_detach_waits_for_it(tmp_path) -> None:
+async def test_a_reconnect_racing_the_detach_waits_for_it(tmp_path: Path) -> None:
     """A reload reconnects as the old websocket ends: re-attached, not refused (409)."""
     manager = graceful(tmp_path, 30)
     token = (await manager.reserve("rec", {}, None)).token
@@ -277,21 +288,23 @@ async def test_a_reconnect_racing_the_detach_waits_for_it(tmp_path) -> None:
         reconnect = asyncio.create_task(manager.claim(token, None))
         await asyncio.sleep(0.05)
         assert not reconnect.done()
-    assert (await reconnect).state is State.ACTIVE
+    reattached = await reconnect
+    assert isinstance(reattached, Reservation) and reattached.state is State.ACTIVE
     await manager.unclaim(token)
     await manager.close()
     assert [c[0] for c in calls(manager)] == ["start", "stop"]
 
 
 @pytest.mark.parametrize("dead", [True, "raise"])
-async def test_a_detached_instance_found_dead_ends_its_session(tmp_path, dead) -> None:
+async def test_a_detached_instance_found_dead_ends_its_session(tmp_path: Path,
+                                                               dead: bool | str) -> None:
     """A re-attach first asks the script whether its instance still runs: another
     process may have taken a dead one's port. No (or no answer): refused with 410, the
     instance stopped and its slot freed."""
     manager = graceful(tmp_path, 30)
     token = (await manager.reserve("rec", {}, None)).token
     await leave(manager, token)
-    type(manager.services["rec"].script).dead = dead
+    recorder(manager).dead = dead
     with pytest.raises(Refused) as gone:
         await manager.claim(token, None)
     assert gone.value.status == 410 and "ended while detached" in str(gone.value)
