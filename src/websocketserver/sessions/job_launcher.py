@@ -1,0 +1,404 @@
+"""The in-job launcher: runs a session's command inside a batch job and reports it.
+
+Sent to compute nodes as (or with) the job script and run there as
+``python3 job_launcher.py``; the nodes install nothing of ours, so this one file uses
+Python's standard library only and imports nothing of websocketserver (a test checks).
+The server imports it too, for :func:`verify_report`.
+
+Configured by environment variables only, never by its command line (``ps`` and
+``squeue`` show command lines to every user; a job's environment is its user's):
+
+``WEBSOCKETSERVER_JOB_COMMAND``
+    the command, a JSON list of strings; each ``{port}`` becomes the port picked here
+    (``{{``/``}}`` are single braces).
+``WEBSOCKETSERVER_JOB_REPORT_URL``
+    where to report: ``http://host:port/path`` of the server (no proxy is used).
+``WEBSOCKETSERVER_JOB_SECRET``
+    the job's report secret (its HMAC key).
+``WEBSOCKETSERVER_JOB_START_TIMEOUT`` (60), ``..._HEARTBEAT`` (30), ``..._ORPHAN_TIMEOUT``
+(120), ``..._GRACE`` (3)
+    seconds: for the command to listen; between reports; without any answer from a
+    server before the launcher gives up; between SIGTERM and SIGKILL of the tree.
+
+What it does, and why:
+
+1. It becomes a *child subreaper* (Linux ``prctl``): a daemon that double-forks away
+   from the command is re-parented to the launcher, not to init, so the launcher can
+   find it (its descendants in ``/proc``) and end it with the rest.
+2. It picks a free TCP port, substitutes ``{port}``, starts the command (with the
+   variables above removed from its environment: the command never sees the secret)
+   and waits until the port listens (the kernel's socket table, not a connection:
+   some servers serve only their first client), at most the start timeout.
+3. It POSTs a report ``{"job_id", "host", "port", "time"}`` (``SLURM_JOB_ID``, this
+   node's hostname) to the server, signed with HMAC-SHA256 under the secret in the
+   :data:`HEADER` header, and re-posts it every heartbeat. The server checks the
+   signature and the time (:func:`verify_report`) and tunnels only to the node Slurm
+   allocated, never to the host the report names. A failed post is retried every few
+   seconds. A report needs no shared filesystem.
+4. It ends the whole tree it started (SIGTERM, the grace, SIGKILL; daemons included)
+   and exits when: it gets SIGTERM, SIGINT or SIGHUP (``scancel``, the time limit);
+   the command fails (a status other than 0) or it and all it started have exited (a
+   command exiting 0 whose daemons still run is a launcher that daemonized: the job
+   lives while they do); the server answers 410 Gone (it wants the job no more); or
+   no server has answered for the orphan timeout (120 s by default: a server that died
+   without cancelling its jobs leaves none running for longer than that).
+
+Its own messages go to stderr (the job's output file) with the prefix :data:`PREFIX`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import hmac
+import json
+import os
+import signal
+import socket
+import string
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from typing import NoReturn
+
+HEADER = "X-Websocketserver-Report"
+"""The report's signature header: ``TIME SIGNATURE`` (the report's time as written in
+the body, and the hex HMAC-SHA256 of ``TIME`` + newline + the body)."""
+ENV = "WEBSOCKETSERVER_JOB_"
+"""The prefix of the launcher's environment variables (removed from the command's)."""
+PREFIX = "websocketserver job launcher: "
+CLOCK_SKEW = 10.0
+"""Seconds a report's time may be ahead of the server's clock (nodes' clocks differ a
+little even with NTP); more is refused as from the future."""
+POST_TIMEOUT = 5.0
+RETRY = 2.0
+"""Seconds between posts while no server answers (or the heartbeat, if shorter)."""
+
+_PR_SET_CHILD_SUBREAPER = 36
+_LISTEN = "0A"  # TCP_LISTEN in /proc/net/tcp
+
+
+@dataclass(frozen=True)
+class Report:
+    """What a job says about itself: where its command listens, and when it said so."""
+
+    job_id: str
+    host: str
+    port: int
+    time: float
+
+
+def sign(secret: bytes, body: bytes, stamp: str) -> str:
+    """The header value for ``body`` sent at ``stamp`` (the time as in the body)."""
+    return f"{stamp} {_mac(secret, body, stamp).decode()}"
+
+
+def _mac(secret: bytes, body: bytes, stamp: str) -> bytes:
+    message = stamp.encode("utf-8", "replace") + b"\n" + body
+    return hmac.new(secret, message, hashlib.sha256).hexdigest().encode()
+
+
+def make_report(secret: bytes, report: Report) -> tuple[bytes, str]:
+    """The body and :data:`HEADER` value of ``report``."""
+    stamp = repr(float(report.time))
+    body = json.dumps({"job_id": report.job_id, "host": report.host, "port": report.port,
+                       "time": float(stamp)}, sort_keys=True).encode()
+    return body, sign(secret, body, stamp)
+
+
+def verify_report(secret: bytes, body: bytes, header: str, now: float,
+                  max_age: float) -> Report | None:
+    """The report ``body`` carries, if ``header`` signs it under ``secret`` and it was
+    made at most ``max_age`` seconds before ``now`` (and not over :data:`CLOCK_SKEW`
+    after); ``None`` otherwise: forged, tampered with, replayed too late, malformed.
+
+    Pure (no clock, no I/O): the server passes its time. A report replayed within
+    ``max_age`` is accepted again; it says nothing new (reports are idempotent).
+    """
+    stamp, _, mac = header.strip().partition(" ")
+    if not mac or not hmac.compare_digest(_mac(secret, body, stamp),
+                                          mac.encode("utf-8", "replace")):
+        return None
+    try:
+        data = json.loads(body)
+        sent = float(stamp)
+    except ValueError:
+        return None
+    if not isinstance(data, dict) or set(data) != {"job_id", "host", "port", "time"}:
+        return None
+    job_id, host, port, made = data["job_id"], data["host"], data["port"], data["time"]
+    if not (isinstance(job_id, str) and isinstance(host, str) and 0 < len(host) <= 255
+            and isinstance(port, int) and not isinstance(port, bool) and 0 < port < 65536
+            and isinstance(made, float) and made == sent):
+        return None
+    if not now - max_age <= made <= now + CLOCK_SKEW:
+        return None
+    return Report(job_id=job_id, host=host, port=port, time=made)
+
+
+# -- the launcher, inside the job ---------------------------------------------------
+
+
+class Stopped(BaseException):
+    """A stop signal arrived: unwinds whatever the launcher waits for."""
+
+
+def say(message: str) -> None:
+    print(PREFIX + message, file=sys.stderr, flush=True)
+
+
+def fail(message: str, status: int = 2) -> NoReturn:
+    say(message)
+    sys.exit(status)
+
+
+def _seconds(name: str, default: float) -> float:
+    text = os.environ.get(ENV + name)
+    try:
+        value = default if text is None else float(text)
+    except ValueError:
+        fail(f"{ENV}{name} is not a number of seconds: {text!r}")
+    if not value > 0:
+        fail(f"{ENV}{name} must be over 0")
+    return value
+
+
+def substitute(argument: str, port: int) -> str:
+    """``argument`` with ``{port}`` replaced; ``{{``/``}}`` single braces."""
+    out = []
+    for literal, name, _, _ in string.Formatter().parse(argument):
+        out.append(literal)
+        if name is not None:
+            if name != "port":
+                fail(f"unknown placeholder {{{name}}} in the command")
+            out.append(str(port))
+    return "".join(out)
+
+
+def free_port() -> int:
+    """A TCP port free on every interface of this node right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("", 0))
+        return int(sock.getsockname()[1])
+
+
+def listening(port: int) -> bool:
+    """Whether a socket on this node listens on TCP ``port`` (``/proc/net/tcp*``)."""
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as lines:
+                next(lines, None)
+                for line in lines:
+                    fields = line.split()
+                    if len(fields) > 3 and fields[3] == _LISTEN and \
+                            int(fields[1].rpartition(":")[2], 16) == port:
+                        return True
+        except OSError:
+            continue
+    return False
+
+
+def descendants() -> list[int]:
+    """The live (not zombie) processes below this one, read from ``/proc``."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as stat:
+                fields = stat.read().rpartition(")")[2].split()
+        except OSError:
+            continue
+        if len(fields) > 1 and fields[0] != "Z":
+            children.setdefault(int(fields[1]), []).append(int(entry))
+    found, todo = [], [os.getpid()]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+class Launcher:
+    """One job's command, its tree, and its reports."""
+
+    def __init__(self) -> None:
+        env = os.environ
+        try:
+            argv = json.loads(env.get(ENV + "COMMAND", ""))
+        except ValueError:
+            fail(f"{ENV}COMMAND is not JSON")
+        if not (isinstance(argv, list) and argv and all(isinstance(a, str) for a in argv)):
+            fail(f"{ENV}COMMAND is not a non-empty JSON list of strings")
+        self.template: list[str] = argv
+        self.url = env.get(ENV + "REPORT_URL", "")
+        if not self.url.startswith(("http://", "https://")):
+            fail(f"{ENV}REPORT_URL is not an http:// URL")
+        self.secret = env.get(ENV + "SECRET", "").encode()
+        if not self.secret:
+            fail(f"{ENV}SECRET is not set")
+        self.start_timeout = _seconds("START_TIMEOUT", 60.0)
+        self.heartbeat = _seconds("HEARTBEAT", 30.0)
+        self.orphan_timeout = _seconds("ORPHAN_TIMEOUT", 120.0)
+        self.grace = _seconds("GRACE", 3.0)
+        self.job_id = env.get("SLURM_JOB_ID", "")
+        self.host = socket.gethostname()
+        self.pid = 0
+        self.status: int | None = None  # the command's exit status, once reaped
+        self.stopping = False
+        self.unanswered = False
+        self.opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+    def run(self) -> int:
+        """Start, report, watch; the exit status. The tree is ended by :meth:`main`."""
+        port = free_port()
+        argv = [substitute(argument, port) for argument in self.template]
+        child_env = {k: v for k, v in os.environ.items() if not k.startswith(ENV)}
+        try:
+            proc = subprocess.Popen(argv, env=child_env, stdin=subprocess.DEVNULL)
+        except OSError as exc:
+            say(f"cannot run {argv[0]}: {exc.strerror or exc}")
+            return 127
+        self.pid = proc.pid
+        proc.returncode = 0  # reaped by waitpid(-1) below, never by Popen
+        say(f"job {self.job_id or '?'}: started {argv[0]} (pid {self.pid}) on "
+            f"{self.host} port {port}")
+        deadline = time.monotonic() + self.start_timeout
+        while not listening(port):
+            if (ended := self.ended()) is not None:
+                say(f"the command ended before it listened on port {port}")
+                return ended or 1
+            if time.monotonic() > deadline:
+                say(f"the command did not listen on port {port} within "
+                    f"{self.start_timeout:g} s")
+                return 1
+            time.sleep(0.05)
+        return self.report(port)
+
+    def report(self, port: int) -> int:
+        """Post the report every heartbeat while the command runs; the exit status."""
+        answered = time.monotonic()
+        next_post = 0.0
+        first = True
+        while True:
+            if (ended := self.ended()) is not None:
+                say(f"the command ended (status {self.status})")
+                return ended
+            now = time.monotonic()
+            if now >= next_post:
+                answer = self.post(Report(self.job_id, self.host, port, time.time()))
+                now = time.monotonic()
+                if answer == 410:
+                    say("the server wants this job no more (410 Gone)")
+                    return 0
+                if answer is not None and 200 <= answer < 300:
+                    if first:
+                        say(f"reported port {port} to the server")
+                        first = False
+                    answered = now
+                    next_post = now + self.heartbeat
+                else:
+                    next_post = now + min(RETRY, self.heartbeat)
+            if now - answered > self.orphan_timeout:
+                say(f"no server answered for {self.orphan_timeout:g} s: ending the job")
+                return 1
+            time.sleep(min(0.2, max(0.0, next_post - now)))
+
+    def post(self, report: Report) -> int | None:
+        """POST ``report``; the HTTP status, or None when no server answered."""
+        body, signature = make_report(self.secret, report)
+        request = urllib.request.Request(self.url, data=body, method="POST", headers={
+            "Content-Type": "application/json", HEADER: signature})
+        try:
+            with self.opener.open(request, timeout=POST_TIMEOUT) as response:
+                self.unanswered = False
+                return int(response.status)
+        except urllib.error.HTTPError as exc:
+            self.unanswered = False
+            if exc.code != 410:
+                say(f"the server refused the report: {exc.code} {exc.reason}")
+            return exc.code
+        except (OSError, ValueError) as exc:
+            if not self.unanswered:  # once per outage, not at every retry
+                say(f"no answer from {self.url}: {exc}")
+            self.unanswered = True
+            return None
+
+    def ended(self) -> int | None:
+        """Reap what ended; the status to exit with when the job is over: the command
+        failed, or it and everything it started have exited."""
+        self.reap()
+        if self.status is None:
+            return None
+        if self.status != 0:
+            return self.status if self.status > 0 else 128 - self.status
+        return None if descendants() else 0
+
+    def reap(self) -> None:
+        """Reap every ended child (daemons re-parented here included)."""
+        while True:
+            try:
+                pid, wait_status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            if pid == self.pid:
+                self.status = os.waitstatus_to_exitcode(wait_status)
+
+    def end_tree(self) -> None:
+        """SIGTERM every descendant, wait the grace, SIGKILL what is left (again, if
+        any process forked meanwhile), reaping them all."""
+        self.stopping = True
+        pids = descendants()
+        if pids:
+            say(f"ending {len(pids)} process(es)")
+        for signum, wait in ((signal.SIGTERM, self.grace), (signal.SIGKILL, 5.0)):
+            for pid in pids:
+                try:
+                    os.kill(pid, signum)
+                except OSError:
+                    pass
+            deadline = time.monotonic() + wait
+            while pids and time.monotonic() < deadline:
+                time.sleep(0.02)
+                self.reap()
+                pids = descendants()
+                if signum == signal.SIGKILL:  # anything forked meanwhile
+                    for pid in pids:
+                        try:
+                            os.kill(pid, signum)
+                        except OSError:
+                            pass
+        self.reap()
+
+    def on_signal(self, signum: int, _frame: object) -> None:
+        if not self.stopping:
+            self.stopping = True
+            say(f"got {signal.Signals(signum).name}: ending the job")
+            raise Stopped(signum)
+
+    def main(self) -> int:
+        if sys.platform != "linux":
+            fail("runs on Linux only (child subreaper, /proc)")
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+            fail(f"cannot become a child subreaper: {os.strerror(ctypes.get_errno())}")
+        status = 1
+        try:
+            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                signal.signal(signum, self.on_signal)
+            status = self.run()
+        except Stopped as stop:
+            status = 128 + int(stop.args[0])
+        finally:
+            self.stopping = True
+            self.end_tree()
+        return status
+
+
+if __name__ == "__main__":
+    sys.exit(Launcher().main())
