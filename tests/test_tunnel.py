@@ -13,9 +13,10 @@ import websockets
 from picows import WSCloseCode, WSUpgradeRequest, ws_create_server
 
 from support import received_close, recv_bytes
+from websocketserver.core.upstream import UpstreamBudget
 from websocketserver.websocket_port import tunnel as tunnel_module
 from websocketserver.websocket_port.backend import BackendError
-from websocketserver.websocket_port.tunnel import Tunnel, TunnelStats, UpstreamBudget
+from websocketserver.websocket_port.tunnel import Tunnel, TunnelStats
 
 FLOOD = 256 * 1024 * 1024
 BOUND = 48 * 1024 * 1024  # far below FLOOD: what kernel buffers + our limits may hold

@@ -3,7 +3,7 @@
 * :class:`GuardedSite` listens like aiohttp's ``TCPSite`` but gives every connection
   ``--handshake_timeout`` seconds for its TLS handshake and its first request's
   headers; a connection that dribbles (slowloris) is closed. (The requests after the
-  first are bounded by aiohttp's ``keepalive_timeout``, see ``httpport.py``.) It
+  first are bounded by aiohttp's ``keepalive_timeout``, see ``http_port/port.py``.) It
   accepts connections itself, so that running out of descriptors is logged, and
   stops accepting at ``--max_http_connections`` (the rest wait in the backlog).
 

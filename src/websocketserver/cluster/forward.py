@@ -30,8 +30,8 @@ from dataclasses import dataclass
 
 from ..core.errors import Refused
 from ..core.protocol import UpgradeRequest
+from ..core.upstream import HIGH_WATER
 from ..websocket_port import backend
-from ..websocket_port.tunnel import HIGH_WATER
 
 log = logging.getLogger("websocketserver.forward")
 

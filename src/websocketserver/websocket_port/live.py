@@ -18,10 +18,11 @@ from picows import WSAutoPingStrategy, WSCloseCode, WSUpgradeResponse, WSUpgrade
 from picows.picows import WSProtocol  # type: ignore[attr-defined]  # not in its stub
 
 from ..core.errors import Close
+from ..core.upstream import UpstreamBudget
 from ..settings import Settings
 from ..tasks import Tasks
 from .backend import BackendError
-from .tunnel import Tunnel, TunnelStats, UpstreamBudget
+from .tunnel import Tunnel, TunnelStats
 
 log = logging.getLogger("websocketserver.tunnels")
 

@@ -47,8 +47,8 @@ one :class:`TunnelState`, moved only along ``_TRANSITIONS``.
 
 (This module is longer than the others on purpose: the relay is one class whose
 callbacks run per frame and per read, and every indirection added there costs
-throughput; the parts that are not per-frame live in ``frames.py``, ``backend.py``
-and ``tunnels.py``, the upstream bookkeeping in ``upstream.py``.)
+throughput; the parts that are not per-frame live in ``core/frames.py``, ``backend.py``
+and ``live.py``, the upstream bookkeeping in ``core/upstream.py``.)
 """
 
 from __future__ import annotations
@@ -74,9 +74,7 @@ from ..core.frames import (
     frame_size,
     wire_close_code,
 )
-from ..core.upstream import HIGH_WATER as HIGH_WATER  # re-exported: forward.py reads it here
-from ..core.upstream import UpstreamBudget as UpstreamBudget  # re-exported: tunnels.py
-from ..core.upstream import UpstreamQueue
+from ..core.upstream import HIGH_WATER, UpstreamBudget, UpstreamQueue
 from . import backend
 
 log = logging.getLogger("websocketserver.tunnel")
@@ -253,7 +251,7 @@ class Tunnel(WSListener):
         if self._sock is not None and not self._reading and self.state < _STOPPED:
             self._start_reading()
 
-    # -- what picows holds: called by its protocol around each read (tunnels.py) ---
+    # -- what picows holds: called by its protocol around each read (live.py) ------
 
     def received(self, size: int) -> None:
         """``size`` bytes of the browser's were given to picows."""
