@@ -139,6 +139,33 @@ async def test_stop_during_start_ends_the_start_at_once() -> None:
     assert time.monotonic() - began < 5
 
 
+class SlowToLaunch(Silent):
+    """Its command line takes until ``go`` is set: a stop can come before the launch."""
+
+    def __init__(self, common_options: dict[str, Any]) -> None:
+        super().__init__(common_options)
+        self.asked, self.go = threading.Event(), threading.Event()
+
+    def command(self, index: int, options: dict[str, Any], port: int) -> list[str]:
+        self.asked.set()
+        self.go.wait(10)
+        return super().command(index, options, port)
+
+
+async def test_a_stop_before_the_launch_ends_the_start_once_launched() -> None:
+    """A release that came while the program was being launched found nothing to stop,
+    and the start then waited its whole start_timeout (CI saw the slot held)."""
+    service = SlowToLaunch({})
+    start = asyncio.ensure_future(call(service.start, 0, {}))
+    await asyncio.to_thread(service.asked.wait, 10)
+    await call(service.stop, 0)  # nothing launched yet
+    began = time.monotonic()
+    service.go.set()
+    with pytest.raises(RuntimeError, match="stopped before it listened"):
+        await asyncio.wait_for(start, 5)
+    assert time.monotonic() - began < 5 and 0 not in service._running
+
+
 async def test_a_launcher_that_daemonizes_starts_and_lives_on() -> None:
     """Status 0 before the port listens is still a launcher that daemonized: waited
     for; alive() sees its daemon by the marker, and not once it is stopped."""

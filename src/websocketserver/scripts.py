@@ -156,6 +156,8 @@ class CommandService(RemoteServiceScript):
         super().__init__(common_options)
         self._running: dict[int, tuple[subprocess.Popen[bytes], str, threading.Event]] = {}
         self._readers: dict[int, threading.Thread] = {}
+        self._launching: dict[int, threading.Event] = {}  # a start() before its entry
+        self._lock = threading.Lock()  # start() and stop() run in threads of their own
 
     def command(self, index: int, options: dict[str, Any], port: int) -> list[str] | str:
         """The command line of instance ``index``, listening on ``port``."""
@@ -178,6 +180,17 @@ class CommandService(RemoteServiceScript):
             return None
 
     def start(self, index: int, options: dict[str, Any]) -> tuple[str, int]:
+        stopped = threading.Event()
+        with self._lock:  # a stop() from now on reaches this start
+            self._launching[index] = stopped
+        try:
+            return self._start(index, options, stopped)
+        finally:
+            with self._lock:
+                self._launching.pop(index, None)
+
+    def _start(self, index: int, options: dict[str, Any],
+               stopped: threading.Event) -> tuple[str, int]:
         port = free_port(self.host)
         argv = self.command(index, options, port)
         if isinstance(argv, str):
@@ -195,8 +208,8 @@ class CommandService(RemoteServiceScript):
             target=log_output, args=(proc.stdout, f"{self.service_name}[{index}]"),
             name=f"output-{self.service_name}[{index}]", daemon=True)
         reader.start()
-        stopped = threading.Event()
-        self._running[index] = (proc, marker, stopped)
+        with self._lock:
+            self._running[index] = (proc, marker, stopped)
         try:
             wait_listening(port, self.start_timeout, proc, stopped)
         except BaseException:
@@ -205,8 +218,12 @@ class CommandService(RemoteServiceScript):
         return self.host, port
 
     def stop(self, index: int) -> None:
-        entry = self._running.pop(index, None)
+        with self._lock:
+            entry = self._running.pop(index, None)
+            launching = self._launching.get(index)
         if entry is None:
+            if launching is not None:  # not launched yet: the start gives up once it is
+                launching.set()
             return
         proc, marker, stopped = entry
         stopped.set()  # a start() still waiting for the port gives up now
