@@ -240,6 +240,25 @@ class SlurmCluster:
         return found
 
 
+def marked(mark: str) -> list[psutil.Process]:
+    """Live processes whose environment carries ``WSTEST_MARK=mark`` (a test job's)."""
+    found = []
+    for proc in psutil.process_iter():
+        with contextlib.suppress(psutil.Error):
+            if proc.environ().get("WSTEST_MARK") == mark and \
+                    proc.status() != psutil.STATUS_ZOMBIE:
+                found.append(proc)
+    return found
+
+
+def wait_gone(mark: str, timeout: float = 5.0) -> None:
+    """Wait until no process marked ``mark`` is left (a job's, after its end)."""
+    deadline = time.monotonic() + timeout
+    while left := marked(mark):
+        assert time.monotonic() < deadline, f"processes of the job left: {left}"
+        time.sleep(0.05)
+
+
 @contextlib.contextmanager
 def started_cluster() -> Iterator[SlurmCluster]:
     """A started cluster in a new temporary folder; stopped, and the folder removed."""

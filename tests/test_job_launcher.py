@@ -28,11 +28,10 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-import psutil
 import pytest
 
 pytest.register_assert_rewrite("slurm_support")  # before it is imported: its asserts too
-from slurm_support import SlurmCluster  # noqa: E402
+from slurm_support import SlurmCluster, marked, wait_gone  # noqa: E402
 
 from websocketserver.sessions import job_launcher  # noqa: E402
 from websocketserver.sessions.job_launcher import (  # noqa: E402
@@ -203,22 +202,6 @@ def launcher_env(tmp_path: Path, receiver: Receiver, mark: str, mode: str,
     return env
 
 
-def marked(mark: str) -> list[psutil.Process]:
-    """Live processes whose environment carries ``WSTEST_MARK=mark``."""
-    found = []
-    for proc in psutil.process_iter():
-        with contextlib.suppress(psutil.Error):
-            if proc.environ().get("WSTEST_MARK") == mark and \
-                    proc.status() != psutil.STATUS_ZOMBIE:
-                found.append(proc)
-    return found
-
-
-def wait_gone(mark: str, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while left := marked(mark):
-        assert time.monotonic() < deadline, f"processes left: {left}"
-        time.sleep(0.05)
 
 
 def echoes(port: int) -> bool:

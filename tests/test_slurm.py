@@ -8,7 +8,6 @@ starts about a second after it can (the controller's scheduling pass).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import socket
 import time
 import uuid
@@ -21,7 +20,7 @@ import psutil
 import pytest
 
 pytest.register_assert_rewrite("slurm_support")  # before it is imported: its asserts too
-from slurm_support import LICENSE, NODE, SlurmCluster, started_cluster  # noqa: E402, I001 - after the hook
+from slurm_support import LICENSE, NODE, SlurmCluster, marked, started_cluster, wait_gone  # noqa: E402, I001 - after the hook
 
 from support import free_port, wait_until  # noqa: E402
 from websocketserver.sessions.slurm import JobState, SchedulerError, Slurm  # noqa: E402
@@ -72,23 +71,6 @@ async def running(scheduler: Slurm, job_id: str) -> JobState:
     return await until(lambda: scheduler.state(job_id), lambda s: s.running, "running")
 
 
-def marked(mark: str) -> list[psutil.Process]:
-    """Live processes whose environment carries ``WSTEST_MARK=mark`` (a job's)."""
-    found = []
-    for proc in psutil.process_iter():
-        with contextlib.suppress(psutil.Error):
-            if proc.environ().get("WSTEST_MARK") == mark and \
-                    proc.status() != psutil.STATUS_ZOMBIE:
-                found.append(proc)
-    return found
-
-
-def wait_gone(mark: str, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while left := marked(mark):
-        assert time.monotonic() < deadline, \
-            f"processes of the job left: {[p.info for p in left] or left}"
-        time.sleep(0.05)
 
 
 async def test_a_job_runs_on_the_node_slurm_names_and_cancel_ends_its_processes(
