@@ -146,13 +146,14 @@ async def test_jobs_named_lists_the_unended_jobs_of_a_name_prefix(
     pending = await scheduler.submit(script("sleep 60"), job_args(slurm, "--hold"),
                                      name=prefix + "held")
     other = await scheduler.submit(script("sleep 60"), job_args(slurm), name="someone-else")
-    assert sorted(await scheduler.jobs_named(prefix)) == sorted([*ours, pending])
+    assert sorted(await scheduler.jobs_named(prefix)) == sorted(
+        (job, "root") for job in [*ours, pending])
     assert await scheduler.jobs_named(prefix, user="root") != []
     assert await scheduler.jobs_named(prefix, user="nobody") == []
     await scheduler.cancel(ours[0])
-    await until(lambda: scheduler.jobs_named(prefix), lambda ids: ours[0] not in ids,
-                "the cancelled job unlisted")
-    assert other not in await scheduler.jobs_named(prefix)
+    await until(lambda: scheduler.jobs_named(prefix),
+                lambda jobs: ours[0] not in dict(jobs), "the cancelled job unlisted")
+    assert other not in dict(await scheduler.jobs_named(prefix))
 
 
 async def test_a_job_slurm_has_never_known_has_no_state(scheduler: Slurm) -> None:

@@ -183,6 +183,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "it. Default:0 (stop at once)")
     extra.add_argument("--start_timeout", metavar="seconds", type=_positive, default=60.0,
                        help="How long a service may take to start and listen. Default:60")
+    extra.add_argument("--job_report_url", metavar="url",
+                       help="Where the Slurm jobs of \"slurm\" services report their port: "
+                       "this server's HTTP port as the compute nodes reach it. Default: "
+                       "http(s)://LISTEN_ADDRESS_OR_FQDN:HTTP_PORT/v1/job_report")
     extra.add_argument("--max_message_size", metavar="bytes", type=_count,
                        default=64 * 1024 * 1024,
                        help="Largest websocket message accepted from a client. "

@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import os
 import socket
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -125,15 +126,18 @@ def settings_from(args: argparse.Namespace, location: Path | None) -> Settings:
                                       builtin_app=app))
     web_root, app_root, notes = _install(args, location, bool(local_sessions))
     cluster = _cluster(args)
+    report_url = _job_report_url(args, services, http_port)
     derived = {
         **cluster,
+        "job_report_url": report_url,
         "ws_port": args.ws_server_port,
         "local_sessions": tuple(local_sessions),
         "add_headers": tuple(args.add_header),
         "trusted_proxies": tuple(args.trusted_proxy),
         "allowed_origins": tuple(args.allowed_origin),
         "allowed_hosts": tuple(args.allowed_host),
-        "host_names": _host_names(args, cluster["node_address"]),
+        "host_names": _host_names(args, cluster["node_address"],
+                                  urllib.parse.urlsplit(report_url).hostname or ""),
         "ansys_install_root": web_root,
         "local_app_root": app_root,
         "install_notes": notes,
@@ -148,16 +152,42 @@ def settings_from(args: argparse.Namespace, location: Path | None) -> Settings:
     return Settings(**as_given, **derived)
 
 
-def _host_names(args: argparse.Namespace, node_address: str) -> frozenset[str] | None:
+def _job_report_url(args: argparse.Namespace, services: list[ServiceConfig],
+                    http_port: int) -> str:
+    """Where Slurm jobs report (``""``: no Slurm service); they need the HTTP port."""
+    if not any(service.slurm is not None for service in services):
+        if args.job_report_url is not None:
+            raise SettingsError("--job_report_url needs a service with \"slurm\"")
+        return ""
+    if args.http_directory is None:
+        raise SettingsError("a service with \"slurm\" needs the HTTP port (--http_directory): "
+                            "its jobs report there")
+    if args.job_report_url is not None:
+        parts = urllib.parse.urlsplit(args.job_report_url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise SettingsError(f"--job_report_url {args.job_report_url!r}: not an http:// "
+                                "or https:// URL")
+        return str(args.job_report_url)
+    specific = args.listen_address not in (None, "", "0.0.0.0", "::")
+    host = args.listen_address if specific else socket.getfqdn()
+    if ":" in host:
+        host = f"[{host}]"
+    scheme = "https" if args.cert is not None else "http"
+    return f"{scheme}://{host}:{http_port}/v1/job_report"
+
+
+def _host_names(args: argparse.Namespace, node_address: str,
+                report_host: str) -> frozenset[str] | None:
     """The names a ``Host`` header may give (loopback ones are always allowed): the
-    machine's, the listen and node addresses, ``--allowed_host``; None with ``*``."""
+    machine's, the listen and node addresses, the jobs' report URL's, ``--allowed_host``;
+    None with ``*``."""
     if "*" in args.allowed_host:
         return None
     for name in args.allowed_host:
         if not name.strip() or "/" in name or " " in name.strip():
             raise SettingsError(f"--allowed_host {name!r}: give a host name or address "
                                 "(viz.example.com, 10.0.0.5), not a URL")
-    given = [*args.allowed_host, args.listen_address or "", node_address]
+    given = [*args.allowed_host, args.listen_address or "", node_address, report_host]
     return machine_names() | {host_name(name) for name in given if name}
 
 

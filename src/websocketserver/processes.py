@@ -17,15 +17,20 @@ over a pipe, several times a second). An instance whose event loop stalls (pause
 stuck) cannot end its own sessions before the cluster clears it and books its slots
 again; so when the lease lapses the supervisor ends every process of those sessions
 (every descendant but the server and its relays, :func:`spare`), once per lapse.
+
+Slurm jobs are no descendants: a single server tells its supervisor how to cancel them
+(:func:`on_death`), which it runs if the server dies by a signal or a failure.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import json
 import os
 import select
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -111,6 +116,12 @@ def renew_lease(seconds: float) -> None:
     _tell(f"L{seconds:g}\n")
 
 
+def on_death(argv: list[str]) -> None:
+    """Have the supervisor run ``argv`` if the server dies (a signal, a failure): the
+    ``scancel`` of its Slurm jobs, which a killed server cannot run itself."""
+    _tell("C" + json.dumps(argv) + "\n")
+
+
 def spare(pids: Iterable[int]) -> None:
     """Processes of the server itself (relays) that a lapsed lease must not end."""
     _tell("".join(f"R{pid}\n" for pid in pids))
@@ -156,6 +167,7 @@ class _Lease:
         self.seconds: float | None = None  # None: no lease (not a cluster)
         self.renewed = time.monotonic()
         self.spared: set[int] = set()
+        self.cleanup: list[str] | None = None  # run if the server dies (on_death)
         self.acted = False
         self._partial = b""
 
@@ -167,6 +179,8 @@ class _Lease:
                 self.seconds, self.renewed, self.acted = float(line[1:]), time.monotonic(), False
             elif line.startswith(b"R"):
                 self.spared.add(int(line[1:]))
+            elif line.startswith(b"C"):
+                self.cleanup = json.loads(line[1:])
 
     def timeout(self) -> float | None:
         """Seconds until the lease lapses (None: no lease, or it was acted on)."""
@@ -208,6 +222,13 @@ def _supervise(server_pid: int, reader: int) -> int:
     while True:
         status = _reap(server_pid)  # after the SIGCHLD handler is set: none is missed
         if status is not None:
+            if reader in watched:  # what the server said last
+                os.set_blocking(reader, False)
+                with contextlib.suppress(OSError):
+                    while data := os.read(reader, 4096):
+                        lease.heard(data)
+            if status != 0 and lease.cleanup:
+                _clean_up(lease.cleanup)
             return status
         ready, _, _ = select.select(watched, [], [], lease.timeout())
         if woken in ready:
@@ -222,6 +243,16 @@ def _supervise(server_pid: int, reader: int) -> int:
         timeout = lease.timeout()
         if timeout is not None and timeout <= 0:
             lease.lapsed()
+
+
+def _clean_up(argv: list[str]) -> None:
+    print(f"websocketserver supervisor: the server died; running {argv[0]}",
+          file=sys.stderr, flush=True)
+    try:
+        subprocess.run(argv, stdin=subprocess.DEVNULL, timeout=30, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        print(f"websocketserver supervisor: {argv[0]} failed: {exc}", file=sys.stderr,
+              flush=True)
 
 
 def _reap(server_pid: int) -> int | None:

@@ -39,6 +39,17 @@ class ServiceConfig:
     cluster_scope: bool = False  # "scope": "cluster": count slots for the whole cluster
     command: tuple[str, ...] | None = None  # a "command" service's command line
     directory: Path | None = None  # where a "command" service runs: its config's folder
+    slurm: SlurmConfig | None = None  # run as a Slurm job (see docs/slurm.md)
+    start: str = "connect"  # "reserve": a batch job is submitted at /v1/reserve
+    queue_timeout: float = 3600.0  # seconds a websocket waits for a queued job
+
+
+@dataclass(frozen=True)
+class SlurmConfig:
+    """A service's ``"slurm"`` object: its command runs as a Slurm job."""
+
+    sbatch: tuple[str, ...] = ()  # more sbatch arguments; {index} and options substituted
+    user_prefix: tuple[str, ...] = ()  # e.g. sudo -n -u {user}: Slurm's commands as the user
 
 
 @dataclass(frozen=True)
@@ -90,6 +101,7 @@ class Settings:
     node_address: str = ""  # where the other instances reach its websocket port
     cluster_secret: str | None = None  # authenticates instance-to-instance forwards
     heartbeat_ttl: float = 6.0  # an instance silent this long is suspected dead
+    job_report_url: str = ""  # where Slurm jobs report their port ("": no Slurm service)
     services: tuple[ServiceConfig, ...] = field(default=())
     install_notes: tuple[str, ...] = ()  # where /ansys... and the built-in apps come from
     warnings: tuple[str, ...] = ()  # options that do nothing as given, logged at start-up
@@ -123,6 +135,16 @@ _SERVICE_SCHEMA: dict[str, Any] = {
         "count": {"type": "integer", "minimum": 1},
         "reconnect_grace": {"type": "number", "minimum": 0},
         "scope": {"enum": ["node", "cluster"]},
+        "slurm": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "sbatch": {"type": "array", "items": {"type": "string"}},
+                "user_prefix": {"type": "array", "minItems": 1, "items": {"type": "string"}},
+            },
+        },
+        "start": {"enum": ["connect", "reserve"]},
+        "queue_timeout": {"type": "number", "exclusiveMinimum": 0},
         "options": {
             "type": "object",
             "properties": {
@@ -179,7 +201,18 @@ def load_service_config(path: Path) -> tuple[ServiceConfig, ...]:
                 script = directory / script
         else:
             command = tuple(entry["command"])
-            _check_command(where, command, entry.get("options", {}), directory)
+            _check_command(where, command, entry.get("options", {}), directory,
+                           on_node="slurm" in entry)
+        slurm = None
+        if "slurm" in entry:
+            if command is None:
+                raise SettingsError(f"{where}: field 'slurm': needs a 'command' (a script "
+                                    "subclasses SlurmService instead)")
+            slurm = _slurm_config(where, entry["slurm"], entry.get("options", {}))
+        elif "start" in entry or "queue_timeout" in entry:
+            field_name = "start" if "start" in entry else "queue_timeout"
+            raise SettingsError(f"{where}: field {field_name!r}: only a service with "
+                                "'slurm' has it")
         services.append(
             ServiceConfig(
                 name=name,
@@ -190,9 +223,49 @@ def load_service_config(path: Path) -> tuple[ServiceConfig, ...]:
                 cluster_scope=entry.get("scope") == "cluster",
                 command=command,
                 directory=directory if command is not None else None,
+                slurm=slurm,
+                start=entry.get("start", "connect"),
+                queue_timeout=float(entry.get("queue_timeout", 3600.0)),
             )
         )
     return tuple(services)
+
+
+def _slurm_config(where: str, entry: dict[str, Any], options: dict[str, Any]) -> SlurmConfig:
+    """Check ``"slurm"``: a placeholder in ``"sbatch"`` may only be the value of an option
+    the config writes (``--partition={queue}``), never a whole argument: a reservation's
+    value must not become an sbatch option of its own choosing (``--uid=0``)."""
+    known = ["index", *command_values(options)]
+    sbatch = tuple(entry.get("sbatch", ()))
+    for position, argument in enumerate(sbatch):
+        field_name = f"slurm.sbatch[{position}]"
+        try:
+            names = placeholders(argument)
+        except ValueError as exc:
+            raise SettingsError(f"{where}: field {field_name!r}: {exc}") from None
+        unknown = [name for name in names if name not in known]
+        if unknown:
+            raise SettingsError(f"{where}: field {field_name!r}: unknown placeholder "
+                                f"{{{unknown[0]}}} (known: "
+                                f"{', '.join('{' + name + '}' for name in known)})")
+        option, equals, _ = argument.partition("=")
+        if names and not (option.startswith("--") and equals and not placeholders(option)):
+            raise SettingsError(f"{where}: field {field_name!r}: a placeholder may only be "
+                                f"the value of a fixed option (--name={{value}}), not "
+                                f"{argument}")
+    prefix = tuple(entry.get("user_prefix", ()))
+    for position, argument in enumerate(prefix):
+        try:
+            names = placeholders(argument)
+        except ValueError as exc:
+            raise SettingsError(f"{where}: field 'slurm.user_prefix[{position}]': {exc}"
+                                ) from None
+        if any(name != "user" for name in names):
+            raise SettingsError(f"{where}: field 'slurm.user_prefix[{position}]': the only "
+                                "placeholder is {user}")
+    if prefix and not any("{user}" in argument for argument in prefix):
+        raise SettingsError(f"{where}: field 'slurm.user_prefix': names no {{user}}")
+    return SlurmConfig(sbatch=sbatch, user_prefix=prefix)
 
 
 COMMAND_FIELDS = ("port", "index")
@@ -224,9 +297,9 @@ def command_values(options: dict[str, Any]) -> dict[str, str]:
 
 
 def _check_command(where: str, command: tuple[str, ...], options: dict[str, Any],
-                   directory: Path) -> None:
+                   directory: Path, on_node: bool = False) -> None:
     """Every placeholder is known and the program is fixed and exists, checked at
-    start-up."""
+    start-up (``on_node``: it runs on a compute node, where this host cannot look)."""
     known = [*COMMAND_FIELDS, *command_values(options)]
     for position, argument in enumerate(command):
         field_name = f"command[{position}]"
@@ -247,6 +320,8 @@ def _check_command(where: str, command: tuple[str, ...], options: dict[str, Any]
         raise SettingsError(f"{where}: field 'command[0]': the program must be fixed, not "
                             f"a placeholder ({program}): a reservation's options could "
                             "choose what runs")
+    if on_node:
+        return
     if os.sep in program or (os.altsep and os.altsep in program):
         found = (directory / program).is_file() and os.access(directory / program, os.X_OK)
         if not found:

@@ -1,4 +1,5 @@
-"""The REST API under ``/v1/`` on the HTTP port (all GET, as in the original).
+"""The REST API under ``/v1/`` on the HTTP port (all GET, as in the original, but the
+Slurm jobs' ``POST /v1/job_report``).
 
 Every call needs the security token when one is configured (``?security_token=``
 or ``Authorization: Bearer``), compared in constant time; the one exception is
@@ -31,8 +32,9 @@ from ..core.errors import Refused
 from ..core.protocol import cross_site_refusal
 from ..identity import USER_KEY_PARAM
 from ..metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from ..sessions.job_launcher import HEADER
 from ..sessions.reservations import State
-from ..sessions.services import ServiceManager
+from ..sessions.services import REPORT_MAX_SIZE, ServiceManager
 
 log = logging.getLogger("websocketserver.api")
 
@@ -89,6 +91,8 @@ class RestApi:
         version, name, args = parts[0], parts[1] if len(parts) > 1 else "", parts[2:]
         if (version, name, args) == ("v1", "health", []) and request.method in ("GET", "HEAD"):
             return self.health()  # for load balancers: no token needed
+        if (version, name, args) == ("v1", "job_report", []):
+            return await self.job_report(request)  # signed per job: no token needed
         route = self._routes.get(name) if version == "v1" else None
         if route is None:
             return json_error(404, f"unknown API call: {request.path}")
@@ -117,6 +121,25 @@ class RestApi:
                 "node": self._node or None,
                 "store": "ok" if self.services.store.available else "unavailable"}
         return web.json_response(body, status=503 if self._stopping() else 200)
+
+    async def job_report(self, request: web.BaseRequest) -> web.StreamResponse:
+        """``POST /v1/job_report``: a Slurm job's launcher reports its port, signed with
+        the job's own secret (:meth:`~.services.ServiceManager.job_report`)."""
+        if request.method != "POST":
+            return json_error(405, "a job report is a POST")
+        refusal = cross_site_refusal(request.headers,
+                                     self.services.settings.allowed_origins)
+        if refusal is not None:  # a job's launcher is no browser
+            return json_error(refusal.status, refusal.reason)
+        if (request.content_length or 0) > REPORT_MAX_SIZE:
+            return json_error(413, f"a job report has at most {REPORT_MAX_SIZE} bytes")
+        body = await request.content.read(REPORT_MAX_SIZE + 1)
+        if len(body) > REPORT_MAX_SIZE:
+            return json_error(413, f"a job report has at most {REPORT_MAX_SIZE} bytes")
+        status, message = await self.services.job_report(body, request.headers.get(HEADER, ""))
+        if status != 200:
+            return json_error(status, message)
+        return web.json_response({"status": message})
 
     async def _holds_token(self, request: web.BaseRequest, name: str, args: list[str]) -> bool:
         return name == "release" and await self.services.store.get(args[0]) is not None

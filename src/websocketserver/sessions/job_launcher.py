@@ -30,11 +30,11 @@ What it does, and why:
    and waits until the port listens (the kernel's socket table, not a connection:
    some servers serve only their first client), at most the start timeout.
 3. It POSTs a report ``{"job_id", "host", "port", "time"}`` (``SLURM_JOB_ID``, this
-   node's hostname) to the server, signed with HMAC-SHA256 under the secret in the
-   :data:`HEADER` header, and re-posts it every heartbeat. The server checks the
-   signature and the time (:func:`verify_report`) and tunnels only to the node Slurm
-   allocated, never to the host the report names. A failed post is retried every few
-   seconds. A report needs no shared filesystem.
+   node's name in Slurm, ``SLURMD_NODENAME``) to the server, signed with HMAC-SHA256
+   under the secret in the :data:`HEADER` header, and re-posts it every heartbeat.
+   The server checks the signature and the time (:func:`verify_report`) and tunnels
+   only to the node Slurm allocated, never to the host the report names. A failed
+   post is retried every few seconds. A report needs no shared filesystem.
 4. It ends the whole tree it started (SIGTERM, the grace, SIGKILL; daemons included)
    and exits when: it gets SIGTERM, SIGINT or SIGHUP (``scancel``, the time limit);
    the command fails (a status other than 0) or it and all it started have exited (a
@@ -245,7 +245,9 @@ class Launcher:
         self.orphan_timeout = _seconds("ORPHAN_TIMEOUT", 120.0)
         self.grace = _seconds("GRACE", 3.0)
         self.job_id = env.get("SLURM_JOB_ID", "")
-        self.host = socket.gethostname()
+        # the node's name as Slurm knows it (the server checks it against the job's
+        # allocation); the hostname outside a job
+        self.host = env.get("SLURMD_NODENAME") or socket.gethostname()
         self.pid = 0
         self.status: int | None = None  # the command's exit status, once reaped
         self.stopping = False

@@ -1,12 +1,13 @@
 """One token's session on this instance: everything that lives as long as it does.
 
 A :class:`Session` is made when a claimed token's websocket activates it
-(:meth:`~.services.ServiceManager.activate`) and dropped when its slot is freed. It
-owns the service instance (starting it through the service's script, stopping it,
-asking whether it is alive: every call bounded, whatever the script does), the
-websocket attached to it (how to close it, what it carried, whether the browser left
-and whether to keep the instance), the detached instance's grace timer, and an
-abandoned start. The session's *state* is the
+(:meth:`~.services.ServiceManager.activate`) and dropped when its slot is freed. It owns
+the service instance (starting it through the service's script, stopping it, asking
+whether it is alive: every call bounded, whatever the script does), the websocket
+attached to it (how to close it, what it carried, whether the browser left and whether
+to keep the instance), the detached instance's grace timer, and an abandoned start. A
+session of a Slurm service has a :class:`~.job.Job` instead of script calls: its start
+waits for the job's report, its stop cancels the job. The session's *state* is the
 store's (:mod:`.lifecycle`: one table, enforced by both stores); this object holds what
 only this instance knows. Its :attr:`~Session.id` names it in the log, where tokens
 never appear.
@@ -26,7 +27,9 @@ from ..metrics import Metrics
 from ..scripts import call
 from ..settings import Settings
 from ..tasks import Tasks
+from .job import Job
 from .reservations import Reservation
+from .slurm import SchedulerError
 
 if TYPE_CHECKING:
     from .services import Service
@@ -75,6 +78,15 @@ class Session:
         """While detached: set to end the grace now (a re-attach takes it away first)."""
         self.abandoned: asyncio.Task[None] | None = None
         """A start given up on but still running: it frees the slot when it ends."""
+        self.job: Job | None = None
+        """A Slurm service's job (None: the service's script runs the instance)."""
+        self.watcher: asyncio.Task[None] | None = None
+        """The task watching :attr:`job` until it ends."""
+        self.claimed = False
+        """A job's session: a websocket has claimed it (a second one is refused)."""
+        self.queue_timeout = 0.0
+        self.end_reason = "ended"
+        """Why it ended, kept with the ended reservation."""
 
     def attach(self, close: Callable[[str], None]) -> None:
         """A websocket uses the session now; ``close(reason)`` ends it."""
@@ -122,6 +134,10 @@ class Session:
         it failed, 504 not within ``--start_timeout``: then it is abandoned)."""
         service, index, timeout = self.service, self.index, self._settings.start_timeout
         began = time.monotonic()
+        if self.job is not None:
+            host, port = await self.job.ready(self.queue_timeout, timeout)
+            log.info("%s: job %s listens on %s:%d", self.id, self.job.job_id, host, port)
+            return host, port
         start = asyncio.ensure_future(call(service.script.start, index,
                                            dict(reservation.options)))
         try:
@@ -177,14 +193,26 @@ class Session:
             await self._free()
 
     async def stop(self) -> None:
-        """Stop the instance (its script's stop(), bounded by ``--stop_timeout``)."""
-        await self._ask("stop")
+        """Stop the instance (its script's stop(), bounded by ``--stop_timeout``; a
+        job's session cancels its job)."""
+        if self.job is None:
+            await self._ask("stop")
+            return
+        if self.watcher is not None and self.watcher is not asyncio.current_task():
+            self.watcher.cancel()
+        try:
+            await self.job.cancel()
+        except SchedulerError as exc:
+            log.error("%s: cannot cancel job %s: %s", self.id, self.job.job_id, exc)
 
     async def alive(self) -> bool:
         """Whether the detached instance still runs, as its script's ``alive()`` says:
         its port may have been taken by another process since it died. A script that
         raises or does not answer within ``--stop_timeout`` counts as dead, so that a
-        user's keystrokes never go to a stranger."""
+        user's keystrokes never go to a stranger. A job's session: the job has not
+        ended."""
+        if self.job is not None:
+            return self.job.final is None
         return bool(await self._ask("alive"))
 
     async def _ask(self, method: str) -> object:

@@ -94,7 +94,8 @@ class Scheduler(Protocol):
     :class:`SchedulerError`)."""
 
     async def submit(self, script: str, args: Sequence[str] = (), *, name: str,
-                     comment: str = "", env: Mapping[str, str] | None = None) -> str: ...
+                     comment: str = "", env: Mapping[str, str] | None = None,
+                     cwd: str | None = None) -> str: ...
 
     async def state(self, job_id: str) -> JobState | None: ...
 
@@ -102,34 +103,44 @@ class Scheduler(Protocol):
 
     async def node_address(self, node: str) -> str: ...
 
-    async def jobs_named(self, prefix: str, *, user: str | None = None) -> list[str]: ...
+    async def jobs_named(self, prefix: str, *,
+                         user: str | None = None) -> list[tuple[str, str]]: ...
 
 
 class Slurm:
     """Slurm through its commands, run with ``env`` (``None``: this process's).
 
     ``env`` is where ``PATH`` finds the commands and ``SLURM_CONF`` names the
-    cluster; ``timeout`` bounds each command.
+    cluster; ``timeout`` bounds each command. ``prefix`` runs every command through
+    another one (``sudo -n -u alice``: the jobs are that user's).
     """
 
-    def __init__(self, env: Mapping[str, str] | None = None, timeout: float = TIMEOUT) -> None:
+    def __init__(self, env: Mapping[str, str] | None = None, timeout: float = TIMEOUT,
+                 prefix: Sequence[str] = ()) -> None:
         self.env = dict(os.environ if env is None else env)
         self.timeout = timeout
+        self.prefix = tuple(prefix)
+
+    def as_user(self, prefix: Sequence[str]) -> Slurm:
+        """The same Slurm, every command run through ``prefix``."""
+        return Slurm(self.env, self.timeout, prefix)
 
     async def submit(self, script: str, args: Sequence[str] = (), *, name: str,
-                     comment: str = "", env: Mapping[str, str] | None = None) -> str:
+                     comment: str = "", env: Mapping[str, str] | None = None,
+                     cwd: str | None = None) -> str:
         """Submit ``script`` (its text, ``#!`` first) with ``sbatch``; its job id.
 
         ``args`` are more ``sbatch`` options (a partition, licences, ``--time``,
         ``--output``...). ``name`` and ``comment`` mark the job, so that
         :meth:`jobs_named` finds it again after a crash. ``env`` is added to sbatch's
         environment, which the job gets (unless ``args`` say ``--export``
-        otherwise): values that must stay off every command line go there.
+        otherwise): values that must stay off every command line go there. ``cwd`` is
+        where the job starts (sbatch's own folder by default).
         """
         argv = ["--parsable", f"--job-name={name}", *args]
         if comment:
             argv.insert(2, f"--comment={comment}")
-        out = await self._run("sbatch", argv, stdin=script, env=env)
+        out = await self._run("sbatch", argv, stdin=script, env=env, cwd=cwd)
         job_id = out.strip().split(";")[0]  # "id" or "id;cluster"
         if not _JOB_ID.fullmatch(job_id):
             raise SchedulerError(f"sbatch answered no job id: {out.strip()[:200]!r}")
@@ -170,32 +181,34 @@ class Slurm:
                 return found.group(1)
         raise SchedulerError(f"scontrol: no NodeAddr for node {node}")
 
-    async def jobs_named(self, prefix: str, *, user: str | None = None) -> list[str]:
-        """The ids of the jobs not yet ended whose name starts with ``prefix`` (of
-        ``user`` only, when given): jobs a crashed server left, found by the marker
-        it put in their names."""
-        args = ["--noheader", f"--format=%i{_SEP}%T{_SEP}%j"]
+    async def jobs_named(self, prefix: str, *,
+                         user: str | None = None) -> list[tuple[str, str]]:
+        """The jobs not yet ended whose name starts with ``prefix`` (of ``user`` only,
+        when given), as (id, user) pairs: jobs a crashed server left, found by the
+        marker it put in their names."""
+        args = ["--noheader", f"--format=%i{_SEP}%T{_SEP}%u{_SEP}%j"]
         if user is not None:
             args.append(f"--user={user}")
         out = await self._run("squeue", args)
         found = []
         for line in out.splitlines():
-            job_id, state, name = (line.split(_SEP, 2) + ["", ""])[:3]
+            job_id, state, owner, name = (line.split(_SEP, 3) + ["", "", ""])[:4]
             if name.startswith(prefix) and state not in ENDED and state != "COMPLETING":
-                found.append(job_id)
+                found.append((job_id, owner))
         return found
 
     async def _run(self, tool: str, args: list[str], *, stdin: str | None = None,
-                   env: Mapping[str, str] | None = None) -> str:
+                   env: Mapping[str, str] | None = None, cwd: str | None = None) -> str:
         """Run ``tool`` bounded by :attr:`timeout`; its stdout, or SchedulerError."""
         # times with their UTC offset, whatever the site's format is
         environ = {**self.env, **(env or {}), "SLURM_TIME_FORMAT": _TIME_FORMAT}
+        argv = [*self.prefix, tool, *args]
         try:
             proc = await asyncio.create_subprocess_exec(
-                tool, *args, env=environ, stdin=asyncio.subprocess.PIPE,
+                *argv, env=environ, stdin=asyncio.subprocess.PIPE, cwd=cwd,
                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
         except OSError as exc:
-            raise SchedulerError(f"{tool}: cannot run it: {exc.strerror or exc}") from None
+            raise SchedulerError(f"{argv[0]}: cannot run it: {exc.strerror or exc}") from None
         try:
             out, err = await asyncio.wait_for(
                 proc.communicate(None if stdin is None else stdin.encode()), self.timeout)

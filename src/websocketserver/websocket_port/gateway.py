@@ -36,6 +36,7 @@ from ..identity import Identity
 from ..metrics import Metrics
 from ..sessions.reservations import Reservation
 from ..sessions.services import Elsewhere, ServiceManager
+from ..sessions.session import Session
 from ..settings import Settings
 from .backend import BackendError
 from .handshake import Handshake, write_refusal
@@ -261,6 +262,9 @@ class WebSocketGateway:
                 deadline = time.monotonic() + self.settings.start_timeout
                 tunnel.when_stopped(session.leave)
                 assert session.address is not None  # started
+                if session.job is not None:  # the job's end is the reason, not the EOF
+                    tunnel.on_backend_end = lambda: self.live.spawn(
+                        self._explain_end(tunnel, session), f"{session.id} ended")
 
                 def opened() -> None:
                     websocket.running = True
@@ -280,6 +284,15 @@ class WebSocketGateway:
             task.uncancel()
             tunnel.close(WSCloseCode.GOING_AWAY, websocket.stopped or "")
             await tunnel.closed
+
+    async def _explain_end(self, tunnel: Tunnel, session: Session) -> None:
+        """Close a job session's websocket whose backend ended: with the job's end if
+        Slurm says it ended (the time limit, a scancel), else as any backend's end."""
+        ended = await self.services.job_ended(session)
+        if ended is not None:
+            tunnel.close(WSCloseCode.GOING_AWAY, ended)
+        else:
+            tunnel.close(WSCloseCode.OK, "backend closed the connection")
 
     async def _tunnel(self, tunnel: Tunnel, target: tuple[str, int], deadline: float,
                       opened: Callable[[], None]) -> bool:

@@ -134,7 +134,8 @@ class Tunnel(WSListener):
     holds (a limit's slot) is given back earlier, see :meth:`when_stopped`.
     """
 
-    __slots__ = ("stats", "reason", "backend_ended", "closed", "state", "_checker",
+    __slots__ = ("stats", "reason", "backend_ended", "on_backend_end", "_held", "closed",
+                 "state", "_checker",
                  "_loop", "_ws", "_browser", "_browser_paused", "_sock", "_fd", "_reading",
                  "_writing", "_up", "_close_timer", "_on_stop", "_unparsed",
                  "_reset_timer")
@@ -144,6 +145,11 @@ class Tunnel(WSListener):
         self.stats = stats
         self.reason = ""  # why the tunnel ended, for the log: the first cause wins
         self.backend_ended = False  # the service closed or lost its connection first
+        self.on_backend_end: Callable[[], None] | None = None
+        """Set by the owner to explain a backend's end itself (a Slurm job's session: the
+        job's state is the reason): then the tunnel stops relaying but holds its close
+        frame until the owner's :meth:`close`."""
+        self._held = False  # a close frame held for on_backend_end's owner
         self.state = _CONNECTING
         self._checker = FrameChecker(max_message)
         self._up = UpstreamQueue(budget)
@@ -199,7 +205,8 @@ class Tunnel(WSListener):
 
     def close(self, code: WSCloseCode, reason: str) -> None:
         """End the tunnel: close the backend, send a close frame, await the answer."""
-        ws = self._ws if self.state < _STOPPED else None  # None: no close frame
+        held, self._held = self._held, False
+        ws = self._ws if self.state < _STOPPED or held else None  # None: no close frame
         self._stop(reason)
         if ws is None:
             return
@@ -421,15 +428,24 @@ class Tunnel(WSListener):
             return
         size = len(data)
         if not size:
-            self.backend_ended = True
-            self.close(WSCloseCode.OK, "backend closed the connection")
+            self._backend_end(WSCloseCode.OK, "backend closed the connection")
             return
         self.stats.bytes_down += size
         self._browser.writelines((frame_header(size), data))  # type: ignore[union-attr]
 
     def _backend_lost(self, exc: OSError) -> None:
+        self._backend_end(WSCloseCode.INTERNAL_ERROR, f"backend connection lost: {exc}")
+
+    def _backend_end(self, code: WSCloseCode, reason: str) -> None:
         self.backend_ended = True
-        self.close(WSCloseCode.INTERNAL_ERROR, f"backend connection lost: {exc}")
+        explain = self.on_backend_end
+        if explain is None or self.state >= _STOPPED:
+            self.close(code, reason)
+            return
+        self.on_backend_end = None
+        self._held = self._ws is not None
+        self._stop(reason)
+        explain()
 
     def _close_backend(self) -> None:
         sock = self._sock

@@ -1,0 +1,210 @@
+"""One session's batch job: submitted, watched, its report checked, cancelled.
+
+A :class:`Job` knows only the scheduler (:class:`~.slurm.Scheduler`) and the job: the
+session's life around it (states in the store, the websocket) is the
+:class:`~.services.ServiceManager`'s. What the server tunnels to is decided here and
+nowhere else: the address Slurm gives for the node it allocated to the job
+(``NodeAddr``), and the port the job's own signed report names, accepted only from
+that node and only newer than the last one (a replay is refused).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import secrets
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from importlib import resources
+
+from ..core.errors import Refused
+from .job_launcher import ENV, Report
+from .slurm import ENDED, JobState, Scheduler
+
+POLL_WAITING = 1.0
+"""Seconds between looks at a job that is queued or not yet reported (squeue)."""
+POLL_RUNNING = 5.0
+"""Seconds between looks at a running job: how soon its end (time limit, node
+failure, an administrator's scancel) closes its websocket."""
+HEARTBEAT = 30.0
+"""Seconds between the in-job launcher's reports (each one tells it the server still
+wants the job)."""
+ORPHAN_TIMEOUT = 120.0
+"""Seconds the in-job launcher waits for any answer before it ends the job itself: the
+bound on a job outliving a server that died without cancelling it."""
+
+
+def batch_script() -> str:
+    """The job script: the in-job launcher (one standard-library file) run by the node's
+    ``python3`` from a here-document, so the node needs nothing of ours."""
+    source = resources.files(__package__).joinpath("job_launcher.py").read_text()
+    end = "WEBSOCKETSERVER_JOB_LAUNCHER_END"
+    assert end not in source
+    return f"#!/bin/sh\nexec python3 -I - <<'{end}'\n{source}\n{end}\n"
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """What to submit: the command (``{port}`` for the node's port), sbatch's extra
+    arguments, the command's extra environment, and where the job starts."""
+
+    command: Sequence[str]
+    sbatch: Sequence[str]
+    environment: Mapping[str, str]
+    directory: str | None
+
+
+class Job:
+    """A session's job on ``scheduler`` (see the module); ``label`` names it in errors."""
+
+    def __init__(self, scheduler: Scheduler, label: str) -> None:
+        self.scheduler = scheduler
+        self.label = label
+        self.secret = secrets.token_urlsafe(32)
+        """The job's report key: in its environment, never on a command line."""
+        self.job_id: str | None = None
+        self.status: JobState | None = None
+        """What Slurm said last (None: nothing yet, or Slurm forgot the job)."""
+        self.node: str | None = None
+        """The node the job's script runs on (Slurm's name), once it runs."""
+        self.address: str | None = None
+        """That node's address as Slurm knows it: where the server connects."""
+        self.port: int | None = None
+        """The port the job reported."""
+        self.final: str | None = None
+        """The job's final state once it ended (``TIMEOUT``, ``CANCELLED``...)."""
+        self.ending = False
+        """Slurm is ending the job (``COMPLETING``: it names the final state only once
+        the job's processes are gone, ``KillWait`` seconds at most)."""
+        self.running_since: float | None = None
+        self.reported_at: float | None = None  # monotonic, the first accepted report
+        self._last_report = 0.0  # the time written in the newest accepted report
+        self.changed = asyncio.Event()
+        """Set at every change (a report, a state, the end); cleared by waiters, and
+        set by whoever wants the job looked at now."""
+
+    # -- submission and cancelling ----------------------------------------------------
+
+    async def submit(self, spec: JobSpec, name: str, comment: str, report_url: str,
+                     start_timeout: float) -> str:
+        """Submit the job; its id. Raises :class:`~.slurm.SchedulerError`."""
+        env = {**spec.environment,
+               ENV + "COMMAND": json.dumps(list(spec.command)),
+               ENV + "REPORT_URL": report_url, ENV + "SECRET": self.secret,
+               ENV + "START_TIMEOUT": f"{start_timeout:g}",
+               ENV + "HEARTBEAT": f"{HEARTBEAT:g}",
+               ENV + "ORPHAN_TIMEOUT": f"{ORPHAN_TIMEOUT:g}"}
+        self.job_id = await self.scheduler.submit(
+            batch_script(), spec.sbatch, name=name, comment=comment, env=env,
+            cwd=spec.directory)
+        self._changed()
+        return self.job_id
+
+    async def cancel(self) -> None:
+        """Cancel the job (a job that ended already is no error)."""
+        if self.job_id is not None and self.final is None:
+            await self.scheduler.cancel(self.job_id)
+
+    # -- watching ---------------------------------------------------------------------
+
+    async def poll(self) -> JobState | None:
+        """Ask the scheduler once; the job's state (None: Slurm no longer knows it,
+        which counts as ended). A failing scheduler raises SchedulerError."""
+        assert self.job_id is not None
+        state = await self.scheduler.state(self.job_id)
+        if state != self.status:
+            self.status = state
+            self._changed()
+        if state is None or state.state in ENDED:
+            self.ended(state.state if state is not None else "ENDED")
+        elif state.ended:
+            self.ending = True
+        return state
+
+    async def locate(self, state: JobState) -> tuple[str, str]:
+        """The node a running job's script runs on, and its address as Slurm knows it
+        (where the server connects, whatever a report says)."""
+        node = state.batch_host or state.nodes
+        return node, await self.scheduler.node_address(node)
+
+    def runs(self, node: str, address: str) -> None:
+        """The job runs on ``node`` (:meth:`locate`): its report is awaited now."""
+        self.node, self.address = node, address
+        self.running_since = time.monotonic()
+        self._changed()
+
+    def ended(self, final: str) -> None:
+        if self.final is None:
+            self.final = final
+            self._changed()
+
+    def _changed(self) -> None:
+        self.changed.set()
+
+    # -- the job's report -------------------------------------------------------------
+
+    def accept(self, report: Report) -> str | None:
+        """Take the job's report; None if accepted, else why it is refused."""
+        if report.job_id != self.job_id:
+            return f"report for job {report.job_id}, not {self.job_id}"
+        if self.final is not None:
+            return f"job {self.job_id} ended"
+        if self.node is None:
+            return f"job {self.job_id} is not known to run yet"
+        if report.host != self.node:
+            return f"report names host {report.host[:100]!r}, job {self.job_id} runs on {self.node}"
+        if report.time <= self._last_report:
+            return "report replayed (not newer than the last one)"
+        if self.port is not None and report.port != self.port:
+            return f"report changes the port ({self.port} -> {report.port})"
+        self._last_report = report.time
+        if self.port is None:
+            self.port = report.port
+            self.reported_at = time.monotonic()
+            self._changed()
+        return None
+
+    # -- waiting for the application --------------------------------------------------
+
+    async def ready(self, queue_timeout: float, start_timeout: float) -> tuple[str, int]:
+        """Wait until the job reported; where the server connects.
+
+        Raises :class:`~.errors.Refused`: 504 still queued after ``queue_timeout``
+        seconds (from now) or no report ``start_timeout`` seconds after it began to
+        run, 502 the job ended.
+        """
+        queued_until = time.monotonic() + queue_timeout
+        while True:
+            self.changed.clear()
+            if self.final is not None:
+                raise Refused(502, f"job {self.job_id} ended: {self.final}")
+            if self.address is not None and self.port is not None:
+                return self.address, self.port
+            now = time.monotonic()
+            if self.running_since is None:
+                if now >= queued_until:
+                    reason = self.status.reason if self.status is not None else None
+                    raise Refused(504, f"job {self.job_id} still queued after "
+                                       f"{queue_timeout:g} s" + (f" ({reason})" if reason else ""))
+                wait = queued_until - now
+            else:
+                wait = self.running_since + start_timeout - now
+                if wait <= 0:
+                    raise Refused(504, f"job {self.job_id} runs but did not report its port "
+                                       f"within {start_timeout:g} s")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.changed.wait(), wait)
+
+    def describe(self) -> dict[str, object]:
+        """The job's fields of ``/v1/status``: ``job_id``, ``queue_reason``,
+        ``expected_start`` (ISO 8601) and ``job_node``."""
+        status = self.status
+        pending = status is not None and status.pending
+        expected = status.expected_start if status is not None and pending else None
+        return {"job_id": self.job_id,
+                "queue_reason": status.reason if pending and status is not None else None,
+                "expected_start": expected.isoformat() if expected is not None else None,
+                "job_node": self.node}
+

@@ -1,0 +1,211 @@
+"""Services that run as Slurm jobs, end to end: a real server, a real single-node Slurm
+(tests/slurm_support.py), the shipped in-job launcher, a websocket through the tunnel.
+
+Every job's processes carry the server's ``WSTEST_MARK``; "no process left" is checked
+on that mark. Every wait is a bounded poll.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+import websockets
+
+pytest.register_assert_rewrite("slurm_support", "e2e.slurm_sessions")
+from slurm_support import SlurmCluster  # noqa: E402
+
+from e2e.slurm_sessions import (  # noqa: E402
+    echo,
+    instance,
+    job_processes,
+    reserve,
+    start,
+    wait_no_job_process,
+    wait_state,
+    write_config,
+)
+from support import StartServer, received_close, recv_bytes, wait_until  # noqa: E402
+from websocketserver.sessions.job_launcher import HEADER, Report, make_report  # noqa: E402
+
+pytest_plugins = ["slurm_support"]
+
+
+@pytest.fixture(autouse=True)
+def clean_queue(slurm: SlurmCluster) -> Iterator[None]:
+    yield
+    slurm.cancel_all(timeout=15)
+
+
+def test_reserve_queues_the_job_then_the_websocket_echoes_through_it(
+        start_server: StartServer, slurm: SlurmCluster, tmp_path: Path) -> None:
+    """Reserve submits (``"start": "reserve"``); a second session waits for the licence
+    (reason ``Licenses``) until the first is released, which closes its websocket,
+    cancels its job and leaves no process on the node."""
+    server, mark = start(start_server, slurm, write_config(tmp_path / "svc", slurm))
+    first = reserve(server)
+    wait_until(lambda: instance(server, first)["job_node"] == "node1", 20)
+
+    async def scenario() -> None:
+        async with websockets.connect(server.ws_url(token=first), open_timeout=30) as ws:
+            await ws.send(b"ping")
+            assert await asyncio.wait_for(recv_bytes(ws), 30) == b"ping"
+            assert instance(server, first)["state"] == "active"
+            first_processes = job_processes(server, mark)
+            assert first_processes  # the launcher and the echo server, on the node
+            second = reserve(server)
+            queued = await asyncio.to_thread(wait_state, server, second, "queued")
+            assert queued["job_id"] not in (None, instance(server, first)["job_id"])
+            assert queued["job_node"] is None
+            await asyncio.to_thread(wait_until, lambda: instance(
+                server, second)["queue_reason"] == "Licenses", 10)
+
+            assert server.get_json(f"/v1/release/{first}")[0] == 200
+            with pytest.raises(websockets.ConnectionClosed) as closed:
+                await asyncio.wait_for(ws.recv(), 20)
+            assert received_close(closed.value).reason == "reservation released"
+            await asyncio.to_thread(wait_until, lambda: not (
+                job_processes(server, mark) & first_processes), 15)
+            await asyncio.to_thread(wait_state, server, second, "starting")
+            assert await echo(server, second, b"second") == b"second"
+    asyncio.run(scenario())
+    wait_no_job_process(server, mark)  # the second closed its websocket: its job is cancelled too
+    assert first not in server.log()  # tokens are never logged
+
+
+def test_a_websocket_waits_open_while_its_job_is_queued(
+        start_server: StartServer, slurm: SlurmCluster, tmp_path: Path) -> None:
+    """``"start": "connect"``: the websocket submits; queued behind another job's
+    licence it stays open (pinged) and relays once the job reports."""
+    config = write_config(tmp_path / "svc", slurm, start="connect")
+    server, mark = start(start_server, slurm, config, "--ping_interval", "1")
+    holder = reserve(server)
+    waiter = reserve(server)
+
+    async def scenario() -> None:
+        async with websockets.connect(server.ws_url(token=holder), open_timeout=30) as ws1:
+            await ws1.send(b"one")
+            assert await asyncio.wait_for(recv_bytes(ws1), 30) == b"one"
+            async with websockets.connect(server.ws_url(token=waiter),
+                                          open_timeout=30) as ws2:
+                await asyncio.to_thread(wait_state, server, waiter, "queued")
+                await asyncio.sleep(2.5)  # pings keep it open meanwhile
+                assert instance(server, waiter)["queue_reason"] == "Licenses"
+                await ws2.send(b"early")  # held upstream until the job is up
+                await ws1.close()  # its job is cancelled: the licence is free
+                assert await asyncio.wait_for(recv_bytes(ws2), 30) == b"early"
+    asyncio.run(scenario())
+    wait_no_job_process(server, mark)
+    wait_until(lambda: not slurm.run("squeue", "-h", "-o", "%i").strip(), 15)
+
+
+def test_a_job_that_ends_closes_its_websocket_with_the_jobs_state(
+        start_server: StartServer, slurm: SlurmCluster, tmp_path: Path) -> None:
+    """An administrator's scancel (as the time limit, a node failure): the websocket
+    closes with ``job N ended: STATE`` and the slot is free again."""
+    server, mark = start(start_server, slurm, write_config(tmp_path / "svc", slurm,
+                                                           count=1))
+    token = reserve(server)
+
+    async def scenario() -> None:
+        async with websockets.connect(server.ws_url(token=token), open_timeout=30) as ws:
+            await ws.send(b"x")
+            assert await asyncio.wait_for(recv_bytes(ws), 30) == b"x"
+            job_id = instance(server, token)["job_id"]
+            slurm.run("scancel", job_id)
+            with pytest.raises(websockets.ConnectionClosed) as closed:
+                await asyncio.wait_for(ws.recv(), 20)
+            close = received_close(closed.value)
+            assert close.code == 1001
+            assert close.reason == f"job {job_id} ended: CANCELLED"
+    asyncio.run(scenario())
+    wait_until(lambda: reserve(server), 10)  # the one slot is free again
+    wait_no_job_process(server, mark)
+
+
+def test_forged_replayed_and_misdirected_reports_are_refused(
+        start_server: StartServer, slurm: SlurmCluster, tmp_path: Path) -> None:
+    """Only the job's own secret, from the job's node, newer than the last: else 403,
+    logged; a job no session wants is told so (410, its launcher then ends it)."""
+    server, _ = start(start_server, slurm, write_config(tmp_path / "svc", slurm))
+    token = reserve(server)
+    job = wait_state(server, token, "starting")
+    job_id = job["job_id"]
+    url = f"http://127.0.0.1:{server.http_port}/v1/job_report"
+
+    def post(body: bytes, signature: str) -> int:
+        request = urllib.request.Request(url, data=body, method="POST",
+                                         headers={HEADER: signature})
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                return int(response.status)
+        except urllib.error.HTTPError as exc:
+            return exc.code
+
+    forged = make_report(b"a guessed secret", Report(job_id, "node1", 22, time.time()))
+    assert post(*forged) == 403
+    assert post(*make_report(b"x", Report("999999", "node1", 22, time.time()))) == 410
+    assert post(b"not json", "1 2") == 400
+    # a real report, replayed: the launcher's own secret is only in the job's
+    # environment, so take a report the job sent as it went by
+    environ = next(p.environ() for p in marked_launchers(job_id))
+    secret = environ["WEBSOCKETSERVER_JOB_SECRET"].encode()
+    first = make_report(secret, Report(job_id, "node1", 22, time.time() - 1000))
+    assert post(*first) == 403  # too old
+    elsewhere = make_report(secret, Report(job_id, "node7", 22, time.time()))
+    assert post(*elsewhere) == 403  # not the job's node
+    fresh = make_report(secret, Report(job_id, "node1", job_port(job_id),
+                                       time.time()))
+    assert post(*fresh) == 200
+    assert post(*fresh) == 403  # the same one again
+    log = server.log()
+    assert log.count("refused a report for job") == 4
+    assert secret.decode() not in log
+
+
+def marked_launchers(job_id: str) -> list[psutil.Process]:
+    """The job's in-job launcher (its environment holds the job's secret)."""
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            env = proc.environ()
+        except psutil.Error:
+            continue
+        if env.get("SLURM_JOB_ID") == job_id and "WEBSOCKETSERVER_JOB_SECRET" in env:
+            found.append(proc)
+    assert found, f"no launcher of job {job_id}"
+    return found
+
+
+def job_port(job_id: str) -> int:
+    """The port the job's echo server listens on (its command line's argument)."""
+    def port() -> int | None:
+        for proc in psutil.process_iter():
+            with contextlib.suppress(psutil.Error):
+                argv = proc.cmdline()
+                if (proc.environ().get("SLURM_JOB_ID") == job_id and len(argv) == 3
+                        and argv[1].endswith("echo.py")):
+                    return int(argv[2])
+        return None
+    return int(wait_until(port, 20))
+
+
+def test_release_of_a_queued_reservation_cancels_its_job(
+        start_server: StartServer, slurm: SlurmCluster, tmp_path: Path) -> None:
+    server, mark = start(start_server, slurm, write_config(tmp_path / "svc", slurm))
+    holder, waiting = reserve(server), reserve(server)
+    job_id = wait_state(server, waiting, "queued")["job_id"]
+    assert server.get_json(f"/v1/release/{waiting}")[0] == 200
+    wait_until(lambda: job_id not in slurm.run("squeue", "-h", "-o", "%i"), 15)
+    ended = json.loads(server.get("/v1/status")[2])
+    assert all(i["token"] != waiting for s in ended for i in s["instances"])
+    assert server.get_json(f"/v1/release/{holder}")[0] == 200
+    wait_no_job_process(server, mark)
