@@ -24,6 +24,11 @@ ends the whole process tree, so both go. Run by hand, it serves one desktop for
 basic mode (``--client_port 5900``)::
 
     python desktop_session.py --size 1024x768 --color orange 5900
+
+As a Slurm job (``examples/slurm_services.json``) it runs on a compute node, where
+nothing of websocketserver is installed: the program needs Python's standard library
+only, and ``--allow HOST`` makes x11vnc listen on the node's interfaces for that host
+(the web server) alone, instead of on localhost.
 """
 
 from __future__ import annotations
@@ -41,7 +46,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from websocketserver import CommandService
+try:
+    from websocketserver import CommandService
+except ImportError:  # run as a program where the server is not installed (a Slurm job)
+    CommandService = object  # type: ignore[misc,assignment]
 
 DEFAULT_SIZE = "1280x1024"
 DEFAULT_DISPLAY_BASE = 100
@@ -132,6 +140,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--size", default=DEFAULT_SIZE, help="screen size WxH")
     parser.add_argument("--color", default=DEFAULT_COLOR, help="background colour")
     parser.add_argument("--name", default="desktop", help="desktop name shown to clients")
+    parser.add_argument("--allow", metavar="HOST",
+                        help="listen on every interface, for connections from HOST only "
+                             "(the web server, when this runs on a compute node)")
     args = parser.parse_args(argv)
     if not _SIZE.fullmatch(args.size):
         parser.error(f"bad --size {args.size!r}, expected WxH")
@@ -144,9 +155,10 @@ def main(argv: list[str] | None = None) -> None:
                        stdin=subprocess.DEVNULL, timeout=30, check=True)
     except (OSError, subprocess.SubprocessError) as exc:  # a plain desktop will do
         print(f"desktop_session: cannot paint the desktop: {exc}", file=sys.stderr)
+    where = ["-allow", args.allow] if args.allow else ["-localhost"]
     try:
         os.execvp("x11vnc", ["x11vnc", "-display", f":{display}", "-rfbport", str(args.port),
-                             "-localhost", "-forever", "-shared", "-nopw", "-quiet",
+                             *where, "-forever", "-shared", "-nopw", "-quiet",
                              "-desktop", args.name])
     except OSError as exc:  # Xvfb gets SIGTERM as this process exits
         sys.exit(f"desktop_session: cannot run x11vnc: {exc.strerror or exc}")

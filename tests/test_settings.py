@@ -62,3 +62,49 @@ def test_tls_context_is_tls12_or_newer(tmp_path: Path) -> None:
     assert context is not None
     assert context.minimum_version == ssl.TLSVersion.TLSv1_2
     assert Settings(ws_port=1).ssl_context() is None
+
+
+SLURM_COMMAND = ["start-viz", "--port", "{port}", "--title={title}"]
+
+
+@pytest.mark.parametrize(("entry", "message"), [
+    ({"script": "x.py", "count": 1, "slurm": {}},
+     "field 'slurm': needs a 'command'"),
+    ({"command": ["true"], "count": 1, "start": "reserve"},
+     "field 'start': only a service with 'slurm' has it"),
+    ({"command": SLURM_COMMAND, "count": 1, "slurm": {"sbatch": ["{title}"]}},
+     "a placeholder may only be the value of a fixed option"),
+    ({"command": SLURM_COMMAND, "count": 1, "slurm": {"sbatch": ["--{title}=1"]}},
+     "a placeholder may only be the value of a fixed option"),
+    ({"command": SLURM_COMMAND, "count": 1, "slurm": {"sbatch": ["--x={port}"]}},
+     "unknown placeholder {port}"),
+    ({"command": SLURM_COMMAND, "count": 1, "slurm": {"user_prefix": ["sudo", "-n"]}},
+     "names no {user}"),
+    ({"command": SLURM_COMMAND, "count": 1, "slurm": {"sbatch": [], "partition": "x"}},
+     "field 'slurm'"),
+    ({"command": SLURM_COMMAND, "count": 1, "slurm": {}, "start": "later"},
+     "field 'start'"),
+])
+def test_slurm_config_errors(tmp_path: Path, entry: dict[str, object], message: str) -> None:
+    entry.setdefault("options", {"title": "t"})
+    with pytest.raises(SettingsError, match=message):
+        load_service_config(write(tmp_path, json.dumps({"viz": entry})))
+
+
+def test_a_slurm_command_runs_on_the_node_and_substitutes_there_only_its_port(
+        tmp_path: Path) -> None:
+    """Its program is not looked for here (it runs on a compute node); ``{port}`` is
+    the node's, option values keep their braces literal for the in-job launcher."""
+    from websocketserver.scripts import ConfiguredSlurmCommand
+
+    (service,) = load_service_config(write(tmp_path, json.dumps({"viz": {
+        "command": SLURM_COMMAND, "count": 2, "options": {"title": "t", "queue": "viz"},
+        "slurm": {"sbatch": ["--partition={queue}", "--comment={{x}}"]},
+        "start": "reserve", "queue_timeout": 30}})))
+    assert service.slurm is not None and service.start == "reserve"
+    script = ConfiguredSlurmCommand(service)
+    assert (script.start_mode, script.queue_timeout) == ("reserve", 30.0)
+    options = {"title": "{a}", "queue": "gpu", "unknown": "x"}
+    assert script.command(1, options) == ["start-viz", "--port", "{port}", "--title={{a}}"]
+    assert script.sbatch(1, options) == ["--partition=gpu", "--comment={x}"]
+    assert script.working_directory() == tmp_path.resolve()

@@ -113,11 +113,11 @@ class Server:
             watching.spawn(watch_descriptors(self.settings.ws_port), "descriptor watch")
             stack.push_async_callback(watching.cancel)
         stack.push_async_callback(self.services.close)
-        await self.services.cancel_left_jobs()
-        if self.cluster is None and self.services.runs_jobs:
+        await self.services.jobs.cancel_left_jobs()
+        if self.cluster is None and self.services.jobs.any:
             # a killed server's jobs: its supervisor cancels them (a cluster's jobs
             # outlive an instance: another one adopts them)
-            processes.on_death(self.services.scancel_all())
+            processes.on_death(self.services.jobs.scancel_all())
         self.services.start_reclaiming()
         self.gateway.start_sweeping()
         log_startup(self.settings, log)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -33,6 +33,18 @@ class Tasks:
         self._running.add(task)
         task.add_done_callback(self._finished)
         return task
+
+    def retry(self, change: Callable[[], Awaitable[None]], label: str, every: float,
+              errors: type[Exception]) -> None:
+        """Try ``change`` again every ``every`` seconds, in a task, until it no longer
+        raises ``errors`` (a store that does not answer: a slot is not held for ever)."""
+        async def again() -> None:
+            while True:
+                await asyncio.sleep(every)
+                with contextlib.suppress(errors):
+                    await change()
+                    return
+        self.spawn(again(), label)
 
     def _finished(self, task: asyncio.Task[Any]) -> None:
         self._running.discard(task)

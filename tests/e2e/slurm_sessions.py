@@ -43,11 +43,12 @@ def write_config(folder: Path, slurm: SlurmCluster, *, start: str = "reserve",
 
 
 def start(start_server: StartServer, slurm: SlurmCluster, config: Path,
-          *args: str) -> tuple[ServerProcess, str]:
-    """A server for ``config`` on the cluster; its jobs' mark."""
+          *args: str, **kwargs: Any) -> tuple[ServerProcess, str]:
+    """A server for ``config`` on the cluster (``kwargs`` for ServerProcess.start); its
+    jobs' mark."""
     mark = uuid.uuid4().hex
     server = start_server("--remote_session_config", str(config), *args,
-                          env={**slurm.env, "WSTEST_MARK": mark})
+                          env={**slurm.env, "WSTEST_MARK": mark}, **kwargs)
     return server, mark
 
 

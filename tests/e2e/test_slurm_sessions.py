@@ -8,7 +8,6 @@ on that mark. Every wait is a bounded poll.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import time
 import urllib.error
@@ -19,6 +18,7 @@ from pathlib import Path
 import psutil
 import pytest
 import websockets
+from playwright.sync_api import Browser
 
 pytest.register_assert_rewrite("slurm_support", "e2e.slurm_sessions")
 from slurm_support import SlurmCluster  # noqa: E402
@@ -33,10 +33,13 @@ from e2e.slurm_sessions import (  # noqa: E402
     wait_state,
     write_config,
 )
-from support import StartServer, received_close, recv_bytes, wait_until  # noqa: E402
+from e2e.vnc_support import new_context, novnc_site, require, require_novnc, show_desktop  # noqa: E402, I001
+from support import ROOT, StartServer, received_close, recv_bytes, wait_until  # noqa: E402
 from websocketserver.sessions.job_launcher import HEADER, Report, make_report  # noqa: E402
 
 pytest_plugins = ["slurm_support"]
+
+EXAMPLES = ROOT / "examples"
 
 
 @pytest.fixture(autouse=True)
@@ -135,7 +138,7 @@ def test_forged_replayed_and_misdirected_reports_are_refused(
         start_server: StartServer, slurm: SlurmCluster, tmp_path: Path) -> None:
     """Only the job's own secret, from the job's node, newer than the last: else 403,
     logged; a job no session wants is told so (410, its launcher then ends it)."""
-    server, _ = start(start_server, slurm, write_config(tmp_path / "svc", slurm))
+    server, mark = start(start_server, slurm, write_config(tmp_path / "svc", slurm))
     token = reserve(server)
     job = wait_state(server, token, "starting")
     job_id = job["job_id"]
@@ -156,13 +159,13 @@ def test_forged_replayed_and_misdirected_reports_are_refused(
     assert post(b"not json", "1 2") == 400
     # a real report, replayed: the launcher's own secret is only in the job's
     # environment, so take a report the job sent as it went by
-    environ = next(p.environ() for p in marked_launchers(job_id))
+    environ = next(p.environ() for p in marked_launchers(job_id, mark))
     secret = environ["WEBSOCKETSERVER_JOB_SECRET"].encode()
     first = make_report(secret, Report(job_id, "node1", 22, time.time() - 1000))
     assert post(*first) == 403  # too old
     elsewhere = make_report(secret, Report(job_id, "node7", 22, time.time()))
     assert post(*elsewhere) == 403  # not the job's node
-    fresh = make_report(secret, Report(job_id, "node1", job_port(job_id),
+    fresh = make_report(secret, Report(job_id, "node1", job_port(slurm, job_id),
                                        time.time()))
     assert post(*fresh) == 200
     assert post(*fresh) == 403  # the same one again
@@ -171,31 +174,31 @@ def test_forged_replayed_and_misdirected_reports_are_refused(
     assert secret.decode() not in log
 
 
-def marked_launchers(job_id: str) -> list[psutil.Process]:
-    """The job's in-job launcher (its environment holds the job's secret)."""
+def marked_launchers(job_id: str, mark: str) -> list[psutil.Process]:
+    """The job's in-job launcher (its environment holds the job's secret); ``mark``
+    tells it from the same job id of the other tests' clusters."""
     found = []
     for proc in psutil.process_iter():
         try:
             env = proc.environ()
         except psutil.Error:
             continue
-        if env.get("SLURM_JOB_ID") == job_id and "WEBSOCKETSERVER_JOB_SECRET" in env:
+        if (env.get("SLURM_JOB_ID") == job_id and env.get("WSTEST_MARK") == mark
+                and "WEBSOCKETSERVER_JOB_SECRET" in env):
             found.append(proc)
     assert found, f"no launcher of job {job_id}"
     return found
 
 
-def job_port(job_id: str) -> int:
-    """The port the job's echo server listens on (its command line's argument)."""
-    def port() -> int | None:
-        for proc in psutil.process_iter():
-            with contextlib.suppress(psutil.Error):
-                argv = proc.cmdline()
-                if (proc.environ().get("SLURM_JOB_ID") == job_id and len(argv) == 3
-                        and argv[1].endswith("echo.py")):
-                    return int(argv[2])
-        return None
-    return int(wait_until(port, 20))
+def job_port(slurm: SlurmCluster, job_id: str) -> int:
+    """The port the job reported, once the server accepted its report: the launcher
+    says so in the job's output."""
+    output = slurm.directory / "jobs" / f"{job_id}.out"
+
+    def reported() -> str | None:
+        text = output.read_text() if output.exists() else ""
+        return next((line for line in text.splitlines() if "reported port" in line), None)
+    return int(wait_until(reported, 20).split("reported port ")[1].split()[0])
 
 
 def test_release_of_a_queued_reservation_cancels_its_job(
@@ -209,3 +212,36 @@ def test_release_of_a_queued_reservation_cancels_its_job(
     assert all(i["token"] != waiting for s in ended for i in s["instances"])
     assert server.get_json(f"/v1/release/{holder}")[0] == 200
     wait_no_job_process(server, mark)
+
+
+def test_the_example_desktop_as_a_slurm_job_in_novnc(
+        chromium: Browser, start_server: StartServer, slurm: SlurmCluster,
+        tmp_path: Path) -> None:
+    """examples/desktop_session.py (Xvfb + x11vnc) run by the node's own python3, where
+    websocketserver is not installed: noVNC in Chromium shows its colour; closing the
+    page cancels the job and nothing of it is left."""
+    require("Xvfb", "x11vnc", "xsetroot")
+    require_novnc()
+    config = tmp_path / "services.json"
+    jobs = slurm.directory / "jobs"
+    config.write_text(json.dumps({"desktop": {
+        "command": ["python3", str(EXAMPLES / "desktop_session.py"), "--size=1024x768",
+                    "--color={color}", "--allow=127.0.0.1", "{port}"],
+        "count": 1, "options": {"color": "#3366cc"},
+        "slurm": {"sbatch": [f"--output={jobs}/%j.out"]}, "start": "reserve"}}))
+    server, mark = start(start_server, slurm, config, http_dir=novnc_site(tmp_path / "www"))
+    status, body = server.get_json("/v1/reserve/desktop?color=%23aa3377")
+    assert status == 200, body
+    token = body["token"]
+    context = new_context(chromium)
+    try:
+        page = context.new_page()
+        show_desktop(page, server, f"websockify?token={token}", "#aa3377",
+                     "slurm-desktop.png")
+        assert {psutil.Process(pid).name() for pid in job_processes(server, mark)} >= {
+            "Xvfb", "x11vnc"}
+        page.close()
+        wait_no_job_process(server, mark, 20)
+        wait_until(lambda: not slurm.run("squeue", "-h", "-o", "%i").strip(), 15)
+    finally:
+        context.close()

@@ -33,8 +33,9 @@ from ..core.protocol import cross_site_refusal
 from ..identity import USER_KEY_PARAM
 from ..metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from ..sessions.job_launcher import HEADER
+from ..sessions.jobs import REPORT_MAX_SIZE
 from ..sessions.reservations import State
-from ..sessions.services import REPORT_MAX_SIZE, ServiceManager
+from ..sessions.services import ServiceManager
 
 log = logging.getLogger("websocketserver.api")
 
@@ -136,7 +137,7 @@ class RestApi:
         body = await request.content.read(REPORT_MAX_SIZE + 1)
         if len(body) > REPORT_MAX_SIZE:
             return json_error(413, f"a job report has at most {REPORT_MAX_SIZE} bytes")
-        status, message = await self.services.job_report(body, request.headers.get(HEADER, ""))
+        status, message = await self.services.jobs.report(body, request.headers.get(HEADER, ""))
         if status != 200:
             return json_error(status, message)
         return web.json_response({"status": message})

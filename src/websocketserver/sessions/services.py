@@ -11,23 +11,14 @@ an instance whose browser left is kept *detached* by a holder task for that long
 websocket with its token re-attaches to it (a new TCP connection to the same host and
 port, no second ``start()``); else the holder stops it.
 
-A Slurm service's session (:class:`~..scripts.SlurmService`) runs a batch job: it is
-submitted when the websocket arrives (or at ``/v1/reserve`` with ``"start":
-"reserve"``), the token is ``queued`` while Slurm holds the job back, ``starting`` once
-it runs and until its launcher reports the port (:meth:`ServiceManager.job_report`),
-then ``active``. A watcher task per job follows it in Slurm: its end (time limit,
-node failure, scancel) ends the session with the job's state as the reason. A
-websocket for a queued token attaches to its session here, not through the store's
-claim, since the job is this instance's.
+A Slurm service's session runs a batch job: see :mod:`.jobs`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
-import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -36,20 +27,9 @@ from typing import Any
 from ..core.errors import Refused
 from ..identity import Identity
 from ..metrics import Metrics
-from ..scripts import (
-    CommandService,
-    ConfiguredCommand,
-    ConfiguredSlurmCommand,
-    RemoteServiceScript,
-    SlurmService,
-    load_script,
-    substitute,
-)
-from ..settings import ServiceConfig, Settings
+from ..settings import Settings
 from ..tasks import Tasks
-from .job import POLL_RUNNING, POLL_WAITING, Job, JobSpec
-from .job_launcher import verify_report
-from .local_apps import LocalApplication
+from .jobs import Jobs
 from .reservations import (
     ClaimOutcome,
     NoSlotFree,
@@ -60,8 +40,9 @@ from .reservations import (
     may_see,
     may_use,
 )
+from .service import Service
 from .session import Session
-from .slurm import SchedulerError, Slurm
+from .slurm import Slurm
 
 log = logging.getLogger("websocketserver.services")
 
@@ -72,14 +53,6 @@ ENDED_POLL = 0.05
 STORE_RETRY = 1.0
 """Seconds between tries to free a slot (or give back a claimed one) while the store (a
 cluster's Redis) does not answer."""
-REPORT_MAX_AGE = 60.0
-"""Seconds a job's report is valid after it was signed (it is re-sent every 30 s)."""
-REPORT_WAIT = 3.0
-"""Seconds a report that comes before the watcher saw its job run waits for it."""
-COMPLETING_WAIT = 10.0
-"""Seconds a websocket whose job Slurm is ending waits to learn the job's final state."""
-REPORT_MAX_SIZE = 4096
-"""Largest report body read, in bytes."""
 
 
 @dataclass(frozen=True)
@@ -89,27 +62,6 @@ class Elsewhere:
     websocket there."""
 
     node: str
-
-
-@dataclass(frozen=True)
-class Service:
-    """A service type: its configuration and its one script object."""
-
-    config: ServiceConfig
-    script: RemoteServiceScript
-
-    @property
-    def name(self) -> str:
-        return self.config.name
-
-    @property
-    def group(self) -> str | None:
-        return self.config.options.get("group")
-
-    @property
-    def batch(self) -> SlurmService | None:
-        """The script, if the service runs as Slurm jobs."""
-        return self.script if isinstance(self.script, SlurmService) else None
 
 
 class ServiceManager:
@@ -124,33 +76,16 @@ class ServiceManager:
         self.store = store
         self.identity = identity
         self.metrics = metrics or Metrics()
-        self.scheduler = scheduler or Slurm()
-        self.services: dict[str, Service] = {}
-        for config in settings.services:
-            if config.builtin_app is not None:
-                script: RemoteServiceScript = LocalApplication(
-                    config.builtin_app, settings.local_app_root, settings.local_app_command,
-                    settings.start_timeout)
-            elif config.slurm is not None:
-                script = ConfiguredSlurmCommand(config)
-            elif config.command is not None:
-                script = ConfiguredCommand(config, settings.start_timeout)
-            else:
-                script = load_script(config)
-            if isinstance(script, CommandService):
-                script.service_name = config.name  # its output is logged as name[index]
-            self.services[config.name] = Service(config, script)
+        self.services = {config.name: Service.configured(config, settings)
+                         for config in settings.services}
         self._sessions: dict[str, Session] = {}  # by token: activated, slot not yet freed
-        self._jobs: dict[str, tuple[str, Session]] = {}  # job id -> its token and session
-        instance = settings.node_name or f"{socket.gethostname()}:{settings.ws_port}"
-        self.job_marker = f"wss-{instance}-"
-        """Every job of this server is named so (its instance, an epoch): found again at
-        the next start if the server was killed."""
-        self.job_name = f"{self.job_marker}{int(time.time())}"
         self._reclaimer = Tasks(log)
         self._holders = Tasks(log)  # one per detached instance
-        self._background = Tasks(log)  # abandoned starts, changes to make once Redis answers
+        self._background = Tasks(log)  # abandoned starts, changes to make once Redis
+        # answers, Slurm jobs' watchers
         self._closing = False
+        self.jobs = Jobs(settings, store, scheduler or Slurm(), self.services, self._sessions,
+                         self._new_session, self._end, self._background)
 
     def grace(self, service: Service) -> float:
         """Seconds an instance of ``service`` is kept detached: its own, else the flag's."""
@@ -196,17 +131,13 @@ class ServiceManager:
 
     def _instance(self, reservation: Reservation, show_token: bool) -> dict[str, Any]:
         session = self._sessions.get(reservation.token)
-        traffic = session.traffic if session is not None else None
         instance: dict[str, Any] = {
             "index": reservation.index, "token": reservation.token if show_token else None,
             "timestamp": reservation.timestamp, "options": reservation.options,
             "state": str(reservation.state), "owner": reservation.owner,
-            "bytes_up": traffic.bytes_up if traffic else 0,
-            "bytes_down": traffic.bytes_down if traffic else 0}
+            **(session.describe() if session is not None else Session.NOTHING)}
         if reservation.node is not None:
             instance["node"] = reservation.node
-        if session is not None and session.job is not None:
-            instance.update(session.job.describe())
         if reservation.state is State.DETACHED:
             grace = self.grace(self.services[reservation.service])
             instance["detached_seconds_left"] = round(
@@ -225,25 +156,8 @@ class ServiceManager:
         log.info("reserved %s index %d for %s", name, reservation.index, user or "anonymous")
         batch = service.batch
         if batch is not None and batch.start_mode == "reserve":
-            return await self._submit_at_reserve(reservation, service, user)
+            return await self.jobs.submit_at_reserve(reservation, service, user)
         return reservation
-
-    async def _submit_at_reserve(self, reservation: Reservation, service: Service,
-                                 user: str | None) -> Reservation:
-        """``"start": "reserve"``: submit the job now; the token is queued."""
-        token = reservation.token
-        session = self._new_session(token, service, reservation.index)
-        try:
-            session.job = Job(self._scheduler_for(service, user), session.id)
-            if await self.store.transition(token, State.RESERVED, State.QUEUED) is None:
-                raise Refused(410, "reservation released")
-            await self._submit(token, session, reservation)
-        except BaseException:
-            self._sessions.pop(token, None)
-            await self.store.remove(token, "its job could not be submitted")
-            raise
-        queued = await self.store.get(token)
-        return queued or reservation
 
     async def release(self, token: str, user: str | None = None, admin: bool = False
                       ) -> Reservation:
@@ -268,8 +182,8 @@ class ServiceManager:
         session = self._sessions.get(token)
         if self.end_here(token):
             return reservation
-        if session is not None and session.job is not None and not session.claimed:
-            await self._end_job(token, session, "reservation released")  # no websocket
+        if session is not None and self.jobs.unclaimed(session):
+            await self.jobs.end_job(token, session, "reservation released")
         else:
             # claimed by an upgrade not yet activating it (activate or unclaim frees
             # it), or running on another instance of a cluster (the store tells it)
@@ -282,12 +196,9 @@ class ServiceManager:
         """End every session of this instance: its tunnel closes (which stops it), a
         detached one's holder stops it now."""
         for token, session in list(self._sessions.items()):
-            if (not session.end(reason) and session.job is not None
-                    and not session.claimed and session.watcher is not None):
-                session.watcher.cancel()  # a job no websocket waits for: cancel it
-                session.watcher = None
-                self._holders.spawn(self._end_job(token, session, reason),
-                                    f"{session.id} ending")
+            if not session.end(reason) and self.jobs.unclaimed(session):
+                self._holders.spawn(self.jobs.end_job(token, session, reason),
+                                    f"{session.id} ending")  # no websocket waits for it
 
     def end_here(self, token: str) -> bool:
         """End ``token``'s session here as a release does (here, or on another instance
@@ -306,9 +217,9 @@ class ServiceManager:
         """
         session = self._sessions.get(token)
         if session is not None and session.job is not None and session.address is None:
-            return await self._claim_job(token, session, user)
-        if session is None and self.runs_jobs:
-            submitted = await self._claim_to_submit(token, user)
+            return await self.jobs.claim(token, session, user)
+        if session is None and self.jobs.any:
+            submitted = await self.jobs.claim_to_submit(token, user)
             if submitted is not None:
                 return submitted
         claim = await self.store.claim(token, user)
@@ -334,54 +245,6 @@ class ServiceManager:
         if claim.outcome is ClaimOutcome.ELSEWHERE:
             return Elsewhere(claim.reservation.node or "?")
         return claim.reservation
-
-    async def _claim_job(self, token: str, session: Session, user: str | None
-                         ) -> Reservation:
-        """A websocket for a job's session not yet active (queued, or starting): it
-        waits for the job in :meth:`activate`. One websocket at a time."""
-        reservation = await self.store.get(token)
-        if reservation is None:
-            raise Refused(404, "unknown or expired token")
-        if not may_use(reservation, user):
-            raise Refused(403, f"token is reserved by another user than {user}")
-        if session.claimed:
-            raise Refused(409, "token is already in use")
-        session.claimed = True
-        return reservation
-
-    async def _claim_to_submit(self, token: str, user: str | None) -> Reservation | None:
-        """The first websocket of a reserved token of a Slurm service: reserved ->
-        queued (its job is submitted by :meth:`activate`); None for any other token."""
-        known = await self.store.get(token)
-        if known is None or known.state is not State.RESERVED or token in self._sessions:
-            return None
-        service = self.services.get(known.service)
-        if service is None or service.batch is None or not may_use(known, user):
-            return None
-        scheduler = self._scheduler_for(service, user if user is not None else known.owner)
-        session = self._new_session(token, service, known.index)
-        session.claimed = True
-        session.job = Job(scheduler, session.id)
-        queued = None
-        try:
-            queued = await self.store.transition(token, State.RESERVED, State.QUEUED)
-        finally:
-            if queued is None:  # released, or another websocket's meanwhile
-                self._sessions.pop(token, None)
-        return queued
-
-    def _scheduler_for(self, service: Service, user: str | None) -> Slurm:
-        """The scheduler that submits ``user``'s jobs of ``service``: through the
-        service's user prefix, which a job of an anonymous caller cannot have."""
-        batch = service.batch
-        assert batch is not None
-        if not batch.user_prefix:
-            return self.scheduler
-        if user is None:
-            raise Refused(403, f"service {service.name} runs jobs as the reserving user; "
-                               "the caller is anonymous")
-        return self.scheduler.as_user([substitute(part, {"user": user})
-                                       for part in batch.user_prefix])
 
     async def unclaim(self, token: str) -> None:
         """Give back a claimed token never activated (its websocket was not opened)."""
@@ -437,7 +300,7 @@ class ServiceManager:
             if reservation.state not in expected:
                 raise Refused(410, "reservation released")  # before the closer was set
             if session.job is not None and session.job.job_id is None:
-                await self._submit(token, session, reservation)  # "start": "connect"
+                await self.jobs.submit(token, session, reservation)  # "start": "connect"
             if not started:
                 session.address = await session.start(reservation)
                 if await self.store.transition(token, State.STARTING, State.ACTIVE) is None:
@@ -477,172 +340,6 @@ class ServiceManager:
             self._background, lambda: self._free(token, session))
         return session
 
-    # -- Slurm jobs ------------------------------------------------------------------
-
-    async def _submit(self, token: str, session: Session, reservation: Reservation) -> None:
-        """Submit the session's job (its token is queued) and watch it. Raises
-        :class:`~.errors.Refused` (502) if Slurm refuses it."""
-        job, batch = session.job, session.service.batch
-        assert job is not None and batch is not None
-        options = dict(reservation.options)
-        index = session.index
-        directory = batch.working_directory()
-        spec = JobSpec(command=batch.command(index, options),
-                       sbatch=batch.sbatch(index, options),
-                       environment=batch.environment(index, options),
-                       directory=str(directory) if directory is not None else None)
-        session.queue_timeout = batch.queue_timeout
-        try:
-            job_id = await job.submit(spec, self.job_name,
-                                      f"websocketserver {session.service.name}[{index}]",
-                                      self.settings.job_report_url,
-                                      self.settings.start_timeout)
-        except SchedulerError as exc:
-            log.warning("%s: the job was not submitted: %s", session.id, exc)
-            session.end_reason = "its job could not be submitted"
-            raise Refused(502, f"{session.service.name}: the job was not submitted: "
-                               f"{exc}") from None
-        self._jobs[job_id] = (token, session)
-        log.info("%s: submitted job %s", session.id, job_id)
-        session.watcher = self._background.spawn(self._watch(token, session),
-                                                 f"{session.id} job {job_id}")
-
-    async def _watch(self, token: str, session: Session) -> None:
-        """Follow the job in Slurm until it ends (or the session is stopped, which
-        cancels this task): queued -> starting when it runs; an unused one is cancelled
-        ``--timeout`` seconds after its report; its end ends the session."""
-        job = session.job
-        assert job is not None
-        failing = False
-        reason = None
-        while job.final is None:
-            try:
-                state = await job.poll()
-                if state is not None and state.running and job.node is None:
-                    node, address = await job.locate(state)
-                    if await self.store.transition(token, State.QUEUED,
-                                                   State.STARTING) is None:
-                        return  # released meanwhile: its stopping cancels the job
-                    job.runs(node, address)
-                    log.info("%s: job %s runs on %s", session.id, job.job_id, job.node)
-                failing = False
-            except SchedulerError as exc:
-                if not failing:  # once per outage
-                    log.warning("%s: cannot follow job %s: %s", session.id, job.job_id, exc)
-                failing = True
-            except StoreUnavailable as exc:
-                log.debug("%s: %s", session.id, exc.detail)
-            unused = (job.reported_at is not None and not session.claimed
-                      and session.address is None
-                      and time.monotonic() - job.reported_at > self.settings.timeout)
-            if unused:
-                reason = f"unused for {self.settings.timeout:g} s after its job started"
-                break
-            job.changed.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(job.changed.wait(), POLL_RUNNING
-                                       if job.port and not job.ending else POLL_WAITING)
-        reason = reason or f"job {job.job_id} ended: {job.final}"
-        session.watcher = None
-        log.info("%s: %s", session.id, reason)
-        session.end_reason = reason
-        if not session.end(reason):  # no websocket attached
-            await self._end_job(token, session, reason)
-
-    async def job_ended(self, session: Session) -> str | None:
-        """Why the session's job ended (``job N ended: STATE``), asked when its
-        application's connection closed; None if it runs on after :data:`REPORT_WAIT`
-        seconds (the application closed the connection itself)."""
-        job = session.job
-        assert job is not None
-        began = time.monotonic()
-        while job.final is None:
-            waited = time.monotonic() - began
-            if waited > (COMPLETING_WAIT if job.ending else REPORT_WAIT):
-                return f"job {job.job_id} is ending" if job.ending else None
-            job.changed.set()  # its watcher looks now
-            await asyncio.sleep(0.5)
-        return f"job {job.job_id} ended: {job.final}"
-
-    async def _end_job(self, token: str, session: Session, reason: str) -> None:
-        """End a job's session no websocket holds: cancel the job, free the slot."""
-        session.end_reason = reason
-        try:
-            await self.store.transition(
-                token, (State.QUEUED, State.STARTING, State.ACTIVE, State.DETACHED),
-                State.STOPPING)
-        except StoreUnavailable as exc:  # cancelled all the same; freed once it answers
-            log.debug("%s: not marked stopping: %s", session.id, exc.detail)
-        await self._end(token, session)
-
-    async def job_report(self, body: bytes, signature: str) -> tuple[int, str]:
-        """A job's report (``POST /v1/job_report``): its status and a message.
-
-        200 accepted; 410 no session wants that job (the launcher then ends it); 400
-        not a report; 403 forged, tampered with, too old, replayed, from another node
-        than the job's, or for another job: refused and logged, never trusted.
-        """
-        try:
-            data = json.loads(body)
-            job_id = data["job_id"]
-        except (ValueError, TypeError, KeyError):
-            return 400, "not a job report"
-        if not isinstance(job_id, str):
-            return 400, "not a job report"
-        found = self._jobs.get(job_id)
-        if found is None:
-            return 410, "no session wants this job"
-        _, session = found
-        job = session.job
-        assert job is not None
-        if job.node is None and job.final is None:  # it runs, but no poll saw it yet
-            job.changed.set()  # its watcher looks now
-            deadline = time.monotonic() + REPORT_WAIT
-            while job.node is None and job.final is None and time.monotonic() < deadline:
-                await asyncio.sleep(0.05)
-            if job.node is None:
-                return 503, "job not seen running yet"  # the launcher tries again
-        report = verify_report(job.secret.encode(), body, signature, time.time(),
-                               REPORT_MAX_AGE)
-        known = job.port
-        refusal = ("bad signature, or signed too long ago" if report is None
-                   else job.accept(report))
-        if refusal is not None:
-            log.warning("%s: refused a report for job %s: %s", session.id, job_id[:20],
-                        refusal)
-            return 403, "report refused"
-        if known is None:
-            log.info("%s: job %s reported port %s on %s", session.id, job_id, job.port,
-                     job.node)
-        return 200, "ok"
-
-    @property
-    def runs_jobs(self) -> bool:
-        """Whether a service runs as Slurm jobs."""
-        return any(service.batch is not None for service in self.services.values())
-
-    def scancel_all(self) -> list[str]:
-        """The command that cancels every job of this run (the supervisor's, should
-        the server be killed)."""
-        return [*self.scheduler.prefix, "scancel", f"--name={self.job_name}"]
-
-    async def cancel_left_jobs(self) -> None:
-        """Cancel the jobs a killed server of this instance left (named with
-        :attr:`job_marker` and an older epoch): called at start, before any submit."""
-        if not self.runs_jobs:
-            return
-        try:
-            left = await self.scheduler.jobs_named(self.job_marker)
-        except SchedulerError as exc:
-            log.warning("cannot look for jobs a previous run left: %s", exc)
-            return
-        for job_id, owner in left:
-            try:
-                await self.scheduler.cancel(job_id)
-                log.warning("cancelled job %s of %s, left by a previous run", job_id, owner)
-            except SchedulerError as exc:
-                log.error("cannot cancel job %s left by a previous run: %s", job_id, exc)
-
     async def _detach(self, token: str, session: Session) -> None:
         """Keep a detached session's instance for its grace, in a holder task."""
         wake = session.wake = asyncio.Event()
@@ -679,8 +376,7 @@ class ServiceManager:
         """Drop the session, whose instance is stopped or never ran, and remove its
         token from the store."""
         self._sessions.pop(token, None)
-        if session.job is not None and session.job.job_id is not None:
-            self._jobs.pop(session.job.job_id, None)
+        self.jobs.forget(session)
         name, index = session.service.name, session.index
 
         async def remove() -> None:
@@ -700,15 +396,7 @@ class ServiceManager:
                 return
             log.warning("%s: the store is unavailable (%s); trying again every %g s", what,
                         exc.detail, STORE_RETRY)
-            self._background.spawn(self._retry(change), f"retry: {what}")
-
-    @staticmethod
-    async def _retry(change: Callable[[], Awaitable[None]]) -> None:
-        while True:
-            await asyncio.sleep(STORE_RETRY)
-            with contextlib.suppress(StoreUnavailable):
-                await change()
-                return
+            self._background.retry(change, f"retry: {what}", STORE_RETRY, StoreUnavailable)
 
     async def _end_dead(self, token: str, session: Session) -> None:
         """End a detached session whose instance was found dead on a re-attach (the

@@ -32,7 +32,7 @@ from .reservations import Reservation
 from .slurm import SchedulerError
 
 if TYPE_CHECKING:
-    from .services import Service
+    from .service import Service
 
 log = logging.getLogger("websocketserver.services")
 
@@ -48,6 +48,9 @@ class Traffic(Protocol):
 
 class Session:
     """The session of one token on this instance (see the module)."""
+
+    NOTHING: dict[str, object] = {"bytes_up": 0, "bytes_down": 0}
+    """:meth:`describe` of a token without a session here."""
 
     def __init__(self, service: Service, index: int, grace: float, settings: Settings,
                  metrics: Metrics, background: Tasks,
@@ -87,6 +90,16 @@ class Session:
         self.queue_timeout = 0.0
         self.end_reason = "ended"
         """Why it ended, kept with the ended reservation."""
+
+    def describe(self) -> dict[str, object]:
+        """This session's fields of ``/v1/status``: bytes carried, its job's."""
+        traffic = self.traffic
+        fields: dict[str, object] = (
+            {"bytes_up": traffic.bytes_up, "bytes_down": traffic.bytes_down}
+            if traffic is not None else dict(self.NOTHING))
+        if self.job is not None:
+            fields.update(self.job.describe())
+        return fields
 
     def attach(self, close: Callable[[str], None]) -> None:
         """A websocket uses the session now; ``close(reason)`` ends it."""

@@ -288,7 +288,7 @@ class WebSocketGateway:
     async def _explain_end(self, tunnel: Tunnel, session: Session) -> None:
         """Close a job session's websocket whose backend ended: with the job's end if
         Slurm says it ended (the time limit, a scancel), else as any backend's end."""
-        ended = await self.services.job_ended(session)
+        ended = await self.services.jobs.job_ended(session)
         if ended is not None:
             tunnel.close(WSCloseCode.GOING_AWAY, ended)
         else:

@@ -32,23 +32,19 @@ Backpressure holds in both directions with no unbounded buffer:
   the process's budget; a tunnel that would exceed it is closed with 1009.
 
 The bookkeeping behind these (the queue for the backend, partial sends, the budget
-charge, the owed pong) is :class:`~.upstream.UpstreamQueue`, without I/O; the
-tunnel makes the socket calls it asks for.
+charge, the owed pong) is :class:`~.upstream.UpstreamQueue`, without I/O.
 
-A browser that resets its connection while its socket is not being read (its
-backend stalled) is noticed by a check of the socket's TCP state every
-``RESET_CHECK`` seconds while paused, so the tunnel and its slot do not wait for
-the backend.
+A browser that resets its connection while its socket is not being read (its backend
+stalled) is noticed by a check of the socket's TCP state every ``RESET_CHECK`` seconds
+while paused, so the tunnel and its slot do not wait for the backend.
 
 The websocket rules picows leaves to its user are decided by
 :class:`~.frames.FrameChecker` (reserved bits, fragment order, the message size
 across fragments, UTF-8, close codes); the tunnel does what it answers. Its life is
 one :class:`TunnelState`, moved only along ``_TRANSITIONS``.
 
-(This module is longer than the others on purpose: the relay is one class whose
-callbacks run per frame and per read, and every indirection added there costs
-throughput; the parts that are not per-frame live in ``core/frames.py``, ``backend.py``
-and ``live.py``, the upstream bookkeeping in ``core/upstream.py``.)
+(One class on purpose: its callbacks run per frame and per read, where every indirection
+costs throughput; what is not per-frame lives in ``core/``, ``backend.py``, ``live.py``.)
 """
 
 from __future__ import annotations
@@ -109,12 +105,9 @@ class TunnelState(enum.IntEnum):
     CLOSED = 3  # the browser's connection is gone
 
 
-_TRANSITIONS = {
-    TunnelState.CONNECTING: {TunnelState.RELAYING, TunnelState.STOPPED},
-    TunnelState.RELAYING: {TunnelState.STOPPED},
-    TunnelState.STOPPED: {TunnelState.CLOSED},
-    TunnelState.CLOSED: set(),
-}
+_TRANSITIONS = {TunnelState.CONNECTING: {TunnelState.RELAYING, TunnelState.STOPPED},
+                TunnelState.RELAYING: {TunnelState.STOPPED},
+                TunnelState.STOPPED: {TunnelState.CLOSED}, TunnelState.CLOSED: set()}
 _CONNECTING, _RELAYING, _STOPPED, _CLOSED = TunnelState
 _CLOSE_OPCODE = 0x8
 
@@ -135,20 +128,18 @@ class Tunnel(WSListener):
     """
 
     __slots__ = ("stats", "reason", "backend_ended", "on_backend_end", "_held", "closed",
-                 "state", "_checker",
-                 "_loop", "_ws", "_browser", "_browser_paused", "_sock", "_fd", "_reading",
-                 "_writing", "_up", "_close_timer", "_on_stop", "_unparsed",
-                 "_reset_timer")
+                 "state", "_checker", "_loop", "_ws", "_browser", "_browser_paused", "_sock",
+                 "_fd", "_reading", "_writing", "_up", "_close_timer", "_on_stop",
+                 "_unparsed", "_reset_timer")
 
     def __init__(self, stats: TunnelStats, max_message: int, budget: UpstreamBudget) -> None:
         super().__init__()
         self.stats = stats
         self.reason = ""  # why the tunnel ended, for the log: the first cause wins
         self.backend_ended = False  # the service closed or lost its connection first
+        # set by an owner that explains a backend's end itself (a Slurm job's state): the
+        # tunnel then stops relaying but holds its close frame until the owner's close()
         self.on_backend_end: Callable[[], None] | None = None
-        """Set by the owner to explain a backend's end itself (a Slurm job's session: the
-        job's state is the reason): then the tunnel stops relaying but holds its close
-        frame until the owner's :meth:`close`."""
         self._held = False  # a close frame held for on_backend_end's owner
         self.state = _CONNECTING
         self._checker = FrameChecker(max_message)
@@ -438,11 +429,9 @@ class Tunnel(WSListener):
 
     def _backend_end(self, code: WSCloseCode, reason: str) -> None:
         self.backend_ended = True
-        explain = self.on_backend_end
+        explain, self.on_backend_end = self.on_backend_end, None
         if explain is None or self.state >= _STOPPED:
-            self.close(code, reason)
-            return
-        self.on_backend_end = None
+            return self.close(code, reason)
         self._held = self._ws is not None
         self._stop(reason)
         explain()

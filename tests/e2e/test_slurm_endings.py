@@ -1,0 +1,96 @@
+"""How Slurm sessions end when nobody releases them: the job's time limit, and a server
+killed with SIGKILL (its supervisor cancels its jobs; a server started after one that
+left jobs cancels them). A module of its own, with a Slurm cluster of its own, so that
+its minute-long time-limit test runs beside the other tests, not after them."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import websockets
+
+pytest.register_assert_rewrite("slurm_support", "e2e.slurm_sessions")
+from slurm_support import SlurmCluster  # noqa: E402
+
+from e2e.slurm_sessions import (  # noqa: E402
+    instance,
+    reserve,
+    start,
+    wait_no_job_process,
+    wait_state,
+    write_config,
+)
+from support import StartServer, received_close, recv_bytes, wait_until  # noqa: E402
+
+pytest_plugins = ["slurm_support"]
+
+
+@pytest.fixture(autouse=True)
+def clean_queue(slurm: SlurmCluster) -> Iterator[None]:
+    yield
+    slurm.cancel_all(timeout=15)
+
+
+def queue(slurm: SlurmCluster) -> list[str]:
+    """The ids of the jobs Slurm has not finished with."""
+    return slurm.run("squeue", "-h", "-o", "%i").split()
+
+
+@pytest.mark.timeout(240)
+def test_a_job_past_its_time_limit_closes_its_websocket_with_the_reason(
+        start_server: StartServer, slurm: SlurmCluster, tmp_path: Path) -> None:
+    """``--time=1``: Slurm ends the job after a minute (its check runs every ~30 s);
+    the websocket closes with ``job N ended: TIMEOUT``."""
+    config = write_config(tmp_path / "svc", slurm, count=1, sbatch=("--time=1",))
+    server, mark = start(start_server, slurm, config)
+    token = reserve(server)
+
+    async def scenario() -> None:
+        async with websockets.connect(server.ws_url(token=token), open_timeout=30) as ws:
+            await ws.send(b"x")
+            assert await asyncio.wait_for(recv_bytes(ws), 30) == b"x"
+            job_id = instance(server, token)["job_id"]
+            began = time.monotonic()
+            with pytest.raises(websockets.ConnectionClosed) as closed:
+                await asyncio.wait_for(ws.recv(), 150)
+            assert time.monotonic() - began > 50
+            close = received_close(closed.value)
+            assert (close.code, close.reason) == (1001, f"job {job_id} ended: TIMEOUT")
+    asyncio.run(scenario())
+    wait_no_job_process(server, mark)
+    wait_until(lambda: reserve(server), 10)  # its slot is free again
+
+
+def test_killing_the_server_cancels_its_jobs_and_a_new_one_cancels_what_is_left(
+        start_server: StartServer, slurm: SlurmCluster, tmp_path: Path) -> None:
+    """SIGKILL of the server process: its supervisor runs scancel for the run's jobs.
+    SIGKILL of the supervisor too (nothing of the server is left to cancel them): the
+    next server of that instance cancels them at its start."""
+    config = write_config(tmp_path / "svc", slurm)
+    server, mark = start(start_server, slurm, config)
+    queued = [reserve(server), reserve(server)]  # one runs, one waits for the licence
+    wait_state(server, queued[1], "queued")
+    assert len(queue(slurm)) == 2
+    os.kill(server.serving_pid(), signal.SIGKILL)
+    wait_until(lambda: not queue(slurm), 15)
+    wait_until(lambda: server.proc.poll() is not None, 15)
+    wait_no_job_process(server, mark)
+
+    second, mark = start(start_server, slurm, config)
+    reserve(second)
+    wait_until(lambda: queue(slurm), 10)
+    left = queue(slurm)
+    os.kill(second.serving_pid(), signal.SIGSTOP)  # the supervisor first, then it
+    os.kill(second.pid, signal.SIGKILL)
+    os.kill(second.serving_pid(), signal.SIGKILL)
+    assert queue(slurm) == left  # nothing cancelled them
+    third = start_server("--remote_session_config", str(config),
+                         ws_port=second.ws_port, env=slurm.env)
+    wait_until(lambda: not queue(slurm), 15)
+    assert "left by a previous run" in third.log()
