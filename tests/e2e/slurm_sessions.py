@@ -27,7 +27,8 @@ while True:
 
 
 def write_config(folder: Path, slurm: SlurmCluster, *, start: str = "reserve",
-                 count: int = 2, sbatch: tuple[str, ...] = (), **more: Any) -> Path:
+                 count: int = 2, sbatch: tuple[str, ...] = (),
+                 user_prefix: tuple[str, ...] = (), **more: Any) -> Path:
     """A service ``viz`` whose every job needs the one ``ensight`` licence."""
     folder.mkdir(exist_ok=True)
     folder.chmod(0o755)
@@ -37,7 +38,7 @@ def write_config(folder: Path, slurm: SlurmCluster, *, start: str = "reserve",
     config.write_text(json.dumps({"viz": {
         "command": ["python3", str(folder / "echo.py"), "{port}"], "count": count,
         "slurm": {"sbatch": [f"--licenses={LICENSE}:1", f"--output={jobs}/%j.out",
-                             *sbatch]},
+                             *sbatch], **({"user_prefix": user_prefix} if user_prefix else {})},
         "start": start, **more}}))
     return config
 

@@ -70,6 +70,9 @@ def test_reserve_queues_the_job_then_the_websocket_echoes_through_it(
             assert queued["job_node"] is None
             await asyncio.to_thread(wait_until, lambda: instance(
                 server, second)["queue_reason"] == "Licenses", 10)
+            dashboard = server.get("/v1/status_view")[2].decode()
+            assert f"job {queued['job_id']}: Licenses" in dashboard
+            assert "job_node" not in dashboard and "class='state queued'" in dashboard
 
             assert server.get_json(f"/v1/release/{first}")[0] == 200
             with pytest.raises(websockets.ConnectionClosed) as closed:
@@ -245,3 +248,35 @@ def test_the_example_desktop_as_a_slurm_job_in_novnc(
         wait_until(lambda: not slurm.run("squeue", "-h", "-o", "%i").strip(), 15)
     finally:
         context.close()
+
+
+def test_jobs_run_through_the_user_prefix_and_never_for_anonymous_callers(
+        start_server: StartServer, slurm: SlurmCluster, tmp_path: Path) -> None:
+    """``"user_prefix"`` runs Slurm's commands as the reserving user (here ``env``
+    stands in for ``sudo -n -u {user}``, whose effect the job shows); a caller the
+    server cannot name is refused (403), at reserve and at connect."""
+    config = write_config(tmp_path / "svc", slurm, user_prefix=("env", "WSTEST_USER={user}"))
+    data = json.loads(config.read_text())
+    data["connect"] = {**data["viz"], "start": "connect"}
+    config.write_text(json.dumps(data))
+    server, mark = start(start_server, slurm, config, "--trusted_proxy", "127.0.0.1")
+    status, body = server.get_json("/v1/reserve/viz")
+    assert (status, body) == (403, {"error": "service viz runs jobs as the reserving user; "
+                                             "the caller is anonymous"})
+    status, body = server.get_json("/v1/reserve/viz", headers={"X-Remote-User": "alice"})
+    assert status == 200, body
+    job_id = wait_state(server, body["token"], "starting")["job_id"]
+    launcher = marked_launchers(job_id, mark)[0]
+    assert launcher.environ()["WSTEST_USER"] == "alice"
+    assert launcher.username() == "root"  # env switches no user; sudo -u would
+    status, body = server.get_json("/v1/reserve/connect")  # no user yet: reserving is fine
+    assert status == 200
+
+    async def connect_anonymously() -> int:
+        try:
+            async with websockets.connect(server.ws_url(token=body["token"]),
+                                          open_timeout=30):
+                return 101
+        except websockets.InvalidStatus as exc:
+            return exc.response.status_code
+    assert asyncio.run(connect_anonymously()) == 403

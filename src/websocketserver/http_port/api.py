@@ -265,7 +265,21 @@ def _state_cell(instance: dict[str, Any]) -> str:
     reclaim = instance.get("reclaim_seconds_left")
     if reclaim is not None:
         until = f" <small>reclaimed in {_age(reclaim)} unless used</small>"
-    return f"<span class='state {state}'>{state}</span>{until}"
+    return f"<span class='state {state}'>{state}</span>{until}{_job(instance)}"
+
+
+def _job(instance: dict[str, Any]) -> str:
+    """A Slurm job's id, and why it waits (with its expected start) or where it runs."""
+    if instance.get("job_id") is None:
+        return ""
+    text = f"job {instance['job_id']}"
+    if instance.get("job_node"):
+        text += f" on {instance['job_node']}"
+    elif instance.get("queue_reason"):
+        text += f": {instance['queue_reason']}"
+        if instance.get("expected_start"):
+            text += f", expected {instance['expected_start']}"
+    return f" <small class='job'>{html.escape(text)}</small>"
 
 
 def _token_cells(token: str | None) -> str:
@@ -322,7 +336,8 @@ def render_status(services: list[dict[str, Any]], overview: str = "") -> str:
         ".num{text-align:right;font-variant-numeric:tabular-nums}.state{padding:.1em .5em;"
         "border-radius:1em;background:#eee}.active{background:#d7f5dc;color:#075}"
         ".starting{background:#fff1c9;color:#850}.stopping{background:#fde0e0;color:#a00}"
-        ".reserved{background:#e3ecff;color:#248}.detached{background:#efe2ff;color:#63a}"
+        ".reserved{background:#e3ecff;color:#248}.queued{background:#ffe6cc;color:#940}"
+        ".detached{background:#efe2ff;color:#63a}"
         ".idle,.options,#updated{color:#888}.overview span{margin-right:1.5em}"
         ".full{font-size:.6em;color:#a00}button{cursor:pointer}</style></head><body>"
         "<h1>websocketserver status</h1><p id='updated'></p>"
