@@ -94,3 +94,33 @@ def test_killing_the_server_cancels_its_jobs_and_a_new_one_cancels_what_is_left(
                          ws_port=second.ws_port, env=slurm.env)
     wait_until(lambda: not queue(slurm), 15)
     assert "left by a previous run" in third.log()
+
+
+def test_a_websocket_waits_at_most_the_queue_timeout_and_an_unused_job_is_reclaimed(
+        start_server: StartServer, slurm: SlurmCluster, tmp_path: Path) -> None:
+    """``"queue_timeout": 2``: the websocket of a job still waiting for the licence is
+    closed with the reason and its job cancelled. ``--timeout 2`` counts from the
+    report: the running job no websocket used is cancelled then, not before."""
+    config = write_config(tmp_path / "svc", slurm, queue_timeout=2)
+    server, mark = start(start_server, slurm, config, "--timeout", "2")
+    holder, waiter = reserve(server), reserve(server)
+    holder_job = wait_state(server, holder, "starting")["job_id"]
+    waiter_job = wait_state(server, waiter, "queued")["job_id"]
+
+    async def scenario() -> None:
+        async with websockets.connect(server.ws_url(token=waiter), open_timeout=30) as ws:
+            with pytest.raises(websockets.ConnectionClosed) as closed:
+                await asyncio.wait_for(ws.recv(), 20)
+            close = received_close(closed.value)
+            assert (close.code, close.reason) == (
+                1011, f"job {waiter_job} still queued after 2 s (Licenses)")
+    began = time.monotonic()
+    asyncio.run(scenario())
+    wait_until(lambda: waiter_job not in queue(slurm), 15)
+    # the holder's job reported within a second or two of running; unused, it ends
+    # --timeout (2 s) after that report, and its slot with it
+    wait_until(lambda: holder_job not in queue(slurm), 20)
+    assert time.monotonic() - began > 1.5
+    status, services = server.get_json("/v1/status")
+    assert services[0]["instances"] == []
+    wait_no_job_process(server, mark)
