@@ -133,7 +133,12 @@ def test_a_signed_body_that_is_no_report_is_refused() -> None:
         return body, f"{stamp} {mac}"
     good = {"job_id": "1", "host": "n", "port": 80, "time": NOW}
     assert verify_report(SECRET, *signed(good), NOW, 30) is not None
-    for bad in ([good], {**good, "port": "80"}, {**good, "port": 0}, {**good, "port": True},
+    with_output = {**good, "port": 0, "output": ["a line", ""]}
+    assert verify_report(SECRET, *signed(with_output), NOW, 30) == Report(
+        "1", "n", 0, NOW, ("a line", ""))
+    for bad_output in ("a line", [1], {"a": "b"}, None):
+        assert verify_report(SECRET, *signed({**good, "output": bad_output}), NOW, 30) is None
+    for bad in ([good], {**good, "port": "80"}, {**good, "port": -1}, {**good, "port": True},
                 {**good, "host": ""}, {**good, "extra": 1}, {**good, "time": NOW - 1},
                 {k: v for k, v in good.items() if k != "job_id"}):
         assert verify_report(SECRET, *signed(bad), NOW, 30) is None, bad

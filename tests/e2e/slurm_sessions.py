@@ -18,6 +18,7 @@ from support import ServerProcess, StartServer, recv_bytes, wait_until
 # server's WSTEST_MARK (sbatch passes the server's environment on to the job).
 ECHO = """import socket, sys
 server = socket.create_server(("", int(sys.argv[1])))
+print("echo server on port", sys.argv[1], flush=True)
 while True:
     conn, _ = server.accept()
     with conn:

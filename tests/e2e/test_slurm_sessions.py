@@ -85,6 +85,7 @@ def test_reserve_queues_the_job_then_the_websocket_echoes_through_it(
     asyncio.run(scenario())
     wait_no_job_process(server, mark)  # the second closed its websocket: its job is cancelled too
     assert first not in server.log()  # tokens are never logged
+    assert "viz[0]: echo server on port" in server.log()  # the job's output, from the node
 
 
 def test_a_websocket_waits_open_while_its_job_is_queued(

@@ -146,7 +146,8 @@ class Job:
     # -- the job's report -------------------------------------------------------------
 
     def accept(self, report: Report) -> str | None:
-        """Take the job's report; None if accepted, else why it is refused."""
+        """Take the job's report (its port; 0 while the command does not listen yet);
+        None if accepted, else why it is refused."""
         if report.job_id != self.job_id:
             return f"report for job {report.job_id}, not {self.job_id}"
         if self.final is not None:
@@ -157,10 +158,10 @@ class Job:
             return f"report names host {report.host[:100]!r}, job {self.job_id} runs on {self.node}"
         if report.time <= self._last_report:
             return "report replayed (not newer than the last one)"
-        if self.port is not None and report.port != self.port:
+        if report.port and self.port is not None and report.port != self.port:
             return f"report changes the port ({self.port} -> {report.port})"
         self._last_report = report.time
-        if self.port is None:
+        if report.port and self.port is None:  # 0: output only, not listening yet
             self.port = report.port
             self.reported_at = time.monotonic()
             self._changed()

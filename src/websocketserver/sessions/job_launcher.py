@@ -58,11 +58,13 @@ import socket
 import string
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
+from collections import deque
 from dataclasses import dataclass
-from typing import NoReturn
+from typing import IO, NoReturn
 
 HEADER = "X-Websocketserver-Report"
 """The report's signature header: ``TIME SIGNATURE`` (the report's time as written in
@@ -73,22 +75,33 @@ PREFIX = "websocketserver job launcher: "
 CLOCK_SKEW = 10.0
 """Seconds a report's time may be ahead of the server's clock (nodes' clocks differ a
 little even with NTP); more is refused as from the future."""
+OUTPUT_KEPT = 1000
+"""Lines of the command's output kept for the next reports; older ones are counted."""
+OUTPUT_LINE = 2000
+"""Longest line of output sent, in characters (the rest is cut)."""
+OUTPUT_PER_REPORT = 16384
+"""Most characters of output (as JSON) in one report; the rest goes in the next."""
+OUTPUT_INTERVAL = 0.5
+"""Seconds between reports sent for output alone."""
 POST_TIMEOUT = 5.0
 RETRY = 2.0
 """Seconds between posts while no server answers (or the heartbeat, if shorter)."""
 
+_FIELDS = ("job_id", "host", "port", "time")
 _PR_SET_CHILD_SUBREAPER = 36
 _LISTEN = "0A"  # TCP_LISTEN in /proc/net/tcp
 
 
 @dataclass(frozen=True)
 class Report:
-    """What a job says about itself: where its command listens, and when it said so."""
+    """What a job says about itself: where its command listens (0: not yet), when it
+    said so, and the lines its command printed since the last report."""
 
     job_id: str
     host: str
     port: int
     time: float
+    output: tuple[str, ...] = ()
 
 
 def sign(secret: bytes, body: bytes, stamp: str) -> str:
@@ -104,8 +117,11 @@ def _mac(secret: bytes, body: bytes, stamp: str) -> bytes:
 def make_report(secret: bytes, report: Report) -> tuple[bytes, str]:
     """The body and :data:`HEADER` value of ``report``."""
     stamp = repr(float(report.time))
-    body = json.dumps({"job_id": report.job_id, "host": report.host, "port": report.port,
-                       "time": float(stamp)}, sort_keys=True).encode()
+    fields = {"job_id": report.job_id, "host": report.host, "port": report.port,
+              "time": float(stamp)}
+    if report.output:
+        fields["output"] = list(report.output)
+    body = json.dumps(fields, sort_keys=True).encode()
     return body, sign(secret, body, stamp)
 
 
@@ -127,16 +143,19 @@ def verify_report(secret: bytes, body: bytes, header: str, now: float,
         sent = float(stamp)
     except ValueError:
         return None
-    if not isinstance(data, dict) or set(data) != {"job_id", "host", "port", "time"}:
+    if not isinstance(data, dict) or not (
+            set(_FIELDS) <= set(data) <= {*_FIELDS, "output"}):
         return None
     job_id, host, port, made = data["job_id"], data["host"], data["port"], data["time"]
+    output = data.get("output", [])
     if not (isinstance(job_id, str) and isinstance(host, str) and 0 < len(host) <= 255
-            and isinstance(port, int) and not isinstance(port, bool) and 0 < port < 65536
-            and isinstance(made, float) and made == sent):
+            and isinstance(port, int) and not isinstance(port, bool) and 0 <= port < 65536
+            and isinstance(made, float) and made == sent and isinstance(output, list)
+            and all(isinstance(line, str) for line in output)):
         return None
     if not now - max_age <= made <= now + CLOCK_SKEW:
         return None
-    return Report(job_id=job_id, host=host, port=port, time=made)
+    return Report(job_id=job_id, host=host, port=port, time=made, output=tuple(output))
 
 
 # -- the launcher, inside the job ---------------------------------------------------
@@ -253,6 +272,10 @@ class Launcher:
         self.stopping = False
         self.unanswered = False
         self.opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        self.output: deque[str] = deque()
+        self.lost = 0  # lines of output dropped since the last report
+        self.lock = threading.Lock()
+        self.output_sent = 0.0
 
     def run(self) -> int:
         """Start, report, watch; the exit status. The tree is ended by :meth:`main`."""
@@ -260,25 +283,78 @@ class Launcher:
         argv = [substitute(argument, port) for argument in self.template]
         child_env = {k: v for k, v in os.environ.items() if not k.startswith(ENV)}
         try:
-            proc = subprocess.Popen(argv, env=child_env, stdin=subprocess.DEVNULL)
+            proc = subprocess.Popen(argv, env=child_env, stdin=subprocess.DEVNULL,
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         except OSError as exc:
             say(f"cannot run {argv[0]}: {exc.strerror or exc}")
             return 127
         self.pid = proc.pid
         proc.returncode = 0  # reaped by waitpid(-1) below, never by Popen
+        assert proc.stdout is not None
+        threading.Thread(target=self.read_output, args=(proc.stdout,), daemon=True).start()
         say(f"job {self.job_id or '?'}: started {argv[0]} (pid {self.pid}) on "
             f"{self.host} port {port}")
         deadline = time.monotonic() + self.start_timeout
         while not listening(port):
             if (ended := self.ended()) is not None:
                 say(f"the command ended before it listened on port {port}")
+                self.send_output()
                 return ended or 1
             if time.monotonic() > deadline:
                 say(f"the command did not listen on port {port} within "
                     f"{self.start_timeout:g} s")
+                self.send_output()
                 return 1
+            if self.post_output(0) == 410:
+                say("the server wants this job no more (410 Gone)")
+                return 0
             time.sleep(0.05)
         return self.report(port)
+
+    # -- the command's output: to the job's output file, and to the server's log
+
+    def read_output(self, stream: IO[bytes]) -> None:
+        """Copy each line the command prints to stderr (the job's output file) and keep
+        it for the next report (at most :data:`OUTPUT_KEPT`; older ones are counted)."""
+        with stream:
+            for raw in iter(lambda: stream.readline(65536), b""):
+                line = raw.decode("utf-8", "replace").rstrip("\r\n")
+                sys.stderr.write(line + "\n")
+                sys.stderr.flush()
+                with self.lock:
+                    if len(self.output) >= OUTPUT_KEPT:
+                        self.output.popleft()
+                        self.lost += 1
+                    self.output.append(line[:OUTPUT_LINE])
+
+    def take_output(self) -> tuple[str, ...]:
+        """The lines for one report (at most :data:`OUTPUT_PER_REPORT` characters)."""
+        taken: list[str] = []
+        with self.lock:
+            if self.lost:
+                taken.append(f"[{self.lost} lines of output left out]")
+                self.lost = 0
+            size = 0
+            while self.output and size + len(json.dumps(self.output[0])) < OUTPUT_PER_REPORT:
+                size += len(json.dumps(self.output[0]))
+                taken.append(self.output.popleft())
+        return tuple(taken)
+
+    def post_output(self, port: int) -> int | None:
+        """Report the output printed since the last report, if any, at most every
+        :data:`OUTPUT_INTERVAL` seconds; the answer's status (None: nothing sent)."""
+        now = time.monotonic()
+        if not (self.output or self.lost) or now - self.output_sent < OUTPUT_INTERVAL:
+            return None
+        self.output_sent = now
+        return self.post(Report(self.job_id, self.host, port, time.time(),
+                                self.take_output()))
+
+    def send_output(self) -> None:
+        """The last lines, before the launcher ends (its reader has a moment)."""
+        time.sleep(0.1)
+        self.output_sent = 0.0
+        self.post_output(0)
 
     def report(self, port: int) -> int:
         """Post the report every heartbeat while the command runs; the exit status."""
@@ -288,10 +364,13 @@ class Launcher:
         while True:
             if (ended := self.ended()) is not None:
                 say(f"the command ended (status {self.status})")
+                self.send_output()
                 return ended
             now = time.monotonic()
-            if now >= next_post:
-                answer = self.post(Report(self.job_id, self.host, port, time.time()))
+            if now >= next_post or (self.output and now - self.output_sent >= OUTPUT_INTERVAL):
+                self.output_sent = now
+                answer = self.post(Report(self.job_id, self.host, port, time.time(),
+                                          self.take_output()))
                 now = time.monotonic()
                 if answer == 410:
                     say("the server wants this job no more (410 Gone)")

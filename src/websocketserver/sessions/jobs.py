@@ -24,7 +24,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 from ..core.errors import Refused
-from ..scripts import substitute
+from ..scripts import output_log, substitute
 from ..settings import Settings
 from ..tasks import Tasks
 from .job import POLL_RUNNING, POLL_WAITING, Job, JobSpec
@@ -42,7 +42,7 @@ REPORT_WAIT = 3.0
 """Seconds a report that comes before the watcher saw its job run waits for it."""
 COMPLETING_WAIT = 10.0
 """Seconds a websocket whose job Slurm is ending waits to learn the job's final state."""
-REPORT_MAX_SIZE = 4096
+REPORT_MAX_SIZE = 65536
 """Largest report body read, in bytes."""
 
 
@@ -286,9 +286,12 @@ class Jobs:
             log.warning("%s: refused a report for job %s: %s", session.id, job_id[:20],
                         refusal)
             return 403, "report refused"
-        if known is None:
+        if known is None and job.port is not None:
             log.info("%s: job %s reported port %s on %s", session.id, job_id, job.port,
                      job.node)
+        assert report is not None
+        for line in report.output:  # what the command printed, as a CommandService's
+            output_log.info("%s[%d]: %s", session.service.name, session.index, line)
         return 200, "ok"
 
     def scancel_all(self) -> list[str]:
