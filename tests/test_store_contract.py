@@ -216,3 +216,27 @@ async def test_the_redis_scripts_follow_the_table(redis_server: RedisServer) -> 
             assert refused == (new not in TRANSITIONS[old]), (old, new)
     finally:
         await shared.close()
+
+
+async def test_a_job_recorded_in_a_reservation_is_found_by_its_id_while_it_lives(
+        store: ReservationStore) -> None:
+    """Any instance finds a Slurm job's reservation by the job's id (a report may reach
+    any of them); the record follows the reservation through its states and ends with
+    it."""
+    reservation = await store.reserve("two", 2, {})
+    token = reservation.token
+    assert await store.find_job("41") is None
+    job: dict[str, object] = {"job_id": "41", "secret": "s", "node": None, "port": None}
+    recorded = await store.record_job(token, job)
+    assert recorded is not None and recorded.job == job
+    assert await store.transition(token, State.RESERVED, State.QUEUED) is not None
+    found = await store.find_job("41")
+    assert found is not None and (found.token, found.state, found.job) == (
+        token, State.QUEUED, job)
+    job = {**job, "node": "node1", "port": 5901}
+    assert (await store.record_job(token, job)) is not None
+    got = await store.get(token)
+    assert got is not None and got.job == job
+    await store.remove(token, "released")
+    assert await store.find_job("41") is None
+    assert await store.record_job(token, job) is None  # no longer live

@@ -67,7 +67,7 @@ outcome, and whether another instance may take it over (move it to itself); a st
 not listed is in use."""
 UNSTARTED = State.RESERVED
 """The state whose reservations outlive their instance (nothing runs for them yet)."""
-RUNNING = (State.STARTING, State.ACTIVE, State.DETACHED)
+RUNNING = (State.QUEUED, State.STARTING, State.ACTIVE, State.DETACHED)
 """The states of a session that runs on its instance (registered again after Redis lost
 its data)."""
 
@@ -88,6 +88,7 @@ class _Scripts:
     read: str
     nodes: str
     stops: str
+    job: str
 
 
 def node_signature(secret: bytes, name: str, address: str) -> str:

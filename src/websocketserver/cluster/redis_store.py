@@ -337,6 +337,15 @@ class RedisStore(ReservationStore):
         found = [self._reservation(r, reply["now"]) for r in array(reply.get("rs"))]
         return sorted(found, key=lambda r: (r.service, r.node or "", r.index))
 
+    async def record_job(self, token: str, job: dict[str, Any]) -> Reservation | None:
+        reply = await self._run(self._scripts.job, token, json.dumps(job))
+        self._note(reply.get("r"))
+        return self._reservation(reply["r"], reply["now"]) if reply.get("r") else None
+
+    async def find_job(self, job_id: str) -> Reservation | None:
+        reply = await self._run(self._scripts.job, "", job_id, check_stale=False)
+        return self._reservation(reply["r"], reply["now"]) if reply.get("r") else None
+
     async def capacity(self, service: str, count: int) -> int:
         """``count`` for a cluster-scoped service, else the sum over live instances."""
         if service in self.cluster_scope:
@@ -387,4 +396,4 @@ class RedisStore(ReservationStore):
             options=json.loads(record["options"]), owner=record["owner"],
             state=State(record["state"]), timestamp=record["timestamp"] / 1000,
             changed=time.monotonic() - (now_ms - record["changed"]) / 1000,
-            node=record["node"], end_reason=record.get("end_reason"))
+            node=record["node"], end_reason=record.get("end_reason"), job=record.get("job"))

@@ -80,6 +80,10 @@ class Reservation:
     """The cluster instance whose slot it holds (None: the single server's own)."""
     end_reason: str | None = None
     """Why it ended (state ``ended`` only)."""
+    job: dict[str, Any] | None = None
+    """A Slurm service's job, as :meth:`ReservationStore.record_job` last wrote it (its
+    id, report secret, node, port, queue reason...): shared, so that any instance of a
+    cluster can show it, check its report or cancel it."""
 
 
 def may_use(reservation: Reservation, user: str | None) -> bool:
@@ -154,6 +158,15 @@ class ReservationStore(ABC):
     async def list(self, service: str | None = None) -> list[Reservation]:
         """All live reservations (of one service), by service and index."""
 
+    @abstractmethod
+    async def record_job(self, token: str, job: dict[str, Any]) -> Reservation | None:
+        """Write ``job`` (JSON-able, with its ``"job_id"``) into the live reservation of
+        ``token``, which :meth:`find_job` then finds by that id; None if not live."""
+
+    @abstractmethod
+    async def find_job(self, job_id: str) -> Reservation | None:
+        """The live reservation whose job is ``job_id``, if any."""
+
     @property
     def available(self) -> bool:
         """Whether the store answered its last request (``/v1/health``); memory always."""
@@ -173,6 +186,7 @@ class MemoryStore(ReservationStore):
     def __init__(self) -> None:
         self._by_token: dict[str, Reservation] = {}
         self._ended: dict[str, Reservation] = {}  # in the order they ended
+        self._jobs: dict[str, str] = {}  # job id -> token
         self._lock = asyncio.Lock()
 
     async def reserve(self, service: str, count: int, options: dict[str, Any],
@@ -235,8 +249,23 @@ class MemoryStore(ReservationStore):
                 self._end(reservation.token, f"unused for {unused_for:g} s")
             return expired
 
+    async def record_job(self, token: str, job: dict[str, Any]) -> Reservation | None:
+        async with self._lock:
+            current = self._by_token.get(token)
+            if current is None:
+                return None
+            updated = self._by_token[token] = replace(current, job=dict(job))
+            self._jobs[str(job["job_id"])] = token
+            return updated
+
+    async def find_job(self, job_id: str) -> Reservation | None:
+        token = self._jobs.get(job_id)
+        return self._by_token.get(token) if token is not None else None
+
     def _end(self, token: str, reason: str) -> Reservation | None:
         current = self._by_token.pop(token, None)
+        if current is not None and current.job is not None:
+            self._jobs.pop(str(current.job["job_id"]), None)
         if current is not None:
             check(current.state, State.ENDED)
             self._ended[token] = replace(current, state=State.ENDED,
