@@ -34,12 +34,8 @@ pytest.register_assert_rewrite("slurm_support")  # before it is imported: its as
 from slurm_support import SlurmCluster, marked, wait_gone  # noqa: E402
 
 from websocketserver.sessions import job_launcher  # noqa: E402
-from websocketserver.sessions.job_launcher import (  # noqa: E402
-    HEADER,
-    Report,
-    make_report,
-    verify_report,
-)
+from websocketserver.sessions.job import verify_report  # noqa: E402
+from websocketserver.sessions.job_launcher import HEADER, Report, make_report  # noqa: E402
 from websocketserver.sessions.slurm import Slurm  # noqa: E402
 
 pytest_plugins = ["slurm_support"]

@@ -12,17 +12,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import json
 import secrets
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
+from typing import Any
 
 from ..core.errors import Refused
 from .job_launcher import ENV, Report
+from .job_launcher import mac as report_mac
 from .slurm import ENDED, JobState, Scheduler
 
+CLOCK_SKEW = 10.0
+"""Seconds a report's time may be ahead of the server's clock (nodes' clocks differ a
+little even with NTP); more is refused as from the future."""
+_FIELDS = ("job_id", "host", "port", "time")
+SHOWN = ("job_id", "queue_reason", "expected_start", "job_node")
+"""The fields of a job's :meth:`Job.record` that ``/v1/status`` shows."""
 POLL_WAITING = 1.0
 """Seconds between looks at a job that is queued or not yet reported (squeue)."""
 POLL_RUNNING = 5.0
@@ -34,6 +43,39 @@ wants the job)."""
 ORPHAN_TIMEOUT = 120.0
 """Seconds the in-job launcher waits for any answer before it ends the job itself: the
 bound on a job outliving a server that died without cancelling it."""
+
+
+def verify_report(secret: bytes, body: bytes, header: str, now: float,
+                  max_age: float) -> Report | None:
+    """The report ``body`` carries, if ``header`` signs it under ``secret`` and it was
+    made at most ``max_age`` seconds before ``now`` (and not over :data:`CLOCK_SKEW`
+    after); ``None`` otherwise: forged, tampered with, replayed too late, malformed.
+
+    Pure (no clock, no I/O): the server passes its time. A report replayed within
+    ``max_age`` is accepted again; it says nothing new (reports are idempotent).
+    """
+    stamp, _, signature = header.strip().partition(" ")
+    if not signature or not hmac.compare_digest(report_mac(secret, body, stamp),
+                                                signature.encode("utf-8", "replace")):
+        return None
+    try:
+        data = json.loads(body)
+        sent = float(stamp)
+    except ValueError:
+        return None
+    if not isinstance(data, dict) or not (
+            set(_FIELDS) <= set(data) <= {*_FIELDS, "output"}):
+        return None
+    job_id, host, port, made = data["job_id"], data["host"], data["port"], data["time"]
+    output = data.get("output", [])
+    if not (isinstance(job_id, str) and isinstance(host, str) and 0 < len(host) <= 255
+            and isinstance(port, int) and not isinstance(port, bool) and 0 <= port < 65536
+            and isinstance(made, float) and made == sent and isinstance(output, list)
+            and all(isinstance(line, str) for line in output)):
+        return None
+    if not now - max_age <= made <= now + CLOCK_SKEW:
+        return None
+    return Report(job_id=job_id, host=host, port=port, time=made, output=tuple(output))
 
 
 def batch_script() -> str:
@@ -198,14 +240,34 @@ class Job:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.changed.wait(), wait)
 
-    def describe(self) -> dict[str, object]:
-        """The job's fields of ``/v1/status``: ``job_id``, ``queue_reason``,
-        ``expected_start`` (ISO 8601) and ``job_node``."""
+    def record(self) -> dict[str, Any]:
+        """The job as the reservation keeps it (:meth:`restore` reads it back): what
+        ``/v1/status`` shows of it (``job_id``, ``queue_reason``, ``expected_start`` in
+        ISO 8601, ``job_node``) and what checks its reports on any instance."""
         status = self.status
         pending = status is not None and status.pending
         expected = status.expected_start if status is not None and pending else None
         return {"job_id": self.job_id,
                 "queue_reason": status.reason if pending and status is not None else None,
                 "expected_start": expected.isoformat() if expected is not None else None,
-                "job_node": self.node}
+                "job_node": self.node, "address": self.address, "port": self.port,
+                "secret": self.secret, "last_report": self._last_report}
+
+    @classmethod
+    def restore(cls, scheduler: Scheduler, label: str, record: dict[str, Any]) -> Job:
+        """The job a reservation's record describes (another instance's, whose report
+        reached this one)."""
+        job = cls(scheduler, label)
+        job.job_id, job.secret = str(record["job_id"]), str(record["secret"])
+        job.node, job.address, job.port = record["job_node"], record["address"], record["port"]
+        job._last_report = float(record["last_report"])
+        return job
+
+    def reported(self, record: dict[str, Any]) -> None:
+        """Take the port from a report that another instance accepted (``record``)."""
+        if self.port is None and record.get("port") and self.node is not None:
+            self.port = int(record["port"])
+            self._last_report = max(self._last_report, float(record["last_report"]))
+            self.reported_at = time.monotonic()
+            self._changed()
 

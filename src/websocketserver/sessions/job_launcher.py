@@ -3,7 +3,7 @@
 Sent to compute nodes as (or with) the job script and run there as
 ``python3 job_launcher.py``; the nodes install nothing of ours, so this one file uses
 Python's standard library only and imports nothing of websocketserver (a test checks).
-The server imports it too, for :func:`verify_report`.
+The server imports it too, for the report's format (:func:`~.job.verify_report`).
 
 Configured by environment variables only, never by its command line (``ps`` and
 ``squeue`` show command lines to every user; a job's environment is its user's):
@@ -32,7 +32,7 @@ What it does, and why:
 3. It POSTs a report ``{"job_id", "host", "port", "time"}`` (``SLURM_JOB_ID``, this
    node's name in Slurm, ``SLURMD_NODENAME``) to the server, signed with HMAC-SHA256
    under the secret in the :data:`HEADER` header, and re-posts it every heartbeat.
-   The server checks the signature and the time (:func:`verify_report`) and tunnels
+   The server checks the signature and the time (:func:`~.job.verify_report`) and tunnels
    only to the node Slurm allocated, never to the host the report names. A failed
    post is retried every few seconds. A report needs no shared filesystem.
 4. It ends the whole tree it started (SIGTERM, the grace, SIGKILL; daemons included)
@@ -72,9 +72,6 @@ the body, and the hex HMAC-SHA256 of ``TIME`` + newline + the body)."""
 ENV = "WEBSOCKETSERVER_JOB_"
 """The prefix of the launcher's environment variables (removed from the command's)."""
 PREFIX = "websocketserver job launcher: "
-CLOCK_SKEW = 10.0
-"""Seconds a report's time may be ahead of the server's clock (nodes' clocks differ a
-little even with NTP); more is refused as from the future."""
 OUTPUT_KEPT = 1000
 """Lines of the command's output kept for the next reports; older ones are counted."""
 OUTPUT_LINE = 2000
@@ -87,7 +84,6 @@ POST_TIMEOUT = 5.0
 RETRY = 2.0
 """Seconds between posts while no server answers (or the heartbeat, if shorter)."""
 
-_FIELDS = ("job_id", "host", "port", "time")
 _PR_SET_CHILD_SUBREAPER = 36
 _LISTEN = "0A"  # TCP_LISTEN in /proc/net/tcp
 
@@ -106,10 +102,11 @@ class Report:
 
 def sign(secret: bytes, body: bytes, stamp: str) -> str:
     """The header value for ``body`` sent at ``stamp`` (the time as in the body)."""
-    return f"{stamp} {_mac(secret, body, stamp).decode()}"
+    return f"{stamp} {mac(secret, body, stamp).decode()}"
 
 
-def _mac(secret: bytes, body: bytes, stamp: str) -> bytes:
+def mac(secret: bytes, body: bytes, stamp: str) -> bytes:
+    """The hex HMAC-SHA256 of ``stamp``, a newline and ``body`` under ``secret``."""
     message = stamp.encode("utf-8", "replace") + b"\n" + body
     return hmac.new(secret, message, hashlib.sha256).hexdigest().encode()
 
@@ -123,39 +120,6 @@ def make_report(secret: bytes, report: Report) -> tuple[bytes, str]:
         fields["output"] = list(report.output)
     body = json.dumps(fields, sort_keys=True).encode()
     return body, sign(secret, body, stamp)
-
-
-def verify_report(secret: bytes, body: bytes, header: str, now: float,
-                  max_age: float) -> Report | None:
-    """The report ``body`` carries, if ``header`` signs it under ``secret`` and it was
-    made at most ``max_age`` seconds before ``now`` (and not over :data:`CLOCK_SKEW`
-    after); ``None`` otherwise: forged, tampered with, replayed too late, malformed.
-
-    Pure (no clock, no I/O): the server passes its time. A report replayed within
-    ``max_age`` is accepted again; it says nothing new (reports are idempotent).
-    """
-    stamp, _, mac = header.strip().partition(" ")
-    if not mac or not hmac.compare_digest(_mac(secret, body, stamp),
-                                          mac.encode("utf-8", "replace")):
-        return None
-    try:
-        data = json.loads(body)
-        sent = float(stamp)
-    except ValueError:
-        return None
-    if not isinstance(data, dict) or not (
-            set(_FIELDS) <= set(data) <= {*_FIELDS, "output"}):
-        return None
-    job_id, host, port, made = data["job_id"], data["host"], data["port"], data["time"]
-    output = data.get("output", [])
-    if not (isinstance(job_id, str) and isinstance(host, str) and 0 < len(host) <= 255
-            and isinstance(port, int) and not isinstance(port, bool) and 0 <= port < 65536
-            and isinstance(made, float) and made == sent and isinstance(output, list)
-            and all(isinstance(line, str) for line in output)):
-        return None
-    if not now - max_age <= made <= now + CLOCK_SKEW:
-        return None
-    return Report(job_id=job_id, host=host, port=port, time=made, output=tuple(output))
 
 
 # -- the launcher, inside the job ---------------------------------------------------

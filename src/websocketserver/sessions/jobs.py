@@ -27,8 +27,7 @@ from ..core.errors import Refused
 from ..scripts import output_log, substitute
 from ..settings import Settings
 from ..tasks import Tasks
-from .job import POLL_RUNNING, POLL_WAITING, Job, JobSpec
-from .job_launcher import verify_report
+from .job import POLL_RUNNING, POLL_WAITING, Job, JobSpec, verify_report
 from .reservations import Reservation, ReservationStore, State, StoreUnavailable, may_use
 from .service import Service
 from .session import Session
@@ -73,6 +72,8 @@ class Jobs:
         self.job_name = f"{self.job_marker}{int(time.time())}"
         self.any = any(service.batch is not None for service in services.values())
         """Whether a service runs as Slurm jobs."""
+        self.shared = settings.redis is not None
+        """In a cluster: a job's report may reach another instance."""
 
     @staticmethod
     def unclaimed(session: Session) -> bool:
@@ -175,6 +176,7 @@ class Jobs:
             raise Refused(502, f"{session.service.name}: the job was not submitted: "
                                f"{exc}") from None
         self._jobs[job_id] = (token, session)
+        await self._record(token, session)
         log.info("%s: submitted job %s", session.id, job_id)
         session.watcher = self._background.spawn(self._watch(token, session),
                                                  f"{session.id} job {job_id}")
@@ -189,6 +191,7 @@ class Jobs:
         reason = None
         while job.final is None:
             try:
+                before = job.record()
                 state = await job.poll()
                 if state is not None and state.running and job.node is None:
                     node, address = await job.locate(state)
@@ -197,6 +200,12 @@ class Jobs:
                         return  # released meanwhile: its stopping cancels the job
                     job.runs(node, address)
                     log.info("%s: job %s runs on %s", session.id, job.job_id, job.node)
+                elif job.node is not None and job.port is None and self.shared:
+                    current = await self.store.get(token)  # reported to another instance?
+                    if current is not None and current.job is not None:
+                        job.reported(current.job)
+                if job.record() != before:
+                    await self._record(token, session)
                 failing = False
             except SchedulerError as exc:
                 if not failing:  # once per outage
@@ -266,8 +275,8 @@ class Jobs:
             return 400, "not a job report"
         found = self._jobs.get(job_id)
         if found is None:
-            return 410, "no session wants this job"
-        _, session = found
+            return await self._report_elsewhere(job_id, body, signature)
+        token, session = found
         job = session.job
         assert job is not None
         if job.node is None and job.final is None:  # it runs, but no poll saw it yet
@@ -289,10 +298,45 @@ class Jobs:
         if known is None and job.port is not None:
             log.info("%s: job %s reported port %s on %s", session.id, job_id, job.port,
                      job.node)
+        await self._record(token, session)
         assert report is not None
         for line in report.output:  # what the command printed, as a CommandService's
             output_log.info("%s[%d]: %s", session.service.name, session.index, line)
         return 200, "ok"
+
+    async def _report_elsewhere(self, job_id: str, body: bytes,
+                                signature: str) -> tuple[int, str]:
+        """A report for a job of another instance of the cluster: checked against the
+        job's record in the shared reservation, which its instance then reads."""
+        reservation = await self.store.find_job(job_id)
+        if reservation is None or reservation.job is None:
+            return 410, "no session wants this job"
+        label = f"{reservation.service}[{reservation.index}]"
+        job = Job.restore(self.scheduler, label, reservation.job)
+        if job.node is None:
+            return 503, "job not seen running yet"  # its instance has not seen it run
+        report = verify_report(job.secret.encode(), body, signature, time.time(),
+                               REPORT_MAX_AGE)
+        refusal = ("bad signature, or signed too long ago" if report is None
+                   else job.accept(report))
+        if refusal is not None:
+            log.warning("%s: refused a report for job %s: %s", label, job_id[:20], refusal)
+            return 403, "report refused"
+        assert report is not None
+        await self.store.record_job(reservation.token, {**reservation.job, **{
+            key: value for key, value in job.record().items()
+            if key in ("port", "last_report")}})
+        for line in report.output:
+            output_log.info("%s: %s", label, line)
+        return 200, "ok"
+
+    async def _record(self, token: str, session: Session) -> None:
+        """Write the session's job into its reservation (status, other instances)."""
+        assert session.job is not None
+        try:
+            await self.store.record_job(token, session.job.record())
+        except StoreUnavailable as exc:  # written again at its next change
+            log.debug("%s: job not recorded: %s", session.id, exc.detail)
 
     def scancel_all(self) -> list[str]:
         """The command that cancels every job of this run (the supervisor's, should

@@ -29,6 +29,7 @@ from ..identity import Identity
 from ..metrics import Metrics
 from ..settings import Settings
 from ..tasks import Tasks
+from .job import SHOWN
 from .jobs import Jobs
 from .reservations import (
     ClaimOutcome,
@@ -138,6 +139,8 @@ class ServiceManager:
             **(session.describe() if session is not None else Session.NOTHING)}
         if reservation.node is not None:
             instance["node"] = reservation.node
+        if reservation.job is not None:  # shared: any instance shows it
+            instance.update({key: reservation.job.get(key) for key in SHOWN})
         if reservation.state is State.DETACHED:
             grace = self.grace(self.services[reservation.service])
             instance["detached_seconds_left"] = round(

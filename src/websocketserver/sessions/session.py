@@ -92,14 +92,11 @@ class Session:
         """Why it ended, kept with the ended reservation."""
 
     def describe(self) -> dict[str, object]:
-        """This session's fields of ``/v1/status``: bytes carried, its job's."""
+        """This session's fields of ``/v1/status``: the bytes its websocket carried."""
         traffic = self.traffic
-        fields: dict[str, object] = (
-            {"bytes_up": traffic.bytes_up, "bytes_down": traffic.bytes_down}
-            if traffic is not None else dict(self.NOTHING))
-        if self.job is not None:
-            fields.update(self.job.describe())
-        return fields
+        if traffic is None:
+            return self.NOTHING
+        return {"bytes_up": traffic.bytes_up, "bytes_down": traffic.bytes_down}
 
     def attach(self, close: Callable[[str], None]) -> None:
         """A websocket uses the session now; ``close(reason)`` ends it."""
