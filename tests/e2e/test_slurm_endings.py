@@ -93,7 +93,7 @@ def test_killing_the_server_cancels_its_jobs_and_a_new_one_cancels_what_is_left(
     third = start_server("--remote_session_config", str(config),
                          ws_port=second.ws_port, env=slurm.env)
     wait_until(lambda: not queue(slurm), 15)
-    assert "left by a previous run" in third.log()
+    wait_until(lambda: "left by a previous run" in third.log(), 10)
 
 
 def test_a_websocket_waits_at_most_the_queue_timeout_and_an_unused_job_is_reclaimed(
@@ -106,6 +106,7 @@ def test_a_websocket_waits_at_most_the_queue_timeout_and_an_unused_job_is_reclai
     holder, waiter = reserve(server), reserve(server)
     holder_job = wait_state(server, holder, "starting")["job_id"]
     waiter_job = wait_state(server, waiter, "queued")["job_id"]
+    wait_until(lambda: instance(server, waiter)["queue_reason"] == "Licenses", 10)
 
     async def scenario() -> None:
         async with websockets.connect(server.ws_url(token=waiter), open_timeout=30) as ws:

@@ -118,11 +118,20 @@ class Jobs:
         session.claimed = True
         return reservation
 
-    async def claim_to_submit(self, token: str, user: str | None) -> Reservation | None:
+    def elsewhere(self, known: Reservation, user: str | None) -> bool:
+        """Whether a websocket for ``known`` goes to the instance that holds it: a Slurm
+        service's token whose job that instance submitted, or will submit."""
+        service = self.services.get(known.service)
+        return (service is not None and service.batch is not None and may_use(known, user)
+                and known.node not in (None, self.settings.node_name)
+                and known.state in (State.RESERVED, State.QUEUED, State.STARTING))
+
+    async def claim_to_submit(self, known: Reservation, user: str | None
+                              ) -> Reservation | None:
         """The first websocket of a reserved token of a Slurm service: reserved ->
         queued (its job is submitted by :meth:`activate`); None for any other token."""
-        known = await self.store.get(token)
-        if known is None or known.state is not State.RESERVED or token in self._sessions:
+        token = known.token
+        if known.state is not State.RESERVED or token in self._sessions:
             return None
         service = self.services.get(known.service)
         if service is None or service.batch is None or not may_use(known, user):

@@ -182,12 +182,7 @@ class ServiceManager:
         reservation = await self.store.get(token)
         if reservation is None:
             raise Refused(404, "unknown token")
-        session = self._sessions.get(token)
-        if self.end_here(token):
-            return reservation
-        if session is not None and self.jobs.unclaimed(session):
-            await self.jobs.end_job(token, session, "reservation released")
-        else:
+        if not self.end_here(token):
             # claimed by an upgrade not yet activating it (activate or unclaim frees
             # it), or running on another instance of a cluster (the store tells it)
             await self.store.transition(
@@ -199,15 +194,23 @@ class ServiceManager:
         """End every session of this instance: its tunnel closes (which stops it), a
         detached one's holder stops it now."""
         for token, session in list(self._sessions.items()):
-            if not session.end(reason) and self.jobs.unclaimed(session):
-                self._holders.spawn(self.jobs.end_job(token, session, reason),
-                                    f"{session.id} ending")  # no websocket waits for it
+            if not session.end(reason):
+                self._end_job(token, session, reason)
+
+    def _end_job(self, token: str, session: Session, reason: str) -> bool:
+        """End a session's job that no websocket holds; False if it has none such."""
+        if not self.jobs.unclaimed(session):
+            return False
+        self._holders.spawn(self.jobs.end_job(token, session, reason), f"{session.id} ending")
+        return True
 
     def end_here(self, token: str) -> bool:
         """End ``token``'s session here as a release does (here, or on another instance
         of the cluster); False if none runs here."""
         session = self._sessions.get(token)
-        return session is not None and session.end("reservation released")
+        reason = "reservation released"
+        return session is not None and (session.end(reason)
+                                        or self._end_job(token, session, reason))
 
     async def claim(self, token: str, user: str | None) -> Reservation | Elsewhere:
         """Take ``token`` for a websocket of ``user`` (reserved -> starting, or detached
@@ -221,9 +224,10 @@ class ServiceManager:
         session = self._sessions.get(token)
         if session is not None and session.job is not None and session.address is None:
             return await self.jobs.claim(token, session, user)
-        if session is None and self.jobs.any:
-            submitted = await self.jobs.claim_to_submit(token, user)
-            if submitted is not None:
+        if session is None and self.jobs.any and (known := await self.store.get(token)):
+            if self.jobs.elsewhere(known, user):
+                return Elsewhere(known.node or "?")
+            if submitted := await self.jobs.claim_to_submit(known, user):
                 return submitted
         claim = await self.store.claim(token, user)
         if (claim.outcome is ClaimOutcome.IN_USE and session is not None
