@@ -66,10 +66,8 @@ class Elsewhere:
 
 
 class ServiceManager:
-    """Reservations, launches and stops for every configured service.
-
-    ``scheduler``: where Slurm services' jobs run (default: Slurm's commands on PATH).
-    """
+    """Reservations, launches and stops for every configured service; ``scheduler``:
+    where Slurm services' jobs run (default: Slurm's commands on PATH)."""
 
     def __init__(self, settings: Settings, store: ReservationStore, identity: Identity,
                  metrics: Metrics | None = None, scheduler: Slurm | None = None) -> None:
@@ -82,8 +80,7 @@ class ServiceManager:
         self._sessions: dict[str, Session] = {}  # by token: activated, slot not yet freed
         self._reclaimer = Tasks(log)
         self._holders = Tasks(log)  # one per detached instance
-        self._background = Tasks(log)  # abandoned starts, changes to make once Redis
-        # answers, Slurm jobs' watchers
+        self._background = Tasks(log)  # abandoned starts, store retries, job watchers
         self._closing = False
         self.jobs = Jobs(settings, store, scheduler or Slurm(), self.services, self._sessions,
                          self._new_session, self._end, self._background)
@@ -157,8 +154,7 @@ class ServiceManager:
             raise Refused(503, f"all {service.config.count} instances of {name} "
                                     "are in use") from None
         log.info("reserved %s index %d for %s", name, reservation.index, user or "anonymous")
-        batch = service.batch
-        if batch is not None and batch.start_mode == "reserve":
+        if service.batch is not None and service.batch.start_mode == "reserve":
             return await self.jobs.submit_at_reserve(reservation, service, user)
         return reservation
 
