@@ -14,6 +14,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import psutil
 import pytest
@@ -22,6 +23,9 @@ from playwright.sync_api import Browser
 
 pytest.register_assert_rewrite("slurm_support", "e2e.slurm_sessions")
 from slurm_support import SlurmCluster  # noqa: E402
+
+if TYPE_CHECKING:
+    from cluster_support import RedisServer
 
 from e2e.slurm_sessions import (  # noqa: E402
     echo,
@@ -34,10 +38,10 @@ from e2e.slurm_sessions import (  # noqa: E402
     write_config,
 )
 from e2e.vnc_support import new_context, novnc_site, require, require_novnc, show_desktop  # noqa: E402, I001
-from support import ROOT, StartServer, received_close, recv_bytes, wait_until  # noqa: E402
+from support import ROOT, StartServer, free_port, received_close, recv_bytes, wait_until  # noqa: E402
 from websocketserver.sessions.job_launcher import HEADER, Report, make_report  # noqa: E402
 
-pytest_plugins = ["slurm_support"]
+pytest_plugins = ["slurm_support", "cluster_support"]
 
 EXAMPLES = ROOT / "examples"
 
@@ -281,3 +285,30 @@ def test_jobs_run_through_the_user_prefix_and_never_for_anonymous_callers(
         except websockets.InvalidStatus as exc:
             return exc.response.status_code
     assert asyncio.run(connect_anonymously()) == 403
+
+
+def test_in_a_cluster_any_instance_takes_the_report_shows_the_job_and_releases_it(
+        start_server: StartServer, slurm: SlurmCluster, redis_server: RedisServer,
+        tmp_path: Path) -> None:
+    """Instance a submits the job; its report goes to b (a's --job_report_url names b's
+    HTTP port, as a load balancer could); b checks it against the job's record in the
+    shared reservation and logs the job's output, a picks up the port; a websocket to
+    b is forwarded to a and echoes; a release through b cancels the job."""
+    config = write_config(tmp_path / "svc", slurm)
+    b_http = free_port()
+    common = ("--redis", redis_server.url, "--cluster_secret", "s3cret",
+              "--relay_processes", "0")
+    a, mark = start(start_server, slurm, config, *common, "--node_name", "a",
+                    "--job_report_url", f"http://127.0.0.1:{b_http}/v1/job_report")
+    b, _ = start(start_server, slurm, config, *common, "--node_name", "b",
+                 http_port=b_http)
+    token = reserve(a)
+    seen_by_b = wait_state(b, token, "starting")
+    assert seen_by_b["node"] == "a" and seen_by_b["job_node"] == "node1"
+    wait_until(lambda: "viz[0]: echo server on port" in b.log(), 20)  # the job's output
+    assert asyncio.run(echo(b, token, b"through b")) == b"through b"
+    assert "refused a report" not in a.log() + b.log()
+    status, body = b.get_json(f"/v1/release/{token}")
+    assert status == 200, body
+    wait_until(lambda: seen_by_b["job_id"] not in slurm.run("squeue", "-h", "-o", "%i"), 15)
+    wait_no_job_process(a, mark)

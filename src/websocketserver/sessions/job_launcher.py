@@ -1,47 +1,39 @@
 """The in-job launcher: runs a session's command inside a batch job and reports it.
 
-Sent to compute nodes as (or with) the job script and run there as
-``python3 job_launcher.py``; the nodes install nothing of ours, so this one file uses
-Python's standard library only and imports nothing of websocketserver (a test checks).
-The server imports it too, for the report's format (:func:`~.job.verify_report`).
+Sent to compute nodes as the job script (``python3 -`` reads it); the nodes install
+nothing of ours, so this one file uses Python's standard library only (a test checks).
+The server imports it for the report's format (:func:`~.job.verify_report` checks it).
 
 Configured by environment variables only, never by its command line (``ps`` and
 ``squeue`` show command lines to every user; a job's environment is its user's):
-
-``WEBSOCKETSERVER_JOB_COMMAND``
-    the command, a JSON list of strings; each ``{port}`` becomes the port picked here
-    (``{{``/``}}`` are single braces).
-``WEBSOCKETSERVER_JOB_REPORT_URL``
-    where to report: ``http://host:port/path`` of the server (no proxy is used).
-``WEBSOCKETSERVER_JOB_SECRET``
-    the job's report secret (its HMAC key).
-``WEBSOCKETSERVER_JOB_START_TIMEOUT`` (60), ``..._HEARTBEAT`` (30), ``..._ORPHAN_TIMEOUT``
-(120), ``..._GRACE`` (3)
-    seconds: for the command to listen; between reports; without any answer from a
-    server before the launcher gives up; between SIGTERM and SIGKILL of the tree.
+``WEBSOCKETSERVER_JOB_COMMAND`` (a JSON list; ``{port}`` becomes the port picked here,
+``{{``/``}}`` single braces), ``..._REPORT_URL`` (the server's, no proxy used),
+``..._SECRET`` (the job's HMAC key), and in seconds ``..._START_TIMEOUT`` (60: for the
+command to listen), ``..._HEARTBEAT`` (30: between reports), ``..._ORPHAN_TIMEOUT``
+(120: without any answer before it gives up), ``..._GRACE`` (3: SIGTERM to SIGKILL).
 
 What it does, and why:
 
 1. It becomes a *child subreaper* (Linux ``prctl``): a daemon that double-forks away
    from the command is re-parented to the launcher, not to init, so the launcher can
    find it (its descendants in ``/proc``) and end it with the rest.
-2. It picks a free TCP port, substitutes ``{port}``, starts the command (with the
-   variables above removed from its environment: the command never sees the secret)
-   and waits until the port listens (the kernel's socket table, not a connection:
-   some servers serve only their first client), at most the start timeout.
-3. It POSTs a report ``{"job_id", "host", "port", "time"}`` (``SLURM_JOB_ID``, this
-   node's name in Slurm, ``SLURMD_NODENAME``) to the server, signed with HMAC-SHA256
-   under the secret in the :data:`HEADER` header, and re-posts it every heartbeat.
-   The server checks the signature and the time (:func:`~.job.verify_report`) and tunnels
-   only to the node Slurm allocated, never to the host the report names. A failed
-   post is retried every few seconds. A report needs no shared filesystem.
+2. It picks a free TCP port, substitutes ``{port}``, starts the command (without the
+   variables above: the command never sees the secret) and waits until the port
+   listens (the kernel's socket table, not a connection: some servers serve only
+   their first client), at most the start timeout.
+3. It POSTs a report ``{"job_id", "host", "port", "time"}`` (``SLURM_JOB_ID``, the
+   node's name in Slurm, ``SLURMD_NODENAME``), signed with HMAC-SHA256 under the secret
+   in the :data:`HEADER` header, and again every heartbeat, and with the lines the
+   command printed (``"output"``; also copied to the job's output file). The server
+   tunnels only to the node Slurm allocated, never to a host a report names. A failed
+   post is retried every few seconds. No shared filesystem is needed.
 4. It ends the whole tree it started (SIGTERM, the grace, SIGKILL; daemons included)
    and exits when: it gets SIGTERM, SIGINT or SIGHUP (``scancel``, the time limit);
    the command fails (a status other than 0) or it and all it started have exited (a
    command exiting 0 whose daemons still run is a launcher that daemonized: the job
    lives while they do); the server answers 410 Gone (it wants the job no more); or
-   no server has answered for the orphan timeout (120 s by default: a server that died
-   without cancelling its jobs leaves none running for longer than that).
+   no server has answered for the orphan timeout (a server that died without
+   cancelling its jobs leaves none running for longer than that).
 
 Its own messages go to stderr (the job's output file) with the prefix :data:`PREFIX`.
 """
@@ -72,14 +64,10 @@ the body, and the hex HMAC-SHA256 of ``TIME`` + newline + the body)."""
 ENV = "WEBSOCKETSERVER_JOB_"
 """The prefix of the launcher's environment variables (removed from the command's)."""
 PREFIX = "websocketserver job launcher: "
-OUTPUT_KEPT = 1000
-"""Lines of the command's output kept for the next reports; older ones are counted."""
-OUTPUT_LINE = 2000
-"""Longest line of output sent, in characters (the rest is cut)."""
-OUTPUT_PER_REPORT = 16384
-"""Most characters of output (as JSON) in one report; the rest goes in the next."""
-OUTPUT_INTERVAL = 0.5
-"""Seconds between reports sent for output alone."""
+# The command's output for the reports: lines kept (older ones are counted), the longest
+# line sent (the rest cut), characters (as JSON) per report, seconds between reports
+# sent for output alone
+OUTPUT_KEPT, OUTPUT_LINE, OUTPUT_PER_REPORT, OUTPUT_INTERVAL = 1000, 2000, 16384, 0.5
 POST_TIMEOUT = 5.0
 RETRY = 2.0
 """Seconds between posts while no server answers (or the heartbeat, if shorter)."""
@@ -353,7 +341,18 @@ class Launcher:
             time.sleep(min(0.2, max(0.0, next_post - now)))
 
     def post(self, report: Report) -> int | None:
-        """POST ``report``; the HTTP status, or None when no server answered."""
+        """POST ``report``; the HTTP status, or None when no server answered. Output it
+        carried that was not taken goes back, to the next report."""
+        status = self.send(report)
+        if report.output and not (status is not None and 200 <= status < 300):
+            with self.lock:
+                self.output.extendleft(reversed(report.output))
+                while len(self.output) > OUTPUT_KEPT:
+                    self.output.pop()
+                    self.lost += 1
+        return status
+
+    def send(self, report: Report) -> int | None:
         body, signature = make_report(self.secret, report)
         request = urllib.request.Request(self.url, data=body, method="POST", headers={
             "Content-Type": "application/json", HEADER: signature})
@@ -363,7 +362,7 @@ class Launcher:
                 return int(response.status)
         except urllib.error.HTTPError as exc:
             self.unanswered = False
-            if exc.code != 410:
+            if exc.code not in (410, 503):  # 503: not seen running yet, try again
                 say(f"the server refused the report: {exc.code} {exc.reason}")
             return exc.code
         except (OSError, ValueError) as exc:

@@ -363,6 +363,8 @@ class Jobs:
             log.warning("cannot look for jobs a previous run left: %s", exc)
             return
         for job_id, owner in left:
+            if self.shared and await self.store.find_job(job_id) is not None:
+                continue  # a live reservation holds it: it ends with that reservation
             try:
                 await self.scheduler.cancel(job_id)
                 log.warning("cancelled job %s of %s, left by a previous run", job_id, owner)
