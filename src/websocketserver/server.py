@@ -102,7 +102,8 @@ class Server:
         stack = self._stack
         if self.cluster is not None:  # registered first, left last
             stack.push_async_callback(self.cluster.close)
-            await self.cluster.start(self.services.end_here, self.services.end_all_and_wait)
+            await self.cluster.start(self.services.end_here, self.services.end_all_and_wait,
+                                     self.services.adopt)
         if self.http is not None:
             stack.push_async_callback(self.http.close)
             await self._open("http", self.settings.http_port, context, self.http.listen)

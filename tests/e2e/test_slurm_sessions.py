@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import time
 import urllib.error
 import urllib.request
@@ -19,7 +21,6 @@ from typing import TYPE_CHECKING
 import psutil
 import pytest
 import websockets
-from playwright.sync_api import Browser
 
 pytest.register_assert_rewrite("slurm_support", "e2e.slurm_sessions")
 from slurm_support import SlurmCluster  # noqa: E402
@@ -37,13 +38,10 @@ from e2e.slurm_sessions import (  # noqa: E402
     wait_state,
     write_config,
 )
-from e2e.vnc_support import new_context, novnc_site, require, require_novnc, show_desktop  # noqa: E402, I001
-from support import ROOT, StartServer, free_port, received_close, recv_bytes, wait_until  # noqa: E402
+from support import StartServer, free_port, received_close, recv_bytes, wait_until  # noqa: E402
 from websocketserver.sessions.job_launcher import HEADER, Report, make_report  # noqa: E402
 
 pytest_plugins = ["slurm_support", "cluster_support"]
-
-EXAMPLES = ROOT / "examples"
 
 
 @pytest.fixture(autouse=True)
@@ -222,39 +220,6 @@ def test_release_of_a_queued_reservation_cancels_its_job(
     wait_no_job_process(server, mark)
 
 
-def test_the_example_desktop_as_a_slurm_job_in_novnc(
-        chromium: Browser, start_server: StartServer, slurm: SlurmCluster,
-        tmp_path: Path) -> None:
-    """examples/desktop_session.py (Xvfb + x11vnc) run by the node's own python3, where
-    websocketserver is not installed: noVNC in Chromium shows its colour; closing the
-    page cancels the job and nothing of it is left."""
-    require("Xvfb", "x11vnc", "xsetroot")
-    require_novnc()
-    config = tmp_path / "services.json"
-    jobs = slurm.directory / "jobs"
-    config.write_text(json.dumps({"desktop": {
-        "command": ["python3", str(EXAMPLES / "desktop_session.py"), "--size=1024x768",
-                    "--color={color}", "--allow=127.0.0.1", "{port}"],
-        "count": 1, "options": {"color": "#3366cc"},
-        "slurm": {"sbatch": [f"--output={jobs}/%j.out"]}, "start": "reserve"}}))
-    server, mark = start(start_server, slurm, config, http_dir=novnc_site(tmp_path / "www"))
-    status, body = server.get_json("/v1/reserve/desktop?color=%23aa3377")
-    assert status == 200, body
-    token = body["token"]
-    context = new_context(chromium)
-    try:
-        page = context.new_page()
-        show_desktop(page, server, f"websockify?token={token}", "#aa3377",
-                     "slurm-desktop.png")
-        assert {psutil.Process(pid).name() for pid in job_processes(server, mark)} >= {
-            "Xvfb", "x11vnc"}
-        page.close()
-        wait_no_job_process(server, mark, 20)
-        wait_until(lambda: not slurm.run("squeue", "-h", "-o", "%i").strip(), 15)
-    finally:
-        context.close()
-
-
 def test_jobs_run_through_the_user_prefix_and_never_for_anonymous_callers(
         start_server: StartServer, slurm: SlurmCluster, tmp_path: Path) -> None:
     """``"user_prefix"`` runs Slurm's commands as the reserving user (here ``env``
@@ -311,4 +276,33 @@ def test_in_a_cluster_any_instance_takes_the_report_shows_the_job_and_releases_i
     status, body = b.get_json(f"/v1/release/{token}")
     assert status == 200, body
     wait_until(lambda: seen_by_b["job_id"] not in slurm.run("squeue", "-h", "-o", "%i"), 15)
+    wait_no_job_process(a, mark)
+
+
+def test_in_a_cluster_a_dead_instances_job_is_adopted_not_cancelled(
+        start_server: StartServer, slurm: SlurmCluster, redis_server: RedisServer,
+        tmp_path: Path) -> None:
+    """SIGKILL of instance a (and its supervisor): its job is the cluster's, so it is
+    not cancelled; b adopts the session (its slot, its job) and the page's websocket
+    reaches the job through b; a release through b ends it."""
+    config = write_config(tmp_path / "svc", slurm)
+    b_http = free_port()
+    common = ("--redis", redis_server.url, "--cluster_secret", "s3cret",
+              "--relay_processes", "0", "--heartbeat_ttl", "1",
+              "--job_report_url", f"http://127.0.0.1:{b_http}/v1/job_report")
+    a, mark = start(start_server, slurm, config, *common, "--node_name", "a")
+    b, _ = start(start_server, slurm, config, *common, "--node_name", "b", http_port=b_http)
+    token = reserve(a)
+    job_id = wait_state(a, token, "starting")["job_id"]
+    wait_until(lambda: "viz[0]: echo server on port" in b.log(), 20)  # it reported
+    os.kill(a.serving_pid(), signal.SIGSTOP)
+    os.kill(a.pid, signal.SIGKILL)  # the supervisor, then the server
+    os.kill(a.serving_pid(), signal.SIGKILL)
+    adopted = wait_until(lambda: (found := instance(b, token))["node"] == "b" and found, 15)
+    assert (adopted["job_id"], adopted["state"]) == (job_id, "starting")
+    assert job_id in slurm.run("squeue", "-h", "-o", "%i").split()
+    assert asyncio.run(echo(b, token, b"adopted")) == b"adopted"
+    assert f"adopted job {job_id}" in b.log()
+    assert b.get_json(f"/v1/release/{token}")[0] == 200
+    wait_until(lambda: job_id not in slurm.run("squeue", "-h", "-o", "%i").split(), 15)
     wait_no_job_process(a, mark)

@@ -37,12 +37,14 @@ class Cluster:
         self._watchers = Tasks(log)
 
     async def start(self, released: Callable[[str], object],
-                    fenced: Callable[[str], Awaitable[None]]) -> None:
+                    fenced: Callable[[str], Awaitable[None]],
+                    adopt: Callable[[str], Awaitable[None]]) -> None:
         """Register, and call ``released(token)`` for each session of this instance
         that another instance released, ``await fenced(reason)`` to end every session
         of this instance (it was cleared from the cluster: their records are gone and
         their slots may be booked again), or ``released(token)`` for each session that
-        could not be registered again after Redis lost its data."""
+        could not be registered again after Redis lost its data; ``await adopt(token)``
+        for each session with a Slurm job that a dead instance left to this one."""
         try:
             await self.store.start()
         except DuplicateNode as exc:
@@ -55,6 +57,17 @@ class Cluster:
         self._watchers.spawn(self._releases(released), "stop requests")
         self._watchers.spawn(self._rejoin(released, fenced), "rejoin")
         self._watchers.spawn(self._renew_lease(), "lease")
+        self._watchers.spawn(self._adoptions(adopt), "adoptions")
+
+    async def _adoptions(self, adopt: Callable[[str], Awaitable[None]]) -> None:
+        """Every heartbeat interval, take the sessions a dead instance left here."""
+        while True:
+            await asyncio.sleep(self.store.heartbeat_interval)
+            try:
+                for token in await self.store.adopted():
+                    await adopt(token)
+            except StoreUnavailable as exc:
+                log.debug("adoptions: %s", exc.detail)
 
     async def _renew_lease(self) -> None:
         """Tell the supervisor this instance's event loop runs; if it stalls for

@@ -10,9 +10,9 @@ Data, under a key prefix (``websocketserver:`` by default):
   rid}``; ``seen`` is when it last beat (Redis milliseconds), ``counts`` its services'
   counts, ``ttl`` its heartbeat TTL (each instance is judged by its own);
 * ``res`` (hash): token -> JSON reservation ``{token, service, scope, node, index, state,
-  owner, options, timestamp, changed, by, op, ran}``; ``by`` is the instance that made
-  the last change, ``op`` that change's id (a retried call is recognised), ``ran``
-  whether it was ever claimed;
+  owner, options, timestamp, changed, by, op, ran, job}``; ``by`` is the instance that
+  made the last change, ``op`` that change's id (a retried call is recognised), ``ran``
+  whether it was ever claimed, ``job`` a Slurm service's job record;
 * ``used`` (hash): ``node<TAB>service`` -> JSON ``{index: token}``, the slots that
   node's reservations of that service hold, changed in the same scripts as ``res`` so
   that placing a reservation decodes no reservation (built from ``res`` by the first
@@ -25,6 +25,11 @@ Data, under a key prefix (``websocketserver:`` by default):
   forgets older ones);
 * ``stops:<node>`` (hash): token -> token, the sessions of ``node`` that another
   instance moved to stopping and that still exist (what the stop scan reads);
+* ``jobs`` (hash): Slurm job id -> token, for the live reservations with a job (a job's
+  report may reach any instance);
+* ``adopt:<node>`` (hash): token -> token, sessions with a Slurm job that the eviction
+  of a dead instance moved to ``node``, which takes them (``adopted``) and follows
+  their jobs: a job is the cluster's, not its instance's;
 * ``meta`` (hash): ``epoch`` (the registration counter), ``contact`` (when an instance
   last reached Redis), ``used`` and ``idle`` (set once those are kept), ``secret`` (a
   check value of the cluster secret: an instance with another secret is refused while
@@ -89,6 +94,7 @@ class _Scripts:
     nodes: str
     stops: str
     job: str
+    adopted: str
 
 
 def node_signature(secret: bytes, name: str, address: str) -> str:
@@ -107,6 +113,7 @@ def load_scripts() -> _Scripts:
                                           in CLAIMS.items()})),
         "moves": _lua_string(lifecycle.table_json()),
         "unstarted": _lua_string(UNSTARTED), "stopping": _lua_string(State.STOPPING),
+        "active": _lua_string(State.ACTIVE), "detached": _lua_string(State.DETACHED),
         "ended": _lua_string(State.ENDED), "ended_kept": round(ENDED_KEPT * 1000)}
     return _Scripts(**{field.name: head + (folder / f"{field.name}.lua").read_text()
                        for field in fields(_Scripts)})

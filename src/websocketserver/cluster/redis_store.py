@@ -264,6 +264,12 @@ class RedisStore(ReservationStore):
         announced.update(new)
         return sorted(new)
 
+    async def adopted(self) -> list[str]:
+        """Tokens of a dead instance's sessions with a Slurm job that moved to this
+        one, each returned once: this instance follows their jobs from now on."""
+        reply = await self._run(self._scripts.adopted)
+        return [str(token) for token in array(reply.get("tokens"))]
+
     async def remember_nonce(self, nonce: str, at: float,
                              seconds: float = FORWARD_MAX_AGE) -> bool:
         """Record the nonce of a forward signed at ``at`` (Redis ms); False if it was

@@ -256,11 +256,14 @@ class Job:
     @classmethod
     def restore(cls, scheduler: Scheduler, label: str, record: dict[str, Any]) -> Job:
         """The job a reservation's record describes (another instance's, whose report
-        reached this one)."""
+        reached this one, or a dead instance's that this one adopts)."""
         job = cls(scheduler, label)
         job.job_id, job.secret = str(record["job_id"]), str(record["secret"])
         job.node, job.address, job.port = record["job_node"], record["address"], record["port"]
         job._last_report = float(record["last_report"])
+        now = time.monotonic()  # its timeouts count from here
+        job.running_since = now if job.node is not None else None
+        job.reported_at = now if job.port is not None else None
         return job
 
     def reported(self, record: dict[str, Any]) -> None:

@@ -239,6 +239,32 @@ class Jobs:
         if not session.end(reason):  # no websocket attached
             await self.end_job(token, session, reason)
 
+    async def adopt(self, token: str) -> Session | None:
+        """Take over the job of ``token``'s session (its instance died, the cluster
+        moved it here): its session, watched from now on (None: nothing to adopt)."""
+        reservation = await self.store.get(token)
+        service = self.services.get(reservation.service) if reservation else None
+        if (reservation is None or reservation.job is None or service is None
+                or service.batch is None or token in self._sessions):
+            return None
+        try:
+            scheduler = self.scheduler_for(service, reservation.owner)
+        except Refused as exc:
+            log.error("cannot adopt job %s: %s", reservation.job.get("job_id"), exc.reason)
+            return None
+        session = self._new_session(token, service, reservation.index)
+        job = session.job = Job.restore(scheduler, session.id, reservation.job)
+        session.queue_timeout = service.batch.queue_timeout
+        if reservation.state is State.DETACHED and job.address and job.port:
+            session.address = (job.address, job.port)
+        assert job.job_id is not None
+        self._jobs[job.job_id] = (token, session)
+        session.watcher = self._background.spawn(self._watch(token, session),
+                                                 f"{session.id} job {job.job_id}")
+        log.warning("%s: adopted job %s of instance that is gone (%s)", session.id,
+                    job.job_id, reservation.state)
+        return session
+
     async def job_ended(self, session: Session) -> str | None:
         """Why the session's job ended (``job N ended: STATE``), asked when its
         application's connection closed; None if it runs on after :data:`REPORT_WAIT`

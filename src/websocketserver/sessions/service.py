@@ -1,4 +1,5 @@
-"""A service type: its configuration and the one script object that runs its instances."""
+"""A service type: its configuration and the one script object that runs its instances;
+and where a token's session runs when not here (:class:`Elsewhere`)."""
 
 from __future__ import annotations
 
@@ -53,3 +54,12 @@ class Service:
     def batch(self) -> SlurmService | None:
         """The script, if the service runs as Slurm jobs."""
         return self.script if isinstance(self.script, SlurmService) else None
+
+
+@dataclass(frozen=True)
+class Elsewhere:
+    """What a claim answers when the token's reservation runs on another instance of the
+    cluster (``node``) and this one has no free slot to take it over (or its Slurm job
+    is that instance's): forward its websocket there."""
+
+    node: str

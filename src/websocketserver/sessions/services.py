@@ -21,7 +21,6 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any
 
 from ..core.errors import Refused
@@ -41,7 +40,7 @@ from .reservations import (
     may_see,
     may_use,
 )
-from .service import Service
+from .service import Elsewhere, Service
 from .session import Session
 from .slurm import Slurm
 
@@ -54,15 +53,6 @@ ENDED_POLL = 0.05
 STORE_RETRY = 1.0
 """Seconds between tries to free a slot (or give back a claimed one) while the store (a
 cluster's Redis) does not answer."""
-
-
-@dataclass(frozen=True)
-class Elsewhere:
-    """What a claim answers when the token's reservation runs on another instance of the
-    cluster (``node``) and this one has no free slot to take it over: forward its
-    websocket there."""
-
-    node: str
 
 
 class ServiceManager:
@@ -342,6 +332,13 @@ class ServiceManager:
             service, index, self.grace(service), self.settings, self.metrics,
             self._background, lambda: self._free(token, session))
         return session
+
+    async def adopt(self, token: str) -> None:
+        """Follow the job of a dead instance's session that the cluster moved here; a
+        session that had started waits detached for its page to reconnect."""
+        session = await self.jobs.adopt(token)
+        if session is not None and session.address is not None:
+            await self._detach(token, session)
 
     async def _detach(self, token: str, session: Session) -> None:
         """Keep a detached session's instance for its grace, in a holder task."""

@@ -35,7 +35,8 @@ from ..core.protocol import Accept, Policy, UpgradeRequest, decide
 from ..identity import Identity
 from ..metrics import Metrics
 from ..sessions.reservations import Reservation
-from ..sessions.services import Elsewhere, ServiceManager
+from ..sessions.service import Elsewhere
+from ..sessions.services import ServiceManager
 from ..sessions.session import Session
 from ..settings import Settings
 from .backend import BackendError

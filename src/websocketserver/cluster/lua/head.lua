@@ -12,6 +12,7 @@ local ME, EPOCH, TTL, CHANNEL = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), A
 local CLAIMS = cjson.decode(%(claims)s)
 local MOVES = cjson.decode(%(moves)s)  -- lifecycle.py's table: state -> states it may move to
 local UNSTARTED, STOPPING, ENDED_STATE = %(unstarted)s, %(stopping)s, %(ended)s
+local ACTIVE, DETACHED = %(active)s, %(detached)s
 local ENDED_KEPT = %(ended_kept)d
 local clock = redis.call('TIME')
 local NOW = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
@@ -133,10 +134,12 @@ end
 -- Node `name` is gone (its registration already deleted or replaced): forget its
 -- sessions (they ended with it) and what it began to release but did not finish, and
 -- move its never-used reservations to live nodes with room (drop them if none has).
+-- A session with a Slurm job moves too, its job being the cluster's: the node it moves
+-- to adopts it (adopt:<node>); its websocket went with the instance (active: detached).
 local function evict(name)
   local moving = {}
   for _, r in ipairs(decoded(redis.call('HVALS', RES))) do
-    if r.node == name and r.state == UNSTARTED then
+    if r.node == name and (r.state == UNSTARTED or (r.job and r.state ~= STOPPING)) then
       forget(r)
       moving[#moving + 1] = r
     elseif r.node == name then
@@ -151,6 +154,11 @@ local function evict(name)
     if target then
       r.node = target
       if index ~= nil then r.index = index end
+      if r.state ~= UNSTARTED then
+        if r.state == ACTIVE then r.state, r.changed = DETACHED, NOW end
+        redis.call('HSET', JOBS, tostring(r.job.job_id), r.token)
+        redis.call('HSET', PREFIX .. 'adopt:' .. target, r.token, r.token)
+      end
       put(r)
       mark(r, r.token)
     else

@@ -1,0 +1,71 @@
+"""The example X desktop (Xvfb + x11vnc) as a Slurm job, seen in noVNC in Chromium.
+
+A module of its own: Playwright's sync API keeps an event loop running in its thread
+while the browser is open, which the other Slurm tests' ``asyncio.run`` cannot share.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+from playwright.sync_api import Browser
+
+pytest.register_assert_rewrite("slurm_support", "e2e.slurm_sessions")
+from slurm_support import SlurmCluster  # noqa: E402
+
+from e2e.slurm_sessions import job_processes, start, wait_no_job_process  # noqa: E402
+from e2e.vnc_support import (  # noqa: E402
+    new_context,
+    novnc_site,
+    require,
+    require_novnc,
+    show_desktop,
+)
+from support import ROOT, StartServer, wait_until  # noqa: E402
+
+pytest_plugins = ["slurm_support"]
+
+EXAMPLES = ROOT / "examples"
+
+
+@pytest.fixture(autouse=True)
+def clean_queue(slurm: SlurmCluster) -> Iterator[None]:
+    yield
+    slurm.cancel_all(timeout=15)
+
+
+def test_the_example_desktop_as_a_slurm_job_in_novnc(
+        chromium: Browser, start_server: StartServer, slurm: SlurmCluster,
+        tmp_path: Path) -> None:
+    """examples/desktop_session.py (Xvfb + x11vnc) run by the node's own python3, where
+    websocketserver is not installed: noVNC in Chromium shows its colour; closing the
+    page cancels the job and nothing of it is left."""
+    require("Xvfb", "x11vnc", "xsetroot")
+    require_novnc()
+    config = tmp_path / "services.json"
+    jobs = slurm.directory / "jobs"
+    config.write_text(json.dumps({"desktop": {
+        "command": ["python3", str(EXAMPLES / "desktop_session.py"), "--size=1024x768",
+                    "--color={color}", "--allow=127.0.0.1", "{port}"],
+        "count": 1, "options": {"color": "#3366cc"},
+        "slurm": {"sbatch": [f"--output={jobs}/%j.out"]}, "start": "reserve"}}))
+    server, mark = start(start_server, slurm, config, http_dir=novnc_site(tmp_path / "www"))
+    status, body = server.get_json("/v1/reserve/desktop?color=%23aa3377")
+    assert status == 200, body
+    token = body["token"]
+    context = new_context(chromium)
+    try:
+        page = context.new_page()
+        show_desktop(page, server, f"websockify?token={token}", "#aa3377",
+                     "slurm-desktop.png")
+        assert {psutil.Process(pid).name() for pid in job_processes(server, mark)} >= {
+            "Xvfb", "x11vnc"}
+        page.close()
+        wait_no_job_process(server, mark, 20)
+        wait_until(lambda: not slurm.run("squeue", "-h", "-o", "%i").strip(), 15)
+    finally:
+        context.close()
