@@ -108,3 +108,11 @@ def test_a_slurm_command_runs_on_the_node_and_substitutes_there_only_its_port(
     assert script.command(1, options) == ["start-viz", "--port", "{port}", "--title={{a}}"]
     assert script.sbatch(1, options) == ["--partition=gpu", "--comment={x}"]
     assert script.working_directory() == tmp_path.resolve()
+
+
+def test_the_example_slurm_config_loads() -> None:
+    """examples/slurm_services.json: the manual's "Cluster Node Session" on Slurm."""
+    (service,) = load_service_config(
+        Path(__file__).resolve().parent.parent / "examples" / "slurm_services.json")
+    assert service.name == "Cluster Node Session" and service.slurm is not None
+    assert service.slurm.sbatch[:2] == ("-w", "n8") and service.start == "reserve"
