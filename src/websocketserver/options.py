@@ -154,14 +154,15 @@ def settings_from(args: argparse.Namespace, location: Path | None) -> Settings:
 
 def _job_report_url(args: argparse.Namespace, services: list[ServiceConfig],
                     http_port: int) -> str:
-    """Where Slurm jobs report (``""``: no Slurm service); they need the HTTP port."""
-    if not any(service.slurm is not None for service in services):
-        if args.job_report_url is not None:
-            raise SettingsError("--job_report_url needs a service with \"slurm\"")
-        return ""
+    """Where Slurm jobs report (``""``: nowhere, without the HTTP port, which a service
+    with ``"slurm"`` needs; a script's is checked once loaded)."""
     if args.http_directory is None:
-        raise SettingsError("a service with \"slurm\" needs the HTTP port (--http_directory): "
-                            "its jobs report there")
+        if any(service.slurm is not None for service in services):
+            raise SettingsError("a service with \"slurm\" needs the HTTP port "
+                                "(--http_directory): its jobs report there")
+        if args.job_report_url is not None:
+            raise SettingsError("--job_report_url needs the HTTP port (--http_directory)")
+        return ""
     if args.job_report_url is not None:
         parts = urllib.parse.urlsplit(args.job_report_url)
         if parts.scheme not in ("http", "https") or not parts.hostname:

@@ -15,6 +15,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -306,3 +307,38 @@ def test_in_a_cluster_a_dead_instances_job_is_adopted_not_cancelled(
     assert b.get_json(f"/v1/release/{token}")[0] == 200
     wait_until(lambda: job_id not in slurm.run("squeue", "-h", "-o", "%i").split(), 15)
     wait_no_job_process(a, mark)
+
+
+def test_a_slurm_service_script_and_an_expected_start(
+        start_server: StartServer, slurm: SlurmCluster, tmp_path: Path) -> None:
+    """A script subclassing SlurmService (like CommandService) instead of a "command";
+    a job waiting for the node's CPUs shows Slurm's expected start (when the first
+    job's --time is up)."""
+    folder = tmp_path / "svc"
+    write_config(folder, slurm)  # its echo.py
+    jobs = slurm.directory / "jobs"
+    (folder / "viz.py").write_text(f"""
+from websocketserver import SlurmService
+
+class Viz(SlurmService):
+    start_mode = "reserve"
+
+    def command(self, index, options):
+        return ["python3", "echo.py", "{{port}}"]
+
+    def sbatch(self, index, options):
+        return ["--cpus-per-task=8", "--time=00:10:00", "--output={jobs}/%j.out"]
+""")
+    config = folder / "scripted.json"
+    config.write_text(json.dumps({"viz": {"script": "viz.py", "count": 2}}))
+    server, mark = start(start_server, slurm, config)
+    first, second = reserve(server), reserve(server)
+    wait_state(server, first, "starting")
+    waiting = wait_until(lambda: (found := instance(server, second))["expected_start"]
+                         and found["queue_reason"] == "Resources" and found, 15)
+    assert waiting["state"] == "queued"
+    expected = datetime.fromisoformat(waiting["expected_start"]) - datetime.now().astimezone()
+    assert timedelta(minutes=9) < expected <= timedelta(minutes=10, seconds=5), expected
+    assert asyncio.run(echo(server, first, b"scripted")) == b"scripted"  # the job's cwd:
+    assert server.get_json(f"/v1/release/{second}")[0] == 200  # the script's folder
+    wait_no_job_process(server, mark)

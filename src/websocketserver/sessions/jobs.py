@@ -25,7 +25,7 @@ from collections.abc import Awaitable, Callable
 
 from ..core.errors import Refused
 from ..scripts import output_log, substitute
-from ..settings import Settings
+from ..settings import Settings, SettingsError
 from ..tasks import Tasks
 from .job import POLL_RUNNING, POLL_WAITING, Job, JobSpec, verify_report
 from .reservations import Reservation, ReservationStore, State, StoreUnavailable, may_use
@@ -72,6 +72,9 @@ class Jobs:
         self.job_name = f"{self.job_marker}{int(time.time())}"
         self.any = any(service.batch is not None for service in services.values())
         """Whether a service runs as Slurm jobs."""
+        if self.any and not settings.job_report_url:
+            raise SettingsError("a service runs as Slurm jobs (a SlurmService script): it "
+                                "needs the HTTP port (--http_directory), its jobs report there")
         self.shared = settings.redis is not None
         """In a cluster: a job's report may reach another instance."""
 

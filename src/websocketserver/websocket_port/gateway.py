@@ -220,7 +220,8 @@ class WebSocketGateway:
                 transport, accept.key, accept.binary, tail, client, user):
             return True
         tunnel = self.live.tunnel(client)
-        protocol = websocket_protocol(tunnel, accept.binary, self.settings)
+        job = claimed is not None and self.services.services[claimed.service].batch is not None
+        protocol = websocket_protocol(tunnel, accept.binary, self.settings, keep_alive=job)
         protocol.connection_made(transport)
         transport.set_protocol(protocol)
         answer_upgrade(protocol, accept.key, tail)

@@ -183,10 +183,16 @@ class _CountingProtocol(WSProtocol):  # type: ignore[misc]  # WSProtocol is unty
         self._tunnel.parsed()
 
 
-def websocket_protocol(tunnel: Tunnel, binary: bool, settings: Settings) -> WSProtocol:
-    """The picows protocol that will answer an accepted upgrade and feed ``tunnel``."""
+def websocket_protocol(tunnel: Tunnel, binary: bool, settings: Settings,
+                       keep_alive: bool = False) -> WSProtocol:
+    """The picows protocol that will answer an accepted upgrade and feed ``tunnel``.
+
+    ``keep_alive``: ping the browser when idle even without ``--ping_interval`` (every
+    KEEP_ALIVE seconds): a websocket that waits for a queued Slurm job carries nothing
+    for minutes, and proxies close idle connections (nginx after 60 s by default).
+    """
     response = WSUpgradeResponseWithListener(_RESPONSES[binary], tunnel)
-    ping = settings.ping_interval
+    ping = settings.ping_interval or (KEEP_ALIVE if keep_alive else None)
     return _CountingProtocol(
         tunnel,
         None, None, False, lambda _: response, _PicowsLog(tunnel),
@@ -197,6 +203,10 @@ def websocket_protocol(tunnel: Tunnel, binary: bool, settings: Settings) -> WSPr
         False,  # pings are answered by the tunnel, after its own checks
         settings.max_message_size,
         None, READ_BUFFER)
+
+
+KEEP_ALIVE = 20.0
+"""Seconds between pings of an idle websocket of a Slurm session (``keep_alive``)."""
 
 
 def answer_upgrade(protocol: WSProtocol, key: bytes, tail: bytes) -> None:
