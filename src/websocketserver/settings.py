@@ -239,15 +239,7 @@ def _slurm_config(where: str, entry: dict[str, Any], options: dict[str, Any]) ->
     sbatch = tuple(entry.get("sbatch", ()))
     for position, argument in enumerate(sbatch):
         field_name = f"slurm.sbatch[{position}]"
-        try:
-            names = placeholders(argument)
-        except ValueError as exc:
-            raise SettingsError(f"{where}: field {field_name!r}: {exc}") from None
-        unknown = [name for name in names if name not in known]
-        if unknown:
-            raise SettingsError(f"{where}: field {field_name!r}: unknown placeholder "
-                                f"{{{unknown[0]}}} (known: "
-                                f"{', '.join('{' + name + '}' for name in known)})")
+        names = _known_placeholders(where, field_name, argument, known)
         option, equals, _ = argument.partition("=")
         if names and not (option.startswith("--") and equals and not placeholders(option)):
             raise SettingsError(f"{where}: field {field_name!r}: a placeholder may only be "
@@ -302,17 +294,9 @@ def _check_command(where: str, command: tuple[str, ...], options: dict[str, Any]
     start-up (``on_node``: it runs on a compute node, where this host cannot look)."""
     known = [*COMMAND_FIELDS, *command_values(options)]
     for position, argument in enumerate(command):
-        field_name = f"command[{position}]"
-        try:
-            names = placeholders(argument)
-        except ValueError as exc:
-            raise SettingsError(f"{where}: field {field_name!r}: {exc}") from None
-        unknown = [name for name in names if name not in known]
-        if unknown:
-            raise SettingsError(
-                f"{where}: field {field_name!r}: unknown placeholder {{{unknown[0]}}} "
-                f"(known: {', '.join('{' + name + '}' for name in known)}; an option "
-                "becomes one when \"options\" gives it a text or number value)")
+        _known_placeholders(where, f"command[{position}]", argument, known,
+                            "; an option becomes one when \"options\" gives it a text or "
+                            "number value")
     program = command[0]
     if not program:
         raise SettingsError(f"{where}: field 'command[0]': the program must not be empty")
@@ -331,6 +315,22 @@ def _check_command(where: str, command: tuple[str, ...], options: dict[str, Any]
     elif shutil.which(program) is None:
         raise SettingsError(f"{where}: field 'command[0]': program {program!r} not found "
                             "on PATH")
+
+
+def _known_placeholders(where: str, field_name: str, argument: str, known: list[str],
+                        hint: str = "") -> list[str]:
+    """The placeholders of ``argument``; a SettingsError for a malformed or unknown one
+    (``hint`` ends its message)."""
+    try:
+        names = placeholders(argument)
+    except ValueError as exc:
+        raise SettingsError(f"{where}: field {field_name!r}: {exc}") from None
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise SettingsError(
+            f"{where}: field {field_name!r}: unknown placeholder {{{unknown[0]}}} "
+            f"(known: {', '.join('{' + name + '}' for name in known)}{hint})")
+    return names
 
 
 def _missing_field(error: jsonschema.ValidationError) -> str:

@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import websockets
 from slurm_support import LICENSE, SlurmCluster, marked
+from websockets.frames import Close
 
-from support import ServerProcess, StartServer, recv_bytes, wait_until
+from support import ServerProcess, StartServer, received_close, recv_bytes, wait_until
 
 # An echo server on the port the launcher gives it; every process of a job carries the
 # server's WSTEST_MARK (sbatch passes the server's environment on to the job).
@@ -97,3 +100,23 @@ def job_processes(server: ServerProcess, mark: str) -> set[int]:
 def wait_no_job_process(server: ServerProcess, mark: str, timeout: float = 15) -> None:
     wait_until(lambda: not job_processes(server, mark), timeout)
 
+
+
+def closed_by_the_job(server: ServerProcess, token: str, act: Callable[[str], object],
+                      timeout: float) -> tuple[str, Close, float]:
+    """Open ``token``'s websocket, echo through it, ``act(job_id)``, and wait at most
+    ``timeout`` seconds for the server to close it: the job's id, the close frame, and
+    the seconds from ``act`` to the close."""
+    async def scenario() -> tuple[str, Close, float]:
+        async with websockets.connect(server.ws_url(token=token), open_timeout=30) as ws:
+            await ws.send(b"x")
+            assert await asyncio.wait_for(recv_bytes(ws), 30) == b"x"
+            job_id = instance(server, token)["job_id"]
+            began = time.monotonic()
+            act(job_id)
+            try:
+                await asyncio.wait_for(ws.recv(), timeout)
+            except websockets.ConnectionClosed as closed:
+                return job_id, received_close(closed), time.monotonic() - began
+            raise AssertionError("a message where the close was due")
+    return asyncio.run(scenario())

@@ -19,6 +19,7 @@ pytest.register_assert_rewrite("slurm_support", "e2e.slurm_sessions")
 from slurm_support import SlurmCluster  # noqa: E402
 
 from e2e.slurm_sessions import (  # noqa: E402
+    closed_by_the_job,
     instance,
     reserve,
     start,
@@ -26,7 +27,7 @@ from e2e.slurm_sessions import (  # noqa: E402
     wait_state,
     write_config,
 )
-from support import StartServer, received_close, recv_bytes, wait_until  # noqa: E402
+from support import StartServer, received_close, wait_until  # noqa: E402
 
 pytest_plugins = ["slurm_support"]
 
@@ -50,19 +51,9 @@ def test_a_job_past_its_time_limit_closes_its_websocket_with_the_reason(
     config = write_config(tmp_path / "svc", slurm, count=1, sbatch=("--time=1",))
     server, mark = start(start_server, slurm, config)
     token = reserve(server)
-
-    async def scenario() -> None:
-        async with websockets.connect(server.ws_url(token=token), open_timeout=30) as ws:
-            await ws.send(b"x")
-            assert await asyncio.wait_for(recv_bytes(ws), 30) == b"x"
-            job_id = instance(server, token)["job_id"]
-            began = time.monotonic()
-            with pytest.raises(websockets.ConnectionClosed) as closed:
-                await asyncio.wait_for(ws.recv(), 150)
-            assert time.monotonic() - began > 50
-            close = received_close(closed.value)
-            assert (close.code, close.reason) == (1001, f"job {job_id} ended: TIMEOUT")
-    asyncio.run(scenario())
+    job_id, close, seconds = closed_by_the_job(server, token, lambda _: None, 150)
+    assert (close.code, close.reason) == (1001, f"job {job_id} ended: TIMEOUT")
+    assert seconds > 50
     wait_no_job_process(server, mark)
     wait_until(lambda: reserve(server), 10)  # its slot is free again
 

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from cluster_support import RedisServer
 
 from e2e.slurm_sessions import (  # noqa: E402
+    closed_by_the_job,
     echo,
     instance,
     job_processes,
@@ -124,19 +125,9 @@ def test_a_job_that_ends_closes_its_websocket_with_the_jobs_state(
     server, mark = start(start_server, slurm, write_config(tmp_path / "svc", slurm,
                                                            count=1))
     token = reserve(server)
-
-    async def scenario() -> None:
-        async with websockets.connect(server.ws_url(token=token), open_timeout=30) as ws:
-            await ws.send(b"x")
-            assert await asyncio.wait_for(recv_bytes(ws), 30) == b"x"
-            job_id = instance(server, token)["job_id"]
-            slurm.run("scancel", job_id)
-            with pytest.raises(websockets.ConnectionClosed) as closed:
-                await asyncio.wait_for(ws.recv(), 20)
-            close = received_close(closed.value)
-            assert close.code == 1001
-            assert close.reason == f"job {job_id} ended: CANCELLED"
-    asyncio.run(scenario())
+    job_id, close, _ = closed_by_the_job(server, token,
+                                         lambda job_id: slurm.run("scancel", job_id), 20)
+    assert (close.code, close.reason) == (1001, f"job {job_id} ended: CANCELLED")
     wait_until(lambda: reserve(server), 10)  # the one slot is free again
     wait_no_job_process(server, mark)
 
