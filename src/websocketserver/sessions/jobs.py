@@ -107,8 +107,7 @@ class Jobs:
         queued = await self.store.get(token)
         return queued or reservation
 
-    async def claim(self, token: str, session: Session, user: str | None
-                         ) -> Reservation:
+    async def claim(self, token: str, session: Session, user: str | None) -> Reservation:
         """A websocket for a job's session not yet active (queued, or starting): it
         waits for the job in :meth:`activate`. One websocket at a time."""
         reservation = await self.store.get(token)
@@ -171,11 +170,15 @@ class Jobs:
         assert job is not None and batch is not None
         options = dict(reservation.options)
         index = session.index
-        directory = batch.working_directory()
-        spec = JobSpec(command=batch.command(index, options),
-                       sbatch=batch.sbatch(index, options),
-                       environment=batch.environment(index, options),
-                       directory=str(directory) if directory is not None else None)
+        try:  # a script's methods may raise anything
+            directory = batch.working_directory()
+            spec = JobSpec(command=batch.command(index, options),
+                           sbatch=batch.sbatch(index, options),
+                           environment=batch.environment(index, options),
+                           directory=str(directory) if directory is not None else None)
+        except Exception as exc:
+            log.warning("%s: no job to submit: %s: %s", session.id, type(exc).__name__, exc)
+            raise Refused(502, f"{session.service.name} failed to start: {exc}") from None
         session.queue_timeout = batch.queue_timeout
         try:
             job_id = await job.submit(spec, self.job_name,
