@@ -240,3 +240,33 @@ async def test_a_job_recorded_in_a_reservation_is_found_by_its_id_while_it_lives
     await store.remove(token, "released")
     assert await store.find_job("41") is None
     assert await store.record_job(token, job) is None  # no longer live
+
+
+async def test_a_page_sees_each_change_once_with_the_next_seq(store: ReservationStore) -> None:
+    """Every change a page would see moves the token's seq by one (the events' ids,
+    the same on every instance), and wakes who waits for it; a change it would not see
+    (a job record's report time) moves nothing."""
+    r = await store.reserve("two", 2, {})
+    assert r.seq == 1
+    waiting = asyncio.ensure_future(store.wait_change(r.token, 1, 10))
+    await asyncio.sleep(0.2)  # waiting (the Redis store has subscribed)
+    claimed = (await store.claim(r.token, None)).reservation
+    assert claimed is not None and claimed.seq == 2
+    woken = await asyncio.wait_for(waiting, 5)
+    assert woken is not None and (woken.seq, woken.state) == (2, State.STARTING)
+    job = {"job_id": "9", "queue_reason": None, "expected_start": None, "job_node": None,
+           "last_report": 1.0}
+    assert (await store.record_job(r.token, job)) is not None
+    assert (await store.record_job(r.token, {**job, "last_report": 2.0})) is not None
+    got = await store.get(r.token)
+    assert got is not None and got.seq == 2  # nothing a page sees changed
+    assert (await store.record_job(r.token, {**job, "job_node": "n1"})) is not None
+    got = await store.get(r.token)
+    assert got is not None and got.seq == 3
+    unchanged = await store.wait_change(r.token, 3, 0.2)  # times out: as it is
+    assert unchanged is not None and unchanged.seq == 3
+    await store.transition(r.token, State.STARTING, State.STOPPING)
+    await store.remove(r.token, "released")
+    ended = await store.wait_change(r.token, 4, 5)
+    assert ended is not None and (ended.state, ended.seq, ended.end_reason) == (
+        State.ENDED, 5, "released")

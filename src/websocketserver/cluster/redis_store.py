@@ -35,6 +35,7 @@ from redis.exceptions import RedisError
 from ..core import lifecycle
 from ..core.lifecycle import IllegalTransition, State
 from ..sessions.reservations import (
+    ChangeWaiters,
     Claim,
     ClaimOutcome,
     NoSlotFree,
@@ -108,9 +109,12 @@ class RedisStore(ReservationStore):
         """The records of this instance's sessions as last seen (claimed here, not yet
         removed): what is registered again if Redis loses its data."""
         self._channel = prefix + "stop:"
+        self._changes_channel = prefix + "changes"
         self._epoch = 0
         self._available = False
         self._beating = Tasks(log)
+        self.changes = ChangeWaiters()
+        self._subscribed = Tasks(log)  # the changes channel, once a page watches a token
         # The script calls share one pipelined connection (redis_link.py); the
         # subscription to stop requests has a connection of its own, through redis-py.
         self._link = RedisLink(url, OPERATION_TIMEOUT, SOCKET_TIMEOUT)
@@ -205,6 +209,7 @@ class RedisStore(ReservationStore):
     async def close(self) -> None:
         """Stop beating, leave the cluster (never-used reservations move), disconnect."""
         await self._beating.cancel()
+        await self._subscribed.cancel()
         if self._epoch and not self.fenced.is_set():
             with contextlib.suppress(StoreUnavailable):
                 await self._run(self._scripts.deregister)
@@ -225,6 +230,26 @@ class RedisStore(ReservationStore):
                         "secret: not forwarding to it", node)
             return None
         return str(entry["address"]), float(reply["now"])
+
+    async def _listening(self) -> None:
+        if not self._subscribed:
+            self._subscribed.spawn(self._changes(), "changes")
+
+    async def _changes(self) -> None:
+        """Wake the waiters of each token a script announces on the ``changes`` channel
+        (any instance's change); re-subscribes after an outage, while the waiters'
+        time-outs make them look again meanwhile."""
+        while True:
+            try:
+                async with self._redis.pubsub(ignore_subscribe_messages=True) as pubsub:
+                    await pubsub.subscribe(self._changes_channel)
+                    while True:
+                        message = await pubsub.get_message(timeout=SOCKET_TIMEOUT)
+                        if message is not None and message["type"] == "message":
+                            self.changes.notify(str(message["data"]))
+            except (RedisError, OSError) as exc:
+                log.debug("changes: %s; subscribing again", exc)
+                await asyncio.sleep(self.heartbeat_interval)
 
     async def stop_requests(self) -> AsyncIterator[str]:
         """Tokens of this instance's sessions that another instance moved to stopping.
@@ -402,4 +427,5 @@ class RedisStore(ReservationStore):
             options=json.loads(record["options"]), owner=record["owner"],
             state=State(record["state"]), timestamp=record["timestamp"] / 1000,
             changed=time.monotonic() - (now_ms - record["changed"]) / 1000,
-            node=record["node"], end_reason=record.get("end_reason"), job=record.get("job"))
+            node=record["node"], end_reason=record.get("end_reason"), job=record.get("job"),
+            seq=int(record.get("seq", 0)))

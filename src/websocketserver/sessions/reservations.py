@@ -28,6 +28,7 @@ reservation is readable for five minutes (``get(token, ended=True)``) with its
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import time
 import uuid
@@ -84,6 +85,48 @@ class Reservation:
     """A Slurm service's job, as :meth:`ReservationStore.record_job` last wrote it (its
     id, report secret, node, port, queue reason...): shared, so that any instance of a
     cluster can show it, check its report or cancel it."""
+    seq: int = 0
+    """Counts the changes a page sees (state, instance, the job's queue reason, expected
+    start and node): the id of its events (``/v1/events/{token}``), the same on every
+    instance of a cluster."""
+
+
+SEEN_JOB_FIELDS = ("queue_reason", "expected_start", "job_node")
+"""The fields of a job's record whose change is an event (:attr:`Reservation.seq`)."""
+
+
+def seen(reservation: Reservation) -> tuple[object, ...]:
+    """What a page is shown of ``reservation``: its seq moves when this does."""
+    job = reservation.job or {}
+    return (reservation.state, reservation.node,
+            *(job.get(key) for key in SEEN_JOB_FIELDS))
+
+
+class ChangeWaiters:
+    """Tasks waiting for a token's next change (:meth:`ReservationStore.wait_change`),
+    woken by :meth:`notify` (memory: at once; Redis: its ``changes`` channel)."""
+
+    def __init__(self) -> None:
+        self._waiting: dict[str, set[asyncio.Event]] = {}
+
+    def add(self, token: str) -> asyncio.Event:
+        event = asyncio.Event()
+        self._waiting.setdefault(token, set()).add(event)
+        return event
+
+    def discard(self, token: str, event: asyncio.Event) -> None:
+        waiting = self._waiting.get(token)
+        if waiting is not None:
+            waiting.discard(event)
+            if not waiting:
+                del self._waiting[token]
+
+    def notify(self, token: str) -> None:
+        for event in self._waiting.get(token, ()):
+            event.set()
+
+    def __bool__(self) -> bool:
+        return bool(self._waiting)
 
 
 def may_use(reservation: Reservation, user: str | None) -> bool:
@@ -172,6 +215,27 @@ class ReservationStore(ABC):
         """Whether the store answered its last request (``/v1/health``); memory always."""
         return True
 
+    changes: ChangeWaiters
+
+    async def wait_change(self, token: str, seq: int, timeout: float) -> Reservation | None:
+        """``token``'s reservation (ended ones too) once its :attr:`~Reservation.seq`
+        differs from ``seq``, or as it is after ``timeout`` seconds (None: gone)."""
+        event = self.changes.add(token)
+        try:
+            await self._listening()
+            current = await self.get(token, ended=True)
+            if current is None or current.seq != seq:
+                return current
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(event.wait(), timeout)
+            return await self.get(token, ended=True)
+        finally:
+            self.changes.discard(token, event)
+
+    async def _listening(self) -> None:
+        """Make sure changes reach :attr:`changes` (a shared store subscribes)."""
+        return None  # the memory store notes them as it makes them
+
     async def capacity(self, service: str, count: int) -> int:
         """How many slots of ``service`` (configured ``count`` here) exist in all.
 
@@ -187,6 +251,7 @@ class MemoryStore(ReservationStore):
         self._by_token: dict[str, Reservation] = {}
         self._ended: dict[str, Reservation] = {}  # in the order they ended
         self._jobs: dict[str, str] = {}  # job id -> token
+        self.changes = ChangeWaiters()
         self._lock = asyncio.Lock()
 
     async def reserve(self, service: str, count: int, options: dict[str, Any],
@@ -197,7 +262,7 @@ class MemoryStore(ReservationStore):
             if index is None:
                 raise NoSlotFree(service)
             reservation = Reservation(token=str(uuid.uuid4()), service=service, index=index,
-                                      options=dict(options), owner=owner)
+                                      options=dict(options), owner=owner, seq=1)
             self._by_token[reservation.token] = reservation
             return reservation
 
@@ -216,9 +281,7 @@ class MemoryStore(ReservationStore):
             current = self._by_token.get(token)
             if current is None or current.state not in allowed:
                 return None
-            updated = replace(current, state=new, changed=time.monotonic())
-            self._by_token[token] = updated
-            return updated
+            return self._put(current, replace(current, state=new, changed=time.monotonic()))
 
     async def claim(self, token: str, user: str | None) -> Claim:
         async with self._lock:
@@ -232,8 +295,8 @@ class MemoryStore(ReservationStore):
                 return Claim(ClaimOutcome.IN_USE, current)
             outcome = (ClaimOutcome.CLAIMED if state is State.STARTING
                        else ClaimOutcome.REATTACHED)
-            claimed = replace(current, state=state, changed=time.monotonic())
-            self._by_token[token] = claimed
+            claimed = self._put(current, replace(current, state=state,
+                                                 changed=time.monotonic()))
             return Claim(outcome, claimed)
 
     async def remove(self, token: str, reason: str = "ended") -> Reservation | None:
@@ -254,13 +317,21 @@ class MemoryStore(ReservationStore):
             current = self._by_token.get(token)
             if current is None:
                 return None
-            updated = self._by_token[token] = replace(current, job=dict(job))
             self._jobs[str(job["job_id"])] = token
-            return updated
+            return self._put(current, replace(current, job=dict(job)))
 
     async def find_job(self, job_id: str) -> Reservation | None:
         token = self._jobs.get(job_id)
         return self._by_token.get(token) if token is not None else None
+
+    def _put(self, old: Reservation, new: Reservation) -> Reservation:
+        """Store ``new`` in place of ``old``: one more seq, and its waiters woken, if a
+        page would see the change."""
+        if seen(new) != seen(old):
+            new = replace(new, seq=old.seq + 1)
+            self.changes.notify(new.token)
+        self._by_token[new.token] = new
+        return new
 
     def _end(self, token: str, reason: str) -> Reservation | None:
         current = self._by_token.pop(token, None)
@@ -268,8 +339,9 @@ class MemoryStore(ReservationStore):
             self._jobs.pop(str(current.job["job_id"]), None)
         if current is not None:
             check(current.state, State.ENDED)
-            self._ended[token] = replace(current, state=State.ENDED,
+            self._ended[token] = replace(current, state=State.ENDED, seq=current.seq + 1,
                                          changed=time.monotonic(), end_reason=reason)
+            self.changes.notify(token)
         self._forget_ended()
         return current
 

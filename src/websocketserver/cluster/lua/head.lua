@@ -29,7 +29,26 @@ local function get(hash, field)
 end
 -- the sessions of `node` that another instance is stopping
 local function stops(node) return PREFIX .. 'stops:' .. node end
+-- what a page sees of `r` (reservations.py's seen()): a change is an event
+local function seen(r)
+  local j = r.job or {}
+  local values = {r.state, r.node, j.queue_reason, j.expected_start, j.job_node}
+  local out = {}
+  for i = 1, 5 do  -- not ipairs: it stops at the first nil
+    local value = values[i]
+    if value == nil or value == cjson.null then out[i] = '' else out[i] = tostring(value) end
+  end
+  return table.concat(out, '\t')
+end
+-- one more change for the pages watching r.token (its seq, the `changes` channel)
+local function changed(r)
+  r.seq = (r.seq or 0) + 1
+  redis.call('PUBLISH', PREFIX .. 'changes', r.token)
+end
 local function put(r)
+  local old = get(RES, r.token)
+  r.seq = (old and old.seq) or r.seq or 0
+  if old == nil or seen(old) ~= seen(r) then changed(r) end
   redis.call('HSET', RES, r.token, cjson.encode(r))
   if r.state == UNSTARTED then
     redis.call('ZADD', IDLE, r.changed, r.token)
@@ -85,6 +104,7 @@ end
 local function finish(r, reason)
   forget(r)
   r.state, r.changed, r.end_reason = ENDED_STATE, NOW, reason
+  changed(r)
   redis.call('HSET', ENDED, r.token, cjson.encode(r))
   redis.call('ZADD', ENDED_AT, NOW, r.token)
 end
