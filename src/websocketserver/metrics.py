@@ -69,6 +69,10 @@ class Metrics:
                                      registry=self.registry)
         self.tasks = Gauge("websocketserver_asyncio_tasks", "Tasks alive in the event loop",
                            registry=self.registry)
+        self.event_streams = Gauge("websocketserver_event_streams_open",
+                                   "/v1/events streams open now", registry=self.registry)
+        self.events_sent = Counter("websocketserver_events", "Events sent on /v1/events",
+                                   registry=self.registry)
         self.tasks.set_function(lambda: len(asyncio.all_tasks()))
         ProcessCollector(registry=self.registry)  # process_resident_memory_bytes, fds, ...
         self.registry.register(_BytesCollector(self))

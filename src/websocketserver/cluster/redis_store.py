@@ -115,6 +115,7 @@ class RedisStore(ReservationStore):
         self._beating = Tasks(log)
         self.changes = ChangeWaiters()
         self._subscribed = Tasks(log)  # the changes channel, once a page watches a token
+        self._changes_heard = asyncio.Event()  # subscribed to it now
         # The script calls share one pipelined connection (redis_link.py); the
         # subscription to stop requests has a connection of its own, through redis-py.
         self._link = RedisLink(url, OPERATION_TIMEOUT, SOCKET_TIMEOUT)
@@ -234,6 +235,8 @@ class RedisStore(ReservationStore):
     async def _listening(self) -> None:
         if not self._subscribed:
             self._subscribed.spawn(self._changes(), "changes")
+        with contextlib.suppress(TimeoutError):  # else the waiter's time-out covers it
+            await asyncio.wait_for(self._changes_heard.wait(), SOCKET_TIMEOUT)
 
     async def _changes(self) -> None:
         """Wake the waiters of each token a script announces on the ``changes`` channel
@@ -243,11 +246,13 @@ class RedisStore(ReservationStore):
             try:
                 async with self._redis.pubsub(ignore_subscribe_messages=True) as pubsub:
                     await pubsub.subscribe(self._changes_channel)
+                    self._changes_heard.set()
                     while True:
                         message = await pubsub.get_message(timeout=SOCKET_TIMEOUT)
                         if message is not None and message["type"] == "message":
                             self.changes.notify(str(message["data"]))
             except (RedisError, OSError) as exc:
+                self._changes_heard.clear()
                 log.debug("changes: %s; subscribing again", exc)
                 await asyncio.sleep(self.heartbeat_interval)
 

@@ -34,8 +34,11 @@ from ..identity import USER_KEY_PARAM
 from ..metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from ..sessions.job_launcher import HEADER
 from ..sessions.jobs import REPORT_MAX_SIZE
-from ..sessions.reservations import State
+from ..sessions.reservations import Reservation, State, may_use
 from ..sessions.services import ServiceManager
+from ..sessions.token_status import describe
+from . import openapi
+from .events import EventStreams
 
 log = logging.getLogger("websocketserver.api")
 
@@ -63,14 +66,28 @@ class RestApi:
         self._node = node
         self._stopping = stopping
         self._began = time.monotonic()
-        self._routes: dict[str, tuple[Handler, bool]] = {
-            "stop": (self.stop, False),
-            "status": (self.status, False),
-            "status_view": (self.status_view, False),
-            "metrics": (self.metrics, False),
-            "reserve": (self.reserve, True),
-            "release": (self.release, True),
+        self.events = EventStreams(services.store, self._describe, services.metrics)
+        services.metrics.event_streams.set_function(lambda: self.events.open)
+        self._routes: dict[tuple[str, str | None], Handler] = {
+            ("stop", None): self.stop,
+            ("status", None): self.status,
+            ("status", "token"): self.token_status,
+            ("events", "token"): self.token_events,
+            ("status_view", None): self.status_view,
+            ("metrics", None): self.metrics,
+            ("reserve", "service"): self.reserve,
+            ("release", "token"): self.release,
         }
+        """The GET calls: (name, the name of its one path parameter, if any) ->
+        handler; :meth:`routes` lists them with the calls outside this table."""
+
+    def routes(self) -> list[tuple[str, str]]:
+        """Every call this API answers, as (method, path template): what the OpenAPI
+        document must describe, read from the dispatch itself."""
+        calls = [("GET", f"/v1/{name}" + (f"/{{{param}}}" if param else ""))
+                 for name, param in self._routes]
+        return [*calls, ("GET", "/v1/health"), ("GET", "/v1/openapi.json"),
+                ("POST", "/v1/job_report")]
 
     def authorized(self, request: web.BaseRequest) -> bool:
         """Whether the request carries the security token (always true without one)."""
@@ -94,12 +111,14 @@ class RestApi:
             return self.health()  # for load balancers: no token needed
         if (version, name, args) == ("v1", "job_report", []):
             return await self.job_report(request)  # signed per job: no token needed
-        route = self._routes.get(name) if version == "v1" else None
-        if route is None:
+        if (version, name, args) == ("v1", "openapi.json", []) and request.method in (
+                "GET", "HEAD"):
+            return web.json_response(openapi.document(self.routes()))  # public
+        matches = [key for key in self._routes if key[0] == name
+                   and (key[1] is not None) == (len(args) == 1) and len(args) <= 1]
+        if version != "v1" or not matches or (args and not args[0]):
             return json_error(404, f"unknown API call: {request.path}")
-        handler, takes_argument = route
-        if takes_argument != (len(args) == 1) or (args and not args[0]):
-            return json_error(404, f"unknown API call: {request.path}")
+        handler = self._routes[matches[0]]
         if request.method not in ("GET", "HEAD"):
             return json_error(405, "the REST API takes GET requests")
         if name in _STATE_CHANGING and not self._admin(request):  # a forged request
@@ -143,7 +162,36 @@ class RestApi:
         return web.json_response({"status": message})
 
     async def _holds_token(self, request: web.BaseRequest, name: str, args: list[str]) -> bool:
-        return name == "release" and await self.services.store.get(args[0]) is not None
+        """The reservation token is the credential of the calls about it (an ended one's
+        status and events too, for a while)."""
+        if not args or name not in ("release", "status", "events"):
+            return False
+        return await self.services.store.get(args[0], ended=name != "release") is not None
+
+    async def _token_reservation(self, request: web.BaseRequest, token: str) -> Reservation:
+        """``token``'s reservation (ended ones too), if the caller may see it: its
+        holder (owner binding as for a release), or the administrator."""
+        reservation = await self.services.store.get(token, ended=True)
+        if reservation is None:
+            raise Refused(404, "unknown or expired token")
+        user = self._user(request)
+        if not self._admin(request) and not may_use(reservation, user):
+            raise Refused(403, f"token is reserved by another user than {user}")
+        return reservation
+
+    def _describe(self, reservation: Reservation) -> dict[str, Any]:
+        service = self.services.services.get(reservation.service)
+        grace = self.services.grace(service) if service is not None else 0.0
+        return describe(reservation, grace, self.services.settings.timeout)
+
+    async def token_status(self, request: web.BaseRequest, token: str) -> web.StreamResponse:
+        return web.json_response(self._describe(await self._token_reservation(request,
+                                                                               token)))
+
+    async def token_events(self, request: web.BaseRequest, token: str) -> web.StreamResponse:
+        reservation = await self._token_reservation(request, token)
+        client = self.services.identity.client_address(request)
+        return await self.events.stream(request, reservation, client)
 
     async def stop(self, request: web.BaseRequest, _: str) -> web.StreamResponse:
         log.info("stop requested over REST by %s", request.remote)

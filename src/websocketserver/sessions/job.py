@@ -243,15 +243,18 @@ class Job:
     def record(self) -> dict[str, Any]:
         """The job as the reservation keeps it (:meth:`restore` reads it back): what
         ``/v1/status`` shows of it (``job_id``, ``queue_reason``, ``expected_start`` in
-        ISO 8601, ``job_node``) and what checks its reports on any instance."""
+        ISO 8601, ``job_node``), when its time limit ends it (``ends_at``, epoch
+        seconds) and what checks its reports on any instance."""
         status = self.status
         pending = status is not None and status.pending
         expected = status.expected_start if status is not None and pending else None
+        ends = status.end_time if status is not None and status.running else None
         return {"job_id": self.job_id,
                 "queue_reason": status.reason if pending and status is not None else None,
                 "expected_start": expected.isoformat() if expected is not None else None,
                 "job_node": self.node, "address": self.address, "port": self.port,
-                "secret": self.secret, "last_report": self._last_report}
+                "secret": self.secret, "last_report": self._last_report,
+                "ends_at": ends.timestamp() if ends is not None else None}
 
     @classmethod
     def restore(cls, scheduler: Scheduler, label: str, record: dict[str, Any]) -> Job:

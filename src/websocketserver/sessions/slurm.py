@@ -74,6 +74,8 @@ class JobState:
     nodes: str
     batch_host: str | None
     name: str
+    end_time: datetime | None = None
+    """When a running job's time limit ends it (None: no limit, or not running)."""
 
     @property
     def pending(self) -> bool:
@@ -150,7 +152,7 @@ class Slurm:
         """The job's state now, or ``None`` when Slurm no longer knows it (see the
         module: ended more than ``MinJobAge`` ago, or never was)."""
         _check(_JOB_ID, job_id, "job id")
-        fields = _SEP.join(("%i", "%T", "%r", "%S", "%N", "%B", "%j"))
+        fields = _SEP.join(("%i", "%T", "%r", "%S", "%N", "%B", "%j", "%e"))
         try:
             out = await self._run("squeue", ["--noheader", "--states=all", f"--jobs={job_id}",
                                              f"--format={fields}"])
@@ -159,8 +161,8 @@ class Slurm:
                 return None
             raise
         for line in out.splitlines():
-            values = line.split(_SEP, 6)
-            if len(values) == 7 and values[0] == job_id:
+            values = line.split(_SEP, 7)
+            if len(values) == 8 and values[0] == job_id:
                 return _job_state(values)
         return None
 
@@ -234,11 +236,15 @@ def _check(pattern: re.Pattern[str], value: str, what: str) -> None:
 
 
 def _job_state(values: list[str]) -> JobState:
-    job_id, state, reason, start, nodes, batch_host, name = values
-    expected = None
-    if state == "PENDING" and start not in ("N/A", "Unknown", "None", ""):
-        with contextlib.suppress(ValueError):
-            expected = datetime.strptime(start, _TIME_FORMAT)
+    job_id, state, reason, start, nodes, batch_host, name, end = values
     return JobState(job_id=job_id, state=state, reason=None if reason == "None" else reason,
-                    expected_start=expected, nodes=nodes,
-                    batch_host=None if batch_host in ("n/a", "") else batch_host, name=name)
+                    expected_start=_time(start) if state == "PENDING" else None, nodes=nodes,
+                    batch_host=None if batch_host in ("n/a", "") else batch_host, name=name,
+                    end_time=_time(end) if state == "RUNNING" else None)
+
+
+def _time(text: str) -> datetime | None:
+    """One of squeue's times (None: ``N/A``, ``Unknown``, a limit of ``INFINITE``)."""
+    with contextlib.suppress(ValueError):
+        return datetime.strptime(text, _TIME_FORMAT)
+    return None
