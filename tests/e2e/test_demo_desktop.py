@@ -66,7 +66,8 @@ def shows_desktop(page: Page, url: str, artifact: str, status: bool = True) -> N
     color = desktop_options()["color"]
     page.goto(url)
     if status:
-        expect(page.locator("#status")).to_have_text("connected", timeout=TIMEOUT_MS)
+        # in words, from the session's events (/v1/events/{token})
+        expect(page.locator("#status")).to_have_text("Connected", timeout=TIMEOUT_MS)
     expect_canvas_color(page, color, artifact)
 
 
