@@ -87,6 +87,14 @@ async def test_post_is_405(api: Api) -> None:
     assert (await client.post("/v1/status?security_token=s3cret")).status == 405
 
 
+async def test_a_head_request_changes_nothing(api: Api) -> None:
+    """A probe (a link checker, a monitor) sends HEAD: it stopped the server before."""
+    client, stopped = api
+    for path in ("/v1/stop", "/v1/reserve/viewer", "/v1/release/x"):
+        assert (await client.head(f"{path}?security_token=s3cret")).status == 405
+    assert stopped == [] and (await client.head("/v1/status?security_token=s3cret")).ok
+
+
 async def test_stop_answers_then_stops(api: Api) -> None:
     client, stopped = api
     response = await client.get("/v1/stop?security_token=s3cret")

@@ -121,14 +121,17 @@ class RestApi:
         handler = self._routes[matches[0]]
         if request.method not in ("GET", "HEAD"):
             return json_error(405, "the REST API takes GET requests")
+        if request.method == "HEAD" and name in _STATE_CHANGING:  # a probe changes nothing
+            return json_error(405, f"/v1/{name} changes the server's state: use GET")
         if name in _STATE_CHANGING and not self._admin(request):  # a forged request
             refusal = cross_site_refusal(  # cannot carry the security token
                 request.headers, self.services.settings.allowed_origins)
             if refusal is not None:
                 return json_error(refusal.status, refusal.reason)
-        if not self.authorized(request) and not await self._holds_token(request, name, args):
-            return json_error(401, "missing or wrong security_token")
         try:
+            if not self.authorized(request) and not await self._holds_token(request, name,
+                                                                            args):
+                return json_error(401, "missing or wrong security_token")
             return await handler(request, args[0] if args else "")
         except Refused as exc:  # a store outage too: 503, fail closed, say why
             return json_error(exc.status, exc.reason)
