@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import queue
 import socket
+import ssl
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -25,14 +26,18 @@ class Event:
 
 
 class EventReader:
-    """GETs ``url`` (with ``headers``) and reads its events in a thread until the stream
-    ends: :meth:`next` takes them in order; :attr:`comments` counts the comments."""
+    """GETs ``url`` (with ``headers``; https with ``context``) and reads its events in a
+    thread until the stream ends: :meth:`next` takes them in order; :attr:`comments`
+    counts the comments."""
 
     def __init__(self, url: str, headers: dict[str, str] | None = None,
-                 timeout: float = 30) -> None:
+                 timeout: float = 30, context: ssl.SSLContext | None = None) -> None:
         parts = urlsplit(url)
         host, port = parts.hostname or "127.0.0.1", parts.port or 80
         self._sock = socket.create_connection((host, port), timeout)
+        if parts.scheme == "https":
+            self._sock = (context or ssl.create_default_context()).wrap_socket(
+                self._sock, server_hostname=host)
         self._sock.settimeout(None)
         lines = [f"GET {parts.path}?{parts.query} HTTP/1.1", f"Host: {host}:{port}",
                  "Accept: text/event-stream",

@@ -12,6 +12,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -21,7 +22,7 @@ from e2e.sse import EventReader
 from support import ServerProcess, StartServer, recv_bytes, wait_until
 
 if TYPE_CHECKING:
-    from cluster_support import RedisServer
+    from cluster_support import HAProxy, RedisServer
 
 pytest_plugins = ["cluster_support"]
 
@@ -173,3 +174,20 @@ def test_in_a_cluster_any_instance_streams_and_a_page_resumes_elsewhere(
         assert time.monotonic() - started < 5
     finally:
         loop.close()
+
+
+def test_events_pass_through_haproxy_at_once(start_server: StartServer, tmp_path: Path,
+                                             start_haproxy: Callable[..., HAProxy]) -> None:
+    """deploy/haproxy.cfg passes each event on when it happens (nginx: test_nginx.py)."""
+    server = start_server("--remote_session_config", str(config(tmp_path)))
+    assert server.http_port is not None
+    proxy = start_haproxy([(server.ws_port, server.http_port)])
+    token = reserve(server)
+    reader = EventReader(f"http://127.0.0.1:{proxy.http_port}/v1/events/{token}")
+    try:
+        assert reader.next(5).data["state"] == "reserved"
+        assert server.get_json(f"/v1/release/{token}")[0] == 200
+        assert reader.next(2).data["event"] == "ended"
+        assert reader.ended.wait(5)
+    finally:
+        reader.close()

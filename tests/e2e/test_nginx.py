@@ -17,6 +17,7 @@ import pytest
 import trustme
 import websockets
 
+from e2e.sse import EventReader
 from support import ROOT, EchoBackend, StartServer, free_port, recv_bytes, wait_port
 
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
@@ -107,3 +108,24 @@ def test_forwarded_for_is_ignored_from_untrusted_peers(start_server: StartServer
 
     asyncio.run(session())
     assert "tunnel open: 127.0.0.1 ->" in server.log()
+
+
+def test_events_pass_through_nginx_at_once(start_server: StartServer,
+                                           nginx: dict[str, Any]) -> None:
+    """/v1/events/{token} through deploy/nginx.conf: each event arrives when it happens,
+    not when a buffer fills or the stream ends."""
+    start_server("--remote_session_config", str(CONFIG), "--trusted_proxy", "127.0.0.1",
+                 ws_port=nginx["ws"], http_port=nginx["http"])
+    base = f"https://127.0.0.1:{nginx['public']}"
+    with urllib.request.urlopen(f"{base}/v1/reserve/echo?security_token=K",
+                                context=nginx["ssl"]) as response:
+        token = json.loads(response.read())["token"]
+    reader = EventReader(f"{base}/v1/events/{token}", context=nginx["ssl"])
+    try:
+        assert reader.next(5).data["state"] == "reserved"
+        with urllib.request.urlopen(f"{base}/v1/release/{token}", context=nginx["ssl"]):
+            pass
+        assert reader.next(2).data["event"] == "ended"  # at once, and the stream ends
+        assert reader.ended.wait(5)
+    finally:
+        reader.close()
