@@ -68,3 +68,22 @@ def test_dashboard_lists_reserves_and_releases(page: Page, start_server: StartSe
     status, body = server.get_json("/v1/status")
     assert len(next(s for s in body if s["name"] == "echo")["instances"]) == 1
     assert "secret" not in page.content()  # group-restricted service stays hidden
+
+
+def test_the_demo_page_follows_its_reserved_session_in_words(
+        page: Page, start_server: StartServer) -> None:
+    """index.html with ?token=: its session's events, in words, beside the websocket's
+    own state; the release ends both."""
+    server = start_server("--remote_session_config", str(CONFIG))
+    status, body = server.get_json("/v1/reserve/echo")
+    assert status == 200, body
+    page.goto(server.url(f"/index.html?port={server.ws_port}&token={body['token']}",
+                         auth=False))
+    expect(page.locator("#state")).to_have_text("open")
+    expect(page.locator("#session")).to_have_text("(session: Connected)")
+    page.fill("#text", "hello")
+    page.press("#text", "Enter")
+    expect(page.locator("#log")).to_contain_text("hello")
+    assert server.get_json(f"/v1/release/{body['token']}")[0] == 200
+    expect(page.locator("#session")).to_have_text("(session: Ended: reservation released)")
+    expect(page.locator("#state")).to_contain_text("closed (1001")

@@ -87,7 +87,7 @@ def test_a_session_s_life_is_its_events_in_order_then_the_stream_ends(
     ids = [int(e.id or 0) for e in events]
     assert ids == sorted(ids) and len(set(ids)) == len(ids)
     assert events[3].data["ends"] == "reconnect grace" and events[3].data["seconds_left"] <= 1
-    assert events[-1].data["end_reason"] == "ended"
+    assert events[-1].data["end_reason"] == "reconnect grace over"
     assert reader.ended.wait(5)  # the stream ends after its final event
     status, body = server.get_json(f"/v1/status/{token}", auth=False)  # for 5 minutes
     assert (status, body["state"], body["service"]) == (200, "ended", "echo")

@@ -187,7 +187,7 @@ class Jobs:
                                       self.settings.start_timeout)
         except SchedulerError as exc:
             log.warning("%s: the job was not submitted: %s", session.id, exc)
-            session.end_reason = "its job could not be submitted"
+            session.note_end("its job could not be submitted")
             raise Refused(502, f"{session.service.name}: the job was not submitted: "
                                f"{exc}") from None
         self._jobs[job_id] = (token, session)
@@ -241,7 +241,7 @@ class Jobs:
         reason = reason or f"job {job.job_id} ended: {job.final}"
         session.watcher = None
         log.info("%s: %s", session.id, reason)
-        session.end_reason = reason
+        session.note_end(reason)
         if not session.end(reason):  # no websocket attached
             await self.end_job(token, session, reason)
 
@@ -288,7 +288,7 @@ class Jobs:
 
     async def end_job(self, token: str, session: Session, reason: str) -> None:
         """End a job's session no websocket holds: cancel the job, free the slot."""
-        session.end_reason = reason
+        session.note_end(reason)
         if session.watcher is not None and session.watcher is not asyncio.current_task():
             session.watcher.cancel()
             session.watcher = None

@@ -319,6 +319,8 @@ class ServiceManager:
             finally:
                 session.settle()
                 session.claimed = False
+                if not detached:
+                    session.note_end("its websocket closed")
             if detached:
                 await self._detach(token, session)
             elif session.abandoned is None:  # else the abandoned start frees the slot
@@ -358,6 +360,7 @@ class ServiceManager:
         if session.wake is not wake:
             return  # re-attached
         session.wake = None
+        session.note_end("reconnect grace over")  # unless a release said otherwise
         try:
             if await self.store.transition(token, State.DETACHED, State.STOPPING) is None:
                 return  # a re-attach claimed it first, or it is gone: not this holder's
@@ -380,7 +383,7 @@ class ServiceManager:
         name, index = session.service.name, session.index
 
         async def remove() -> None:
-            await self.store.remove(token, session.end_reason)
+            await self.store.remove(token, session.end_reason or "ended")
             log.info("%s index %d is free", name, index)
         await self._now_or_later(remove, f"freeing {name} index {index}")
 

@@ -88,8 +88,8 @@ class Session:
         self.claimed = False
         """A job's session: a websocket has claimed it (a second one is refused)."""
         self.queue_timeout = 0.0
-        self.end_reason = "ended"
-        """Why it ended, kept with the ended reservation."""
+        self.end_reason: str | None = None
+        """Why it ended (the first cause noted), kept with the ended reservation."""
 
     def describe(self) -> dict[str, object]:
         """This session's fields of ``/v1/status``: the bytes its websocket carried."""
@@ -126,9 +126,15 @@ class Session:
         return (self.left and self.grace > 0 and self.settled is not None
                 and not self.settled.done())
 
+    def note_end(self, reason: str) -> None:
+        """Why the session ends, unless an earlier cause was noted."""
+        self.end_reason = self.end_reason or reason
+
     def end(self, reason: str) -> bool:
         """End the session as a release does: close its websocket (which stops the
         instance) or end its grace now. False if neither is there to end."""
+        if self.close_websocket is not None or self.wake is not None:
+            self.note_end(reason)
         if self.close_websocket is not None:
             self.close_websocket(reason)
             return True
@@ -145,7 +151,11 @@ class Session:
         service, index, timeout = self.service, self.index, self._settings.start_timeout
         began = time.monotonic()
         if self.job is not None:
-            host, port = await self.job.ready(self.queue_timeout, timeout)
+            try:
+                host, port = await self.job.ready(self.queue_timeout, timeout)
+            except Refused as exc:
+                self.note_end(exc.reason)
+                raise
             log.info("%s: job %s listens on %s:%d", self.id, self.job.job_id, host, port)
             return host, port
         start = asyncio.ensure_future(call(service.script.start, index,
@@ -155,6 +165,7 @@ class Session:
         except TimeoutError:
             self._metrics.service_failed(service.name)
             self._abandon(start)
+            self.note_end(f"{service.name} did not start within {timeout:g} s")
             raise Refused(504, f"{service.name} did not start within {timeout:g} s"
                           ) from None
         except asyncio.CancelledError:
@@ -165,6 +176,7 @@ class Session:
             log.warning("%s index %d failed to start: %s: %s", service.name, index,
                         type(exc).__name__, exc)
             await self.stop()
+            self.note_end(f"{service.name} failed to start: {exc}")
             raise Refused(502, f"{service.name} failed to start: {exc}") from None
         seconds = time.monotonic() - began
         self._metrics.service_started(service.name, seconds)
