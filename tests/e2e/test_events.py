@@ -140,17 +140,18 @@ def test_a_warning_comes_before_the_timeout_ends_a_reservation(
 
 def test_in_a_cluster_any_instance_streams_and_a_page_resumes_elsewhere(
         start_server: StartServer, redis_server: RedisServer, tmp_path: Path) -> None:
-    """The session runs on a; b streams its events (Redis's changes channel). b dies
-    mid-stream: the page reconnects to a with its Last-Event-ID and goes on."""
+    """The session runs on a; b streams its whole life, exactly as a would (Redis's
+    changes channel). c streams it too and dies mid-stream: that page reconnects to a
+    with its Last-Event-ID and goes on."""
     services = config(tmp_path)
     common = ("--redis", redis_server.url, "--cluster_secret", "s3cret",
               "--relay_processes", "0", "--remote_session_config", str(services))
-    a = start_server(*common, "--node_name", "a")
-    b = start_server(*common, "--node_name", "b")
+    a, b, c = (start_server(*common, "--node_name", name) for name in "abc")
     token = reserve(a)
-    on_b = EventReader(events_url(b, token))
+    on_b, on_c = EventReader(events_url(b, token)), EventReader(events_url(c, token))
     first = on_b.next()
     assert (first.data["state"], first.data["node"]) == ("reserved", "a")
+    assert on_c.next().data["state"] == "reserved"
 
     async def attach() -> websockets.ClientConnection:
         ws = await websockets.connect(a.ws_url(token=token), open_timeout=30)
@@ -161,9 +162,9 @@ def test_in_a_cluster_any_instance_streams_and_a_page_resumes_elsewhere(
     loop = asyncio.new_event_loop()
     try:
         ws = loop.run_until_complete(attach())
-        assert [on_b.next().data["state"] for _ in range(2)] == ["starting", "active"]
-        os.kill(b.serving_pid(), signal.SIGKILL)
-        assert on_b.ended.wait(10)  # the page's EventSource reconnects: to a now
+        assert [on_c.next().data["state"] for _ in range(2)] == ["starting", "active"]
+        os.kill(c.serving_pid(), signal.SIGKILL)
+        assert on_c.ended.wait(10)  # the page's EventSource reconnects: to a now
         on_a = EventReader(events_url(a, token), {"Last-Event-ID": "3"})
         resumed = on_a.next()
         assert (resumed.data["state"], resumed.data["node"]) == ("active", "a")
@@ -174,6 +175,12 @@ def test_in_a_cluster_any_instance_streams_and_a_page_resumes_elsewhere(
         assert time.monotonic() - started < 5
     finally:
         loop.close()
+    events = [first]
+    while events[-1].data["event"] != "ended":
+        events.append(on_b.next())
+    assert [e.data["state"] for e in events] == [
+        "reserved", "starting", "active", "detached", "ended"]
+    assert [int(e.id or 0) for e in events] == sorted({int(e.id or 0) for e in events})
 
 
 def test_events_pass_through_haproxy_at_once(start_server: StartServer, tmp_path: Path,
