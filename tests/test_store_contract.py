@@ -270,3 +270,25 @@ async def test_a_page_sees_each_change_once_with_the_next_seq(store: Reservation
     ended = await store.wait_change(r.token, 4, 5)
     assert ended is not None and (ended.state, ended.seq, ended.end_reason) == (
         State.ENDED, 5, "released")
+
+
+async def test_share_tokens_find_their_reservation_until_revoked_or_ended(
+        store: ReservationStore) -> None:
+    """Any instance finds a share token's reservation (a viewer may reach any of them);
+    a revoked share or an ended reservation's finds nothing."""
+    r = await store.reserve("two", 2, {})
+    view, control = await store.add_share(r.token, "view"), await store.add_share(r.token,
+                                                                                   "control")
+    assert view and control and len({view, control, r.token}) == 3
+    assert await store.add_share("nope", "view") is None
+    found = await store.find_share(view)
+    assert found is not None and found.token == r.token
+    assert found.shares == {view: "view", control: "control"}
+    assert found.seq == r.seq  # nothing a page is shown
+    revoked = await store.remove_share(view)
+    assert revoked is not None and revoked.token == r.token
+    assert await store.find_share(view) is None and await store.remove_share(view) is None
+    got = await store.get(r.token)
+    assert got is not None and got.shares == {control: "control"}
+    await store.remove(r.token, "released")
+    assert await store.find_share(control) is None

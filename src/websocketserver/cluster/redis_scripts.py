@@ -12,7 +12,8 @@ Data, under a key prefix (``websocketserver:`` by default):
 * ``res`` (hash): token -> JSON reservation ``{token, service, scope, node, index, state,
   owner, options, timestamp, changed, by, op, ran, job}``; ``by`` is the instance that
   made the last change, ``op`` that change's id (a retried call is recognised), ``ran``
-  whether it was ever claimed, ``job`` a Slurm service's job record;
+  whether it was ever claimed, ``job`` a Slurm service's job record, ``shares`` its
+  share tokens;
 * ``used`` (hash): ``node<TAB>service`` -> JSON ``{index: token}``, the slots that
   node's reservations of that service hold, changed in the same scripts as ``res`` so
   that placing a reservation decodes no reservation (built from ``res`` by the first
@@ -27,6 +28,8 @@ Data, under a key prefix (``websocketserver:`` by default):
   instance moved to stopping and that still exist (what the stop scan reads);
 * ``jobs`` (hash): Slurm job id -> token, for the live reservations with a job (a job's
   report may reach any instance);
+* ``shares`` (hash): share token -> token (``/v1/share/{token}``), for the live
+  reservations, each of which lists its own in ``shares`` (share token -> mode);
 * ``adopt:<node>`` (hash): token -> token, sessions with a Slurm job that the eviction
   of a dead instance moved to ``node``, which takes them (``adopted``) and follows
   their jobs: a job is the cluster's, not its instance's;
@@ -95,6 +98,7 @@ class _Scripts:
     stops: str
     job: str
     adopted: str
+    share: str
 
 
 def node_signature(secret: bytes, name: str, address: str) -> str:

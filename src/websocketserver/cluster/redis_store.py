@@ -382,6 +382,19 @@ class RedisStore(ReservationStore):
         reply = await self._run(self._scripts.job, "", job_id, check_stale=False)
         return self._reservation(reply["r"], reply["now"]) if reply.get("r") else None
 
+    async def add_share(self, token: str, mode: str) -> str | None:
+        share = str(uuid.uuid4())
+        reply = await self._run(self._scripts.share, "add", token, mode, share)
+        return share if reply.get("r") else None
+
+    async def find_share(self, share: str) -> Reservation | None:
+        reply = await self._run(self._scripts.share, "find", share, check_stale=False)
+        return self._reservation(reply["r"], reply["now"]) if reply.get("r") else None
+
+    async def remove_share(self, share: str) -> Reservation | None:
+        reply = await self._run(self._scripts.share, "remove", share)
+        return self._reservation(reply["r"], reply["now"]) if reply.get("r") else None
+
     async def capacity(self, service: str, count: int) -> int:
         """``count`` for a cluster-scoped service, else the sum over live instances."""
         if service in self.cluster_scope:
@@ -433,4 +446,4 @@ class RedisStore(ReservationStore):
             state=State(record["state"]), timestamp=record["timestamp"] / 1000,
             changed=time.monotonic() - (now_ms - record["changed"]) / 1000,
             node=record["node"], end_reason=record.get("end_reason"), job=record.get("job"),
-            seq=int(record.get("seq", 0)))
+            shares=dict(record.get("shares") or {}), seq=int(record.get("seq", 0)))

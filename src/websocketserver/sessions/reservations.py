@@ -85,6 +85,9 @@ class Reservation:
     """A Slurm service's job, as :meth:`ReservationStore.record_job` last wrote it (its
     id, report secret, node, port, queue reason...): shared, so that any instance of a
     cluster can show it, check its report or cancel it."""
+    shares: dict[str, str] = field(default_factory=dict)
+    """Its share tokens (:meth:`ReservationStore.add_share`) and their modes (``view``,
+    ``control``): secrets like the token, never shown; they end with it."""
     seq: int = 0
     """Counts the changes a page sees (state, instance, the job's queue reason, expected
     start and node): the id of its events (``/v1/events/{token}``), the same on every
@@ -210,6 +213,20 @@ class ReservationStore(ABC):
     async def find_job(self, job_id: str) -> Reservation | None:
         """The live reservation whose job is ``job_id``, if any."""
 
+    @abstractmethod
+    async def add_share(self, token: str, mode: str) -> str | None:
+        """A new share token of ``token``'s live reservation for viewers in ``mode``
+        (None: not live)."""
+
+    @abstractmethod
+    async def find_share(self, share: str) -> Reservation | None:
+        """The live reservation that share token ``share`` belongs to, if any (its mode:
+        ``reservation.shares[share]``)."""
+
+    @abstractmethod
+    async def remove_share(self, share: str) -> Reservation | None:
+        """Revoke share token ``share``; the reservation it belonged to (None: none)."""
+
     @property
     def available(self) -> bool:
         """Whether the store answered its last request (``/v1/health``); memory always."""
@@ -251,6 +268,7 @@ class MemoryStore(ReservationStore):
         self._by_token: dict[str, Reservation] = {}
         self._ended: dict[str, Reservation] = {}  # in the order they ended
         self._jobs: dict[str, str] = {}  # job id -> token
+        self._shares: dict[str, str] = {}  # share token -> token
         self.changes = ChangeWaiters()
         self._lock = asyncio.Lock()
 
@@ -324,6 +342,29 @@ class MemoryStore(ReservationStore):
         token = self._jobs.get(job_id)
         return self._by_token.get(token) if token is not None else None
 
+    async def add_share(self, token: str, mode: str) -> str | None:
+        async with self._lock:
+            current = self._by_token.get(token)
+            if current is None:
+                return None
+            share = str(uuid.uuid4())
+            self._shares[share] = token
+            self._by_token[token] = replace(current, shares={**current.shares, share: mode})
+            return share
+
+    async def find_share(self, share: str) -> Reservation | None:
+        token = self._shares.get(share)
+        return self._by_token.get(token) if token is not None else None
+
+    async def remove_share(self, share: str) -> Reservation | None:
+        async with self._lock:
+            current = self._by_token.get(self._shares.pop(share, ""))
+            if current is None:
+                return None
+            shares = {key: mode for key, mode in current.shares.items() if key != share}
+            self._by_token[current.token] = replace(current, shares=shares)
+            return current
+
     def _put(self, old: Reservation, new: Reservation) -> Reservation:
         """Store ``new`` in place of ``old``: one more seq, and its waiters woken, if a
         page would see the change."""
@@ -337,6 +378,8 @@ class MemoryStore(ReservationStore):
         current = self._by_token.pop(token, None)
         if current is not None and current.job is not None:
             self._jobs.pop(str(current.job["job_id"]), None)
+        for share in current.shares if current is not None else ():
+            self._shares.pop(share, None)
         if current is not None:
             check(current.state, State.ENDED)
             self._ended[token] = replace(current, state=State.ENDED, seq=current.seq + 1,

@@ -6,8 +6,8 @@ local NODES, RES, META, NONCES, USED, IDLE = KEYS[1], KEYS[2], KEYS[3], KEYS[4],
 local PREFIX = string.sub(NODES, 1, #NODES - #'nodes')
 -- ended reservations, readable for ENDED_KEPT ms: token -> record, and when each ended
 local ENDED, ENDED_AT = PREFIX .. 'ended', PREFIX .. 'ended_at'
--- the Slurm jobs of live reservations: job id -> token
-local JOBS = PREFIX .. 'jobs'
+-- the Slurm jobs of live reservations: job id -> token; their share tokens -> token
+local JOBS, SHARES = PREFIX .. 'jobs', PREFIX .. 'shares'
 local ME, EPOCH, TTL, CHANNEL = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
 local CLAIMS = cjson.decode(%(claims)s)
 local MOVES = cjson.decode(%(moves)s)  -- lifecycle.py's table: state -> states it may move to
@@ -95,6 +95,7 @@ end
 -- take `r` out of the live reservations: its record, its slot, its index entries
 local function forget(r)
   if r.job then redis.call('HDEL', JOBS, tostring(r.job.job_id)) end
+  for share in pairs(r.shares or {}) do redis.call('HDEL', SHARES, share) end
   redis.call('HDEL', RES, r.token)
   redis.call('ZREM', IDLE, r.token)
   redis.call('HDEL', stops(r.node), r.token)
