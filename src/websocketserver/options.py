@@ -123,7 +123,7 @@ def settings_from(args: argparse.Namespace, location: Path | None) -> Settings:
         if any(s.name == name for s in services):
             raise SettingsError(f"--local_session {app}: service {name!r} is already defined")
         services.append(ServiceConfig(name=name, script=None, count=count, options={},
-                                      builtin_app=app))
+                                      builtin_app=app, protocol="rfb"))
     web_root, app_root, notes = _install(args, location, bool(local_sessions))
     cluster = _cluster(args)
     report_url = _job_report_url(args, services, http_port)

@@ -42,6 +42,8 @@ class ServiceConfig:
     slurm: SlurmConfig | None = None  # run as a Slurm job (see docs/slurm.md)
     start: str = "connect"  # "reserve": a batch job is submitted at /v1/reserve
     queue_timeout: float = 3600.0  # seconds a websocket waits for a queued job
+    protocol: str | None = None  # "rfb": the proxy may parse it (view-only sharing)
+    max_viewers: int = 4  # viewers of shares per instance (0: no sharing)
 
 
 @dataclass(frozen=True)
@@ -144,6 +146,8 @@ _SERVICE_SCHEMA: dict[str, Any] = {
             },
         },
         "start": {"enum": ["connect", "reserve"]},
+        "protocol": {"enum": ["rfb"]},
+        "max_viewers": {"type": "integer", "minimum": 0},
         "queue_timeout": {"type": "number", "exclusiveMinimum": 0},
         "options": {
             "type": "object",
@@ -226,6 +230,8 @@ def load_service_config(path: Path) -> tuple[ServiceConfig, ...]:
                 slurm=slurm,
                 start=entry.get("start", "connect"),
                 queue_timeout=float(entry.get("queue_timeout", 3600.0)),
+                protocol=entry.get("protocol"),
+                max_viewers=entry.get("max_viewers", 4),
             )
         )
     return tuple(services)

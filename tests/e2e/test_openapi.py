@@ -60,6 +60,7 @@ NOT_PRODUCIBLE: dict[Operation, set[str]] = {
     ("GET", "/v1/status_view"): {"503"},
     ("GET", "/v1/metrics"): {"503"},
     ("GET", "/v1/release/{token}"): {"503"},
+    ("GET", "/v1/share/{token}"): {"503"},
     # also 1000 streams open on the instance
     ("GET", "/v1/events/{token}"): {"503"},
     # a Slurm service's job submitted at the reserve ("start": "reserve"), refused or
@@ -325,6 +326,21 @@ def _release(check: Checker, start_server: StartServer) -> None:
     check.release(token)
 
 
+def _share(check: Checker, start_server: StartServer) -> None:
+    """A control share (200), which a release revokes; a bad mode (400); view on a
+    service that is not RFB (409); another user, another site (403); unknown (404)."""
+    token, template = check.reserve("alice"), "/v1/share/{token}"
+    share = check.call(200, "GET", template, args={"token": token}, query="mode=control")
+    check.call(200, "GET", "/v1/release/{token}", args={"token": share["token"]}, auth=False)
+    check.call(400, "GET", template, args={"token": token}, query="mode=x")
+    check.call(409, "GET", template, args={"token": token}, query="mode=view")
+    check.call(403, "GET", template, args={"token": token}, auth=False,
+               query=f"user_key={USERS['bob']}")
+    check.call(403, "GET", template, args={"token": token}, auth=False, headers=CROSS_SITE)
+    check.call(404, "GET", template, args=UNKNOWN)
+    check.release(token)
+
+
 def _job_report(check: Checker, start_server: StartServer) -> None:
     """Refused bodies: no job's report here can be signed."""
     def report(status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
@@ -347,6 +363,7 @@ PRODUCERS: dict[Operation, Callable[[Checker, StartServer], None]] = {
     ("GET", "/v1/events/{token}"): _events,
     ("GET", "/v1/reserve/{service}"): _reserve,
     ("GET", "/v1/release/{token}"): _release,
+    ("GET", "/v1/share/{token}"): _share,
     ("GET", "/v1/health"): lambda check, _: check.call(200, "GET", "/v1/health"),
     ("GET", "/v1/openapi.json"): lambda check, _: check.call(200, "GET", "/v1/openapi.json",
                                                              auth=False),

@@ -44,7 +44,7 @@ log = logging.getLogger("websocketserver.api")
 
 TOKEN_PARAM = "security_token"
 _NOT_OPTIONS = {TOKEN_PARAM, USER_KEY_PARAM}
-_STATE_CHANGING = {"stop", "reserve", "release"}
+_STATE_CHANGING = {"stop", "reserve", "release", "share"}
 
 Handler = Callable[[web.BaseRequest, str], Awaitable[web.StreamResponse]]
 
@@ -77,6 +77,7 @@ class RestApi:
             ("metrics", None): self.metrics,
             ("reserve", "service"): self.reserve,
             ("release", "token"): self.release,
+            ("share", "token"): self.share,
         }
         """The GET calls: (name, the name of its one path parameter, if any) ->
         handler; :meth:`routes` lists them with the calls outside this table."""
@@ -167,9 +168,12 @@ class RestApi:
     async def _holds_token(self, request: web.BaseRequest, name: str, args: list[str]) -> bool:
         """The reservation token is the credential of the calls about it (an ended one's
         status and events too, for a while)."""
-        if not args or name not in ("release", "status", "events"):
+        if not args or name not in ("release", "status", "events", "share"):
             return False
-        return await self.services.store.get(args[0], ended=name != "release") is not None
+        if name == "release" and await self.services.store.find_share(args[0]):
+            return True  # a share token revokes itself
+        ended = name in ("status", "events")
+        return await self.services.store.get(args[0], ended=ended) is not None
 
     async def _token_reservation(self, request: web.BaseRequest, token: str) -> Reservation:
         """``token``'s reservation (ended ones too), if the caller may see it: its
@@ -186,6 +190,13 @@ class RestApi:
         service = self.services.services.get(reservation.service)
         grace = self.services.grace(service) if service is not None else 0.0
         return describe(reservation, grace, self.services.settings.timeout)
+
+    async def share(self, request: web.BaseRequest, token: str) -> web.StreamResponse:
+        """``/v1/share/{token}?mode=view|control``: a share token for viewers."""
+        reservation = await self._token_reservation(request, token)
+        mode = request.query.get("mode", "view")
+        share = await self.services.shares.share(reservation, mode)
+        return web.json_response({"token": share, "mode": mode})
 
     async def token_status(self, request: web.BaseRequest, token: str) -> web.StreamResponse:
         return web.json_response(self._describe(await self._token_reservation(request,

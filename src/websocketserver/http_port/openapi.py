@@ -83,6 +83,11 @@ SCHEMAS: Json = {
         "owner": _nullable("string", "the known user who reserved it"),
         "bytes_up": {"type": "integer", "minimum": 0, "description": "browser to service"},
         "bytes_down": {"type": "integer", "minimum": 0, "description": "service to browser"},
+        "viewers": {"type": "array", "description": "the viewers of its shares on the "
+                    "instance answering (mode, user, since: seconds since the epoch)",
+                    "items": _object({"mode": {"enum": ["view", "control"]},
+                                      "user": _nullable("string", "a known user"),
+                                      "since": {"type": "number"}})},
         "node": {"type": "string", "description": "the cluster instance holding it"},
         **_JOB,
         "detached_seconds_left": {"type": "number", "minimum": 0,
@@ -91,6 +96,9 @@ SCHEMAS: Json = {
     "Reserved": _object({"token": {"type": "string",
                                    "description": "the websocket's ?token= (a capability)"}}),
     "Released": _object({"released": {"type": "string"}, "service": {"type": "string"}}),
+    "Shared": _object({"token": {"type": "string", "description": "the share token: a "
+                                 "viewer's websocket ?token= (a capability)"},
+                       "mode": {"enum": ["view", "control"]}}),
     "TokenStatus": _object(_TOKEN_FIELDS),
     "Event": _object({"event": {"enum": ["state", "warning", "ended"]}, **_TOKEN_FIELDS}),
     "JobReport": _object({
@@ -216,11 +224,23 @@ OPERATIONS: dict[tuple[str, str], Json] = {
                                "user_key: the reservation's options", _STRINGS)
                     | {"style": "form", "explode": True}]),
     ("GET", "/v1/release/{token}"): _operation(
-        "release", "End a reservation: stop its service if it runs (cancel its Slurm job)",
+        "release", "End a reservation: stop its service if it runs (cancel its Slurm job); "
+                   "a share token: revoke it, closing its viewers",
         _json("released", _ref("Released")),
         {"401": _NOT_HOLDER, "403": f"{_CROSS_SITE}; or the token is another known user's",
          "404": "unknown token", "503": _STORE}, _TOKEN_HOLDER,
         parameters=[_TOKEN, *_USER]),
+    ("GET", "/v1/share/{token}"): _operation(
+        "share", "A share token: viewers of the running session, read-only (view) or not",
+        _json("shared", _ref("Shared")),
+        {"400": "mode is neither view nor control",
+         "401": _NOT_HOLDER, "403": f"{_CROSS_SITE}; or the token is another known user's",
+         "404": "unknown or expired token",
+         "409": "sharing is off for the service (max_viewers 0), or view needs a service "
+                "that declares \"protocol\": \"rfb\"",
+         "503": _STORE}, _TOKEN_HOLDER,
+        parameters=[_TOKEN, *_USER, _parameter("mode", "query", "view (the default) or "
+                                               "control", {"enum": ["view", "control"]})]),
     ("GET", "/v1/health"): _operation(
         "health", "For load balancers; a store outage is no failure",
         _json("serving", _ref("Health")),
@@ -255,7 +275,8 @@ _INFO = {
         "The HTTP port's REST API. With a security token configured, a call needs it as "
         "?security_token= or Authorization: Bearer (else 401), but the public ones and, "
         "for calls about a reservation token, that token's holder. Errors are JSON "
-        "{\"error\": \"...\"}; a GET call answers HEAD too. A path under /v1/ not "
+        "{\"error\": \"...\"}; a GET call answers HEAD too, but for the calls that "
+        "change state (stop, reserve, release, share: 405). A path under /v1/ not "
         "described here answers 404."),
 }
 

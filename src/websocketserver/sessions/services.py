@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -28,7 +27,6 @@ from ..identity import Identity
 from ..metrics import Metrics
 from ..settings import Settings
 from ..tasks import Tasks
-from .job import SHOWN
 from .jobs import Jobs
 from .reservations import (
     ClaimOutcome,
@@ -42,7 +40,9 @@ from .reservations import (
 )
 from .service import Elsewhere, Service
 from .session import Session
+from .shares import Shares, Viewing
 from .slurm import Slurm
+from .token_status import instance
 
 log = logging.getLogger("websocketserver.services")
 
@@ -74,6 +74,7 @@ class ServiceManager:
         self._closing = False
         self.jobs = Jobs(settings, store, scheduler or Slurm(), self.services, self._sessions,
                          self._new_session, self._end, self._background)
+        self.shares = Shares(settings, store, self.services, self._sessions)
 
     def grace(self, service: Service) -> float:
         """Seconds an instance of ``service`` is kept detached: its own, else the flag's."""
@@ -119,20 +120,8 @@ class ServiceManager:
 
     def _instance(self, reservation: Reservation, show_token: bool) -> dict[str, Any]:
         session = self._sessions.get(reservation.token)
-        instance: dict[str, Any] = {
-            "index": reservation.index, "token": reservation.token if show_token else None,
-            "timestamp": reservation.timestamp, "options": reservation.options,
-            "state": str(reservation.state), "owner": reservation.owner,
-            **(session.describe() if session is not None else Session.NOTHING)}
-        if reservation.node is not None:
-            instance["node"] = reservation.node
-        if reservation.job is not None:  # shared: any instance shows it
-            instance.update({key: reservation.job.get(key) for key in SHOWN})
-        if reservation.state is State.DETACHED:
-            grace = self.grace(self.services[reservation.service])
-            instance["detached_seconds_left"] = round(
-                max(0.0, reservation.changed + grace - time.monotonic()), 1)
-        return instance
+        return instance(reservation, show_token, self.grace(self.services[
+            reservation.service]), session.describe() if session else Session.NOTHING)
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -155,6 +144,8 @@ class ServiceManager:
         Refused (403) to a known ``user`` other than its owner, unless ``admin``.
         """
         known = await self.store.get(token)
+        if known is None and (revoked := await self.shares.revoke(token, user, admin)):
+            return revoked  # a share token: revoked, its viewers closed
         if known is None:
             raise Refused(404, "unknown token")
         if not admin and not may_use(known, user):
@@ -195,10 +186,12 @@ class ServiceManager:
         of the cluster); False if none runs here."""
         session = self._sessions.get(token)
         reason = "reservation released"
-        return session is not None and (session.end(reason)
-                                        or self._end_job(token, session, reason))
+        if session is None:  # or a share token that another instance revoked
+            return self.shares.close(token)
+        return session.end(reason) or self._end_job(token, session, reason)
 
-    async def claim(self, token: str, user: str | None) -> Reservation | Elsewhere:
+    async def claim(self, token: str, user: str | None
+                    ) -> Reservation | Elsewhere | Viewing:
         """Take ``token`` for a websocket of ``user`` (reserved -> starting, or detached
         -> active: a re-attach; atomically).
 
@@ -228,6 +221,9 @@ class ServiceManager:
                 await self._end_dead(token, session)
                 raise Refused(410, f"the {session.service.name} instance ended while "
                                    "detached; its session is over")
+        if claim.outcome is ClaimOutcome.UNKNOWN and (
+                viewing := await self.shares.claim(token, user)) is not None:
+            return viewing  # a share token: a viewer joins
         if claim.outcome is ClaimOutcome.UNKNOWN:
             raise Refused(404, "unknown or expired token")
         if claim.outcome is ClaimOutcome.NOT_OWNER:
@@ -268,11 +264,11 @@ class ServiceManager:
         while in use. Raises :class:`~.errors.Refused` (404 unknown token, 409 already in
         use, 410 released once claimed, 502 the service failed to start) before yielding.
         """
-        reservation: Reservation | Elsewhere | None
+        reservation: Reservation | Elsewhere | Viewing | None
         if claimed is None:
             reservation = await self.claim(token, None)
-            if isinstance(reservation, Elsewhere):
-                raise Refused(409, "reservation moved to another instance")
+            if not isinstance(reservation, Reservation):
+                raise Refused(409, "not a reservation of this instance")
         elif claimed.state is State.STARTING:  # not read again: a release since the claim
             reservation = claimed  # fails the transition to active below (410)
         else:  # a re-attach: only the store tells whether it was released since

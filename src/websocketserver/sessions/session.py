@@ -30,6 +30,7 @@ from ..tasks import Tasks
 from .job import Job
 from .reservations import Reservation
 from .slurm import SchedulerError
+from .viewers import Viewers
 
 if TYPE_CHECKING:
     from .service import Service
@@ -49,7 +50,7 @@ class Traffic(Protocol):
 class Session:
     """The session of one token on this instance (see the module)."""
 
-    NOTHING: dict[str, object] = {"bytes_up": 0, "bytes_down": 0}
+    NOTHING: dict[str, object] = {"bytes_up": 0, "bytes_down": 0, "viewers": []}
     """:meth:`describe` of a token without a session here."""
 
     def __init__(self, service: Service, index: int, grace: float, settings: Settings,
@@ -90,13 +91,16 @@ class Session:
         self.queue_timeout = 0.0
         self.end_reason: str | None = None
         """Why it ended (the first cause noted), kept with the ended reservation."""
+        self.viewers = Viewers(service.config.max_viewers)
+        """The viewers of its shares (``/v1/share/{token}``) here."""
 
     def describe(self) -> dict[str, object]:
-        """This session's fields of ``/v1/status``: the bytes its websocket carried."""
+        """This session's fields of ``/v1/status``: the bytes its websocket carried,
+        its viewers here."""
         traffic = self.traffic
-        if traffic is None:
-            return self.NOTHING
-        return {"bytes_up": traffic.bytes_up, "bytes_down": traffic.bytes_down}
+        fields = (dict(self.NOTHING) if traffic is None else
+                  {"bytes_up": traffic.bytes_up, "bytes_down": traffic.bytes_down})
+        return {**fields, "viewers": self.viewers.describe()}
 
     def attach(self, close: Callable[[str], None]) -> None:
         """A websocket uses the session now; ``close(reason)`` ends it."""
@@ -216,7 +220,8 @@ class Session:
 
     async def stop(self) -> None:
         """Stop the instance (its script's stop(), bounded by ``--stop_timeout``; a
-        job's session cancels its job)."""
+        job's session cancels its job), its viewers first."""
+        self.viewers.close(self.end_reason or "the shared session ended")
         if self.job is None:
             await self._ask("stop")
             return

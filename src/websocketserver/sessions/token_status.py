@@ -1,5 +1,5 @@
 """What one token's holder is told of its session: ``/v1/status/{token}`` and each event
-of ``/v1/events/{token}`` (the same fields).
+of ``/v1/events/{token}`` (the same fields); and its instance in ``/v1/status``.
 
 Pure: the reservation (from any instance's store, ended ones included) and the clock
 in, a JSON-able dict out. ``seconds_left`` is the time until the first of what ends the
@@ -13,6 +13,7 @@ import time
 from typing import Any
 
 from ..core.lifecycle import State
+from .job import SHOWN
 from .reservations import Reservation
 
 WARNINGS = (300.0, 60.0)
@@ -42,3 +43,21 @@ def describe(reservation: Reservation, grace: float, timeout: float,
             "expected_start": job.get("expected_start"),
             "seconds_left": None if seconds is None else round(max(0.0, seconds), 1),
             "ends": ends, "end_reason": reservation.end_reason}
+
+
+def instance(reservation: Reservation, show_token: bool, grace: float,
+             here: dict[str, object]) -> dict[str, Any]:
+    """``reservation``'s instance in ``/v1/status``: its token only if ``show_token``;
+    ``here``: what this instance knows of its session (bytes, viewers)."""
+    found: dict[str, Any] = {
+        "index": reservation.index, "token": reservation.token if show_token else None,
+        "timestamp": reservation.timestamp, "options": reservation.options,
+        "state": str(reservation.state), "owner": reservation.owner, **here}
+    if reservation.node is not None:
+        found["node"] = reservation.node
+    if reservation.job is not None:  # shared: any instance shows it
+        found.update({key: reservation.job.get(key) for key in SHOWN})
+    if reservation.state is State.DETACHED:
+        found["detached_seconds_left"] = round(
+            max(0.0, reservation.changed + grace - time.monotonic()), 1)
+    return found

@@ -38,6 +38,8 @@ from ..sessions.reservations import Reservation
 from ..sessions.service import Elsewhere
 from ..sessions.services import ServiceManager
 from ..sessions.session import Session
+from ..sessions.shares import Viewing
+from ..sessions.viewers import Viewer
 from ..settings import Settings
 from .backend import BackendError
 from .handshake import Handshake, write_refusal
@@ -172,7 +174,8 @@ class WebSocketGateway:
             transport.resume_reading()
             if self._accept(request, transport, tail, accept, client, user, claimed):
                 return
-        await self.services.unclaim(token)  # no websocket after all: reserved again
+        if not isinstance(claimed, Viewing):
+            await self.services.unclaim(token)  # no websocket after all: reserved again
 
     async def _forward(self, request: UpgradeRequest, transport: asyncio.Transport,
                        tail: bytes, token: str, node: str, client: str,
@@ -203,10 +206,11 @@ class WebSocketGateway:
 
     def _accept(self, request: UpgradeRequest, transport: asyncio.Transport, tail: bytes,
                 accept: Accept, client: str | None = None, user: str | None = None,
-                claimed: Reservation | None = None) -> bool:
+                claimed: Reservation | Viewing | None = None) -> bool:
         """Answer 101 and run the tunnel; False if a limit refused it (then answered).
         ``client``/``user``: as a forwarding instance vouched for them (else the
-        request's own); ``claimed``: the reservation of ``accept.token`` as claimed."""
+        request's own); ``claimed``: the reservation of ``accept.token`` as claimed,
+        or the shared session a share token's viewer joins."""
         if client is None:
             client = self.identity.client_address(request)
             user = self.identity.user(request)
@@ -220,7 +224,8 @@ class WebSocketGateway:
                 transport, accept.key, accept.binary, tail, client, user):
             return True
         tunnel = self.live.tunnel(client)
-        job = claimed is not None and self.services.services[claimed.service].batch is not None
+        job = isinstance(claimed, Reservation) and self.services.services[
+            claimed.service].batch is not None
         protocol = websocket_protocol(tunnel, accept.binary, self.settings, keep_alive=job)
         protocol.connection_made(transport)
         transport.set_protocol(protocol)
@@ -228,6 +233,9 @@ class WebSocketGateway:
         if accept.token is None:
             self.live.spawn(self.live.basic(tunnel, lambda: self.limits.release(client, user)),
                             f"tunnel from {client}")
+        elif isinstance(claimed, Viewing):
+            self.live.spawn(self._viewer_tunnel(tunnel, client, user, claimed),
+                            f"{claimed.session.id} viewer from {client}")
         else:  # claimed by _upgrade_token
             assert claimed is not None
             self.live.spawn(self._service_tunnel(tunnel, client, user, claimed),
@@ -286,6 +294,35 @@ class WebSocketGateway:
             task.uncancel()
             tunnel.close(WSCloseCode.GOING_AWAY, websocket.stopped or "")
             await tunnel.closed
+
+    async def _viewer_tunnel(self, tunnel: Tunnel, client: str, user: str | None,
+                             viewing: Viewing) -> None:
+        """A viewer of a shared session: its own connection to the running instance,
+        closed with the session (or when its share is revoked); nothing else changes
+        when it leaves."""
+        task = asyncio.current_task()
+        assert task is not None
+        websocket = _Websocket(task, tunnel)
+        session = viewing.session
+        try:
+            with session.viewers.joined(Viewer(viewing.share, viewing.mode, user,
+                                               websocket.close)):
+                if session.address is None:
+                    raise Refused(409, "the shared session ended")
+                deadline = time.monotonic() + self.settings.start_timeout
+                await self._tunnel(tunnel, session.address, deadline,
+                                   lambda: setattr(websocket, "running", True))
+        except Refused as exc:
+            tunnel.close(WSCloseCode(exc.close), exc.reason)
+            await tunnel.closed
+        except asyncio.CancelledError:
+            if not websocket.interrupted:
+                raise
+            task.uncancel()
+            tunnel.close(WSCloseCode.GOING_AWAY, websocket.stopped or "")
+            await tunnel.closed
+        finally:
+            self.limits.release(client, user)
 
     async def _explain_end(self, tunnel: Tunnel, session: Session) -> None:
         """Close a job session's websocket whose backend ended: with the job's end if

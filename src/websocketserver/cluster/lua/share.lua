@@ -22,4 +22,6 @@ local r = token and get(RES, token)
 if not r then return answer({}) end
 if r.shares then r.shares[ARGV[6]] = nil end
 put(r)
+-- its viewers are on the session's instance: tell it, as a release does
+if r.node ~= ME then redis.call('PUBLISH', CHANNEL .. r.node, ARGV[6]) end
 return answer({r = r})
