@@ -73,6 +73,10 @@ class Metrics:
                                    "/v1/events streams open now", registry=self.registry)
         self.events_sent = Counter("websocketserver_events", "Events sent on /v1/events",
                                    registry=self.registry)
+        self.viewer_input_dropped = Counter(
+            "websocketserver_viewer_input_dropped",
+            "Messages of view-only viewers that never reached the application",
+            ["message"], registry=self.registry)
         self.tasks.set_function(lambda: len(asyncio.all_tasks()))
         ProcessCollector(registry=self.registry)  # process_resident_memory_bytes, fds, ...
         self.registry.register(_BytesCollector(self))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import struct
 import sys
 from pathlib import Path
 
@@ -97,3 +98,83 @@ def test_a_viewer_joins_the_running_session_and_leaves_with_it(
                     assert (close.code, close.reason) == (1001, "reservation released")
     asyncio.run(scenario())
     assert share not in server.log() and token not in server.log()
+
+
+# A VNC server that records what each client sends after its handshake: version 3.8,
+# security None, ClientInit (its shared flag), ServerInit, then every byte, in
+# folder/N (N: the connection's number).
+RFB_SERVER = r"""
+import socket, struct, sys, threading
+from pathlib import Path
+folder, count = Path(sys.argv[2]), iter(range(1000))
+
+def serve(conn, number):
+    with conn, (folder / str(number)).open("wb") as record:
+        conn.sendall(b"RFB 003.008\n")
+        conn.recv(12)
+        conn.sendall(b"\x01\x01")  # one security type: None
+        conn.recv(1)
+        conn.sendall(struct.pack("!I", 0))  # SecurityResult OK
+        record.write(conn.recv(1))  # ClientInit: the shared flag
+        record.flush()
+        name = b"recorder"
+        conn.sendall(struct.pack("!HH16sI", 64, 48, bytes(16), len(name)) + name)
+        while data := conn.recv(65536):
+            record.write(data)
+            record.flush()
+
+server = socket.create_server(("127.0.0.1", int(sys.argv[1])))
+while True:
+    conn, _ = server.accept()
+    threading.Thread(target=serve, args=(conn, next(count)), daemon=True).start()
+"""
+KEY = struct.pack("!BBxxI", 4, 1, 0x61)  # KeyEvent: press "a"
+UPDATE = struct.pack("!BBHHHH", 3, 0, 0, 0, 64, 48)  # FramebufferUpdateRequest
+
+
+async def rfb_client(url: str, shared: int) -> websockets.ClientConnection:
+    """A VNC client over the websocket, through the handshake (None) and ClientInit."""
+    ws = await websockets.connect(url, open_timeout=10)
+    assert await asyncio.wait_for(recv_bytes(ws), 10) == b"RFB 003.008\n"
+    await ws.send(b"RFB 003.008\n")
+    assert await asyncio.wait_for(recv_bytes(ws), 10) == b"\x01\x01"
+    await ws.send(b"\x01")
+    assert await asyncio.wait_for(recv_bytes(ws), 10) == bytes(4)
+    await ws.send(bytes([shared]))
+    await asyncio.wait_for(recv_bytes(ws), 10)  # ServerInit
+    return ws
+
+
+def test_a_view_viewer_s_input_never_reaches_the_application(
+        start_server: StartServer, tmp_path: Path) -> None:
+    """"protocol": "rfb": a view viewer's KeyEvent, sent split across frames, is
+    dropped (and counted); its update requests pass; every ClientInit asks to share;
+    the owner's input passes."""
+    records = tmp_path / "records"
+    records.mkdir()
+    (tmp_path / "rfb.py").write_text(RFB_SERVER)
+    config = tmp_path / "services.json"
+    config.write_text(json.dumps({"desktop": {
+        "command": [sys.executable, str(tmp_path / "rfb.py"), "{port}", str(records)],
+        "count": 1, "protocol": "rfb"}}))
+    server = start_server("--remote_session_config", str(config))
+    token = server.get_json("/v1/reserve/desktop")[1]["token"]
+
+    async def scenario() -> None:
+        owner = await rfb_client(server.ws_url(token=token), shared=0)
+        status, body = await asyncio.to_thread(server.get_json, f"/v1/share/{token}",
+                                               auth=False)
+        assert (status, body["mode"]) == (200, "view")
+        viewer = await rfb_client(server.ws_url(token=body["token"]), shared=0)
+        for piece in (KEY[:1], KEY[1:5], KEY[5:] + UPDATE[:3], UPDATE[3:]):
+            await viewer.send(piece)  # a KeyEvent split over three frames
+        await owner.send(KEY)
+        await asyncio.sleep(0.5)
+        await viewer.close()
+        await owner.close()
+    asyncio.run(scenario())
+    owner_bytes, viewer_bytes = ((records / name).read_bytes() for name in ("0", "1"))
+    assert owner_bytes == b"\x01" + KEY  # shared forced; the owner's input passes
+    assert viewer_bytes == b"\x01" + UPDATE  # the KeyEvent never reached it
+    metrics = server.get("/v1/metrics")[2].decode()
+    assert 'websocketserver_viewer_input_dropped_total{message="KeyEvent"} 1.0' in metrics

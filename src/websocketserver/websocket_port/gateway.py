@@ -45,6 +45,7 @@ from .backend import BackendError
 from .handshake import Handshake, write_refusal
 from .live import LiveTunnels, answer_upgrade, websocket_protocol
 from .relay import RelayPool
+from .rfb_filter import RfbFilter
 from .tunnel import Tunnel
 from .tunnel_limits import TunnelLimits
 
@@ -100,6 +101,7 @@ class WebSocketGateway:
         self._requests = metrics.http_requests
         self._upgrades = self._requests.labels("ws", "101")
         self._refusals: dict[int, Counter] = {}
+        self._dropped = metrics.viewer_input_dropped
 
     @property
     def tunnels(self) -> set[Tunnel]:
@@ -272,6 +274,8 @@ class WebSocketGateway:
                 deadline = time.monotonic() + self.settings.start_timeout
                 tunnel.when_stopped(session.leave)
                 assert session.address is not None  # started
+                if session.service.config.protocol == "rfb":  # its ClientInit: shared
+                    tunnel.rfb = RfbFilter(tunnel, "owner", self._dropped)
                 if session.job is not None:  # the job's end is the reason, not the EOF
                     tunnel.on_backend_end = lambda: self.live.spawn(
                         self._explain_end(tunnel, session), f"{session.id} ended")
@@ -309,6 +313,9 @@ class WebSocketGateway:
                                                websocket.close)):
                 if session.address is None:
                     raise Refused(409, "the shared session ended")
+                if session.service.config.protocol == "rfb":  # view: no input passes
+                    tunnel.rfb = RfbFilter(tunnel, "view" if viewing.mode == "view"
+                                           else "owner", self._dropped)
                 deadline = time.monotonic() + self.settings.start_timeout
                 await self._tunnel(tunnel, session.address, deadline,
                                    lambda: setattr(websocket, "running", True))

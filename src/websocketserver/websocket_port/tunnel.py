@@ -18,18 +18,12 @@ with 1 MiB ones, see ``bench/README.md``.)
   them (picows marks it). Fragmented messages are relayed fragment by fragment,
   never reassembled.
 
-Backpressure holds in both directions with no unbounded buffer:
-
-* downstream, when more than ``HIGH_WATER`` bytes wait in the browser's transport
-  (its ``pause_writing``), the backend socket stops being read until the transport
-  drains, so the service blocks in its own ``send``;
-* upstream, as soon as the backend socket does not take a whole batch (or, before
-  the backend is connected, once ``HIGH_WATER`` bytes wait), the browser's socket
-  stops being read until the rest has been written;
-* control frames: while the browser's transport is above ``HIGH_WATER``, one pong
-  is owed, with the latest ping's payload, and sent once it drains;
-* large frames: what a tunnel holds upstream beyond ``HIGH_WATER`` is charged to
-  the process's budget; a tunnel that would exceed it is closed with 1009.
+Backpressure holds both ways with no unbounded buffer: downstream, above
+``HIGH_WATER`` bytes waiting in the browser's transport the backend is not read until
+it drains; upstream, a batch the backend does not take (or ``HIGH_WATER`` bytes before
+it is connected) pauses the browser's socket until written; one pong is owed while the
+browser's transport is full; what a tunnel holds upstream beyond ``HIGH_WATER`` is
+charged to the process's budget, and a tunnel that would exceed it is closed (1009).
 
 The bookkeeping behind these (the queue for the backend, partial sends, the budget
 charge, the owed pong) is :class:`~.upstream.UpstreamQueue`, without I/O.
@@ -72,6 +66,7 @@ from ..core.frames import (
 )
 from ..core.upstream import HIGH_WATER, UpstreamBudget, UpstreamQueue
 from . import backend
+from .rfb_filter import RfbFilter
 
 log = logging.getLogger("websocketserver.tunnel")
 
@@ -127,7 +122,7 @@ class Tunnel(WSListener):
     holds (a limit's slot) is given back earlier, see :meth:`when_stopped`.
     """
 
-    __slots__ = ("stats", "reason", "backend_ended", "on_backend_end", "_held", "closed",
+    __slots__ = ("stats", "reason", "backend_ended", "on_backend_end", "rfb", "_held", "closed",
                  "state", "_checker", "_loop", "_ws", "_browser", "_browser_paused", "_sock",
                  "_fd", "_reading", "_writing", "_up", "_close_timer", "_on_stop",
                  "_unparsed", "_reset_timer")
@@ -140,6 +135,7 @@ class Tunnel(WSListener):
         # set by an owner that explains a backend's end itself (a Slurm job's state): the
         # tunnel then stops relaying but holds its close frame until the owner's close()
         self.on_backend_end: Callable[[], None] | None = None
+        self.rfb: RfbFilter | None = None  # an RFB service's: a viewer's, an owner's at first
         self._held = False  # a close frame held for on_backend_end's owner
         self.state = _CONNECTING
         self._checker = FrameChecker(max_message)
@@ -278,8 +274,10 @@ class Tunnel(WSListener):
         verdict = self._checker.check(frame.msg_type,  # type: ignore[arg-type]  # an IntEnum
                                       frame.fin, frame.rsv1 or frame.rsv2 or frame.rsv3, data)
         if verdict is FORWARD:
+            if self.rfb is not None:
+                data = self.rfb.upstream(data)  # b"" what a viewer may not send
             self.stats.bytes_up += len(data)
-            if self._up.append(data) and not self._browser_paused:
+            if data and self._up.append(data) and not self._browser_paused:
                 self._pause_browser()  # still connecting: HIGH_WATER bytes are held
             if frame.last_in_buffer:
                 self._flush_upstream()  # what one read of the browser brought: one sendmsg
@@ -422,6 +420,8 @@ class Tunnel(WSListener):
             self._backend_end(WSCloseCode.OK, "backend closed the connection")
             return
         self.stats.bytes_down += size
+        if self.rfb is not None:
+            self.rfb.downstream(data)
         self._browser.writelines((frame_header(size), data))  # type: ignore[union-attr]
 
     def _backend_lost(self, exc: OSError) -> None:
