@@ -10,6 +10,7 @@ from collections.abc import Iterable, Iterator
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+
 from rfb_corpora import (
     CHALLENGE,
     EXTENDED_CLIPBOARD,
@@ -37,7 +38,6 @@ from rfb_corpora import (
     update_request,
     xvp,
 )
-
 from websocketserver.core.rfb import (
     ALLOWED,
     BAD_GATEWAY,
