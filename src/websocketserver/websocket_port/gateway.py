@@ -20,10 +20,11 @@ page's ``CloseEvent.reason`` shows.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING
 
 from picows import WSCloseCode
@@ -64,6 +65,22 @@ class _Websocket:
         self.running = False
         self.stopped: str | None = None  # why a release or shutdown ended it
         self.interrupted = False  # its start was cancelled for that
+
+    @contextlib.asynccontextmanager
+    async def closing(self) -> AsyncIterator[None]:
+        """Run the websocket's session: a refusal closes it with its code and reason; a
+        release or shutdown that interrupted its start, with 1001 and why."""
+        try:
+            yield
+        except Refused as exc:
+            self.tunnel.close(WSCloseCode(exc.close), exc.reason)
+            await self.tunnel.closed
+        except asyncio.CancelledError:
+            if not self.interrupted:
+                raise
+            self.task.uncancel()
+            self.tunnel.close(WSCloseCode.GOING_AWAY, self.stopped or "")
+            await self.tunnel.closed
 
     def close(self, reason: str) -> None:
         if self.stopped is not None:
@@ -268,36 +285,26 @@ class WebSocketGateway:
         task = asyncio.current_task()
         assert task is not None
         websocket = _Websocket(task, tunnel)
-        try:
-            async with self.services.activate(token, websocket.close,
-                                              claimed=claimed) as session:
-                deadline = time.monotonic() + self.settings.start_timeout
-                tunnel.when_stopped(session.leave)
-                assert session.address is not None  # started
-                if session.service.config.protocol == "rfb":  # its ClientInit: shared
-                    tunnel.rfb = RfbFilter(tunnel, "owner", self._dropped)
-                if session.job is not None:  # the job's end is the reason, not the EOF
-                    tunnel.on_backend_end = lambda: self.live.spawn(
-                        self._explain_end(tunnel, session), f"{session.id} ended")
+        async with websocket.closing(), self.services.activate(
+                token, websocket.close, claimed=claimed) as session:
+            deadline = time.monotonic() + self.settings.start_timeout
+            tunnel.when_stopped(session.leave)
+            assert session.address is not None  # started
+            if session.service.config.protocol == "rfb":  # its ClientInit: shared
+                tunnel.rfb = RfbFilter(tunnel, "owner", self._dropped)
+            if session.job is not None:  # the job's end is the reason, not the EOF
+                tunnel.on_backend_end = lambda: self.live.spawn(
+                    self._explain_end(tunnel, session), f"{session.id} ended")
 
-                def opened() -> None:
-                    websocket.running = True
-                    session.traffic = tunnel.stats
+            def opened() -> None:
+                websocket.running = True
+                session.traffic = tunnel.stats
 
-                reached = await self._tunnel(tunnel, session.address, deadline, opened)
-                # kept for a reconnect if the browser left: not a release, shutdown, or
-                # the service refusing or ending the connection
-                session.keep = (reached and websocket.stopped is None
-                                and not self.live.closing and not tunnel.backend_ended)
-        except Refused as exc:
-            tunnel.close(WSCloseCode(exc.close), exc.reason)
-            await tunnel.closed
-        except asyncio.CancelledError:
-            if not websocket.interrupted:
-                raise
-            task.uncancel()
-            tunnel.close(WSCloseCode.GOING_AWAY, websocket.stopped or "")
-            await tunnel.closed
+            reached = await self._tunnel(tunnel, session.address, deadline, opened)
+            # kept for a reconnect if the browser left: not a release, shutdown, or
+            # the service refusing or ending the connection
+            session.keep = (reached and websocket.stopped is None
+                            and not self.live.closing and not tunnel.backend_ended)
 
     async def _viewer_tunnel(self, tunnel: Tunnel, client: str, user: str | None,
                              viewing: Viewing) -> None:
@@ -309,25 +316,17 @@ class WebSocketGateway:
         websocket = _Websocket(task, tunnel)
         session = viewing.session
         try:
-            with session.viewers.joined(Viewer(viewing.share, viewing.mode, user,
-                                               websocket.close)):
-                if session.address is None:
-                    raise Refused(409, "the shared session ended")
-                if session.service.config.protocol == "rfb":  # view: no input passes
-                    tunnel.rfb = RfbFilter(tunnel, "view" if viewing.mode == "view"
-                                           else "owner", self._dropped)
-                deadline = time.monotonic() + self.settings.start_timeout
-                await self._tunnel(tunnel, session.address, deadline,
-                                   lambda: setattr(websocket, "running", True))
-        except Refused as exc:
-            tunnel.close(WSCloseCode(exc.close), exc.reason)
-            await tunnel.closed
-        except asyncio.CancelledError:
-            if not websocket.interrupted:
-                raise
-            task.uncancel()
-            tunnel.close(WSCloseCode.GOING_AWAY, websocket.stopped or "")
-            await tunnel.closed
+            async with websocket.closing():
+                with session.viewers.joined(Viewer(viewing.share, viewing.mode, user,
+                                                   websocket.close)):
+                    if session.address is None:
+                        raise Refused(409, "the shared session ended")
+                    if session.service.config.protocol == "rfb":  # view: no input passes
+                        tunnel.rfb = RfbFilter(tunnel, "view" if viewing.mode == "view"
+                                               else "owner", self._dropped)
+                    deadline = time.monotonic() + self.settings.start_timeout
+                    await self._tunnel(tunnel, session.address, deadline,
+                                       lambda: setattr(websocket, "running", True))
         finally:
             self.limits.release(client, user)
 
