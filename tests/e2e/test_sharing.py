@@ -13,10 +13,16 @@ import json
 import struct
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import websockets
 
 from support import ServerProcess, StartServer, received_close, recv_bytes
+
+if TYPE_CHECKING:
+    from cluster_support import RedisServer
+
+pytest_plugins = ["cluster_support"]
 
 ECHO = r"""
 import socket, sys, threading
@@ -74,6 +80,8 @@ def test_a_viewer_joins_the_running_session_and_leaves_with_it(
                 [instance] = server.get_json("/v1/status")[1][0]["instances"]
                 [seen] = instance["viewers"]
                 assert seen["mode"] == "control" and share not in json.dumps(instance)
+                dashboard = server.get("/v1/status_view")[2].decode()
+                assert "1 viewer (control: anonymous)" in dashboard and share not in dashboard
             assert await echoes(owner, b"still")  # the viewer left: nothing else changed
             view = await asyncio.to_thread(server.get_json, f"/v1/share/{token}", auth=False)
             assert view[0] == 409  # view-only needs "protocol": "rfb"
@@ -178,3 +186,38 @@ def test_a_view_viewer_s_input_never_reaches_the_application(
     assert viewer_bytes == b"\x01" + UPDATE  # the KeyEvent never reached it
     metrics = server.get("/v1/metrics")[2].decode()
     assert 'websocketserver_viewer_input_dropped_total{message="KeyEvent"} 1.0' in metrics
+
+
+def test_in_a_cluster_a_viewer_reaches_the_session_s_instance_and_any_revokes(
+        start_server: StartServer, redis_server: RedisServer, tmp_path: Path) -> None:
+    """The session runs on a; the share is made on b and its viewer connects to b,
+    which forwards it to a; a revoke on b closes the viewer on a."""
+    (tmp_path / "echo.py").write_text(ECHO)
+    config = tmp_path / "services.json"
+    config.write_text(json.dumps({"echo": {
+        "command": [sys.executable, str(tmp_path / "echo.py"), "{port}"], "count": 1}}))
+    common = ("--redis", redis_server.url, "--cluster_secret", "s3cret",
+              "--relay_processes", "0", "--remote_session_config", str(config))
+    a = start_server(*common, "--node_name", "a")
+    b = start_server(*common, "--node_name", "b")
+    token = a.get_json("/v1/reserve/echo")[1]["token"]
+
+    async def scenario() -> None:
+        async with websockets.connect(a.ws_url(token=token)) as owner:
+            assert await echoes(owner, b"owner")
+            status, shared = await asyncio.to_thread(
+                b.get_json, f"/v1/share/{token}?mode=control", auth=False)
+            assert status == 200, shared
+            async with websockets.connect(b.ws_url(token=shared["token"])) as viewer:
+                assert await echoes(viewer, b"through b")
+                [instance] = (await asyncio.to_thread(a.get_json, "/v1/status"))[1][0][
+                    "instances"]
+                assert len(instance["viewers"]) == 1  # on a, the session's instance
+                assert (await asyncio.to_thread(b.get_json, f"/v1/release/{shared['token']}",
+                                                auth=False))[0] == 200
+                try:
+                    await asyncio.wait_for(viewer.recv(), 10)
+                except websockets.ConnectionClosed as closed:
+                    assert received_close(closed).reason == "share revoked"
+            assert await echoes(owner, b"still the owner's")
+    asyncio.run(scenario())

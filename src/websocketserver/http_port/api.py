@@ -327,7 +327,18 @@ def _state_cell(instance: dict[str, Any]) -> str:
     reclaim = instance.get("reclaim_seconds_left")
     if reclaim is not None:
         until = f" <small>reclaimed in {_age(reclaim)} unless used</small>"
-    return f"<span class='state {state}'>{state}</span>{until}{_job(instance)}"
+    return (f"<span class='state {state}'>{state}</span>{until}{_job(instance)}"
+            f"{_viewers(instance)}")
+
+
+def _viewers(instance: dict[str, Any]) -> str:
+    """The viewers of the instance's shares here: how many, their modes and users."""
+    viewers = instance.get("viewers") or []
+    if not viewers:
+        return ""
+    who = ", ".join(f"{v['mode']}: {v['user'] or 'anonymous'}" for v in viewers)
+    return (f" <small class='viewers'>{len(viewers)} viewer{'s' if len(viewers) > 1 else ''}"
+            f" ({html.escape(who)})</small>")
 
 
 def _job(instance: dict[str, Any]) -> str:
