@@ -1,5 +1,5 @@
 """The sans-I/O core: frames, the upgrade decision, the lifecycle table, errors, the
-upstream queue and the RFB (VNC) stream of a browser.
+upstream queue, the RFB (VNC) stream of a browser and VNC authentication.
 
 Nothing here imports asyncio, aiohttp, picows or redis (``tests/test_layering.py``
 checks it): each part is driven with values and bytes.
