@@ -13,6 +13,9 @@ Common options (all optional):
 ``display_base``
     Instance ``index`` runs on X display ``:display_base+index`` (default 100); when
     that display is taken, Xvfb picks a free one instead.
+``vnc_password``
+    ``true``: each instance gets a random VNC password that the server logs in with for
+    every browser (the service must declare ``"protocol": "rfb"``). Default: none.
 ``color``
     Background colour of the desktop, anything ``xsetroot -solid`` takes (default
     ``#3366cc``). A reservation may set its own: ``/v1/reserve/desktop?color=red``.
@@ -68,14 +71,19 @@ class DesktopSession(CommandService):
         if not self._sizes or bad:
             raise ValueError(f"option 'sizes' must list sizes like '1600x1200', got {bad}")
         self._display_base = int(common_options.get("display_base", DEFAULT_DISPLAY_BASE))
+        self._password = bool(common_options.get("vnc_password", False))
 
     def command(self, index: int, options: dict[str, Any], port: int) -> list[str]:
         color = options.get("color") or self._common_options.get("color", DEFAULT_COLOR)
         # "--opt=value": a reservation's value cannot pass for an option of its own
+        # "vnc_password": a random VNC password per instance, in a file only this user
+        # reads; the server logs in with it for every browser ("protocol": "rfb"), so
+        # no page or URL holds it
+        login = [f"--rfbauth={self.vnc_password_file(index)}"] if self._password else []
         return [sys.executable, str(Path(__file__).resolve()),
                 f"--display={self._display_base + index}",
                 f"--size={self._sizes[index % len(self._sizes)]}",
-                f"--color={color}", f"--name=desktop {index}", str(port)]
+                f"--color={color}", f"--name=desktop {index}", *login, str(port)]
 
 
 def _die_with_parent() -> None:
@@ -140,6 +148,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--size", default=DEFAULT_SIZE, help="screen size WxH")
     parser.add_argument("--color", default=DEFAULT_COLOR, help="background colour")
     parser.add_argument("--name", default="desktop", help="desktop name shown to clients")
+    parser.add_argument("--rfbauth", metavar="FILE",
+                        help="a VNC password file (vncpasswd's format): clients must log "
+                             "in with it (default: no password)")
     parser.add_argument("--allow", metavar="HOST",
                         help="listen on every interface, for connections from HOST only "
                              "(the web server, when this runs on a compute node)")
@@ -156,9 +167,10 @@ def main(argv: list[str] | None = None) -> None:
     except (OSError, subprocess.SubprocessError) as exc:  # a plain desktop will do
         print(f"desktop_session: cannot paint the desktop: {exc}", file=sys.stderr)
     where = ["-allow", args.allow] if args.allow else ["-localhost"]
+    login = ["-rfbauth", args.rfbauth] if args.rfbauth else ["-nopw"]
     try:
         os.execvp("x11vnc", ["x11vnc", "-display", f":{display}", "-rfbport", str(args.port),
-                             *where, "-forever", "-shared", "-nopw", "-quiet",
+                             *where, "-forever", "-shared", *login, "-quiet",
                              "-desktop", args.name])
     except OSError as exc:  # Xvfb gets SIGTERM as this process exits
         sys.exit(f"desktop_session: cannot run x11vnc: {exc.strerror or exc}")

@@ -95,7 +95,7 @@ def test_a_slurm_command_runs_on_the_node_and_substitutes_there_only_its_port(
         tmp_path: Path) -> None:
     """Its program is not looked for here (it runs on a compute node); ``{port}`` is
     the node's, option values keep their braces literal for the in-job launcher."""
-    from websocketserver.scripts import ConfiguredSlurmCommand
+    from websocketserver.slurm_service import ConfiguredSlurmCommand
 
     (service,) = load_service_config(write(tmp_path, json.dumps({"viz": {
         "command": SLURM_COMMAND, "count": 2, "options": {"title": "t", "queue": "viz"},
@@ -116,3 +116,22 @@ def test_the_example_slurm_config_loads() -> None:
         Path(__file__).resolve().parent.parent / "examples" / "slurm_services.json")
     assert service.name == "Cluster Node Session" and service.slurm is not None
     assert service.slurm.sbatch[:2] == ("-w", "n8") and service.start == "reserve"
+
+
+def test_a_vnc_password_placeholder_needs_an_rfb_service(tmp_path: Path) -> None:
+    """{vnc_password_file}: the proxy logs in with the password, so the service must say
+    it speaks RFB; then the command gets a file of its own, and the start the password."""
+    from websocketserver.scripts import ConfiguredCommand
+
+    command = ["x11vnc", "-rfbport", "{port}", "-rfbauth", "{vnc_password_file}"]
+    with pytest.raises(SettingsError, match="need \"protocol\": \"rfb\""):
+        load_service_config(write(tmp_path, json.dumps({"d": {"command": command,
+                                                               "count": 1}})))
+    (service,) = load_service_config(write(tmp_path, json.dumps({"d": {
+        "command": command, "count": 1, "protocol": "rfb"}})))
+    script = ConfiguredCommand(service, 5)
+    argv = script.command(0, {}, 5900)
+    password_file = Path(argv[-1])
+    assert password_file.stat().st_mode & 0o777 == 0o600 and len(password_file.read_bytes()) == 8
+    script.stop(0)  # never started: its password's folder goes all the same
+    assert not password_file.parent.exists()

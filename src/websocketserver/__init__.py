@@ -13,14 +13,18 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from .scripts import CommandService, RemoteServiceScript, SlurmService, free_port
+    from .scripts import CommandService, RemoteServiceScript, free_port
+    from .slurm_service import SlurmService
 
 __all__ = ["CommandService", "RemoteServiceScript", "SlurmService", "free_port",
            "__version__"]
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("CommandService", "RemoteServiceScript", "SlurmService", "free_port"):
+    if name in ("CommandService", "RemoteServiceScript", "free_port"):
         from . import scripts
         return getattr(scripts, name)
+    if name == "SlurmService":
+        from .slurm_service import SlurmService
+        return SlurmService
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -16,10 +16,12 @@ import inspect
 import logging
 import os
 import shlex
+import shutil
 import socket
 import string
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -29,6 +31,7 @@ from typing import IO, Any
 import psutil
 
 from . import processes
+from .core.vnc_auth import new_password, vncpasswd_file
 from .settings import ServiceConfig, SettingsError, command_values
 
 OUTPUT_LINE_LIMIT = 4096
@@ -48,8 +51,11 @@ class RemoteServiceScript:
     def __init__(self, common_options: dict[str, Any]) -> None:
         self._common_options = common_options
 
-    def start(self, index: int, options: dict[str, Any]) -> tuple[str, int]:
-        """Start instance ``index``; return (host, port) of a socket that listens."""
+    def start(self, index: int,
+              options: dict[str, Any]) -> tuple[str, int] | tuple[str, int, str]:
+        """Start instance ``index``; return (host, port) of a socket that listens, and
+        for a VNC server that asks for a password (``"protocol": "rfb"``) that
+        password: the proxy logs in with it for every browser."""
         raise NotImplementedError
 
     def stop(self, index: int) -> None:
@@ -158,6 +164,7 @@ class CommandService(RemoteServiceScript):
         self._readers: dict[int, threading.Thread] = {}
         self._launching: dict[int, threading.Event] = {}  # a start() before its entry
         self._lock = threading.Lock()  # start() and stop() run in threads of their own
+        self._passwords: dict[int, tuple[str, Path]] = {}  # index -> password, its folder
 
     def command(self, index: int, options: dict[str, Any], port: int) -> list[str] | str:
         """The command line of instance ``index``, listening on ``port``."""
@@ -166,6 +173,27 @@ class CommandService(RemoteServiceScript):
     def environment(self, index: int, options: dict[str, Any]) -> dict[str, str]:
         """Extra environment variables for instance ``index``."""
         return {}
+
+    def vnc_password(self, index: int) -> str:
+        """A new random VNC password of instance ``index`` (for :meth:`command`): the
+        server logs in to the VNC server with it for every browser (``"protocol":
+        "rfb"``), so no page or URL holds it. On a command line every local user can
+        read it: prefer :meth:`vnc_password_file`."""
+        with self._lock:
+            password, folder = self._passwords.get(index) or (
+                new_password(), Path(tempfile.mkdtemp(prefix="websocketserver-vnc-")))
+            self._passwords[index] = (password, folder)
+        return password
+
+    def vnc_password_file(self, index: int) -> str:
+        """A file holding instance ``index``'s :meth:`vnc_password` as ``vncpasswd``
+        writes it (``x11vnc -rfbauth FILE``), readable by this user only; removed when
+        the instance stops."""
+        password = self.vnc_password(index)
+        path = self._passwords[index][1] / "passwd"
+        path.touch(mode=0o600)
+        path.write_bytes(vncpasswd_file(password))
+        return str(path)
 
     def working_directory(self) -> Path | None:
         """Where instances run (None: the server's working directory).
@@ -176,7 +204,8 @@ class CommandService(RemoteServiceScript):
         """
         return defining_folder(self)
 
-    def start(self, index: int, options: dict[str, Any]) -> tuple[str, int]:
+    def start(self, index: int,
+              options: dict[str, Any]) -> tuple[str, int] | tuple[str, int, str]:
         stopped = threading.Event()
         with self._lock:  # a stop() from now on reaches this start
             self._launching[index] = stopped
@@ -187,7 +216,7 @@ class CommandService(RemoteServiceScript):
                 self._launching.pop(index, None)
 
     def _start(self, index: int, options: dict[str, Any],
-               stopped: threading.Event) -> tuple[str, int]:
+               stopped: threading.Event) -> tuple[str, int] | tuple[str, int, str]:
         port = free_port(self.host)
         argv = self.command(index, options, port)
         if isinstance(argv, str):
@@ -212,12 +241,17 @@ class CommandService(RemoteServiceScript):
         except BaseException:
             self.stop(index)
             raise
+        if index in self._passwords:  # the server logs in with it
+            return self.host, port, self._passwords[index][0]
         return self.host, port
 
     def stop(self, index: int) -> None:
         with self._lock:
             entry = self._running.pop(index, None)
             launching = self._launching.get(index)
+            secret = self._passwords.pop(index, None)
+        if secret is not None:  # its VNC password's file: gone with it, started or not
+            shutil.rmtree(secret[1], ignore_errors=True)
         if entry is None:
             if launching is not None:  # not launched yet: the start gives up once it is
                 launching.set()
@@ -266,94 +300,15 @@ class ConfiguredCommand(CommandService):
         values = command_values(self._common_options)
         values.update({key: str(value) for key, value in options.items() if key in values})
         values.update(port=str(port), index=str(index))
+        text = " ".join(self._template)
+        if "{vnc_password}" in text:
+            values["vnc_password"] = self.vnc_password(index)
+        if "{vnc_password_file}" in text:
+            values["vnc_password_file"] = self.vnc_password_file(index)
         return [substitute(argument, values) for argument in self._template]
 
     def working_directory(self) -> Path | None:
         return self._directory
-
-
-class SlurmService(RemoteServiceScript):
-    """Base class of a service whose instances run as Slurm jobs (docs/slurm.md).
-
-    The server submits one job per instance, with the shipped in-job launcher as its
-    script: on the node that launcher picks a free port, runs :meth:`command` with
-    ``{port}`` in it replaced, and reports the port back; the server tunnels to the
-    node Slurm allocated. So the server, not this object, starts and stops instances
-    (``start``/``stop``/``alive`` are not called); a subclass says what runs and how.
-    """
-
-    start_mode = "connect"
-    """``"connect"``: submit when the websocket arrives (the manual's rule);
-    ``"reserve"``: at ``/v1/reserve``, so the job queues while the page loads."""
-    queue_timeout = 3600.0
-    """Seconds a websocket waits for a queued job before it is closed (and the job
-    cancelled)."""
-    user_prefix: tuple[str, ...] = ()
-    """Slurm's commands run through this (``("sudo", "-n", "-u", "{user}")``) so the job
-    is the reserving user's; refused for anonymous callers. Empty: the server's user."""
-
-    def command(self, index: int, options: dict[str, Any]) -> list[str]:
-        """The command line run on the node; ``{port}`` marks the port (``{{``/``}}``
-        are single braces there)."""
-        raise NotImplementedError
-
-    def sbatch(self, index: int, options: dict[str, Any]) -> list[str]:
-        """More ``sbatch`` arguments (partition, ``--time``, ``--licenses``, GPUs)."""
-        return []
-
-    def environment(self, index: int, options: dict[str, Any]) -> dict[str, str]:
-        """Extra environment variables for the command (through sbatch's)."""
-        return {}
-
-    def working_directory(self) -> Path | None:
-        """Where the job starts (sbatch's ``--chdir``): the subclass's folder."""
-        return defining_folder(self)
-
-    def start(self, index: int, options: dict[str, Any]) -> tuple[str, int]:
-        raise RuntimeError("a SlurmService's instances are started by the server, in Slurm")
-
-    def stop(self, index: int) -> None:
-        raise RuntimeError("a SlurmService's instances are stopped by the server, in Slurm")
-
-
-class ConfiguredSlurmCommand(SlurmService):
-    """A ``"command"`` service with a ``"slurm"`` object: its command as a Slurm job;
-    ``{index}`` and option values are substituted here, ``{port}`` on the node."""
-
-    def __init__(self, service: ServiceConfig) -> None:
-        super().__init__(dict(service.options))
-        assert service.command is not None and service.slurm is not None
-        self._template = service.command
-        self._sbatch = service.slurm.sbatch
-        self._directory = service.directory
-        self.start_mode = service.start
-        self.queue_timeout = service.queue_timeout
-        self.user_prefix = service.slurm.user_prefix
-
-    def _values(self, index: int, options: dict[str, Any]) -> dict[str, str]:
-        values = command_values(self._common_options)
-        values.update({key: str(value) for key, value in options.items() if key in values})
-        values["index"] = str(index)
-        return values
-
-    def command(self, index: int, options: dict[str, Any]) -> list[str]:
-        values = {name: _braces(value) for name, value in self._values(index, options).items()}
-        values["port"] = "{port}"
-        return ["".join(_braces(literal) + (values[name] if name is not None else "")
-                        for literal, name, _, _ in string.Formatter().parse(argument))
-                for argument in self._template]
-
-    def sbatch(self, index: int, options: dict[str, Any]) -> list[str]:
-        values = self._values(index, options)
-        return [substitute(argument, values) for argument in self._sbatch]
-
-    def working_directory(self) -> Path | None:
-        return self._directory
-
-
-def _braces(text: str) -> str:
-    """``text`` with its braces doubled: literal for the in-job launcher's ``{port}``."""
-    return text.replace("{", "{{").replace("}", "}}")
 
 
 def defining_folder(script: object) -> Path | None:

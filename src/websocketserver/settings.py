@@ -205,8 +205,13 @@ def load_service_config(path: Path) -> tuple[ServiceConfig, ...]:
                 script = directory / script
         else:
             command = tuple(entry["command"])
+            vnc = entry.get("protocol") == "rfb" and "slurm" not in entry
+            if not vnc and any("{vnc_password" in argument for argument in command):
+                raise SettingsError(f"{where}: field 'command': {{vnc_password}} and "
+                                    "{vnc_password_file} need \"protocol\": \"rfb\" (the "
+                                    "proxy logs in with them), and no \"slurm\"")
             _check_command(where, command, entry.get("options", {}), directory,
-                           on_node="slurm" in entry)
+                           on_node="slurm" in entry, vnc=vnc)
         slurm = None
         if "slurm" in entry:
             if command is None:
@@ -267,6 +272,8 @@ def _slurm_config(where: str, entry: dict[str, Any], options: dict[str, Any]) ->
 
 
 COMMAND_FIELDS = ("port", "index")
+VNC_FIELDS = ("vnc_password", "vnc_password_file")
+"""Placeholders of an RFB "command" service: a password the proxy logs in with."""
 """Placeholders every "command" service has; the others are its options' names."""
 
 _FIELD_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
@@ -291,14 +298,15 @@ def command_values(options: dict[str, Any]) -> dict[str, str]:
     booleans (a list or object has no single command-line form)."""
     return {key: value if isinstance(value, str) else json.dumps(value)
             for key, value in options.items()
-            if isinstance(value, str | int | float | bool) and key not in COMMAND_FIELDS}
+            if isinstance(value, str | int | float | bool)
+            and key not in (*COMMAND_FIELDS, *VNC_FIELDS)}
 
 
 def _check_command(where: str, command: tuple[str, ...], options: dict[str, Any],
-                   directory: Path, on_node: bool = False) -> None:
+                   directory: Path, on_node: bool = False, vnc: bool = False) -> None:
     """Every placeholder is known and the program is fixed and exists, checked at
     start-up (``on_node``: it runs on a compute node, where this host cannot look)."""
-    known = [*COMMAND_FIELDS, *command_values(options)]
+    known = [*COMMAND_FIELDS, *(VNC_FIELDS if vnc else ()), *command_values(options)]
     for position, argument in enumerate(command):
         _known_placeholders(where, f"command[{position}]", argument, known,
                             "; an option becomes one when \"options\" gives it a text or "

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import struct
 import sys
 from pathlib import Path
@@ -17,7 +18,15 @@ from typing import TYPE_CHECKING
 
 import websockets
 
-from support import ServerProcess, StartServer, received_close, recv_bytes
+from e2e.vnc_support import DESKTOP_CONFIG, require, reserve, rfb_handshake
+from support import (
+    ServerProcess,
+    StartServer,
+    marked_processes,
+    received_close,
+    recv_bytes,
+    wait_until,
+)
 
 if TYPE_CHECKING:
     from cluster_support import RedisServer
@@ -221,3 +230,38 @@ def test_in_a_cluster_a_viewer_reaches_the_session_s_instance_and_any_revokes(
                     assert received_close(closed).reason == "share revoked"
             assert await echoes(owner, b"still the owner's")
     asyncio.run(scenario())
+
+
+def test_the_proxy_logs_in_and_no_password_leaves_the_server(
+        start_server: StartServer) -> None:
+    """The example desktop's x11vnc asks for a per-instance password (VNC
+    authentication only); the browser is offered None and gets the desktop; the
+    password is in a file only its user reads, never in a command line, page or log."""
+    require("Xvfb", "x11vnc")
+    server = start_server("--remote_session_config", str(DESKTOP_CONFIG))
+    token = reserve(server)
+
+    async def session() -> Path:
+        async with websockets.connect(server.ws_url(token=token)) as ws:
+            init = await rfb_handshake(ws)  # asserts that None is offered
+            assert (init.width, init.height) == (1280, 1024)
+            return await asyncio.to_thread(check_the_vnc_server)
+
+    def check_the_vnc_server() -> Path:
+        [x11vnc] = [p for p in marked_processes(server) if p.name() == "x11vnc"]
+        argv = x11vnc.cmdline()
+        port, password_file = (int(argv[argv.index("-rfbport") + 1]),
+                               Path(argv[argv.index("-rfbauth") + 1]))
+        assert password_file.stat().st_mode & 0o077 == 0  # its user's only
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as direct:
+            assert direct.recv(12) == b"RFB 003.008\n"
+            direct.sendall(b"RFB 003.008\n")
+            assert direct.recv(2) == b"\x01\x02"  # VNC authentication, nothing else
+        secret = password_file.read_bytes().decode("latin-1")
+        for text in (server.log(), server.get("/v1/status_view")[2].decode("latin-1"),
+                     " ".join(" ".join(p.cmdline()) for p in marked_processes(server))):
+            assert secret not in text
+        return password_file
+
+    password_file = asyncio.run(session())
+    wait_until(lambda: not password_file.exists(), 20)  # removed with its instance

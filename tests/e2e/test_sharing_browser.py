@@ -1,7 +1,7 @@
 """A shared desktop in Chromium: the owner's noVNC page and a view-only viewer's page
 show the same desktop (Xvfb + x11vnc); the viewer's mouse and keys change nothing on
 the X display, read by an X client (xdotool), while the owner's do; the session's end
-closes the viewer's page."""
+closes the viewer's page. (The proxy's VNC login itself: test_sharing.py.)"""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from e2e.vnc_support import (
     reserve,
     show_desktop,
 )
-from support import StartServer, marked_processes, wait_until
+from support import ServerProcess, StartServer, marked_processes, wait_until
 
 COLOR = "#aa7711"
 
@@ -44,9 +44,9 @@ def pointer(display: str) -> str:
                           capture_output=True, text=True, check=True, timeout=10).stdout
 
 
-def display_of_instance() -> str:
-    """The X display the desktop instance serves (x11vnc's -display)."""
-    for proc in marked_processes():
+def display_of_instance(server: ServerProcess) -> str:
+    """The X display ``server``'s desktop instance serves (x11vnc's -display)."""
+    for proc in marked_processes(server):
         try:
             argv = proc.cmdline()
         except psutil.Error:
@@ -70,7 +70,7 @@ def test_a_view_only_viewer_sees_the_desktop_and_cannot_touch_it(
     viewer = viewer_context.new_page()
     show_desktop(viewer, server, f"websockify?token={share['token']}", COLOR,
                  "share-viewer.png")
-    display = display_of_instance()
+    display = display_of_instance(server)
     before = pointer(display)
     canvas = viewer.locator("#screen canvas")
     box = canvas.bounding_box()
@@ -87,3 +87,4 @@ def test_a_view_only_viewer_sees_the_desktop_and_cannot_touch_it(
     assert 'message="PointerEvent"' in server.get("/v1/metrics")[2].decode()
     owner.close()  # the session ends with its owner's page: so does the viewer's
     expect(viewer.locator("#status")).not_to_have_text("connected", timeout=TIMEOUT_MS)
+

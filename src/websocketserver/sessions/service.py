@@ -5,15 +5,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..scripts import (
-    CommandService,
-    ConfiguredCommand,
-    ConfiguredSlurmCommand,
-    RemoteServiceScript,
-    SlurmService,
-    load_script,
-)
+from ..scripts import CommandService, ConfiguredCommand, RemoteServiceScript, load_script
 from ..settings import ServiceConfig, Settings
+from ..slurm_service import ConfiguredSlurmCommand, SlurmService
 from .local_apps import LocalApplication
 
 

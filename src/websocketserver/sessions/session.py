@@ -20,7 +20,7 @@ import itertools
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..core.errors import Refused
 from ..metrics import Metrics
@@ -91,6 +91,8 @@ class Session:
         self.queue_timeout = 0.0
         self.end_reason: str | None = None
         """Why it ended (the first cause noted), kept with the ended reservation."""
+        self.vnc_password: str | None = None
+        """The VNC password its start returned: the proxy logs in with it."""
         self.viewers = Viewers(service.config.max_viewers)
         """The viewers of its shares (``/v1/share/{token}``) here."""
 
@@ -162,10 +164,12 @@ class Session:
                 raise
             log.info("%s: job %s listens on %s:%d", self.id, self.job.job_id, host, port)
             return host, port
-        start = asyncio.ensure_future(call(service.script.start, index,
-                                           dict(reservation.options)))
+        start: asyncio.Future[tuple[Any, ...]] = asyncio.ensure_future(
+            call(service.script.start, index, dict(reservation.options)))
         try:
-            host, port = await asyncio.wait_for(asyncio.shield(start), timeout)
+            started = await asyncio.wait_for(asyncio.shield(start), timeout)
+            host, port = started[0], started[1]
+            self.vnc_password = started[2] if len(started) > 2 else None
         except TimeoutError:
             self._metrics.service_failed(service.name)
             self._abandon(start)

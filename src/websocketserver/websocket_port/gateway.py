@@ -291,7 +291,7 @@ class WebSocketGateway:
             tunnel.when_stopped(session.leave)
             assert session.address is not None  # started
             if session.service.config.protocol == "rfb":  # its ClientInit: shared
-                tunnel.rfb = RfbFilter(tunnel, "owner", self._dropped)
+                tunnel.rfb = RfbFilter(tunnel, "owner", self._dropped, session.vnc_password)
             if session.job is not None:  # the job's end is the reason, not the EOF
                 tunnel.on_backend_end = lambda: self.live.spawn(
                     self._explain_end(tunnel, session), f"{session.id} ended")
@@ -323,7 +323,8 @@ class WebSocketGateway:
                         raise Refused(409, "the shared session ended")
                     if session.service.config.protocol == "rfb":  # view: no input passes
                         tunnel.rfb = RfbFilter(tunnel, "view" if viewing.mode == "view"
-                                               else "owner", self._dropped)
+                                               else "owner", self._dropped,
+                                               session.vnc_password)
                     deadline = time.monotonic() + self.settings.start_timeout
                     await self._tunnel(tunnel, session.address, deadline,
                                        lambda: setattr(websocket, "running", True))

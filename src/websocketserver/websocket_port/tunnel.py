@@ -4,10 +4,8 @@ A :class:`Tunnel` is a picows listener: picows parses the browser's frames in C 
 calls :meth:`Tunnel.on_ws_frame` for each, so the relay runs in callbacks, without a
 task or a queue. The backend connection is a plain non-blocking socket watched with
 ``loop.add_reader``/``add_writer``: one ``recv`` of up to ``READ_SIZE`` per
-readiness event, written out in the same callback. (uvloop's transport reads
-256 kB at most and copies every chunk out of its own buffer; measured against it,
-this path moves ~15 % more downstream with 64 KiB backend writes and ~30 % more
-with 1 MiB ones, see ``bench/README.md``.)
+readiness event, written out in the same callback (~15-30 % more downstream than
+through uvloop's transport, which copies every chunk: ``bench/README.md``).
 
 * **Downstream** (backend → browser), each chunk the backend sends becomes one binary
   frame: header and payload written to the browser's transport in one writev, no
@@ -24,21 +22,17 @@ it drains; upstream, a batch the backend does not take (or ``HIGH_WATER`` bytes 
 it is connected) pauses the browser's socket until written; one pong is owed while the
 browser's transport is full; what a tunnel holds upstream beyond ``HIGH_WATER`` is
 charged to the process's budget, and a tunnel that would exceed it is closed (1009).
-
-The bookkeeping behind these (the queue for the backend, partial sends, the budget
-charge, the owed pong) is :class:`~.upstream.UpstreamQueue`, without I/O.
+The bookkeeping is :class:`~.upstream.UpstreamQueue`'s, without I/O.
 
 A browser that resets its connection while its socket is not being read (its backend
 stalled) is noticed by a check of the socket's TCP state every ``RESET_CHECK`` seconds
 while paused, so the tunnel and its slot do not wait for the backend.
 
-The websocket rules picows leaves to its user are decided by
-:class:`~.frames.FrameChecker` (reserved bits, fragment order, the message size
-across fragments, UTF-8, close codes); the tunnel does what it answers. Its life is
-one :class:`TunnelState`, moved only along ``_TRANSITIONS``.
+The websocket rules picows leaves to its user are :class:`~.frames.FrameChecker`'s
+(reserved bits, fragment order, message size, UTF-8, close codes); the tunnel does what
+it answers. Its life is one :class:`TunnelState`, moved only along ``_TRANSITIONS``.
 
-(One class on purpose: its callbacks run per frame and per read, where every indirection
-costs throughput; what is not per-frame lives in ``core/``, ``backend.py``, ``live.py``.)
+(One class on purpose: every indirection per frame or read costs throughput.)
 """
 
 from __future__ import annotations
@@ -360,6 +354,10 @@ class Tunnel(WSListener):
         if browser is not None and not browser.is_closing():
             browser.resume_reading()
 
+    def inject(self, data: bytes) -> None:  # the proxy's own bytes: a VNC login's answer
+        self._up.append(data)
+        self._flush_upstream()
+
     def _flush_upstream(self) -> None:
         up = self._up
         if not up.batch or self._sock is None:
@@ -420,9 +418,11 @@ class Tunnel(WSListener):
             self._backend_end(WSCloseCode.OK, "backend closed the connection")
             return
         self.stats.bytes_down += size
-        if self.rfb is not None:
-            self.rfb.downstream(data)
-        self._browser.writelines((frame_header(size), data))  # type: ignore[union-attr]
+        if self.rfb is not None:  # an RFB handshake: read, maybe rewritten
+            data = self.rfb.downstream(data)
+            size = len(data)
+        if size:
+            self._browser.writelines((frame_header(size), data))  # type: ignore[union-attr]
 
     def _backend_lost(self, exc: OSError) -> None:
         self._backend_end(WSCloseCode.INTERNAL_ERROR, f"backend connection lost: {exc}")
