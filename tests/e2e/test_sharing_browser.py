@@ -72,18 +72,29 @@ def test_a_view_only_viewer_sees_the_desktop_and_cannot_touch_it(
                  "share-viewer.png")
     display = display_of_instance(server)
     before = pointer(display)
-    canvas = viewer.locator("#screen canvas")
-    box = canvas.bounding_box()
-    assert box is not None
-    viewer.mouse.move(box["x"] + 40, box["y"] + 30)
-    viewer.mouse.click(box["x"] + 60, box["y"] + 50)
-    viewer.keyboard.type("no")
-    viewer.wait_for_timeout(1000)
-    assert pointer(display) == before  # nothing of the viewer reached the display
-    owner_box = owner.locator("#screen canvas").bounding_box()
-    assert owner_box is not None
-    owner.mouse.move(owner_box["x"] + 100, owner_box["y"] + 80)
-    wait_until(lambda: pointer(display) != before, 10)  # the owner's does
+    keys = tmp_path / "keys.txt"  # the key presses the X server delivers (no window
+    with keys.open("w") as out:   # manager: the focus is the root window)
+        xev = subprocess.Popen(["xev", "-root", "-event", "keyboard"], stdout=out,
+                               env={"DISPLAY": display})
+    try:
+        canvas = viewer.locator("#screen canvas")
+        box = canvas.bounding_box()
+        assert box is not None
+        viewer.mouse.move(box["x"] + 40, box["y"] + 30)
+        viewer.mouse.click(box["x"] + 60, box["y"] + 50)
+        viewer.keyboard.type("no")
+        viewer.wait_for_timeout(1000)
+        assert pointer(display) == before  # nothing of the viewer reached the display
+        assert "KeyPress" not in keys.read_text()
+        owner_box = owner.locator("#screen canvas").bounding_box()
+        assert owner_box is not None
+        owner.mouse.click(owner_box["x"] + 100, owner_box["y"] + 80)  # and focus
+        owner.keyboard.type("yes")
+        wait_until(lambda: pointer(display) != before, 10)  # the owner's does
+        wait_until(lambda: "KeyPress" in keys.read_text(), 10)
+    finally:
+        xev.kill()
+        xev.wait()
     assert 'message="PointerEvent"' in server.get("/v1/metrics")[2].decode()
     owner.close()  # the session ends with its owner's page: so does the viewer's
     expect(viewer.locator("#status")).not_to_have_text("connected", timeout=TIMEOUT_MS)
