@@ -265,3 +265,41 @@ def test_the_proxy_logs_in_and_no_password_leaves_the_server(
 
     password_file = asyncio.run(session())
     wait_until(lambda: not password_file.exists(), 20)  # removed with its instance
+
+
+VENCRYPT_ONLY = r"""
+import socket, sys, time
+server = socket.create_server(("127.0.0.1", int(sys.argv[1])))
+while True:
+    conn, _ = server.accept()
+    conn.sendall(b"RFB 003.008\n")
+    conn.recv(12)
+    conn.sendall(b"\x01\x13")  # VeNCrypt (19) only
+"""
+
+
+def test_a_vnc_server_without_none_or_vnc_authentication_cannot_be_shared(
+        start_server: StartServer, tmp_path: Path) -> None:
+    """Its security cannot be followed: its websocket is closed naming it, and the
+    share call says so (409), rather than giving viewers nothing to join."""
+    (tmp_path / "vencrypt.py").write_text(VENCRYPT_ONLY)
+    config = tmp_path / "services.json"
+    config.write_text(json.dumps({"tls": {
+        "command": [sys.executable, str(tmp_path / "vencrypt.py"), "{port}"], "count": 1,
+        "protocol": "rfb", "reconnect_grace": 30}}))
+    server = start_server("--remote_session_config", str(config))
+    token = server.get_json("/v1/reserve/tls")[1]["token"]
+
+    async def owner() -> None:
+        async with websockets.connect(server.ws_url(token=token)) as ws:
+            assert await asyncio.wait_for(recv_bytes(ws), 10) == b"RFB 003.008\n"
+            await ws.send(b"RFB 003.008\n")
+            assert await asyncio.wait_for(recv_bytes(ws), 10) == b"\x01\x13"
+            await ws.send(b"\x13")  # the browser picks VeNCrypt
+            try:
+                await asyncio.wait_for(ws.recv(), 10)
+            except websockets.ConnectionClosed as closed:
+                assert received_close(closed).code == 1008
+    asyncio.run(owner())
+    status, body = server.get_json(f"/v1/share/{token}", auth=False)
+    assert status == 409 and "offers security types [19]" in body["error"], body

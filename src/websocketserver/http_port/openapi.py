@@ -236,8 +236,9 @@ OPERATIONS: dict[tuple[str, str], Json] = {
         {"400": "mode is neither view nor control",
          "401": _NOT_HOLDER, "403": f"{_CROSS_SITE}; or the token is another known user's",
          "404": "unknown or expired token",
-         "409": "sharing is off for the service (max_viewers 0), or view needs a service "
-                "that declares \"protocol\": \"rfb\"",
+         "409": "sharing is off for the service (max_viewers 0), view needs a service "
+                "that declares \"protocol\": \"rfb\", or its VNC server offers neither "
+                "None nor VNC authentication",
          "503": _STORE}, _TOKEN_HOLDER,
         parameters=[_TOKEN, *_USER, _parameter("mode", "query", "view (the default) or "
                                                "control", {"enum": ["view", "control"]})]),

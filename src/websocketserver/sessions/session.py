@@ -93,6 +93,8 @@ class Session:
         """Why it ended (the first cause noted), kept with the ended reservation."""
         self.vnc_password: str | None = None
         """The VNC password its start returned: the proxy logs in with it."""
+        self.rfb_offered: frozenset[int] | None = None
+        """The security types its VNC server offered its owner's browser (RFB only)."""
         self.viewers = Viewers(service.config.max_viewers)
         """The viewers of its shares (``/v1/share/{token}``) here."""
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..core.errors import Refused
+from ..core.rfb import SECURITY_NONE, SECURITY_VNC
 from ..settings import Settings
 from .reservations import Reservation, ReservationStore, may_use
 from .service import Elsewhere, Service
@@ -51,6 +52,12 @@ class Shares:
         if mode == "view" and config.protocol != "rfb":
             raise Refused(409, f"view-only sharing needs a service that declares "
                                f"\"protocol\": \"rfb\" ({config.name} does not)")
+        session = self._sessions.get(reservation.token)
+        offered = session.rfb_offered if session is not None else None
+        if offered is not None and not offered & {SECURITY_NONE, SECURITY_VNC}:
+            raise Refused(409, f"the VNC server of {config.name} offers security types "
+                               f"{sorted(offered)}, neither None nor VNC authentication: "
+                               "its session cannot be shared")
         share = await self.store.add_share(reservation.token, mode)
         if share is None:
             raise Refused(404, "unknown or expired token")

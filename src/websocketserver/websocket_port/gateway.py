@@ -291,7 +291,8 @@ class WebSocketGateway:
             tunnel.when_stopped(session.leave)
             assert session.address is not None  # started
             if session.service.config.protocol == "rfb":  # its ClientInit: shared
-                tunnel.rfb = RfbFilter(tunnel, "owner", self._dropped, session.vnc_password)
+                tunnel.rfb = RfbFilter(tunnel, "owner", self._dropped, session.vnc_password,
+                                       lambda types: setattr(session, "rfb_offered", types))
             if session.job is not None:  # the job's end is the reason, not the EOF
                 tunnel.on_backend_end = lambda: self.live.spawn(
                     self._explain_end(tunnel, session), f"{session.id} ended")

@@ -10,6 +10,7 @@ password, the proxy logs in to the server for the browser (:mod:`~..core.vnc_log
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from picows import WSCloseCode
@@ -27,9 +28,11 @@ class RfbFilter:
     input a viewer sent that never reached the application, by message type."""
 
     def __init__(self, tunnel: Tunnel, mode: Mode, dropped: Counter,
-                 password: str | None = None) -> None:
+                 password: str | None = None,
+                 offered: Callable[[frozenset[int]], None] | None = None) -> None:
         self._tunnel = tunnel
         self._stream = ClientStream(mode)
+        self._offered = offered  # told the security types the server offers, once
         self._login = ServerLogin(password) if password is not None else None
         self._dropped = dropped
         self._counted = dict(self._stream.dropped)
@@ -62,6 +65,9 @@ class RfbFilter:
         if self._stream.needs_server and (
                 violation := self._stream.feed_server(data)) is not None:
             self._tunnel.close(WSCloseCode(violation.code), violation.reason)
+        if self._offered is not None and self._stream.offered:
+            self._offered(self._stream.offered)  # (with the proxy's login: None)
+            self._offered = None
         return data
 
     def _count(self) -> None:
