@@ -96,8 +96,10 @@ def test_a_viewer_joins_the_running_session_and_leaves_with_it(
             assert view[0] == 409  # view-only needs "protocol": "rfb"
             async with websockets.connect(server.ws_url(token=share)) as viewer:
                 assert await echoes(viewer, b"again")
-                assert (await asyncio.to_thread(server.get_json,
-                                                f"/v1/release/{share}", auth=False))[0] == 200
+                revoked = await asyncio.to_thread(server.get_json, f"/v1/release/{share}",
+                                                  auth=False)
+                assert revoked == (200, {"released": share, "service": "echo"})
+                assert token not in json.dumps(revoked)  # the viewer learns no more
                 try:
                     await asyncio.wait_for(viewer.recv(), 10)
                 except websockets.ConnectionClosed as closed:

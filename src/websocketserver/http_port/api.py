@@ -227,8 +227,8 @@ class RestApi:
     async def release(self, request: web.BaseRequest, token: str) -> web.StreamResponse:
         reservation = await self.services.release(token, self._user(request),
                                                   self._admin(request))
-        return web.json_response({"released": reservation.token,
-                                  "service": reservation.service})
+        # the token asked for: a share token's revoke must not reveal the reservation's
+        return web.json_response({"released": token, "service": reservation.service})
 
     async def status_view(self, request: web.BaseRequest, _: str) -> web.StreamResponse:
         services = await self.services.status(self._user(request), self._admin(request))
