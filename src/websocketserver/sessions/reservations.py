@@ -128,9 +128,6 @@ class ChangeWaiters:
         for event in self._waiting.get(token, ()):
             event.set()
 
-    def __bool__(self) -> bool:
-        return bool(self._waiting)
-
 
 def may_use(reservation: Reservation, user: str | None) -> bool:
     """Whether a caller known as ``user`` (None: anonymous) may use or release the token.
