@@ -574,3 +574,17 @@ async def test_the_used_slots_always_match_the_reservations(join: Join,
         except NoSlotFree:
             pass
         consistent()
+
+
+async def test_an_instance_writes_figures_into_its_own_reservations_only(join: Join) -> None:
+    """A session's figures come from the instance running it: another instance's write
+    for that token is skipped."""
+    a, b = await join("a", {"echo": 1}), await join("b", {"echo": 1})
+    r = await a.reserve("echo", 1, {})
+    assert r.node == "a"
+    await b.record_figures({r.token: {"bytes_up": 1}})
+    got = await a.get(r.token)
+    assert got is not None and got.figures is None
+    await a.record_figures({r.token: {"bytes_up": 2}})
+    got = await b.get(r.token)
+    assert got is not None and got.figures == {"bytes_up": 2}

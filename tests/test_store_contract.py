@@ -292,3 +292,21 @@ async def test_share_tokens_find_their_reservation_until_revoked_or_ended(
     assert got is not None and got.shares == {control: "control"}
     await store.remove(r.token, "released")
     assert await store.find_share(control) is None
+
+
+async def test_a_sessions_figures_are_kept_with_its_reservation_without_an_event(
+        store: ReservationStore) -> None:
+    """What a session carried, written by its instance, is read back by any instance
+    as written (an empty list stays a list), follows the reservation through its states
+    and is no change a page sees; a token not live is skipped."""
+    r = await store.reserve("two", 2, {})
+    assert r.figures is None
+    figures = {"bytes_up": 5, "bytes_down": 7, "viewers": [], "client": "10.0.0.9",
+               "backend": "127.0.0.1:5901", "pid": None}
+    await store.record_figures({r.token: figures, "not-a-token": {"bytes_up": 1}})
+    claimed = (await store.claim(r.token, None)).reservation
+    assert claimed is not None and claimed.figures == figures and claimed.seq == 2
+    await store.record_figures({r.token: {**figures, "bytes_up": 9}})
+    [listed] = await store.list("two")
+    assert listed.figures == {**figures, "bytes_up": 9} and listed.seq == 2
+    assert await store.get("not-a-token") is None

@@ -13,7 +13,8 @@ Data, under a key prefix (``websocketserver:`` by default):
   owner, options, timestamp, changed, by, op, ran, job}``; ``by`` is the instance that
   made the last change, ``op`` that change's id (a retried call is recognised), ``ran``
   whether it was ever claimed, ``job`` a Slurm service's job record, ``shares`` its
-  share tokens;
+  share tokens, ``figures`` what its session carried (JSON text, written by its
+  instance at most every 5 s);
 * ``used`` (hash): ``node<TAB>service`` -> JSON ``{index: token}``, the slots that
   node's reservations of that service hold, changed in the same scripts as ``res`` so
   that placing a reservation decodes no reservation (built from ``res`` by the first
@@ -99,6 +100,7 @@ class _Scripts:
     job: str
     adopted: str
     share: str
+    figures: str
 
 
 def node_signature(secret: bytes, name: str, address: str) -> str:

@@ -12,8 +12,6 @@ heartbeat of another instance clears it: its sessions are deleted (they died wit
 and its never-used reservations move to live instances with room. When no instance
 reached Redis for more than ``ttl / 2`` (Redis was down or unreachable for all), that
 time is not counted as anyone's silence: a Redis restart clears nobody.
-
-(Longer than the other modules: about half of it is the Lua source of the scripts.)
 """
 
 from __future__ import annotations
@@ -138,11 +136,8 @@ class RedisStore(ReservationStore):
         return min(self.heartbeat_ttl / 4, 0.5)
 
     async def start(self) -> None:
-        """Register this instance (a new epoch) and begin beating.
-
-        Raises :class:`DuplicateNode` if a live instance has this name, and
-        :class:`StoreUnavailable` if Redis cannot be reached.
-        """
+        """Register this instance (a new epoch) and begin beating; raises
+        :class:`DuplicateNode` (a live instance has this name) or :class:`StoreUnavailable`."""
         await self.register()
 
     async def register(self, restore: bool = False) -> list[str]:
@@ -395,6 +390,10 @@ class RedisStore(ReservationStore):
         reply = await self._run(self._scripts.share, "remove", share)
         return self._reservation(reply["r"], reply["now"]) if reply.get("r") else None
 
+    async def record_figures(self, figures: dict[str, dict[str, Any]]) -> None:
+        await self._run(self._scripts.figures, json.dumps(
+            {token: json.dumps(carried) for token, carried in figures.items()}))
+
     async def capacity(self, service: str, count: int) -> int:
         """``count`` for a cluster-scoped service, else the sum over live instances."""
         if service in self.cluster_scope:
@@ -446,4 +445,5 @@ class RedisStore(ReservationStore):
             state=State(record["state"]), timestamp=record["timestamp"] / 1000,
             changed=time.monotonic() - (now_ms - record["changed"]) / 1000,
             node=record["node"], end_reason=record.get("end_reason"), job=record.get("job"),
-            shares=dict(record.get("shares") or {}), seq=int(record.get("seq", 0)))
+            shares=dict(record.get("shares") or {}), seq=int(record.get("seq", 0)),
+            figures=json.loads(record["figures"]) if record.get("figures") else None)

@@ -88,6 +88,10 @@ class Reservation:
     shares: dict[str, str] = field(default_factory=dict)
     """Its share tokens (:meth:`ReservationStore.add_share`) and their modes (``view``,
     ``control``): secrets like the token, never shown; they end with it."""
+    figures: dict[str, Any] | None = None
+    """What its session carried, as the instance running it last wrote it
+    (:meth:`ReservationStore.record_figures`: bytes each way, client, backend, process):
+    how another instance of a cluster shows it. Not a change a page sees."""
     seq: int = 0
     """Counts the changes a page sees (state, instance, the job's queue reason, expected
     start and node): the id of its events (``/v1/events/{token}``), the same on every
@@ -223,6 +227,12 @@ class ReservationStore(ABC):
     @abstractmethod
     async def remove_share(self, share: str) -> Reservation | None:
         """Revoke share token ``share``; the reservation it belonged to (None: none)."""
+
+    @abstractmethod
+    async def record_figures(self, figures: dict[str, dict[str, Any]]) -> None:
+        """Write each token's figures (JSON-able) into its live reservation, if that is
+        this instance's (a cluster's other instances show them from there); other
+        tokens are skipped. Changes no :attr:`~Reservation.seq`."""
 
     @property
     def available(self) -> bool:
@@ -361,6 +371,13 @@ class MemoryStore(ReservationStore):
             shares = {key: mode for key, mode in current.shares.items() if key != share}
             self._by_token[current.token] = replace(current, shares=shares)
             return current
+
+    async def record_figures(self, figures: dict[str, dict[str, Any]]) -> None:
+        async with self._lock:
+            for token, carried in figures.items():
+                current = self._by_token.get(token)
+                if current is not None:
+                    self._by_token[token] = replace(current, figures=dict(carried))
 
     def _put(self, old: Reservation, new: Reservation) -> Reservation:
         """Store ``new`` in place of ``old``: one more seq, and its waiters woken, if a
