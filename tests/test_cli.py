@@ -167,6 +167,9 @@ def test_help_ends_with_examples() -> None:
 @pytest.mark.parametrize("service, message", [
     ({"command": ["x"], "script": "x.py", "count": 1}, "give 'script' or 'command', not both"),
     ({"count": 1}, "field 'script': is required (or 'command')"),
+    ({"scrip": "x.py", "count": 1}, "unknown field 'scrip' (did you mean 'script'?)"),
+    ({"command": ["true"], "count": 1, "slurm": {}, "strat": "reserve"},
+     "unknown field 'strat' (did you mean 'start'?)"),
     ({"command": [], "count": 1}, "field 'command': must not be empty"),
     ({"command": ["x", 3], "count": 1}, "field 'command.1': must be of type string"),
     ({"command": "x {port}", "count": 1}, "field 'command': must be of type array"),

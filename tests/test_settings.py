@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import json
+import re
 import ssl
 from pathlib import Path
 
 import pytest
 import trustme
 
-from websocketserver.settings import Settings, SettingsError, load_service_config
+from websocketserver.settings import (
+    SERVICE_FIELDS,
+    Settings,
+    SettingsError,
+    load_service_config,
+    unknown_field,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def write(tmp_path: Path, content: str) -> Path:
@@ -53,6 +62,94 @@ def test_config_errors_name_service_and_field(tmp_path: Path, content: str,
     assert "\n" not in str(error.value)
 
 
+@pytest.mark.parametrize(("entry", "message"), [
+    ({"scrip": "x.py", "count": 1}, "unknown field 'scrip' (did you mean 'script'?)"),
+    ({"scrip": "x.py"}, "unknown field 'scrip' (did you mean 'script'?)"),  # not "count"
+    ({"script": "x.py", "count": 1, "option": {}},
+     "unknown field 'option' (did you mean 'options'?)"),
+    ({"script": "x.py", "count": 1, "reconect_grace": 5},
+     "unknown field 'reconect_grace' (did you mean 'reconnect_grace'?)"),
+    ({"script": "x.py", "count": 1, "group": "viz"},
+     f"unknown field 'group' (known: {', '.join(SERVICE_FIELDS)})"),
+])
+def test_an_unknown_field_is_named_with_the_one_meant(tmp_path: Path, entry: dict[str, object],
+                                                      message: str) -> None:
+    """Reported before any other check of the service, so that a misspelled field is
+    not taken for a missing one; the line names the file and the service as well."""
+    path = write(tmp_path, json.dumps({"svc": entry}))
+    with pytest.raises(SettingsError) as error:
+        load_service_config(path)
+    assert str(error.value) == f"--remote_session_config {path}: service 'svc': {message}"
+
+
+def test_the_options_are_free_form(tmp_path: Path) -> None:
+    options = {"sizes": ["1600x1200"], "scrip": 1, "anything": {"nested": [True]}}
+    (service,) = load_service_config(write(tmp_path, json.dumps({"svc": {
+        "script": "x.py", "count": 1, "options": options}})))
+    assert service.options == options
+
+
+def test_every_documented_field_is_known() -> None:
+    """The fields of the table in docs/services.md are exactly those a service may have,
+    so that no field a config uses is refused and none goes undocumented."""
+    text = (ROOT / "docs" / "services.md").read_text()
+    table = text.split("### The config file", 1)[1].split("\n\n### ", 1)[0]
+    documented = re.findall(r"^\| `(\w+)` \|", table, re.MULTILINE)
+    assert sorted(documented) == sorted(SERVICE_FIELDS)
+
+
+def test_a_service_with_every_field_loads(tmp_path: Path) -> None:
+    (script, command) = load_service_config(write(tmp_path, json.dumps({
+        "script": {"script": "x.py", "count": 2, "reconnect_grace": 30, "scope": "cluster",
+                   "protocol": "rfb", "max_viewers": 0, "options": {"group": "viz"}},
+        "command": {"command": ["start-viz", "{port}", "--title={title}"], "count": 1,
+                    "options": {"title": "t", "file_ext": [".evsn"]}, "protocol": "rfb",
+                    "slurm": {"sbatch": ["--time=01:00:00"], "user_prefix": ["sudo", "-u",
+                                                                               "{user}"]},
+                    "start": "reserve", "queue_timeout": 60, "scope": "node",
+                    "reconnect_grace": 0, "max_viewers": 2}})))
+    assert (script.reconnect_grace, script.cluster_scope, script.max_viewers) == (30, True, 0)
+    assert command.slurm is not None and command.slurm.user_prefix[-1] == "{user}"
+    assert (command.start, command.queue_timeout, command.protocol) == ("reserve", 60.0, "rfb")
+
+
+def test_the_manuals_example_config_loads(tmp_path: Path) -> None:
+    """The original manual's example (its service configuration section), but for
+    where its lines break."""
+    manual = """{
+  "Local Software Session": {"script": "desktop_session.py", "count": 2,
+                             "options": {"sizes": ["12080x1024", "1600x1200"],
+                                         "display_base": 100}},
+  "Cluster Node Session": {"script": "x11vnc_desktop_session.py", "count": 1,
+                           "options": {"sizes": ["1600x1200"], "group": "ClusterRendering",
+                                       "host": "n8"}}
+}"""
+    local, cluster = load_service_config(write(tmp_path, manual))
+    assert (local.count, cluster.options["group"]) == (2, "ClusterRendering")
+
+
+@pytest.mark.parametrize("example", sorted((ROOT / "examples").glob("*.json")),
+                         ids=lambda path: path.name)
+def test_the_example_configs_load(example: Path) -> None:
+    assert load_service_config(example)
+
+
+def test_the_service_configs_of_the_docs_have_only_known_fields() -> None:
+    """Every ```json block of the docs that is a service config (or a "slurm" object)."""
+    checked = 0
+    for page in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for block in re.findall(r"```json\n(.*?)```", page.read_text(), re.DOTALL):
+            document = json.loads(block if block.lstrip().startswith("{")
+                                  else "{" + block + "}")
+            if "slurm" in document:  # a fragment: the "slurm" object alone
+                document = {"fragment": {"count": 1, **document}}
+            for name, entry in document.items():
+                if isinstance(entry, dict) and "count" in entry:
+                    assert unknown_field(entry) is None, (page.name, name)
+                    checked += 1
+    assert checked >= 8
+
+
 def test_tls_context_is_tls12_or_newer(tmp_path: Path) -> None:
     ca = trustme.CA()
     cert = ca.issue_cert("localhost")
@@ -81,7 +178,9 @@ SLURM_COMMAND = ["start-viz", "--port", "{port}", "--title={title}"]
     ({"command": SLURM_COMMAND, "count": 1, "slurm": {"user_prefix": ["sudo", "-n"]}},
      "names no {user}"),
     ({"command": SLURM_COMMAND, "count": 1, "slurm": {"sbatch": [], "partition": "x"}},
-     "field 'slurm'"),
+     "unknown field 'slurm.partition' \\(known: sbatch, user_prefix\\)"),
+    ({"command": SLURM_COMMAND, "count": 1, "slurm": {"sbach": ["-w", "n8"]}},
+     "unknown field 'slurm.sbach' \\(did you mean 'slurm.sbatch'\\?\\)"),
     ({"command": SLURM_COMMAND, "count": 1, "slurm": {}, "start": "later"},
      "field 'start'"),
 ])

@@ -6,6 +6,7 @@ clear line before any socket is opened (see :class:`SettingsError`).
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import re
@@ -139,7 +140,6 @@ _SERVICE_SCHEMA: dict[str, Any] = {
         "scope": {"enum": ["node", "cluster"]},
         "slurm": {
             "type": "object",
-            "additionalProperties": False,
             "properties": {
                 "sbatch": {"type": "array", "items": {"type": "string"}},
                 "user_prefix": {"type": "array", "minItems": 1, "items": {"type": "string"}},
@@ -149,7 +149,7 @@ _SERVICE_SCHEMA: dict[str, Any] = {
         "protocol": {"enum": ["rfb"]},
         "max_viewers": {"type": "integer", "minimum": 0},
         "queue_timeout": {"type": "number", "exclusiveMinimum": 0},
-        "options": {
+        "options": {  # free-form: the script's own options beside the server's two
             "type": "object",
             "properties": {
                 "group": {"type": "string", "minLength": 1},
@@ -158,6 +158,29 @@ _SERVICE_SCHEMA: dict[str, Any] = {
         },
     },
 }
+SERVICE_FIELDS = tuple(_SERVICE_SCHEMA["properties"])
+"""Every field of a service entry; any other is a mistake (see :func:`unknown_field`)."""
+SLURM_FIELDS = tuple(_SERVICE_SCHEMA["properties"]["slurm"]["properties"])
+
+
+def unknown_field(entry: dict[str, Any]) -> str | None:
+    """What is wrong with the first field of a service entry (or of its ``"slurm"``)
+    that no feature reads, with the field it was probably meant to be; None if none.
+
+    A misspelled field would otherwise do nothing, silently, or be reported as the
+    required field it misspells (``"scrip"``: "'script' is required").
+    """
+    checks = [("", entry, SERVICE_FIELDS)]
+    if isinstance(entry.get("slurm"), dict):
+        checks.append(("slurm.", entry["slurm"], SLURM_FIELDS))
+    for prefix, fields, known in checks:
+        for key in fields:
+            if key not in known:
+                close = difflib.get_close_matches(key, known, n=1)
+                hint = (f"did you mean {prefix + close[0]!r}?" if close
+                        else f"known: {', '.join(known)}")
+                return f"unknown field {prefix + key!r} ({hint})"
+    return None
 
 
 def load_service_config(path: Path) -> tuple[ServiceConfig, ...]:
@@ -185,14 +208,14 @@ def load_service_config(path: Path) -> tuple[ServiceConfig, ...]:
     validator = jsonschema.Draft202012Validator(_SERVICE_SCHEMA)
     services = []
     for name, entry in document.items():
+        where = f"--remote_session_config {path}: service {name!r}"
+        unknown = unknown_field(entry) if isinstance(entry, dict) else None
+        if unknown is not None:  # before "required": "scrip" is no missing "script"
+            raise SettingsError(f"{where}: {unknown}")
         error = jsonschema.exceptions.best_match(validator.iter_errors(entry))
         if error is not None:
-            where = ".".join(str(p) for p in error.absolute_path) or _missing_field(error)
-            raise SettingsError(
-                f"--remote_session_config {path}: service {name!r}: "
-                f"field {where!r}: {_schema_message(error)}"
-            )
-        where = f"--remote_session_config {path}: service {name!r}"
+            field_name = ".".join(str(p) for p in error.absolute_path) or _missing_field(error)
+            raise SettingsError(f"{where}: field {field_name!r}: {_schema_message(error)}")
         if "script" not in entry and "command" not in entry:
             raise SettingsError(f"{where}: field 'script': is required (or 'command')")
         if "script" in entry and "command" in entry:
@@ -272,9 +295,9 @@ def _slurm_config(where: str, entry: dict[str, Any], options: dict[str, Any]) ->
 
 
 COMMAND_FIELDS = ("port", "index")
+"""Placeholders every "command" service has; the others are its options' names."""
 VNC_FIELDS = ("vnc_password", "vnc_password_file")
 """Placeholders of an RFB "command" service: a password the proxy logs in with."""
-"""Placeholders every "command" service has; the others are its options' names."""
 
 _FIELD_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
 
