@@ -154,6 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="Enable debugging information (0 quiet, 1 one line per tunnel, 2+ debug)")
     add("--log_file", metavar="log_filename", type=Path,
         help="Save program output to the named log file instead of stdout")
+    add("--log_format", choices=("text", "json"), default="text",
+        help="text: one line a record; json: one JSON object a line (time, level, logger, "
+        "message), for log shippers. Default:text")
     add("--security_token", metavar="token",
         help=f"Shared secret required by the REST API. Default: ${TOKEN_ENV}")
     add("--add_header", metavar="NAME=VALUE", type=_header, action="append", default=[],

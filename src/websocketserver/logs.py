@@ -10,12 +10,15 @@ Every line is formatted by :class:`SafeFormatter`, which
   a client sent (a decoded ``%0a`` in a path) cannot forge a line.
 
 It works on the formatted text, so it covers arguments and exceptions as well as the
-message. A ``--log_file`` is created readable by its owner only (0600).
+message. ``--log_format json`` writes each record as one JSON object a line
+(:class:`JsonFormatter`) for log shippers, redacted and escaped the same way. A
+``--log_file`` is created readable by its owner only (0600).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
@@ -24,9 +27,10 @@ import stat
 import sys
 import time
 from collections.abc import Callable, Iterable
+from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
-from typing import TextIO, TypeAlias
+from typing import Any, TextIO, TypeAlias
 from urllib.parse import quote, urlsplit
 
 from aiohttp.http_exceptions import HttpProcessingError
@@ -94,6 +98,47 @@ class SafeFormatter(logging.Formatter):
         return "\n    ".join(escape(line) for line in lines)
 
 
+_STANDARD = {*vars(logging.LogRecord("", 0, "", 0, "", None, None)), "message", "asctime"}
+"""A record's own attributes; any other is an ``extra=`` field, written as one."""
+
+
+class JsonFormatter(SafeFormatter):
+    """One JSON object a line: ``time`` (ISO 8601, UTC), ``level``, ``logger``,
+    ``message``, each ``extra=`` field, and ``exception`` / ``stack`` when there is one.
+
+    Every text in it is the text format's (redacted, control characters escaped; a
+    traceback keeps its line breaks, which JSON escapes), and the line is ASCII, so no
+    character in it can end it early for a reader that splits on more than ``\\n``.
+    """
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(
+                timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": escape(self.redact(record.getMessage())),
+        }
+        if record.exc_info:
+            entry["exception"] = self._lines(logging.Formatter.formatException(
+                self, record.exc_info))
+        if record.stack_info:
+            entry["stack"] = self._lines(record.stack_info)
+        for key, value in vars(record).items():
+            if key not in _STANDARD and key not in entry:
+                entry[key] = value if _number(value) else escape(self.redact(str(value)))
+        return json.dumps(entry, ensure_ascii=True)
+
+    def _lines(self, text: str) -> str:
+        return "\n".join(escape(line) for line in self.redact(text).split("\n"))
+
+
+def _number(value: object) -> bool:
+    """A JSON number (or true, false, null), written as such rather than as text."""
+    return value is None or isinstance(value, bool | int) or (
+        isinstance(value, float) and math.isfinite(value))
+
+
 class Sampled:
     """A kind of log line any client can cause at will (a connection that sends
     nothing, a refused upgrade): at most ``burst`` of them per ``interval`` seconds are
@@ -138,7 +183,8 @@ def configure_logging(settings: Settings) -> None:
         handler = logging.StreamHandler(sys.stdout)
     secrets = [secret for secret in (settings.security_token, settings.cluster_secret,
                                      _password(settings.redis)) if secret]
-    handler.setFormatter(SafeFormatter(secrets))
+    formatter = JsonFormatter if settings.log_format == "json" else SafeFormatter
+    handler.setFormatter(formatter(secrets))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     level = logging.WARNING if settings.verbose <= 0 else (

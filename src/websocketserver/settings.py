@@ -71,6 +71,7 @@ class Settings:
     local_sessions: tuple[tuple[str, int], ...] = ()
     verbose: int = 0
     log_file: Path | None = None
+    log_format: str = "text"  # "json": one JSON object a line (logs.JsonFormatter)
     security_token: str | None = None
     add_headers: tuple[tuple[str, str], ...] = ()
     grpc_port: int | None = None
