@@ -1,18 +1,30 @@
-"""The log: secrets redacted, control characters escaped, the file private (0600)."""
+"""The log: secrets redacted, control characters escaped, the file private (0600); the
+same in its JSON form (``--log_format json``)."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import stat
 import sys
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiohttp.http_exceptions import LineTooLong
 
-from websocketserver.logs import REDACTED, SafeFormatter, Sampled, configure_logging, escape
+from websocketserver.cli import parse_settings
+from websocketserver.logs import (
+    REDACTED,
+    JsonFormatter,
+    SafeFormatter,
+    Sampled,
+    configure_logging,
+    escape,
+)
 from websocketserver.settings import Settings
 
 TOKEN = "Tok3n/s3cret+9f2c"
@@ -29,7 +41,7 @@ def formatted(msg: str, *args: object) -> str:
     return SafeFormatter([TOKEN]).format(record(msg, *args))
 
 
-@pytest.mark.parametrize("text", [
+SECRETS = [
     f"token {TOKEN} in an argument",
     "percent-encoded: /v1/status?x=Tok3n%2Fs3cret%2B9f2c",
     f"bytes repr: {TOKEN.encode()!r}",
@@ -40,7 +52,11 @@ def formatted(msg: str, *args: object) -> str:
     "{'Authorization': 'Bearer other', 'Host': 'h'}",
     "X-User-Key: other",
     f"reservation {GUID} released",
-])
+]
+"""Texts holding a secret: TOKEN (the configured one), ``other`` or GUID."""
+
+
+@pytest.mark.parametrize("text", SECRETS)
 def test_secrets_in_arguments_are_redacted(text: str) -> None:
     line = formatted("%s", text)
     assert TOKEN not in line and "other" not in line and GUID not in line
@@ -186,3 +202,86 @@ def test_lines_clients_cause_at_will_are_sampled(caplog: pytest.LogCaptureFixtur
         sampled.warning("client %d went quiet", 51)
     assert [r.getMessage() for r in caplog.records[3:]] == [
         "client 50 went quiet (and 47 more like it not logged)", "client 51 went quiet"]
+
+
+def json_line(msg: str, *args: object, exc: bool = False, **extra: object) -> dict[str, Any]:
+    """What JsonFormatter writes for a record, which must be one ASCII line of JSON."""
+    entry = record(msg, *args, exc=exc)
+    entry.__dict__.update(extra)
+    line = JsonFormatter([TOKEN]).format(entry)
+    assert line.isascii() and len(line.splitlines()) == 1, line
+    parsed: dict[str, Any] = json.loads(line)
+    return parsed
+
+
+@pytest.mark.parametrize("text", [*SECRETS, "/x\n1999-12-31 23:59:59,999 ERROR forged\x1b[2J",
+                                  "caf\u00e9 \u2028 \x85 \udcff"])
+def test_json_message_is_the_text_formats(text: str) -> None:
+    """Redacted and escaped identically: the JSON message is the text line's."""
+    assert json_line("GET %s", text)["message"] == formatted("GET %s", text).split(": ", 1)[1]
+
+
+def test_json_line_has_time_level_logger_message_and_extra_fields() -> None:
+    entry = json_line("tunnel %d opened", 7, client="10.0.0.1", tunnels=3, ratio=0.5,
+                      user=None, url=f"/websockify?token={TOKEN}", wait=float("nan"))
+    assert datetime.fromisoformat(entry.pop("time")).utcoffset() is not None
+    assert entry == {"level": "INFO", "logger": "websocketserver.test",
+                     "message": "tunnel 7 opened", "client": "10.0.0.1", "tunnels": 3,
+                     "ratio": 0.5, "user": None, "url": f"/websockify?token={REDACTED}",
+                     "wait": "nan"}
+
+
+def test_json_exception_is_redacted_and_keeps_its_lines() -> None:
+    try:
+        raise ValueError(f"bad request: GET /?security_token={TOKEN}\n1999-12-31 forged\x1b")
+    except ValueError:
+        entry = json_line("failed", exc=True)
+    assert entry["message"] == "failed"
+    first, *rest = entry["exception"].split("\n")
+    assert first == "Traceback (most recent call last):"
+    assert rest[-2:] == [f"ValueError: bad request: GET /?security_token={REDACTED}",
+                         "1999-12-31 forged\\x1b"]
+    assert "stack" not in entry
+
+
+def test_json_stack_is_redacted() -> None:
+    entry = record("here")
+    entry.stack_info = f"Stack (most recent call last):\n  x = {TOKEN!r}"
+    parsed = json.loads(JsonFormatter([TOKEN]).format(entry))
+    assert parsed["stack"] == f"Stack (most recent call last):\n  x = '{REDACTED}'"
+
+
+def test_log_format_option() -> None:
+    assert parse_settings(["1"]).log_format == "text"
+    assert parse_settings(["--log_format", "json", "1"]).log_format == "json"
+    with pytest.raises(SystemExit) as exited:
+        parse_settings(["--log_format", "xml", "1"])
+    assert exited.value.code == 2
+
+
+@pytest.mark.usefixtures("logging_state")
+def test_json_log_file_holds_only_redacted_json_lines(tmp_path: Path) -> None:
+    """Every logger, aiohttp's client errors included, through the configured handler."""
+    log_file = tmp_path / "server.log"
+    configure_logging(Settings(ws_port=1, log_file=log_file, verbose=1, log_format="json",
+                               security_token=TOKEN, cluster_secret="c1uster-s3cret"))
+    logging.getLogger("websocketserver.server").warning("token %s, secret %s", TOKEN,
+                                                        "c1uster-s3cret")
+    try:
+        raise LineTooLong(f"/v1/status?security_token={TOKEN}".encode(), 8190)
+    except LineTooLong:
+        logging.getLogger("aiohttp.server").exception("Error handling request from %s",
+                                                      "127.0.0.1")
+    try:
+        raise RuntimeError(f"signed with c1uster-s3cret for {TOKEN}")
+    except RuntimeError:
+        logging.getLogger("websocketserver.cluster").exception("forward failed")
+    text = log_file.read_text()
+    assert TOKEN not in text and "c1uster-s3cret" not in text
+    warning, client_error, failure = [json.loads(line) for line in text.splitlines()]
+    assert warning["message"] == f"token {REDACTED}, secret {REDACTED}"
+    assert (client_error["level"], client_error["message"]) == (
+        "INFO", "Error handling request from 127.0.0.1: LineTooLong")
+    assert "exception" not in client_error
+    assert (failure["level"], failure["logger"]) == ("ERROR", "websocketserver.cluster")
+    assert failure["exception"].endswith(f"RuntimeError: signed with {REDACTED} for {REDACTED}")
