@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ import websockets
 
 from support import EXAMPLES, StartServer, recv_bytes, wait_until
 from websocketserver.cli import parse_settings
-from websocketserver.install import Install, discover, version_folder
+from websocketserver.install import Install, discover, log_install, version_folder
 
 LOADER = b"// viewer-loader.js of the install\n"
 NOVNC = b"<!DOCTYPE html><title>vnc_envision of the install</title>\n"
@@ -122,6 +123,28 @@ def test_settings_from_the_location_and_options_first(tmp_path: Path,
     assert "served from --http_directory: no install found" in nothing.install_notes[0]
 
 
+@pytest.mark.parametrize(("argv", "level"), [
+    ([], logging.DEBUG),  # a plain server: "no install found" is no news
+    (["--local_session", "envision", "5"], logging.INFO),  # it needs an install
+    (["--ansys_install_root", "."], logging.INFO),  # /ansys... is not --http_directory's
+    ("found", logging.INFO),
+])
+def test_the_install_is_logged_at_verbose_1_when_it_matters(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+        argv: list[str] | str, level: int) -> None:
+    for name, value in NO_INSTALL.items():
+        monkeypatch.setenv(name, value)
+    if argv == "found":
+        monkeypatch.setenv("CEI_HOME", str(make_tree(tmp_path / "v261")))
+        argv = []
+    settings = parse_settings(["--http_directory", str(tmp_path), *argv, "1"],
+                              tmp_path / "websocketserver.py")
+    with caplog.at_level(logging.DEBUG, "websocketserver.install"):
+        log_install(settings)
+    assert [record.getMessage() for record in caplog.records] == list(settings.install_notes)
+    assert {record.levelno for record in caplog.records} == {level}
+
+
 @pytest.mark.parametrize("level", ["", "CEI"])
 def test_install_urls_from_the_environment(start_server: StartServer, tmp_path: Path,
                                            level: str) -> None:
@@ -148,9 +171,11 @@ def test_without_an_install_ansys_urls_come_from_http_directory(start_server: St
     www = tmp_path / "www"
     (www / "ansys261" / "nexus").mkdir(parents=True)
     (www / "ansys261" / "nexus" / "viewer-loader.js").write_text("from www")
-    server = start_server(http_dir=www, env=NO_INSTALL)
+    server = start_server("--verbose", "1", http_dir=www, env=NO_INSTALL)
     assert server.get("/ansys261/nexus/viewer-loader.js")[::2] == (200, b"from www")
     assert server.get("/ansys/nexus/viewer-loader.js")[0] == 404
+    log = wait_until(lambda: " ws port " in server.log() and server.log())
+    assert "websocketserver.install" not in log  # no install: no news at --verbose 1
 
 
 async def _echo_or_close(url: str) -> tuple[bytes | None, str]:

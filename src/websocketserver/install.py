@@ -116,6 +116,14 @@ def version_folder(web_root: Path) -> str | None:
 
 
 def log_install(settings: Settings) -> None:
-    """Say at ``--verbose 1`` where ``/ansys…`` URLs and built-in applications come from."""
+    """Say where ``/ansys…`` URLs and built-in applications come from: at ``--verbose 1``
+    when the install tree matters, else only at ``--verbose 2``.
+
+    It matters when one is used (found, or named by an option: ``/ansys…`` then is not
+    the ``--http_directory`` path it looks like) or when ``--local_session`` needs one.
+    Otherwise "no install found" is just what a plain server is, not news worth the
+    first line of its log.
+    """
+    matters = settings.ansys_install_root is not None or bool(settings.local_sessions)
     for line in settings.install_notes:
-        log.info("%s", line)
+        log.log(logging.INFO if matters else logging.DEBUG, "%s", line)
