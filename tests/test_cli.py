@@ -10,7 +10,8 @@ from typing import Any
 
 import pytest
 
-from support import LAUNCHER
+from support import LAUNCHER, ROOT
+from websocketserver import __version__
 from websocketserver.cli import parse_settings
 
 
@@ -88,16 +89,21 @@ def test_help_reads_like_the_manual() -> None:
         assert text in result.stdout
 
 
-def test_module_and_console_entry_points() -> None:
-    """Each calls itself by the name it was run as (run from a folder without the
-    launcher, which ``-m`` would otherwise pick up from the working directory)."""
+@pytest.mark.parametrize("cwd", ["/", str(ROOT)])
+def test_module_and_console_entry_points(cwd: str) -> None:
+    """``--version`` names the package as installed, however it was run; a usage
+    error names what was run."""
     for argv, name in (([sys.executable, "-m", "websocketserver"], "python -m websocketserver"),
                        ([str(Path(sys.executable).with_name("websocketserver"))],
                         "websocketserver"),
                        ([sys.executable, str(LAUNCHER)], "websocketserver.py")):
         result = subprocess.run([*argv, "--version"], capture_output=True, text=True,
-                                timeout=30, cwd="/")
-        assert result.returncode == 0 and result.stdout.startswith(f"{name} 0."), argv
+                                timeout=30, cwd=cwd)
+        assert (result.returncode, result.stdout) == (0, f"websocketserver {__version__}\n")
+        if cwd == "/":  # in ROOT, -m runs the launcher, which calls itself by its name
+            result = subprocess.run([*argv, "--foo", "1"], capture_output=True, text=True,
+                                    timeout=30, cwd=cwd)
+            assert result.stderr.startswith(f"{name}: error: "), argv
 
 
 def test_launcher_compatibility_flags_are_accepted() -> None:

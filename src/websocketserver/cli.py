@@ -127,7 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("ws_server_port", type=_ws_port, metavar="ws_server_port",
         help="The port the server accepts incoming websocket connection requests over "
         "(-1: no websocket listener)")
-    add("--version", action="version", version=f"%(prog)s {__version__}")
+    # the package's name, however it was run (usage errors name what was run)
+    add("--version", action="version", version=f"websocketserver {__version__}")
     add("--http_directory", metavar="http_directory", type=Path,
         help="Directory to serve up files from via http. It enables HTTP services.")
     add("--http_port", metavar="http_server_port", type=_port,
