@@ -24,6 +24,7 @@ import re
 import shutil
 import signal
 import subprocess
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,10 +48,11 @@ class Runbook:
 
 def runbooks(document: Path, tag: str) -> dict[str, Runbook]:
     """The runbooks marked ``<!-- tag: NAME KIND -->`` in ``document``."""
-    marker = re.compile(rf"<!-- {tag}: ([\w-]+) (run|call|open) -->\s*\n```\w*\n(.*?)```",
-                        re.DOTALL)
+    marker = re.compile(rf"<!-- {tag}: ([\w-]+) (run|call|open) -->[ \t]*\n"
+                        r"[ \t]*```\w*\n(.*?)```", re.DOTALL)
     found: dict[str, Runbook] = {}
     for name, kind, body in marker.findall(document.read_text()):
+        body = textwrap.dedent(body).rstrip(" \t")  # a block indented in a list item
         found.setdefault(name, Runbook(name)).blocks.setdefault(kind, []).append(body)
     return found
 
