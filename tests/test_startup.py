@@ -4,13 +4,18 @@ never started."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
+
 from support import EXAMPLES, LAUNCHER, ROOT, EchoBackend, StartServer, free_port, wait_until
+from websocketserver.startup import listen_error
 
 
 def test_one_line_per_listener(start_server: StartServer, echo: EchoBackend,
@@ -51,17 +56,46 @@ def test_options_that_do_nothing_are_warned_about(start_server: StartServer,
     assert "s3cret-token" not in log
 
 
-def test_a_failed_start_says_only_why(tmp_path: Path) -> None:
-    """A port in use: one error line, exit 1, no "shutting down" or "stopped"."""
+@pytest.fixture
+def taken_port() -> Iterator[int]:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
-        port = taken.getsockname()[1]
-        result = subprocess.run(
-            [sys.executable, str(LAUNCHER), "--listen_address", "127.0.0.1",
-             "--http_directory", str(tmp_path), "--http_port", str(free_port()), str(port)],
-            capture_output=True, text=True, timeout=30)
+        yield taken.getsockname()[1]
+
+
+def test_a_port_in_use_is_worded_alike_for_both_listeners(taken_port: int) -> None:
+    """The HTTP port binds plain sockets, the websocket port asyncio's server, whose
+    errors word the same errno differently."""
+    with socket.socket() as plain, pytest.raises(OSError) as by_socket:
+        plain.bind(("127.0.0.1", taken_port))
+
+    async def bind() -> None:
+        await asyncio.get_running_loop().create_server(asyncio.Protocol, "127.0.0.1",
+                                                       taken_port)
+
+    with pytest.raises(OSError) as by_asyncio:
+        asyncio.run(bind())
+    assert str(by_socket.value) != str(by_asyncio.value)
+    assert listen_error("http", 9090, by_socket.value) == \
+        "HTTP port 9090: address already in use"
+    assert listen_error("ws", 8080, by_asyncio.value) == \
+        "websocket port 8080: address already in use"
+    unresolved = socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+    assert listen_error("ws", 8080, unresolved) == "websocket port 8080: name or service not known"
+
+
+@pytest.mark.parametrize("taken", ["http", "ws"])
+def test_a_failed_start_says_only_why(tmp_path: Path, taken_port: int, taken: str) -> None:
+    """A port in use: one error line, exit 1, no "shutting down" or "stopped"."""
+    http_port, ws_port = ((taken_port, free_port()) if taken == "http"
+                          else (free_port(), taken_port))
+    result = subprocess.run(
+        [sys.executable, str(LAUNCHER), "--listen_address", "127.0.0.1",
+         "--http_directory", str(tmp_path), "--http_port", str(http_port), str(ws_port)],
+        capture_output=True, text=True, timeout=30)
     assert result.returncode == 1
     assert result.stdout == ""
-    [line] = result.stderr.splitlines()
-    assert line.startswith(f"websocketserver.py: error: cannot listen on ws port {port}: ")
+    name = "HTTP" if taken == "http" else "websocket"
+    assert result.stderr == (f"websocketserver.py: error: {name} port {taken_port}: "
+                             "address already in use\n")

@@ -1,5 +1,6 @@
-"""What the server says as it starts: its name as invoked, and one line per listener;
-and the names it answers to (the ``Host`` check of both ports, see :mod:`.protocol`).
+"""What the server says as it starts: its name as invoked, one line per listener, why
+a listener could not open; and the names it answers to (the ``Host`` check of both
+ports, see :mod:`.protocol`).
 
 The lines say what each port serves or tunnels to, so that a newcomer sees at the
 default ``--verbose 0`` what the command line they typed amounts to; the warnings
@@ -8,9 +9,11 @@ default ``--verbose 0`` what the command line they typed amounts to; the warning
 
 from __future__ import annotations
 
+import errno
 import functools
 import ipaddress
 import logging
+import os
 import socket
 from pathlib import Path
 
@@ -81,6 +84,25 @@ def summary(settings: Settings) -> list[str]:
         lines.append(f"{'wss' if secure else 'ws'} port {settings.ws_port}{where}: "
                      f"{_tunnels(settings)}")
     return lines
+
+
+PORT_NAMES = {"http": "HTTP", "ws": "websocket"}
+"""What a start-up error calls each listener (as ``--http_port`` and ``ws_server_port``)."""
+
+
+def listen_error(name: str, port: int, exc: OSError) -> str:
+    """Why listener ``name`` (``http``, ``ws``) could not open ``port``, in the same words
+    for both: ``websocket port 8080: address already in use``.
+
+    The operating system's words for the error, not the exception's: asyncio (the
+    websocket port) writes a bind failure as "error while attempting to bind on address
+    ('0.0.0.0', 8080): address already in use", a plain socket (the HTTP port) as
+    "Address already in use".
+    """
+    code = exc.errno
+    reason = (os.strerror(code) if code is not None and code in errno.errorcode
+              else exc.strerror or str(exc))  # a getaddrinfo error has its own numbers
+    return f"{PORT_NAMES[name]} port {port}: {reason[:1].lower()}{reason[1:]}"
 
 
 def _tunnels(settings: Settings) -> str:
