@@ -11,7 +11,8 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from websocketserver.core.errors import Refused
-from websocketserver.http_port.api import RestApi, render_status
+from websocketserver.http_port.api import RestApi
+from websocketserver.http_port.dashboard import render_status
 from websocketserver.identity import Identity
 from websocketserver.sessions.reservations import MemoryStore, Reservation, State
 from websocketserver.sessions.services import ServiceManager

@@ -17,8 +17,6 @@ is an administrator, who sees and may release every one.
 from __future__ import annotations
 
 import hmac
-import html
-import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -38,6 +36,7 @@ from ..sessions.reservations import Reservation, State, may_use
 from ..sessions.services import ServiceManager
 from ..sessions.token_status import describe
 from . import openapi
+from .dashboard import View, render_overview, render_services, render_status
 from .events import EventStreams
 
 log = logging.getLogger("websocketserver.api")
@@ -231,13 +230,24 @@ class RestApi:
         return web.json_response({"released": token, "service": reservation.service})
 
     async def status_view(self, request: web.BaseRequest, _: str) -> web.StreamResponse:
-        services = await self.services.status(self._user(request), self._admin(request))
+        admin = self._admin(request)
+        services = await self.services.status(self._user(request), admin)
         await self._reclaim_times(services)
-        overview = render_overview(self._figures())
+        view = View(self._node, admin, self.services.settings.ws_port, self._novnc())
+        overview = render_overview(self._figures(), view)
         if "fragment" in request.query:  # the live page refreshing itself
-            return web.Response(text=overview + render_services(services),
+            return web.Response(text=overview + render_services(services, view),
                                 content_type="text/html")
-        return web.Response(text=render_status(services, overview), content_type="text/html")
+        return web.Response(text=render_status(services, overview, view),
+                            content_type="text/html")
+
+    def _novnc(self) -> frozenset[str]:
+        """The RFB services whose reservations noVNC's ``vnc.html``, served here, opens."""
+        folder = self.services.settings.http_directory
+        if folder is None or not (folder / "vnc.html").is_file():
+            return frozenset()
+        return frozenset(name for name, service in self.services.services.items()
+                         if service.config.protocol == "rfb")
 
     async def _reclaim_times(self, services: list[dict[str, Any]]) -> None:
         """Add ``reclaim_seconds_left`` to each reserved, never used instance: when
@@ -272,165 +282,3 @@ class RestApi:
 def _samples(registry: CollectorRegistry) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
             for family in registry.collect() for sample in family.samples}
-
-
-def render_overview(figures: dict[str, Any]) -> str:
-    """The dashboard's head: version, uptime, tunnels (basic mode ones included), bytes."""
-    return (
-        "<p class='overview'>"
-        f"<span>version <b>{html.escape(str(figures['version']))}</b></span>"
-        f"<span>up <b>{_age(figures['uptime'])}</b></span>"
-        f"<span>tunnels open <b>{figures['tunnels_open']:.0f}</b> "
-        "<small>(basic mode and reserved)</small></span>"
-        f"<span>tunnels since start <b>{figures['tunnels_total']:.0f}</b></span>"
-        f"<span>bytes down <b>{_bytes(figures['bytes_down'])}</b></span>"
-        f"<span>bytes up <b>{_bytes(figures['bytes_up'])}</b></span></p>"
-    )
-
-
-def render_services(services: list[dict[str, Any]]) -> str:
-    """The dashboard's body: a card per service with its instances."""
-    now = time.time()
-    blocks = []
-    for service in services:
-        name = html.escape(service["name"])
-        rows = "".join(
-            f"<tr><td>{i['index']}</td><td>{_state_cell(i)}</td>"
-            f"<td>{html.escape(i['owner'] or 'anonymous')}</td>"
-            f"<td>{_age(now - i['timestamp'])}</td>"
-            f"<td class='num'>{_bytes(i['bytes_down'])}</td>"
-            f"<td class='num'>{_bytes(i['bytes_up'])}</td>"
-            f"<td><code>{html.escape(json.dumps(i['options']))}</code></td>"
-            f"{_token_cells(i['token'])}</tr>"
-            for i in service["instances"]
-        ) or "<tr><td colspan='9' class='idle'>no instances</td></tr>"
-        used, count = len(service["instances"]), service["count"]
-        reserve = (f"<button data-reserve='{name}'>reserve</button>" if used < count
-                   else "<span class='full'>all in use</span>")
-        options = html.escape(json.dumps(service["common_options"]))
-        blocks.append(
-            f"<section><h2>{name} <small>{used} of {count} in use</small> {reserve}</h2>"
-            f"<p class='options'>common options: <code>{options}</code></p><table><tr>"
-            "<th>index</th><th>state</th><th>owner</th><th>age</th><th>bytes down</th>"
-            "<th>bytes up</th><th>options</th><th>token</th><th></th></tr>"
-            f"{rows}</table></section>"
-        )
-    return "".join(blocks) or "<p class='idle'>No services are configured.</p>"
-
-
-def _state_cell(instance: dict[str, Any]) -> str:
-    """The state chip; a detached instance's also says how long it is kept, a reserved
-    one's how long until it is reclaimed unused (``--timeout``)."""
-    state = html.escape(instance["state"])
-    left = instance.get("detached_seconds_left")
-    until = f" <small>{left:.0f} s left</small>" if left is not None else ""
-    reclaim = instance.get("reclaim_seconds_left")
-    if reclaim is not None:
-        until = f" <small>reclaimed in {_age(reclaim)} unless used</small>"
-    return (f"<span class='state {state}'>{state}</span>{until}{_job(instance)}"
-            f"{_viewers(instance)}")
-
-
-def _viewers(instance: dict[str, Any]) -> str:
-    """The viewers of the instance's shares here: how many, their modes and users."""
-    viewers = instance.get("viewers") or []
-    if not viewers:
-        return ""
-    who = ", ".join(f"{v['mode']}: {v['user'] or 'anonymous'}" for v in viewers)
-    return (f" <small class='viewers'>{len(viewers)} viewer{'s' if len(viewers) > 1 else ''}"
-            f" ({html.escape(who)})</small>")
-
-
-def _job(instance: dict[str, Any]) -> str:
-    """A Slurm job's id, and why it waits (with its expected start) or where it runs."""
-    if instance.get("job_id") is None:
-        return ""
-    text = f"job {instance['job_id']}"
-    if instance.get("job_node"):
-        text += f" on {instance['job_node']}"
-    elif instance.get("queue_reason"):
-        text += f": {instance['queue_reason']}"
-        if instance.get("expected_start"):
-            text += f", expected {instance['expected_start']}"
-    return f" <small class='job'>{html.escape(text)}</small>"
-
-
-def _token_cells(token: str | None) -> str:
-    """The token and release cells of an instance; empty for another user's token."""
-    if token is None:
-        return "<td class='idle'>another user's</td><td></td>"
-    token = html.escape(token)
-    return (f"<td><code title='{token}'>{token[:8]}…</code></td>"
-            f"<td><button data-release='{token}'>release</button></td>")
-
-
-_DASHBOARD_SCRIPT = """
-const params = new URLSearchParams(location.search);
-const auth = new URLSearchParams();
-for (const name of ['security_token', 'user_key']) {
-  if (params.get(name)) auth.set(name, params.get(name));
-}
-const withAuth = (path) => auth.size ? `${path}?${auth}` : path;
-async function refresh() {
-  const url = new URL(location.href);
-  url.searchParams.set('fragment', '1');
-  try {
-    const response = await fetch(url);
-    if (response.ok) {
-      document.getElementById('services').innerHTML = await response.text();
-      document.getElementById('updated').textContent =
-        'updated ' + new Date().toLocaleTimeString();
-    }
-  } catch (error) {
-    document.getElementById('updated').textContent = 'server unreachable';
-  }
-}
-document.addEventListener('click', async (event) => {
-  const reserve = event.target.dataset.reserve, release = event.target.dataset.release;
-  if (reserve) await fetch(withAuth(`/v1/reserve/${encodeURIComponent(reserve)}`));
-  if (release) await fetch(withAuth(`/v1/release/${encodeURIComponent(release)}`));
-  if (reserve || release) refresh();
-});
-setInterval(refresh, 2000);
-"""
-
-
-def render_status(services: list[dict[str, Any]], overview: str = "") -> str:
-    """``/v1/status_view``: the status as a live dashboard (refreshes every 2 s), under
-    the server-wide ``overview``."""
-    return (
-        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
-        "<title>websocketserver status</title><style>"
-        "body{font-family:system-ui,sans-serif;margin:2em;color:#222;background:#fafafa}"
-        "section{background:#fff;border:1px solid #ddd;border-radius:8px;padding:1em 1.5em;"
-        "margin-bottom:1.5em}h2{margin:0 0 .3em}small{color:#666;font-weight:normal;"
-        "font-size:.7em}table{border-collapse:collapse;width:100%}td,th{border-bottom:1px "
-        "solid #eee;padding:.35em .8em;text-align:left}th{color:#555;font-weight:600}"
-        ".num{text-align:right;font-variant-numeric:tabular-nums}.state{padding:.1em .5em;"
-        "border-radius:1em;background:#eee}.active{background:#d7f5dc;color:#075}"
-        ".starting{background:#fff1c9;color:#850}.stopping{background:#fde0e0;color:#a00}"
-        ".reserved{background:#e3ecff;color:#248}.queued{background:#ffe6cc;color:#940}"
-        ".detached{background:#efe2ff;color:#63a}"
-        ".idle,.options,#updated{color:#888}.overview span{margin-right:1.5em}"
-        ".full{font-size:.6em;color:#a00}button{cursor:pointer}</style></head><body>"
-        "<h1>websocketserver status</h1><p id='updated'></p>"
-        f"<main id='services'>{overview}{render_services(services)}</main>"
-        f"<script>{_DASHBOARD_SCRIPT}</script></body></html>"
-    )
-
-
-def _bytes(count: float) -> str:
-    exponent = 0
-    while count >= 1024 and exponent < 3:
-        count /= 1024
-        exponent += 1
-    return f"{count:,.0f} B" if exponent == 0 else f"{count:,.1f} {'KMG'[exponent - 1]}iB"
-
-
-def _age(seconds: float) -> str:
-    seconds = max(0, int(seconds))
-    if seconds < 120:
-        return f"{seconds} s"
-    if seconds < 7200:
-        return f"{seconds // 60} min"
-    return f"{seconds // 3600} h"

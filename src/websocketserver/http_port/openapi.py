@@ -47,6 +47,13 @@ _JOB = {  # a Slurm service's instance: its job as the reservation records it
     "expected_start": {"type": ["string", "null"], "format": "date-time",
                        "description": "when Slurm's backfill plans the start (ISO 8601)"},
 }
+_ADMIN = {  # an instance's session, shown to the administrator only
+    "client": _nullable("string", "its websocket's client address (administrator only)"),
+    "backend": _nullable("string", "host:port the session is relayed to (administrator "
+                                   "only)"),
+    "pid": _nullable("integer", "the process listening there, on the instance running the "
+                                "session (administrator only)"),
+}
 _TOKEN_FIELDS = {
     "service": {"type": "string"},
     "index": {"type": "integer", "minimum": 0},
@@ -91,8 +98,9 @@ SCHEMAS: Json = {
         "node": {"type": "string", "description": "the cluster instance holding it"},
         **_JOB,
         "detached_seconds_left": {"type": "number", "minimum": 0,
-                                  "description": "reconnect grace left (state detached)"}},
-        optional=("node", *_JOB, "detached_seconds_left")),
+                                  "description": "reconnect grace left (state detached)"},
+        **_ADMIN},
+        optional=("node", *_JOB, "detached_seconds_left", *_ADMIN)),
     "Reserved": _object({"token": {"type": "string",
                                    "description": "the websocket's ?token= (a capability)"}}),
     "Released": _object({"released": {"type": "string"}, "service": {"type": "string"}}),

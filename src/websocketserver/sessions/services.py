@@ -39,7 +39,7 @@ from .reservations import (
     may_use,
 )
 from .service import Elsewhere, Service
-from .session import Session
+from .session import Session, write_figures
 from .shares import Shares, Viewing
 from .slurm import Slurm
 from .token_status import instance
@@ -107,7 +107,7 @@ class ServiceManager:
         """
         result = []
         for service in self.visible(user):
-            instances = [self._instance(r, admin or may_see(r, user))
+            instances = [self._instance(r, admin or may_see(r, user), admin)
                          for r in await self.store.list(service.name)]
             result.append({
                 "name": service.name,
@@ -118,10 +118,11 @@ class ServiceManager:
             })
         return result
 
-    def _instance(self, reservation: Reservation, show_token: bool) -> dict[str, Any]:
+    def _instance(self, reservation: Reservation, show_token: bool, admin: bool
+                  ) -> dict[str, Any]:
         session = self._sessions.get(reservation.token)
-        return instance(reservation, show_token, self.grace(self.services[
-            reservation.service]), session.describe() if session else Session.NOTHING)
+        return instance(reservation, show_token, admin, self.grace(self.services[
+            reservation.service]), session.describe() if session else None)
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -410,8 +411,10 @@ class ServiceManager:
     # -- housekeeping ----------------------------------------------------------------
 
     def start_reclaiming(self) -> None:
-        """Begin reclaiming reservations unused for ``--timeout`` seconds."""
+        """Begin reclaiming reservations unused for ``--timeout`` seconds, and writing
+        what the sessions carried into the store (for a cluster's other instances)."""
         self._reclaimer.spawn(self._reclaim_forever(), "reclaimer")
+        self._reclaimer.spawn(write_figures(self.store, self._sessions), "figures")
 
     async def _reclaim_forever(self) -> None:
         while True:

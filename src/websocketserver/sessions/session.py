@@ -18,17 +18,20 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
-from ..core.errors import Refused
+import psutil
+
+from ..core.errors import Refused, StoreUnavailable
 from ..metrics import Metrics
 from ..scripts import call
 from ..settings import Settings
 from ..tasks import Tasks
 from .job import Job
-from .reservations import Reservation
+from .reservations import Reservation, ReservationStore
 from .slurm import SchedulerError
 from .viewers import Viewers
 
@@ -39,19 +42,22 @@ log = logging.getLogger("websocketserver.services")
 
 _numbers = itertools.count(1)
 
+FIGURES_INTERVAL = 5.0
+"""Seconds between writes of this instance's sessions' figures into the store: how old
+the bytes of a tunnel on another instance of a cluster may be on this one's status."""
+
 
 class Traffic(Protocol):
-    """What a websocket carried so far (a tunnel's stats): shown in ``/v1/status``."""
+    """What a websocket carried so far (a tunnel's stats), and for whom (its client's
+    address): shown in ``/v1/status``."""
 
+    peer: str
     bytes_up: int
     bytes_down: int
 
 
 class Session:
     """The session of one token on this instance (see the module)."""
-
-    NOTHING: dict[str, object] = {"bytes_up": 0, "bytes_down": 0, "viewers": []}
-    """:meth:`describe` of a token without a session here."""
 
     def __init__(self, service: Service, index: int, grace: float, settings: Settings,
                  metrics: Metrics, background: Tasks,
@@ -97,14 +103,21 @@ class Session:
         """The security types its VNC server offered its owner's browser (RFB only)."""
         self.viewers = Viewers(service.config.max_viewers)
         """The viewers of its shares (``/v1/share/{token}``) here."""
+        self.pid: int | None = None
+        """The process listening where the instance does, once looked up (None: not
+        on this host, another user's, or not yet known)."""
 
     def describe(self) -> dict[str, object]:
-        """This session's fields of ``/v1/status``: the bytes its websocket carried,
-        its viewers here."""
-        traffic = self.traffic
-        fields = (dict(self.NOTHING) if traffic is None else
-                  {"bytes_up": traffic.bytes_up, "bytes_down": traffic.bytes_down})
-        return {**fields, "viewers": self.viewers.describe()}
+        """This session's fields of ``/v1/status``: the bytes its websocket carried and
+        its viewers here; for the administrator, its client's address, the backend
+        (``host:port``) and the process there."""
+        traffic, address = self.traffic, self.address
+        return {"bytes_up": traffic.bytes_up if traffic else 0,
+                "bytes_down": traffic.bytes_down if traffic else 0,
+                "viewers": self.viewers.describe(),
+                "client": traffic.peer if traffic else None,
+                "backend": f"{address[0]}:{address[1]}" if address else None,
+                "pid": self.pid}
 
     def attach(self, close: Callable[[str], None]) -> None:
         """A websocket uses the session now; ``close(reason)`` ends it."""
@@ -165,6 +178,7 @@ class Session:
                 self.note_end(exc.reason)
                 raise
             log.info("%s: job %s listens on %s:%d", self.id, self.job.job_id, host, port)
+            self._find_process(host, port)
             return host, port
         start: asyncio.Future[tuple[Any, ...]] = asyncio.ensure_future(
             call(service.script.start, index, dict(reservation.options)))
@@ -192,7 +206,15 @@ class Session:
         self._metrics.service_started(service.name, seconds)
         log.info("%s index %d started on %s:%s in %.2f s", service.name, index, host, port,
                  seconds)
+        self._find_process(str(host), int(port))
         return str(host), int(port)
+
+    def _find_process(self, host: str, port: int) -> None:
+        """Learn :attr:`pid` in a thread (it reads every process's sockets), not
+        delaying the session: only the administrator's view shows it."""
+        async def find() -> None:
+            self.pid = await asyncio.to_thread(listening_process, host, port)
+        self._background.spawn(find(), f"{self.id} process")
 
     def _abandon(self, start: asyncio.Future[tuple[str, int]]) -> None:
         """Give up on a start() that is still running, without freeing its index yet.
@@ -262,3 +284,41 @@ class Session:
             log.error("%s index %d: %s() failed: %s: %s", name, index, method,
                       type(exc).__name__, exc)
         return None
+
+
+def listening_process(host: str, port: int) -> int | None:
+    """The id of the process of this host listening on ``host:port``; None if ``host``
+    is another host's, or no process this server may inspect listens there."""
+    try:
+        wanted = {info[4][0] for info in socket.getaddrinfo(host, port,
+                                                            type=socket.SOCK_STREAM)}
+        local = {a.address for nic in psutil.net_if_addrs().values() for a in nic}
+        if not wanted & local:
+            return None
+        for found in psutil.net_connections("tcp"):
+            if (found.status == psutil.CONN_LISTEN and found.pid and found.laddr
+                    and found.laddr.port == port
+                    and found.laddr.ip in wanted | {"0.0.0.0", "::"}):
+                return found.pid
+    except (OSError, psutil.Error) as exc:
+        log.debug("the process on %s:%d is not known: %s", host, port, exc)
+    return None
+
+
+async def write_figures(store: ReservationStore, sessions: Mapping[str, Session]) -> None:
+    """Every FIGURES_INTERVAL s, write what this instance's ``sessions`` (by token)
+    carried into their reservations, those that changed: the other instances of a
+    cluster show them from there."""
+    written: dict[str, dict[str, object]] = {}
+    while True:
+        await asyncio.sleep(FIGURES_INTERVAL)
+        now = {token: session.describe() for token, session in list(sessions.items())}
+        changed = {token: figures for token, figures in now.items()
+                   if written.get(token) != figures}
+        try:
+            if changed:
+                await store.record_figures(changed)
+        except StoreUnavailable as exc:  # written next time
+            log.debug("sessions' figures not written: %s", exc.detail)
+            continue
+        written = now

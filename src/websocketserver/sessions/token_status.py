@@ -16,6 +16,12 @@ from ..core.lifecycle import State
 from .job import SHOWN
 from .reservations import Reservation
 
+NOTHING: dict[str, object] = {"bytes_up": 0, "bytes_down": 0, "viewers": [],
+                              "client": None, "backend": None, "pid": None}
+"""What is known of a session that no instance has figures of (not yet started)."""
+ADMIN_ONLY = ("client", "backend", "pid")
+"""An instance's fields for the administrator only: where its user connects from,
+and what serves the session where."""
 WARNINGS = (300.0, 60.0)
 """Seconds before a session's end at which its event stream warns (5 and 1 minute)."""
 
@@ -45,14 +51,18 @@ def describe(reservation: Reservation, grace: float, timeout: float,
             "ends": ends, "end_reason": reservation.end_reason}
 
 
-def instance(reservation: Reservation, show_token: bool, grace: float,
-             here: dict[str, object]) -> dict[str, Any]:
-    """``reservation``'s instance in ``/v1/status``: its token only if ``show_token``;
-    ``here``: what this instance knows of its session (bytes, viewers)."""
+def instance(reservation: Reservation, show_token: bool, admin: bool, grace: float,
+             here: dict[str, object] | None) -> dict[str, Any]:
+    """``reservation``'s instance in ``/v1/status``: its token only if ``show_token``,
+    :data:`ADMIN_ONLY` fields to the ``admin``; ``here``: what this instance knows of
+    its session (None: it runs on another instance, whose figures are the store's)."""
+    carried = {**NOTHING, **(here if here is not None else reservation.figures or {})}
     found: dict[str, Any] = {
         "index": reservation.index, "token": reservation.token if show_token else None,
         "timestamp": reservation.timestamp, "options": reservation.options,
-        "state": str(reservation.state), "owner": reservation.owner, **here}
+        "state": str(reservation.state), "owner": reservation.owner,
+        **{key: value for key, value in carried.items()
+           if admin or key not in ADMIN_ONLY}}
     if reservation.node is not None:
         found["node"] = reservation.node
     if reservation.job is not None:  # shared: any instance shows it
