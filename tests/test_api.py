@@ -220,3 +220,20 @@ async def test_unclaim_makes_the_token_usable_again(users_api: UsersApi) -> None
     assert [r.state for r in await services.store.list()] == [State.RESERVED]
     claimed = await services.claim(token, None)
     assert isinstance(claimed, Reservation) and claimed.state is State.STARTING
+
+
+@pytest.mark.parametrize("users_api", [None, "s3cret"], indirect=True)
+async def test_where_a_session_comes_from_and_runs_is_for_the_administrator_only(
+        users_api: UsersApi, request: pytest.FixtureRequest) -> None:
+    """A session's client address, backend and process: in /v1/status and on the page
+    of the security token's holder, never of anyone else (without a security token
+    nobody is the administrator)."""
+    client, _ = users_api
+    admin = request.node.callspec.params["users_api"] is not None
+    query = "security_token=s3cret" if admin else "user_key=alice-key"
+    await client.get(f"/v1/reserve/viewer?{query}")
+    [viewer] = await (await client.get(f"/v1/status?{query}")).json()
+    shown = {"client", "backend", "pid"} & set(viewer["instances"][0])
+    assert shown == ({"client", "backend", "pid"} if admin else set())
+    page = await (await client.get(f"/v1/status_view?{query}")).text()
+    assert ("<th>backend</th>" in page) is admin

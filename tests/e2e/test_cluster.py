@@ -23,6 +23,7 @@ import aiohttp
 import psutil
 import pytest
 import websockets
+import websockets.sync.client
 from cluster_support import HAProxy, RedisServer, redis_server, start_haproxy
 
 from support import EXAMPLES, ServerProcess, received_close, recv_bytes, wait_until
@@ -471,3 +472,28 @@ def test_a_paused_instance_never_holds_an_index_twice(
                                  else None)(a.get_json("/v1/reserve/locked")), 15, 0.01)
     asyncio.run(echo(second))
     assert not (folder / "held-twice").exists()
+
+
+def test_any_instance_shows_a_tunnels_bytes_and_session_within_5_s(cluster: Cluster) -> None:
+    """Each instance writes its sessions' figures into Redis every 5 s: another
+    instance's /v1/status and dashboard show them, with the node that holds each, which
+    node serves the page, and this node's figures apart from the cluster's."""
+    n0, n1 = (cluster.start(name, {"echo": 1}) for name in ("n0", "n1"))
+    token = n0.get_json("/v1/reserve/echo")[1]["token"]
+    with websockets.sync.client.connect(n0.ws_url(token=token)) as ws:
+        ws.send(b"x" * 5000)
+        assert ws.recv(timeout=10) == b"x" * 5000
+
+        def written() -> dict[str, Any] | None:
+            [found] = instances(n1, "echo")
+            return found if found["bytes_up"] == 5000 and found["pid"] else None
+
+        began = time.monotonic()
+        seen = wait_until(written, timeout=10)
+        assert time.monotonic() - began < 6.5
+        page = n1.get("/v1/status_view")[2].decode()
+        assert seen["backend"] == instances(n0, "echo")[0]["backend"]
+    assert seen["node"] == "n0" and seen["client"] == "127.0.0.1"
+    assert "served by n1" in page and "this node (n1):</span>" in page
+    assert "tunnels open <b>0</b>" in page and "cluster: 1 of 2 in use" in page
+    assert "<th>index</th><th>node</th>" in page and "<td>0</td><td>n0</td>" in page
