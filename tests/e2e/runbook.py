@@ -97,8 +97,9 @@ class Workspace:
         self.groups: list[subprocess.Popen[bytes]] = []
         self.logs: list[Path] = []
 
-    def run(self, script: str, wait: tuple[str, ...] = ()) -> None:
-        """Start a ``run`` block; return once every port it names (or ``wait``) listens."""
+    def run(self, script: str, wait: tuple[str, ...] | None = None) -> None:
+        """Start a ``run`` block; return once the ports ``wait`` listen (by default
+        every port of :data:`PORTS` the block names)."""
         script = with_ports(script, self.ports)
         log = self.where / f"run-{len(self.groups)}.log"
         self.logs.append(log)
@@ -108,7 +109,7 @@ class Workspace:
                                     env=self.env)
         self.groups.append(proc)
         for original, port in self.ports.items():
-            if original in wait or re.search(rf"\b{port}\b", script):
+            if (original in wait) if wait is not None else re.search(rf"\b{port}\b", script):
                 try:
                     wait_port(port, timeout=30, proc=proc)
                 except BaseException:
