@@ -30,7 +30,8 @@ settings.load_profile(os.environ.get(FUZZ_ENV) or "quick")
 
 LONG_FIRST = ("test_slurm_endings.py", "test_cluster.py", "test_autobahn.py", "test_fuzz.py",
               "test_redis_store.py", "test_demo_desktop.py", "test_novnc_browser.py",
-              "test_command_services.py", "test_slurm_sessions.py", "test_slurm_desktop.py")
+              "test_command_services.py", "test_slurm_sessions.py", "test_slurm_desktop.py",
+              "test_packaging.py")
 """Modules whose tests take seconds each: started first, so that the four workers end
 together instead of one finishing a long test alone (about 10 s of the suite's time)."""
 
