@@ -36,9 +36,9 @@ def render_overview(figures: dict[str, Any], view: View = View()) -> str:
     scope = (f"<span class='scope'>this node ({html.escape(view.node)}):</span>"
              if view.node else "")
     return (
-        "<p class='overview'>"
+        f"<p class='overview'>{scope}"
         f"<span>version <b>{html.escape(str(figures['version']))}</b></span>"
-        f"<span>up <b>{_age(figures['uptime'])}</b></span>{scope}"
+        f"<span>up <b>{_age(figures['uptime'])}</b></span>"
         f"<span>tunnels open <b>{figures['tunnels_open']:.0f}</b> "
         "<small>(basic mode and reserved)</small></span>"
         f"<span>tunnels since start <b>{figures['tunnels_total']:.0f}</b></span>"
