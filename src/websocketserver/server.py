@@ -31,10 +31,10 @@ from .metrics import Metrics
 from .sessions.reservations import MemoryStore, ReservationStore
 from .sessions.services import ServiceManager
 from .settings import Settings, SettingsError
-from .startup import log_startup, program_name
+from .startup import listen_error, log_startup, program_name
 from .tasks import Tasks
 from .websocket_port.gateway import WebSocketGateway
-from .websocket_port.relay import RelayPool
+from .websocket_port.relay import RelayPool, listening_sockets
 
 if TYPE_CHECKING:
     from .cluster.membership import Cluster
@@ -129,8 +129,7 @@ class Server:
         try:
             addresses = await listen(port, context)
         except OSError as exc:
-            raise SettingsError(f"cannot listen on {name} port {port}: "
-                                f"{exc.strerror or exc}") from None
+            raise SettingsError(listen_error(name, port, exc)) from None
         for address in addresses:
             log.debug("listening for %s%s on %s:%s", name, "s" if context else "", *address[:2])
 
@@ -204,9 +203,15 @@ def _serve_process(settings: Settings) -> int:
         loop_factory = uvloop.new_event_loop
     except ImportError:  # uvloop is not available on Windows
         loop_factory = None
-    relays = (RelayPool.fork(settings, settings.relay_processes)
-              if _relaying(settings) else None)
-    if relays is not None:
+    relays = None
+    if _relaying(settings):  # the relays accept on the port: it is opened before they fork
+        try:
+            listeners = listening_sockets(settings.listen_address, settings.ws_port)
+        except OSError as exc:
+            print(f"{program_name(sys.argv[0])}: error: "
+                  f"{listen_error('ws', settings.ws_port, exc)}", file=sys.stderr)
+            return 1
+        relays = RelayPool.fork(settings, settings.relay_processes, listeners)
         processes.spare(relays.pids)  # not a session's: a lapsed lease leaves them
     try:
         with asyncio.Runner(loop_factory=loop_factory) as runner:

@@ -29,13 +29,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..core.errors import Refused
-from ..core.protocol import UpgradeRequest
+from ..core.protocol import FORWARD_HEADER, UpgradeRequest
 from ..core.upstream import HIGH_WATER
 from ..websocket_port import backend
 
 log = logging.getLogger("websocketserver.forward")
 
-FORWARD_HEADER = "X-Websocketserver-Forward"
 CLIENT_HEADER = "X-Websocketserver-Client"
 USER_HEADER = "X-Websocketserver-User"
 _OURS = {FORWARD_HEADER.lower(), CLIENT_HEADER.lower(), USER_HEADER.lower()}

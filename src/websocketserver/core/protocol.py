@@ -28,8 +28,11 @@ from ..startup import host_name, is_loopback
 from .errors import Refused
 
 _NO_QUERY: MultiDictProxy[str] = MultiDictProxy(MultiDict())
-_FORWARD_HEADER = "X-Websocketserver-Forward"  # forward.FORWARD_HEADER (which imports this)
 
+
+FORWARD_HEADER = "X-Websocketserver-Forward"
+"""Marks a websocket that another cluster instance forwarded, signed
+(:mod:`~..cluster.forward`): served by the process that owns the sessions."""
 
 @dataclass(frozen=True, slots=True)
 class UpgradeRequest:
@@ -94,7 +97,7 @@ def decide(request: UpgradeRequest, policy: Policy) -> Accept | Refused:
         return refusal
     if request.version == "1.1" and len(headers.getall("Host", ())) != 1:
         return Refused(400, "an HTTP/1.1 request needs one Host header")
-    if _FORWARD_HEADER not in headers:  # a forward's signature is checked instead: its
+    if FORWARD_HEADER not in headers:  # a forward's signature is checked instead: its
         refusal = host_refusal(headers.get("Host"), policy.hosts)  # Host is the browser's
         if refusal is not None:  # to the forwarding instance, which checked it
             return refusal
