@@ -11,6 +11,13 @@ a front end's access log.
 
 from __future__ import annotations
 
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,8 +26,15 @@ from playwright.sync_api import Browser, Error, expect
 
 from e2e.conftest import CHROMIUM_ARGS
 from e2e.runbook import Runbook, Workspace, runbooks
-from e2e.vnc_support import CHROMIUM, TIMEOUT_MS, expect_canvas_color, require_novnc
-from support import ROOT
+from e2e.vnc_support import (
+    CHROMIUM,
+    TIMEOUT_MS,
+    expect_canvas_color,
+    new_context,
+    require,
+    require_novnc,
+)
+from support import EXAMPLES, ROOT, free_port, wait_port, wait_until
 
 DOCS = ROOT / "docs"
 
@@ -41,8 +55,9 @@ def workspace(tmp_path: Path) -> Iterator[Workspace]:
 def test_the_howtos_have_their_blocks() -> None:
     """The markers are there: removing one must not make the other tests vacuous."""
     found = {name: {kind: len(blocks) for kind, blocks in howto(name).blocks.items()}
-             for name in ("tls",)}
-    assert found == {"tls": {"call": 4, "run": 1, "open": 1}}
+             for name in ("tls", "haproxy")}
+    assert found == {"tls": {"call": 4, "run": 1, "open": 1},
+                     "haproxy": {"run": 2, "call": 1, "open": 1}}
 
 
 def test_tls_trusted_through_a_new_nss_database(chromium: Browser,
@@ -89,3 +104,96 @@ def test_tls_trusted_through_a_new_nss_database(chromium: Browser,
     assert "websocketserver" not in listed
 
 
+
+
+def test_haproxy_on_one_machine(chromium: Browser, workspace: Workspace) -> None:
+    """docs/howto-haproxy.md's one machine: Redis, two instances and HAProxy with
+    deploy/haproxy-local.cfg; the demo page through HAProxy echoes a line, HAProxy
+    sent requests to both loopback instances, and its log holds no token."""
+    require("redis-server", "openssl", "curl", paths=(Path("/usr/sbin/haproxy"),))
+    steps = howto("haproxy")
+    instances, proxy = steps.blocks["run"]
+    [reserve] = steps.blocks["call"]
+    [url] = steps.blocks["open"]
+    workspace.run(instances)
+    workspace.run(proxy, wait=("8080", "9090"))
+    token = json.loads(workspace.call(reserve))["token"]
+    context = new_context(chromium)
+    try:
+        page = context.new_page()
+        page.goto(workspace.url(url, token))
+        expect(page.locator("#state")).to_have_text("open")
+        page.fill("#text", "hello, haproxy")
+        page.press("#text", "Enter")
+        expect(page.locator("#log")).to_contain_text("hello, haproxy")
+    finally:
+        context.close()
+    log = wait_until(lambda: "GET /websockify" in (text := workspace.logs[1].read_text())
+                     and text)
+    assert "websocketserver_http/node1 " in log and "websocketserver_http/node2 " in log, log
+    assert '"GET /v1/events/- HTTP/1.1"' in log, log  # the page follows its session
+    assert token not in log and "token=" not in log, log
+
+
+def test_haproxy_local_is_the_recipe_on_loopback() -> None:
+    """deploy/haproxy-local.cfg may differ from deploy/haproxy.cfg only in what makes it
+    local (global, bind and server lines, comments): the rest must not drift."""
+
+    def recipe(path: Path) -> list[str]:
+        kept, section = [], ""
+        for line in path.read_text().splitlines():
+            if line and not line[0].isspace() and not line.startswith("#"):
+                section = line
+            words = line.split()
+            if (section != "global" and words and not words[0].startswith("#")
+                    and words[0] not in ("bind", "server")):
+                kept.append(line)
+        return kept
+
+    local = recipe(ROOT / "deploy" / "haproxy-local.cfg")
+    assert local == recipe(ROOT / "deploy" / "haproxy.cfg")
+    assert len(local) > 20
+
+
+def test_the_systemd_unit_verifies_and_its_command_runs(tmp_path: Path) -> None:
+    """deploy/websocketserver.service: ``systemd-analyze verify`` finds nothing to say
+    (an unknown key is only a warning, so any output fails), with its ExecStart at this
+    checkout's venv; and that command, its production paths and ports swapped for
+    scratch ones, starts on loopback, answers /v1/health and stops cleanly on
+    SIGTERM, as systemd would stop it."""
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze missing (Debian package systemd)")
+    unit = (ROOT / "deploy" / "websocketserver.service").read_text()
+    venv_binary = "/opt/websocketserver/.venv/bin/websocketserver"
+    assert venv_binary in unit
+    local = tmp_path / "websocketserver.service"
+    local.write_text(unit.replace(venv_binary, str(ROOT / ".venv" / "bin" / "websocketserver")))
+    verify = subprocess.run([analyze, "verify", str(local)], capture_output=True, text=True,
+                            timeout=30)
+    assert (verify.returncode, verify.stdout + verify.stderr) == (0, "")
+
+    command = re.search(r"^ExecStart=((?:.*\\\n)*.*)$", unit, re.MULTILINE)
+    assert command is not None
+    argv = shlex.split(command.group(1).replace("\\\n", " "))
+    http_port, ws_port = free_port(), free_port()
+    www = tmp_path / "www"
+    www.mkdir()
+    swaps = {venv_binary: str(ROOT / ".venv" / "bin" / "websocketserver"),
+             "/srv/websocketserver/www": str(www),
+             "/etc/websocketserver/services.json": str(EXAMPLES / "desktop_services.json"),
+             "9090": str(http_port), "8080": str(ws_port)}
+    assert set(swaps) <= set(argv), argv
+    env = {**os.environ, "WEBSOCKETSERVER_SECURITY_TOKEN": "unit-secret"}
+    with open(tmp_path / "server.log", "wb") as log:
+        proc = subprocess.Popen([swaps.get(arg, arg) for arg in argv], env=env, stdout=log,
+                                stderr=subprocess.STDOUT, cwd=tmp_path)
+    try:
+        wait_port(ws_port, proc=proc)
+        wait_port(http_port, proc=proc)
+        with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/v1/health",
+                                    timeout=10) as answer:
+            assert answer.status == 200
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=30) == 0, (tmp_path / "server.log").read_text()
