@@ -33,7 +33,6 @@ from types import TracebackType
 from typing import Any, TextIO, TypeAlias
 from urllib.parse import quote, urlsplit
 
-
 from .settings import Settings
 
 REDACTED = "***"
