@@ -21,10 +21,13 @@ Common options (all optional):
     ``#3366cc``). A reservation may set its own: ``/v1/reserve/desktop?color=red``.
 
 Each instance is this file run as a program: it starts Xvfb, waits until Xvfb is
-ready, paints the root window with ``xsetroot`` and then becomes ``x11vnc``, with
-Xvfb as its child (which gets SIGTERM should x11vnc die). Stopping the instance
-ends the whole process tree, so both go. Run by hand, it serves one desktop for
-basic mode (``--client_port 5900``)::
+ready, paints the root window with ``xsetroot``, starts a clock in its lower right
+corner and then becomes ``x11vnc``, with Xvfb and the clock as its children (which get
+SIGTERM should x11vnc die). The clock is there so that a live desktop can be told from
+a frozen view, which one flat colour cannot; it is small, so the desktop is still its
+colour almost everywhere (without Python's ``tkinter`` there is no clock). Stopping the
+instance ends the whole process tree, so all three go. Run by hand, it serves one
+desktop for basic mode (``--client_port 5900``)::
 
     python desktop_session.py --size 1024x768 --color orange 5900
 
@@ -111,6 +114,38 @@ def _read_line(fd: int, deadline: float) -> bytes:
     return data
 
 
+def start_clock(display: int) -> None:
+    """Show the time, to the second, in the lower right corner of ``:display``, from a
+    child process named ``clock`` (it ends with the display or with its parent)."""
+    try:
+        import tkinter
+    except ImportError as exc:  # e.g. a node without python3-tk: a desktop all the same
+        print(f"desktop_session: no clock on the desktop: {exc}", file=sys.stderr)
+        return
+    if os.fork() != 0:
+        return
+    try:
+        _die_with_parent()
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None).prctl(15, b"clock", 0, 0, 0)  # PR_SET_NAME: ps shows "clock"
+        root = tkinter.Tk(screenName=f":{display}", className="clock")
+        root.overrideredirect(True)  # no window manager: just a box of the time
+        label = tkinter.Label(root, font=("TkFixedFont", 12), fg="white", bg="black")
+        label.pack()
+
+        def tick() -> None:
+            label.configure(text=time.strftime(" %H:%M:%S "))
+            root.after(1000 - int(time.time() * 1000) % 1000, tick)
+
+        tick()
+        root.geometry("-0-0")
+        root.mainloop()
+    except Exception as exc:  # the clock's end is never the desktop's
+        print(f"desktop_session: clock: {exc}", file=sys.stderr)
+    finally:
+        os._exit(0)
+
+
 def start_xvfb(display: int, size: str, timeout: float = XVFB_TIMEOUT
                ) -> tuple[subprocess.Popen[bytes], int]:
     """Start Xvfb on ``:display`` (or a free display if taken); return it and its number.
@@ -166,6 +201,7 @@ def main(argv: list[str] | None = None) -> None:
                        stdin=subprocess.DEVNULL, timeout=30, check=True)
     except (OSError, subprocess.SubprocessError) as exc:  # a plain desktop will do
         print(f"desktop_session: cannot paint the desktop: {exc}", file=sys.stderr)
+    start_clock(display)
     where = ["-allow", args.allow] if args.allow else ["-localhost"]
     login = ["-rfbauth", args.rfbauth] if args.rfbauth else ["-nopw"]
     try:

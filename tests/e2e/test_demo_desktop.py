@@ -9,16 +9,19 @@ reserved the token and the server has a security token the page never sees.
 
 from __future__ import annotations
 
+import io
 import re
 import shutil
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psutil
 import pytest
+from PIL import Image
 from playwright.sync_api import Browser, BrowserContext, Page, expect
 
 from e2e.vnc_support import (
@@ -36,6 +39,7 @@ from e2e.vnc_support import (
 from support import ROOT, ServerProcess, free_port, wait_port, wait_until
 
 GRACE = "60"  # a websocket's end alone would keep the desktop this long
+DESKTOP = ["Xvfb", "clock", "x11vnc"]  # an instance's processes (sorted)
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +75,22 @@ def shows_desktop(page: Page, url: str, artifact: str, status: bool = True) -> N
     expect_canvas_color(page, color, artifact)
 
 
+def corner(page: Page) -> bytes:
+    """The lower right corner of noVNC's canvas (a tenth of its width), as pixels."""
+    image = Image.open(io.BytesIO(page.locator("#screen canvas").screenshot()))
+    width, height = image.size
+    return image.crop((width * 9 // 10, height * 9 // 10, width, height)).tobytes()
+
+
+def expect_clock_ticking(page: Page) -> None:
+    """The example desktop's clock changes the corner every second: a live view."""
+    first = corner(page)
+    deadline = time.monotonic() + 5
+    while corner(page) == first:
+        assert time.monotonic() < deadline, "the desktop's corner did not change in 5 s"
+        time.sleep(0.2)
+
+
 def test_demo_desktop_shows_a_reserved_desktop(context: BrowserContext) -> None:
     """The demo program: the printed page shows the desktop; Ctrl-C leaves nothing."""
     ws_port, http_port = free_port(), free_port()
@@ -86,12 +106,13 @@ def test_demo_desktop_shows_a_reserved_desktop(context: BrowserContext) -> None:
         wait_port(http_port, proc=demo)
         page = context.new_page()
         shows_desktop(page, match.group(1), "demo-desktop.png")
+        expect_clock_ticking(page)
         below = psutil.Process(demo.pid).children(recursive=True)
-        assert {"Xvfb", "x11vnc"} <= {p.name() for p in below}
+        assert set(DESKTOP) <= {p.name() for p in below}
         page.goto("about:blank")  # leaving the page releases the desktop
-        wait_until(lambda: not {"Xvfb", "x11vnc"} & {p.name() for p in below
-                                                      if p.is_running()
-                                                      and p.status() != psutil.STATUS_ZOMBIE},
+        wait_until(lambda: not set(DESKTOP) & {p.name() for p in below
+                                               if p.is_running()
+                                               and p.status() != psutil.STATUS_ZOMBIE},
                    timeout=20)
     finally:
         demo.send_signal(signal.SIGINT)  # Ctrl-C
@@ -113,7 +134,7 @@ def test_embed_page_releases_when_left(context: BrowserContext, site: Path,
     page = context.new_page()
     shows_desktop(page, server.url(f"/embed.html?{query}", auth=False),
                   f"embed-{'backend' if backend_reserves else 'page'}.png")
-    assert instance_processes(server) == ["Xvfb", "x11vnc"]
+    assert instance_processes(server) == DESKTOP
     [instance] = instances(server)
     assert instance["state"] == "active"
     page.goto("about:blank")
@@ -135,6 +156,6 @@ def test_docs_embedding_snippet(context: BrowserContext, site: Path,
     page = context.new_page()
     shows_desktop(page, server.url("/snippet.html", auth=False), "embed-snippet.png",
                   status=False)
-    assert instance_processes(server) == ["Xvfb", "x11vnc"]
+    assert instance_processes(server) == DESKTOP
     page.goto("about:blank")
     wait_until(lambda: instances(server) == [], timeout=10)
