@@ -1,4 +1,5 @@
-"""`scripts/demo --desktop` and its embedding page, in headless Chromium.
+"""`scripts/demo --desktop` and its embedding page, in headless Chromium (and what the
+demo's own page, index.html, says it is connected to).
 
 The demo reserves the example desktop (Xvfb + x11vnc) from ``demo/www/embed.html``
 and shows it with noVNC's RFB: the canvas must show the desktop's colour. Leaving the
@@ -159,3 +160,20 @@ def test_docs_embedding_snippet(context: BrowserContext, site: Path,
     assert instance_processes(server) == DESKTOP
     page.goto("about:blank")
     wait_until(lambda: instances(server) == [], timeout=10)
+
+
+def test_the_demo_page_names_what_it_is_connected_to(
+        context: BrowserContext, start_server: Callable[..., ServerProcess]) -> None:
+    """index.html: a reserved session's service by name (the echo service here), else
+    the basic-mode backend, which is the demo's ticker only when scripts/demo runs it."""
+    server = start_server("--remote_session_config", str(DESKTOP_CONFIG))
+    status, body = server.get_json("/v1/reserve/echo")
+    assert status == 200, body
+    page = context.new_page()
+    page.goto(server.url(f"/index.html?port={server.ws_port}&token={body['token']}",
+                         auth=False))
+    expect(page.locator("#backend")).to_have_text("service echo, instance 0")
+    page.goto(server.url(f"/index.html?port={server.ws_port}", auth=False))
+    expect(page.locator("#backend")).to_contain_text("the server's --client_port (basic "
+                                                     "mode; from scripts/demo: the demo's "
+                                                     "ticker")
