@@ -7,9 +7,9 @@ websocket. Ctrl-C stops both.
 ``python demo/run.py --desktop``: the server with the example desktop service
 (Xvfb + x11vnc, ``examples/desktop_services.json``) and a noVNC page,
 ``demo/www/embed.html``, that reserves a desktop, shows it and releases it when the
-page is left. Needs Xvfb, x11vnc and xsetroot, and noVNC's library (the npm package
-``@novnc/novnc``): taken from ``.test-deps/`` or ``$NOVNC_DIR``, else installed there
-with npm.
+page is left. Needs Xvfb, x11vnc and xsetroot (and tkinter for the desktop's clock),
+and noVNC's library (the npm package ``@novnc/novnc``): taken from ``.test-deps/`` or
+``$NOVNC_DIR``, else installed there with npm.
 """
 
 from __future__ import annotations
