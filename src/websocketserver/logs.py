@@ -33,6 +33,8 @@ from types import TracebackType
 from typing import Any, TextIO, TypeAlias
 from urllib.parse import quote, urlsplit
 
+from aiohttp.http_exceptions import HttpProcessingError
+
 from .settings import Settings
 
 REDACTED = "***"
@@ -221,16 +223,12 @@ class _ClientError(logging.Filter):
     A handler's own exception (a 500) stays an error with its traceback."""
 
     def __init__(self, level: int) -> None:
-        # imported here: the relay processes' hot path imports this module, not aiohttp
-        from aiohttp.http_exceptions import HttpProcessingError
-
         super().__init__()
         self.level = level
-        self._errors = HttpProcessingError
 
     def filter(self, record: logging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None
-        if isinstance(error, self._errors):
+        if isinstance(error, HttpProcessingError):
             reason = _PARSER_REASON.match(error.message)
             detail = f": {reason.group(1)}" if reason else ""
             record.msg = f"{record.getMessage()}: {type(error).__name__}{detail}"

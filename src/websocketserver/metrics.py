@@ -8,8 +8,7 @@ when the page is scraped, so the tunnel's hot path pays nothing for them.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Protocol
 
 from prometheus_client import (
@@ -32,22 +31,10 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 class Carrier(Protocol):
-    """A tunnel as metrics see it (a :class:`~.tunnel.Tunnel`, not imported here: the
-    websocket port depends on the metrics, not the other way round)."""
+    """A tunnel as metrics see it: a :class:`~.tunnel.Tunnel` in this process, or a
+    relay process's tunnel seen from the main one (its bytes come when it ends)."""
 
     stats: TunnelStats
-
-
-@dataclass(frozen=True)
-class Tally:
-    """What other processes (the relays) counted so far, as totals since they started."""
-
-    upgrades: int = 0  # websockets answered 101
-    opened: int = 0  # tunnels whose backend connected
-    open: int = 0  # of which still open
-    bytes_up: int = 0  # carried by the closed ones
-    bytes_down: int = 0
-    refusals: dict[int, int] = field(default_factory=dict)  # by HTTP status
 
 
 class Metrics:
@@ -55,16 +42,13 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        self._sources: list[tuple[Callable[[], Tally], list[Tally]]] = []
-        self._remote_open = 0
-        self.registry.register(_Follow(self))  # first: the counters below are then current
         self._open: set[Carrier] = set()
         self._closed_bytes = {"up": 0, "down": 0}
         self.tunnels_total = Counter("websocketserver_tunnels", "Tunnels opened",
                                      registry=self.registry)
         self.tunnels_open = Gauge("websocketserver_tunnels_open", "Tunnels open now",
                                   registry=self.registry)
-        self.tunnels_open.set_function(lambda: len(self._open) + self._remote_open)
+        self.tunnels_open.set_function(lambda: len(self._open))
         self.reservations = Gauge("websocketserver_reservations", "Reservations by state",
                                   ["service", "state"], registry=self.registry)
         self.service_starts = Counter("websocketserver_service_starts",
@@ -106,27 +90,6 @@ class Metrics:
         self._closed_bytes["up"] += tunnel.stats.bytes_up
         self._closed_bytes["down"] += tunnel.stats.bytes_down
 
-    def follow(self, source: Callable[[], Tally]) -> None:
-        """Add what ``source`` counts elsewhere to these metrics, read at each scrape."""
-        self._sources.append((source, [Tally()]))
-
-    def _catch_up(self) -> None:
-        """Count what the followed sources counted since the last scrape."""
-        self._remote_open = 0
-        for source, seen in self._sources:
-            now, before = source(), seen[0]
-            seen[0] = now
-            self.tunnels_total.inc(now.opened - before.opened)
-            self._remote_open += now.open
-            self._closed_bytes["up"] += now.bytes_up - before.bytes_up
-            self._closed_bytes["down"] += now.bytes_down - before.bytes_down
-            if now.upgrades != before.upgrades:
-                self.http_requests.labels("ws", "101").inc(now.upgrades - before.upgrades)
-            for status, count in now.refusals.items():
-                if count != before.refusals.get(status, 0):
-                    self.http_requests.labels("ws", str(status)).inc(
-                        count - before.refusals.get(status, 0))
-
     def bytes_total(self) -> dict[str, int]:
         """Bytes carried by every tunnel so far, closed and open, per direction."""
         totals = dict(self._closed_bytes)
@@ -154,21 +117,6 @@ class Metrics:
         for (name, state), count in counts.items():
             self.reservations.labels(name, str(state)).set(count)
         return generate_latest(self.registry)
-
-
-class _Follow:
-    """Brings the followed sources in at every collection, before the counters are
-    read (registered first, so collected first)."""
-
-    def __init__(self, metrics: Metrics) -> None:
-        self._metrics = metrics
-
-    def describe(self) -> Iterable[CounterMetricFamily]:
-        return ()
-
-    def collect(self) -> Iterable[CounterMetricFamily]:
-        self._metrics._catch_up()
-        return ()
 
 
 class _BytesCollector:

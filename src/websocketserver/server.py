@@ -34,7 +34,7 @@ from .settings import Settings, SettingsError
 from .startup import listen_error, log_startup, program_name
 from .tasks import Tasks
 from .websocket_port.gateway import WebSocketGateway
-from .websocket_port.relay import RelayPool, listening_sockets
+from .websocket_port.relay import RelayPool
 
 if TYPE_CHECKING:
     from .cluster.membership import Cluster
@@ -203,15 +203,9 @@ def _serve_process(settings: Settings) -> int:
         loop_factory = uvloop.new_event_loop
     except ImportError:  # uvloop is not available on Windows
         loop_factory = None
-    relays = None
-    if _relaying(settings):  # the relays accept on the port: it is opened before they fork
-        try:
-            listeners = listening_sockets(settings.listen_address, settings.ws_port)
-        except OSError as exc:
-            print(f"{program_name(sys.argv[0])}: error: "
-                  f"{listen_error('ws', settings.ws_port, exc)}", file=sys.stderr)
-            return 1
-        relays = RelayPool.fork(settings, settings.relay_processes, listeners)
+    relays = (RelayPool.fork(settings, settings.relay_processes)
+              if _relaying(settings) else None)
+    if relays is not None:
         processes.spare(relays.pids)  # not a session's: a lapsed lease leaves them
     try:
         with asyncio.Runner(loop_factory=loop_factory) as runner:

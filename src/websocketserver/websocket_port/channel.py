@@ -15,11 +15,29 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 
-class Adopt(NamedTuple):
-    """Relay -> main: serve this connection (its socket travels as the descriptor);
-    ``data``: what it sent so far, its request head and what followed."""
+class HandOver(NamedTuple):
+    """Main -> relay: adopt this websocket (its socket travels as the descriptor)."""
 
-    data: bytes
+    tunnel_id: int
+    key: bytes  # the checked Sec-WebSocket-Key
+    binary: bool  # answer the "binary" subprotocol
+    tail: bytes  # what the browser sent after its request
+    peer: str  # the client address the limits counted
+
+
+class Opened(NamedTuple):
+    """Relay -> main: the tunnel's backend is connected."""
+
+    tunnel_id: int
+    target: str
+
+
+class Ended(NamedTuple):
+    """Relay -> main: the tunnel relays nothing more (its slot is free)."""
+
+    tunnel_id: int
+    bytes_up: int
+    bytes_down: int
 
 
 class Stop(NamedTuple):
@@ -28,11 +46,12 @@ class Stop(NamedTuple):
     reason: str
 
 
-Message = Adopt | Stop
-_KINDS: tuple[type[Message], ...] = (Adopt, Stop)
+Message = HandOver | Opened | Ended | Stop
+_KINDS: tuple[type[Message], ...] = (HandOver, Opened, Ended, Stop)
 _TAGS = {kind: tag for tag, kind in enumerate(_KINDS)}
 """On the wire a message is a plain tuple, its kind's tag first: pickling a tuple
-costs a microsecond, a class instance eight."""
+costs a microsecond, a class instance eight (three messages a tunnel, see the
+tunnels/s row of the benchmark)."""
 
 
 def encode(message: Message) -> bytes:
@@ -45,9 +64,9 @@ def decode(data: bytes) -> Message:
     return message
 
 
-MAX_MESSAGE = 128 * 1024
-"""Largest message on a channel: a request head (at most 4 x ``--max_header_size``)
-and what came with it; a client that sent more before its ``101`` is refused."""
+MAX_MESSAGE = 64 * 1024
+"""Largest message on a channel; a hand-over with a longer tail stays in the main
+process (a tail is what a client sent after its request, before the ``101``)."""
 
 class Channel:
     """One end of a ``SOCK_SEQPACKET`` pair: whole messages, optionally with file

@@ -9,11 +9,9 @@ Each connection goes through two protocols:
 1. :class:`~.handshake.Handshake` reads the upgrade request, and
    :func:`~.protocol.decide` judges it; a request that cannot be served is refused
    before the upgrade with an HTTP status and a JSON reason.
-2. An accepted one is handed to picows (:mod:`.live`), which answers ``101`` and
-   from then on parses frames in C for the :class:`~.tunnel.Tunnel`.
-
-With relay processes (:mod:`.relay`) this process does not accept on the port: the
-relays do, serve basic mode themselves and pass the connections of sessions here.
+2. An accepted one is handed to picows (:mod:`.tunnels`), which answers ``101`` and
+   from then on parses frames in C for the :class:`~.tunnel.Tunnel`. A basic-mode
+   one goes to a relay process instead, which does the same there (:mod:`.relay`).
 
 Failures after the upgrade close the websocket with a code and a reason that the
 page's ``CloseEvent.reason`` shows.
@@ -24,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import socket
 import ssl
 import time
 from collections.abc import AsyncIterator, Callable
@@ -51,7 +48,7 @@ from .live import LiveTunnels, answer_upgrade, websocket_protocol
 from .relay import RelayPool
 from .rfb_filter import RfbFilter
 from .tunnel import Tunnel
-from .tunnel_limits import Limits, TunnelLimits
+from .tunnel_limits import TunnelLimits
 
 if TYPE_CHECKING:  # loaded for a cluster only (redis-py costs ~80 ms at every start)
     from ..cluster.membership import Cluster
@@ -99,7 +96,7 @@ class _Websocket:
 class WebSocketGateway:
     """The websocket port: its listener, the decisions on upgrades, the live tunnels.
 
-    ``relays``: the relay processes that accept on the port (``None``: none running).
+    ``relays``: hand basic-mode tunnels to relay processes (``None``: none running).
     ``cluster``: this instance's cluster, whose other instances a websocket may be
     forwarded to, or come forwarded from (``None``: one server).
     """
@@ -111,14 +108,13 @@ class WebSocketGateway:
         self.cluster = cluster
         self.services = services
         self.identity = identity
-        self.limits: Limits = relays.limits if relays is not None else TunnelLimits(
-            settings.max_tunnels, settings.max_tunnels_per_client, settings.max_tunnels_per_user)
+        self.limits = TunnelLimits(settings.max_tunnels, settings.max_tunnels_per_client,
+                                   settings.max_tunnels_per_user)
         self.live = LiveTunnels(settings, metrics.tunnel_opened, metrics.tunnel_closed)
         self.relays = relays
         if relays is not None:
-            relays.attach(metrics, self.adopt, lambda: self.live.spawn(
-                self._accept_here(relays.listeners), "accepting after the relays"))
-        self._servers: list[asyncio.Server] = []
+            relays.attach(self.limits, metrics)
+        self._server: asyncio.Server | None = None
         self._requests = metrics.http_requests
         self._upgrades = self._requests.labels("ws", "101")
         self._refusals: dict[int, Counter] = {}
@@ -130,47 +126,14 @@ class WebSocketGateway:
         return self.live.tunnels
 
     async def listen(self, port: int, context: ssl.SSLContext | None) -> list[tuple[str, int]]:
-        """Listen on ``port`` (TLS with ``context``); the addresses listened on. With
-        relays, they listen on the port (opened before they were forked)."""
-        if self.relays is not None:
-            if not self.relays.accepting:  # every relay died while starting
-                await self._accept_here(self.relays.listeners)
-            return [sock.getsockname()[:2] for sock in self.relays.listeners]
+        """Listen on ``port`` (TLS with ``context``); the addresses listened on."""
         settings = self.settings
-        server = await asyncio.get_running_loop().create_server(
-            self._handshake, settings.listen_address, port, ssl=context, backlog=1024,
-            reuse_address=True,
+        self._server = await asyncio.get_running_loop().create_server(
+            lambda: Handshake(settings.max_header_size, settings.handshake_timeout,
+                              self.upgrade, self.refuse),
+            settings.listen_address, port, ssl=context, backlog=1024, reuse_address=True,
             ssl_handshake_timeout=settings.handshake_timeout if context else None)
-        self._servers.append(server)
-        return [sock.getsockname()[:2] for sock in server.sockets]
-
-    async def _accept_here(self, listeners: list[socket.socket]) -> None:
-        """Accept on the relays' sockets in this process (when no relay is left)."""
-        if self.live.closing or self._servers:
-            return
-        loop = asyncio.get_running_loop()
-        for sock in listeners:
-            self._servers.append(await loop.create_server(self._handshake, sock=sock,
-                                                          backlog=1024))
-
-    def _handshake(self) -> Handshake:
-        settings = self.settings
-        return Handshake(settings.max_header_size, settings.handshake_timeout, self.upgrade,
-                         self.refuse)
-
-    def adopt(self, sock: socket.socket, data: bytes) -> None:
-        """Serve a connection a relay accepted and passed on, with what it read."""
-        async def read_again() -> None:
-            handshake = self._handshake()
-            try:
-                await asyncio.get_running_loop().connect_accepted_socket(lambda: handshake,
-                                                                         sock)
-            except OSError:
-                sock.close()
-                return
-            handshake.data_received(data)
-
-        self.live.spawn(read_again(), "connection from a relay")
+        return [sock.getsockname()[:2] for sock in self._server.sockets]
 
     # -- deciding on an upgrade request ---------------------------------------------
 
@@ -239,7 +202,7 @@ class WebSocketGateway:
         """Relay the websocket, bytes both ways, to ``node``, which runs its session."""
         assert self.cluster is not None
         try:
-            self.limits.acquire(client, user)
+            self._acquire(client, user)
         except Refused as exc:
             self.refuse(transport, exc)
             return
@@ -271,14 +234,13 @@ class WebSocketGateway:
             client = self.identity.client_address(request)
             user = self.identity.user(request)
         try:
-            self.limits.acquire(client, user)
+            self._acquire(client, user)
         except Refused as exc:
             self.refuse(transport, exc)
             return False
         self._upgrades.inc()
-        if accept.token is None:
-            self.live.accept_basic(transport, accept, tail, client,
-                                   lambda: self.limits.release(client, user))
+        if accept.token is None and self.relays is not None and self.relays.hand_over(
+                transport, accept.key, accept.binary, tail, client, user):
             return True
         tunnel = self.live.tunnel(client)
         job = isinstance(claimed, Reservation) and self.services.services[
@@ -287,7 +249,10 @@ class WebSocketGateway:
         protocol.connection_made(transport)
         transport.set_protocol(protocol)
         answer_upgrade(protocol, accept.key, tail)
-        if isinstance(claimed, Viewing):
+        if accept.token is None:
+            self.live.spawn(self.live.basic(tunnel, lambda: self.limits.release(client, user)),
+                            f"tunnel from {client}")
+        elif isinstance(claimed, Viewing):
             self.live.spawn(self._viewer_tunnel(tunnel, client, user, claimed),
                             f"{claimed.session.id} viewer from {client}")
         else:  # claimed by _upgrade_token
@@ -295,6 +260,16 @@ class WebSocketGateway:
             self.live.spawn(self._service_tunnel(tunnel, client, user, claimed),
                             f"{claimed.service}[{claimed.index}] tunnel from {client}")
         return True
+
+    def _acquire(self, client: str, user: str | None) -> None:
+        """Take the tunnel's slot in the limits, or raise :class:`~.errors.Refused`."""
+        try:
+            self.limits.acquire(client, user)
+        except Refused:
+            if self.relays is None:
+                raise
+            self.relays.receive()  # a relay may have freed one: its report is waiting
+            self.limits.acquire(client, user)
 
     # -- running a tunnel -----------------------------------------------------------
 
@@ -408,8 +383,8 @@ class WebSocketGateway:
     async def close(self, timeout: float) -> None:
         """Stop listening, refuse new upgrades, close every tunnel and wait for them."""
         self.live.closing = True
-        for server in self._servers:
-            server.close()
+        if self._server is not None:
+            self._server.close()
         waiting = [self.live.close(timeout)]
         if self.relays is not None:
             waiting.append(self.relays.close(timeout))

@@ -69,12 +69,6 @@ class Handshake(asyncio.Protocol):
         self._received = 0
         self._done = False
         self._timer: asyncio.TimerHandle | None = None
-        self._chunks: list[bytes] = []  # what was read, for a relay to pass it on
-
-    @property
-    def received(self) -> bytes:
-        """Every byte read so far: the request head and what followed it."""
-        return b"".join(self._chunks)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]  # a stream transport
@@ -113,7 +107,6 @@ class Handshake(asyncio.Protocol):
             return
         transport = self._transport
         assert transport is not None and self._timer is not None
-        self._chunks.append(data)
         try:
             tail = self._feed(data)
             if not self._complete:

@@ -18,7 +18,6 @@ from picows import WSAutoPingStrategy, WSCloseCode, WSUpgradeResponse, WSUpgrade
 from picows.picows import WSProtocol  # type: ignore[attr-defined]  # not in its stub
 
 from ..core.errors import Close
-from ..core.protocol import Accept
 from ..core.upstream import UpstreamBudget
 from ..settings import Settings
 from ..tasks import Tasks
@@ -60,16 +59,6 @@ class LiveTunnels:
         """Run ``coroutine`` as a task that :meth:`close` waits for; if it fails, the
         error is logged with ``label`` (the connection it serves) and ends only it."""
         self._tasks.spawn(coroutine, label)
-
-    def accept_basic(self, transport: asyncio.Transport, accept: Accept, tail: bytes,
-                     client: str, released: Callable[[], None]) -> None:
-        """Answer a basic-mode upgrade (its limits taken) and run its tunnel."""
-        tunnel = self.tunnel(client)
-        protocol = websocket_protocol(tunnel, accept.binary, self.settings)
-        protocol.connection_made(transport)
-        transport.set_protocol(protocol)
-        answer_upgrade(protocol, accept.key, tail)
-        self.spawn(self.basic(tunnel, released), f"tunnel from {client}")
 
     async def basic(self, tunnel: Tunnel, released: Callable[[], None]) -> None:
         """Connect to ``--client_hostname:--client_port``; the task ends there, and the

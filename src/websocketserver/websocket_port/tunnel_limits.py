@@ -1,28 +1,14 @@
 """Tunnel limits: how many tunnels the whole server, one client address and one known
 user may hold at once (``--max_tunnels``, ``--max_tunnels_per_client``,
-``--max_tunnels_per_user``). Pure counting in one process; with relay processes the
-counts are shared instead (:class:`~.shared_counts.SharedLimits`, the same contract).
+``--max_tunnels_per_user``). Pure counting: the main process keeps the only counts,
+relay processes report their tunnels' ends to it, so the limits stay exact.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from typing import Protocol
 
 from ..core.errors import Refused
-
-
-class Limits(Protocol):
-    """What the websocket port needs of its limits (``tests/test_tunnel_limits.py``
-    holds both implementations to one contract)."""
-
-    @property
-    def total(self) -> int:
-        """Tunnels counted now."""
-
-    def acquire(self, client: str, user: str | None) -> None: ...
-
-    def release(self, client: str, user: str | None) -> None: ...
 
 
 class TunnelLimits:
