@@ -49,7 +49,7 @@ def check_reserved_desktop(browser: Browser, server: ServerProcess, color: str,
     try:
         page = context.new_page()
         show_desktop(page, server, f"websockify?token={token}", color, artifact)
-        assert instance_processes(server) == ["Xvfb", "x11vnc"]
+        assert instance_processes(server) == ["Xvfb", "clock", "x11vnc"]
         page.close()
         wait_until(lambda: instance_processes(server) == [], timeout=20)
         wait_until(lambda: instances(server, context=trust) == [], timeout=20)

@@ -63,7 +63,7 @@ def test_reload_shows_the_changed_desktop_again(
         page.close()
         wait_until(lambda: [i["state"] for i in instances(server)] == ["detached"],
                    timeout=20)
-        assert instance_processes(server) == ["Xvfb", "x11vnc"]
+        assert instance_processes(server) == ["Xvfb", "clock", "x11vnc"]
         assert server.get_json(f"/v1/release/{token}")[0] == 200
         wait_until(lambda: instance_processes(server) == [] and instances(server) == [],
                    timeout=20)

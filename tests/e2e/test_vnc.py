@@ -31,7 +31,7 @@ from e2e.vnc_support import (
 )
 from support import ServerProcess, StartServer, wait_until
 
-DESKTOP_PROCESSES = ["Xvfb", "x11vnc"]
+DESKTOP_PROCESSES = ["Xvfb", "clock", "x11vnc"]
 
 
 @pytest.fixture(autouse=True)
