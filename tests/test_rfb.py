@@ -49,6 +49,7 @@ from websocketserver.core.rfb import (
     ClientStream,
     Mode,
     Violation,
+    refusal,
 )
 
 VIEWABLE = {0, 2, 3, 150, 248}  # the message types a viewer's stream keeps
@@ -404,3 +405,14 @@ def test_each_dropped_type_is_counted_by_name() -> None:
     assert stream.feed(b"".join(sent)) == continuous_updates(1, 0, 0, 9, 9)
     assert stream.dropped == {"KeyEvent": 1, "PointerEvent": 1, "ClientCutText": 1,
                               "xvp": 1, "SetDesktopSize": 1, "gii": 1, "QEMU": 2}
+
+
+def test_a_refusal_answers_each_version_as_its_client_reads_it() -> None:
+    reason = "unknown or expired token"
+    body = struct.pack("!I", len(reason)) + reason.encode()
+    assert refusal(b"RFB 003.008\n", reason) == b"\x00" + body  # no security type
+    assert refusal(b"RFB 003.007\n", reason) == b"\x00" + body
+    assert refusal(b"RFB 003.003\n", reason) == b"\x00\x00\x00\x00" + body  # type 0
+    assert refusal(b"RFB 003.889\n", reason) is None  # not a version this proxy speaks
+    assert refusal(b"GET / HTTP/1", reason) is None
+    assert refusal(b"RFB 003.008\n", "é") == b"\x00\x00\x00\x00\x02" + "é".encode()

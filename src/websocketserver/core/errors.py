@@ -23,6 +23,7 @@ class Close(enum.IntEnum):
     INVALID_TEXT = 1007
     MESSAGE_TOO_BIG = 1009
     INTERNAL_ERROR = 1011
+    REFUSED = 4000  # plus the HTTP status the refusal would have had: 4404, 4409, ...
 
 
 @dataclass(frozen=True)
@@ -55,8 +56,21 @@ CLOSE_CODES = (
               "...`, `NAME did not start within N s`), its reservation ended meanwhile, or "
               "its backend could not be reached or was lost (`cannot connect to backend "
               "HOST:PORT: ...`); the reason says which"),
+    CloseCode(Close.REFUSED, "refused: 4000 + the HTTP status (4403, 4404, 4409, 4410)",
+              "a browser's websocket (one with an `Origin`) whose token was refused is "
+              "answered 101 and closed at once with 4000 + the HTTP status it would have "
+              "had and the same reason: 4404 `unknown or expired token`, 4403 a "
+              "reservation of another user, 4409 `token is already in use`, 4410 its "
+              "instance ended; for a server with an RFB service the reason comes first "
+              "as an RFB security failure, which stock noVNC shows (see "
+              "[refusals a page can show](#refusals-a-page-can-show))"),
 )
 """Every close code the server sends: what it means and when (docs/reference.md)."""
+
+
+def refused_close(status: int) -> int:
+    """The close code of a refusal with HTTP ``status`` after the upgrade."""
+    return Close.REFUSED + status
 
 
 def close_code_table() -> str:

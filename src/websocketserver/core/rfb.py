@@ -312,3 +312,22 @@ class ClientStream:
         if self._state == _AWAIT:  # a type of 0 or no types: the server refused
             self._state = _REFUSED
         return None
+
+
+SERVER_VERSION = b"RFB 003.008\n"
+"""What the proxy says first when it refuses an RFB page itself (see :func:`refusal`)."""
+
+
+def refusal(client_version: bytes, reason: str) -> bytes | None:
+    """The server's answer to ``client_version`` (the browser's 12 bytes) that refuses
+    the connection with ``reason``: no security type, then the reason (3.7 and 3.8),
+    or security type 0 and the reason (3.3). None: not an RFB version, no answer.
+
+    Stock noVNC shows a refusal's reason only when it comes this way ("New connection
+    has been rejected with reason: ..."); a websocket's close reason it does not show.
+    """
+    minor = VERSIONS.get(client_version)
+    if minor is None:
+        return None
+    text = reason.encode("utf-8")
+    return (b"\x00" if minor >= 7 else b"\x00\x00\x00\x00") + struct.pack("!I", len(text)) + text

@@ -43,8 +43,9 @@ from ..sessions.shares import Viewing
 from ..sessions.viewers import Viewer
 from ..settings import Settings
 from .backend import BackendError
-from .handshake import Handshake, write_refusal
-from .live import LiveTunnels, answer_upgrade, websocket_protocol
+from .handshake import Handshake, log_refusal, write_refusal
+from .live import LiveTunnels, answer_upgrade, refusal_protocol, websocket_protocol
+from .refusal import Refusal
 from .relay import RelayPool
 from .rfb_filter import RfbFilter
 from .tunnel import Tunnel
@@ -118,6 +119,7 @@ class WebSocketGateway:
         self._requests = metrics.http_requests
         self._upgrades = self._requests.labels("ws", "101")
         self._refusals: dict[int, Counter] = {}
+        self._rfb_pages = any(service.protocol == "rfb" for service in settings.services)
         self._dropped = metrics.viewer_input_dropped
 
     @property
@@ -140,6 +142,9 @@ class WebSocketGateway:
     def refuse(self, transport: asyncio.Transport, refusal: Refused) -> None:
         """Answer ``refusal`` as JSON, close the connection, count it."""
         write_refusal(transport, refusal)
+        self._count_refusal(refusal)
+
+    def _count_refusal(self, refusal: Refused) -> None:
         counter = self._refusals.get(refusal.status)
         if counter is None:
             counter = self._refusals[refusal.status] = self._requests.labels(
@@ -184,7 +189,8 @@ class WebSocketGateway:
                 raise Refused(409, "reservation moved to another instance")  # one hop
         except Refused as exc:
             if not transport.is_closing():
-                self.refuse(transport, exc)
+                transport.resume_reading()
+                self._refuse_token(request, transport, tail, accept, exc)
             return
         if isinstance(claimed, Elsewhere):
             await self._forward(request, transport, tail, token, claimed.node, client, user)
@@ -195,6 +201,32 @@ class WebSocketGateway:
                 return
         if not isinstance(claimed, Viewing):
             await self.services.unclaim(token)  # no websocket after all: reserved again
+
+    def _refuse_token(self, request: UpgradeRequest, transport: asyncio.Transport,
+                      tail: bytes, accept: Accept, refused: Refused) -> None:
+        """Refuse a token: a browser's websocket inside the websocket, so that its page
+        can show why (:mod:`.refusal`); any other client's, and a limit or an
+        unavailable store for anyone, before the upgrade."""
+        opted = request.query.get("refusal")
+        if ("Origin" not in request.headers or refused.status in (429, 503)
+                or opted == "http"):
+            self.refuse(transport, refused)
+            return
+        client = self.identity.client_address(request)
+        user = self.identity.user(request)
+        try:  # held while refusing: the limits bound open refusals too
+            self.limits.acquire(client, user)
+        except Refused as exc:
+            self.refuse(transport, exc)
+            return
+        log_refusal(transport, refused, ", in the websocket")
+        self._count_refusal(refused)
+        rfb = opted == "rfb" or (self._rfb_pages and opted != "close")
+        protocol = refusal_protocol(
+            Refusal(refused, rfb, lambda: self.limits.release(client, user)), accept.binary)
+        protocol.connection_made(transport)
+        transport.set_protocol(protocol)
+        answer_upgrade(protocol, accept.key, tail)
 
     async def _forward(self, request: UpgradeRequest, transport: asyncio.Transport,
                        tail: bytes, token: str, node: str, client: str,

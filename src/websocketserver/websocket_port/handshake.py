@@ -39,11 +39,16 @@ def peer_of(transport: asyncio.BaseTransport) -> str:
     return f"[{peer[0]}]:{peer[1]}" if ":" in peer[0] else f"{peer[0]}:{peer[1]}"
 
 
+def log_refusal(transport: asyncio.BaseTransport, refusal: Refused, how: str = "") -> None:
+    """One sampled line: clients cause refusals at will."""
+    _refused.warning("websocket refused (%d%s): %s: %s", refusal.status, how,
+                     peer_of(transport), refusal.reason)
+
+
 def write_refusal(transport: asyncio.Transport, refusal: Refused) -> None:
     """Answer ``refusal`` as JSON and close the connection."""
     status = refusal.status
-    _refused.warning("websocket refused (%d): %s: %s", status, peer_of(transport),
-                     refusal.reason)
+    log_refusal(transport, refusal)
     body = json.dumps({"error": refusal.reason}).encode()
     extra = b"Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n" if status == 426 else b""
     transport.write(b"HTTP/1.1 %d %s\r\nContent-Type: application/json; charset=utf-8\r\n"

@@ -14,7 +14,13 @@ import logging
 import time
 from collections.abc import Callable, Coroutine
 
-from picows import WSAutoPingStrategy, WSCloseCode, WSUpgradeResponse, WSUpgradeResponseWithListener
+from picows import (
+    WSAutoPingStrategy,
+    WSCloseCode,
+    WSListener,
+    WSUpgradeResponse,
+    WSUpgradeResponseWithListener,
+)
 from picows.picows import WSProtocol  # type: ignore[attr-defined]  # not in its stub
 
 from ..core.errors import Close
@@ -150,7 +156,7 @@ class _PicowsLog(logging.LoggerAdapter):  # type: ignore[type-arg]
     its close frame; the tunnel answers 1000 first, and picows' close is then not sent.
     """
 
-    def __init__(self, tunnel: Tunnel) -> None:
+    def __init__(self, tunnel: Tunnel | None) -> None:
         super().__init__(_PICOWS_LOGGER, None)
         self._tunnel = tunnel
 
@@ -158,7 +164,7 @@ class _PicowsLog(logging.LoggerAdapter):  # type: ignore[type-arg]
         self.log(logging.DEBUG, msg, *args, **kwargs)  # type: ignore[arg-type]
 
     def error(self, msg: object, *args: object, **kwargs: object) -> None:
-        if args and _SECOND_CLOSE in str(args[0]):
+        if self._tunnel is not None and args and _SECOND_CLOSE in str(args[0]):
             self._tunnel.closed_twice()
         self.log(logging.INFO, msg, *args, **kwargs)  # type: ignore[arg-type]
 
@@ -203,6 +209,15 @@ def websocket_protocol(tunnel: Tunnel, binary: bool, settings: Settings,
         False,  # pings are answered by the tunnel, after its own checks
         settings.max_message_size,
         None, READ_BUFFER)
+
+
+def refusal_protocol(listener: WSListener, binary: bool) -> WSProtocol:
+    """The picows protocol of a websocket accepted only to be refused inside it
+    (:mod:`.refusal`): pongs answered by picows, frames of at most 4 KiB."""
+    response = WSUpgradeResponseWithListener(_RESPONSES[binary], listener)
+    return WSProtocol(None, None, False, lambda _: response, _PicowsLog(None), True, None,
+                      False, 20.0, 10.0, WSAutoPingStrategy.PING_WHEN_IDLE, True, 4096,
+                      None, READ_BUFFER)
 
 
 KEEP_ALIVE = 20.0
