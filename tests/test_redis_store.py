@@ -518,7 +518,8 @@ def test_nginx_cluster_config_is_valid(tmp_path: Path) -> None:
     site = (ROOT / "deploy" / "nginx-cluster.conf").read_text() \
         .replace("/etc/ssl/certs/viz.example.com.pem", str(tmp_path / "cert.pem")) \
         .replace("/etc/ssl/private/viz.example.com.key", str(tmp_path / "key.pem")) \
-        .replace("listen 443 ssl", f"listen 127.0.0.1:{free_port()} ssl")
+        .replace("listen 443 ssl", f"listen 127.0.0.1:{free_port()} ssl") \
+        .replace("/var/log/nginx/", f"{tmp_path}/")
     (tmp_path / "nginx.conf").write_text(
         f"pid {tmp_path}/nginx.pid;\nerror_log {tmp_path}/error.log;\nevents {{}}\n"
         f"http {{\n access_log off;\n{site}\n}}\n")
