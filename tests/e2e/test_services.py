@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,15 +25,45 @@ from support import (
 CONFIG = Path(__file__).parent / "scripts" / "services.json"
 
 
-@pytest.fixture
-def server(start_server: StartServer, tmp_path: Path) -> ServerProcess:
-    groups = tmp_path / "groups.json"
+@pytest.fixture(scope="module")
+def shared_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """One server for the tests of ``server``: each leaves it as it found it (checked)."""
+    folder = tmp_path_factory.mktemp("services")
+    groups = folder / "groups.json"
     groups.write_text(json.dumps({"wizards": ["merlin"]}))
-    users = tmp_path / "users.json"
+    users = folder / "users.json"
     users.write_text(json.dumps({"merlin": "merlin-key", "arthur": "arthur-key"}))
-    return start_server("--remote_session_config", str(CONFIG), "--start_timeout", "1.5",
-                        "--groups_file", str(groups), "--users_file", str(users),
-                        "--verbose", "1")
+    server = ServerProcess.start("--remote_session_config", str(CONFIG), "--start_timeout",
+                                 "1.5", "--groups_file", str(groups), "--users_file",
+                                 str(users), "--verbose", "1", log_dir=folder)
+    yield server
+    server.close()
+
+
+def reservations(server: ServerProcess) -> list[str]:
+    """Every reserved instance's token, as the administrator and the wizard see them."""
+    tokens = []
+    for query in ("", "user_key=merlin-key"):  # only a wizard sees the group's service
+        status, body = server.get_json(f"/v1/status?{query}")
+        assert status == 200, body
+        tokens += [i["token"] for s in body for i in s["instances"]]
+    return sorted(set(tokens))
+
+
+def is_idle(server: ServerProcess) -> bool:
+    return reservations(server) == [] and marked_processes(server) == []
+
+
+@pytest.fixture
+def server(shared_server: ServerProcess) -> Iterator[ServerProcess]:
+    """The module's server, idle (no reservation, no service process) before the test;
+    what the test left reserved is released after it, and the server idle again."""
+    assert shared_server.proc.poll() is None, shared_server.log()
+    assert is_idle(shared_server)
+    yield shared_server
+    for token in reservations(shared_server):
+        assert shared_server.get_json(f"/v1/release/{token}")[0] in (200, 404)
+    wait_until(lambda: is_idle(shared_server), timeout=15)
 
 
 def reserve(server: ServerProcess, name: str, query: str = "") -> str:
