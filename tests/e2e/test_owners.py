@@ -14,6 +14,7 @@ import asyncio
 import json
 import socket
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,14 +30,30 @@ ROUNDS = 10
 """Races in the simultaneous-upgrades test; one echo instance each, so as many slots."""
 
 
-@pytest.fixture
-def config(tmp_path: Path) -> Path:
+@pytest.fixture(scope="module")
+def config(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An echo service (one process per instance) and the users file beside it."""
-    services = tmp_path / "services.json"
+    services = tmp_path_factory.mktemp("owners") / "services.json"
     services.write_text(json.dumps({"echo": {
         "script": str(ROOT / "examples" / "echo_service.py"), "count": ROUNDS, "options": {}}}))
-    (tmp_path / "users.json").write_text(json.dumps(USERS))
+    (services.with_name("users.json")).write_text(json.dumps(USERS))
     return services
+
+
+SHARED = {"anonymous": ((), None), "administered": ((), "K"),
+          "proxied": (("--trusted_proxy", "127.0.0.1"), None)}
+"""The servers the tests share, by name: extra arguments and security token."""
+Shared = Callable[[str], ServerProcess]
+"""The ``shared`` fixture."""
+
+
+@pytest.fixture(scope="module")
+def shared_servers() -> Iterator[dict[str, ServerProcess]]:
+    """Started on first use; each test leaves its server as it found it (checked)."""
+    started: dict[str, ServerProcess] = {}
+    yield started
+    for server in started.values():
+        server.close()
 
 
 def users_server(start_server: StartServer, config: Path, *args: str,
@@ -44,6 +61,48 @@ def users_server(start_server: StartServer, config: Path, *args: str,
     return start_server("--remote_session_config", str(config), "--users_file",
                         str(config.with_name("users.json")), "--start_timeout", "10",
                         *args, token=token)
+
+
+def all_tokens(server: ServerProcess) -> list[str]:
+    """Every reserved token: the anonymous ones and each user's (as that user sees them)."""
+    tokens: set[str] = set()
+    for key in USERS.values():
+        tokens.update(i["token"] for i in instances(server, f"user_key={key}") if i["token"])
+    return sorted(tokens)
+
+
+def release_all(server: ServerProcess) -> None:
+    for token in all_tokens(server):
+        owner = next(i["owner"] for key in USERS.values()
+                     for i in instances(server, f"user_key={key}") if i["token"] == token)
+        query = f"?user_key={USERS[owner]}" if owner else ""
+        assert server.get_json(f"/v1/release/{token}{query}", auth=False)[0] == 200
+
+
+@pytest.fixture
+def shared(shared_servers: dict[str, ServerProcess], config: Path,
+           tmp_path_factory: pytest.TempPathFactory) -> Iterator[Shared]:
+    """``shared(name)``: the module's server of that name (SHARED), idle before the test
+    (nothing reserved, no service process); released and idle again after it."""
+    used: list[ServerProcess] = []
+
+    def get(name: str) -> ServerProcess:
+        if name not in shared_servers:
+            args, token = SHARED[name]
+            shared_servers[name] = users_server(
+                lambda *a, **k: ServerProcess.start(
+                    *a, log_dir=tmp_path_factory.mktemp("owners-" + name), **k),
+                config, *args, token=token)
+        server = shared_servers[name]
+        assert server.proc.poll() is None, server.log()
+        assert instances(server) == [] and marked_processes(server) == []
+        used.append(server)
+        return server
+
+    yield get
+    for server in used:
+        release_all(server)
+        wait_free(server)
 
 
 def reserve(server: ServerProcess, query: str = "") -> str:
@@ -90,9 +149,8 @@ def wait_free(server: ServerProcess) -> None:
 # -- who sees a token ------------------------------------------------------------------
 
 
-def test_status_shows_a_users_token_only_to_that_user(start_server: StartServer,
-                                                      config: Path) -> None:
-    server = users_server(start_server, config)
+def test_status_shows_a_users_token_only_to_that_user(shared: Shared) -> None:
+    server = shared("anonymous")
     mine = reserve(server, "user_key=alice-key")
     anonymous = reserve(server)
 
@@ -112,8 +170,8 @@ def test_status_shows_a_users_token_only_to_that_user(start_server: StartServer,
     assert mine in page.decode()
 
 
-def test_security_token_holder_sees_every_token(start_server: StartServer, config: Path) -> None:
-    server = users_server(start_server, config, token="K")
+def test_security_token_holder_sees_every_token(shared: Shared) -> None:
+    server = shared("administered")
     mine = reserve(server, "user_key=alice-key")
     assert [i["token"] for i in instances(server)] == [mine]  # the administrator
     assert [i["token"] for i in instances(server, "user_key=bob-key")] == [mine]
@@ -121,8 +179,8 @@ def test_security_token_holder_sees_every_token(start_server: StartServer, confi
     assert status == 200 and mine in page.decode()
 
 
-def test_trusted_proxy_user_sees_only_own_token(start_server: StartServer, config: Path) -> None:
-    server = users_server(start_server, config, "--trusted_proxy", "127.0.0.1")
+def test_trusted_proxy_user_sees_only_own_token(shared: Shared) -> None:
+    server = shared("proxied")
     mine = reserve(server, "user_key=alice-key")
     by_header = server.get_json("/v1/reserve/echo", headers={"X-Remote-User": "alice"})[1]
     assert [i["token"] for i in instances(server, headers={"X-Remote-User": "alice"})] \
@@ -134,9 +192,8 @@ def test_trusted_proxy_user_sees_only_own_token(start_server: StartServer, confi
 # -- who may use or release it -----------------------------------------------------------
 
 
-def test_another_users_websocket_is_refused_before_the_upgrade(start_server: StartServer,
-                                                               config: Path) -> None:
-    server = users_server(start_server, config)
+def test_another_users_websocket_is_refused_before_the_upgrade(shared: Shared) -> None:
+    server = shared("anonymous")
     token = reserve(server, "user_key=alice-key")
     status, body = refused(server.ws_url(token=token, user_key="bob-key"))
     assert status == 403 and "error" in body and token not in body["error"]
@@ -145,9 +202,8 @@ def test_another_users_websocket_is_refused_before_the_upgrade(start_server: Sta
     wait_free(server)
 
 
-def test_another_users_websocket_is_refused_behind_a_proxy(start_server: StartServer,
-                                                           config: Path) -> None:
-    server = users_server(start_server, config, "--trusted_proxy", "127.0.0.1")
+def test_another_users_websocket_is_refused_behind_a_proxy(shared: Shared) -> None:
+    server = shared("proxied")
     alice, bob = {"X-Remote-User": "alice"}, {"X-Remote-User": "bob"}
     token = server.get_json("/v1/reserve/echo", headers=alice)[1]["token"]
     assert refused(server.ws_url(token=token), headers=bob)[0] == 403
@@ -155,19 +211,17 @@ def test_another_users_websocket_is_refused_behind_a_proxy(start_server: StartSe
     wait_free(server)
 
 
-def test_anonymous_holder_of_a_users_token_may_use_it(start_server: StartServer,
-                                                      config: Path) -> None:
+def test_anonymous_holder_of_a_users_token_may_use_it(shared: Shared) -> None:
     """The decision: the token is the capability; a page without a user key works."""
-    server = users_server(start_server, config)
+    server = shared("anonymous")
     token = reserve(server, "user_key=alice-key")
     assert echo_once(server.ws_url(token=token)) == b"hello"
     wait_free(server)
 
 
-def test_launcher_flow_security_token_reservation_page_without_key(start_server: StartServer,
-                                                                    config: Path) -> None:
+def test_launcher_flow_security_token_reservation_page_without_key(shared: Shared) -> None:
     """PyEnSight: reserve with the security token, hand the token to a plain page."""
-    server = users_server(start_server, config, token="K")
+    server = shared("administered")
     token = reserve(server)
     [instance] = instances(server)
     assert instance["owner"] is None and instance["token"] == token
@@ -179,9 +233,9 @@ def test_launcher_flow_security_token_reservation_page_without_key(start_server:
 
 
 @pytest.mark.parametrize("security_token", [None, "K"])
-def test_release_by_another_user_is_refused(start_server: StartServer, config: Path,
+def test_release_by_another_user_is_refused(shared: Shared,
                                             security_token: str | None) -> None:
-    server = users_server(start_server, config, token=security_token)
+    server = shared("administered" if security_token else "anonymous")
     token = reserve(server, "user_key=alice-key")
     status, body = server.get_json(f"/v1/release/{token}?user_key=bob-key", auth=False)
     assert status == 403 and "error" in body
@@ -191,9 +245,8 @@ def test_release_by_another_user_is_refused(start_server: StartServer, config: P
     assert instances(server) == []
 
 
-def test_release_by_anonymous_holder_and_administrator(start_server: StartServer,
-                                                       config: Path) -> None:
-    server = users_server(start_server, config, token="K")
+def test_release_by_anonymous_holder_and_administrator(shared: Shared) -> None:
+    server = shared("administered")
     token = reserve(server, "user_key=alice-key")
     assert server.get_json(f"/v1/release/{token}", auth=False)[0] == 200  # the viewer
     token = reserve(server, "user_key=alice-key")
@@ -257,15 +310,14 @@ def _answer(sock: socket.socket) -> tuple[int, bytes]:
     return status, body
 
 
-def test_simultaneous_upgrades_with_one_token_one_wins(start_server: StartServer,
-                                                       config: Path) -> None:
+def test_simultaneous_upgrades_with_one_token_one_wins(shared: Shared) -> None:
     """Three upgrades whose requests complete in the same instant: one 101, two 409.
 
     Each request is sent but for its last blank line; once the server has read the
     heads, the three final lines go out back to back, so the server decides on all
     three in one turn of its event loop: the race of issue 12, made likely.
     """
-    server = users_server(start_server, config)
+    server = shared("anonymous")
     for _ in range(ROUNDS):
         token = reserve(server)
         head, end = _upgrade_request(server.ws_port, token)
