@@ -13,7 +13,7 @@ import re
 import ssl
 import stat
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -83,13 +83,24 @@ def http_400s(server: ServerProcess) -> float:
     return float(found.group(1)) if found else 0.0
 
 
+@pytest.fixture(scope="module")
+def logging_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """A server at ``--verbose 1`` logging to ``server.log`` beside its own log, shared by
+    the tests that only send it malformed requests (each looks at the log lines it caused)."""
+    folder = tmp_path_factory.mktemp("secrets")
+    server = start_logging(lambda *a, **k: ServerProcess.start(*a, log_dir=folder, **k),
+                           folder / "server.log", 1)
+    yield server
+    server.close()
+
+
 @pytest.mark.parametrize("request_bytes", MALFORMED.values(), ids=MALFORMED.keys())
-def test_malformed_request_echoes_and_logs_no_secret(start_server: StartServer, tmp_path: Path,
+def test_malformed_request_echoes_and_logs_no_secret(logging_server: ServerProcess,
                                                      request_bytes: bytes) -> None:
-    log_file = tmp_path / "server.log"
-    server = start_logging(start_server, log_file, 1)
-    assert_generic_400(http_exchange(port(server), request_bytes))
-    logged = wait_until(lambda: "Error handling request" in log_file.read_text()
+    log_file = logging_server.log_path.with_name("server.log")
+    before = log_file.read_text().count("Error handling request")
+    assert_generic_400(http_exchange(port(logging_server), request_bytes))
+    logged = wait_until(lambda: log_file.read_text().count("Error handling request") > before
                         and log_file.read_text())
     assert_no_secret(logged)
     assert stat.S_IMODE(log_file.stat().st_mode) == 0o600
@@ -112,8 +123,8 @@ def test_malformed_request_over_tls(start_server: StartServer, tmp_path: Path, c
     assert stat.S_IMODE(log_file.stat().st_mode) == 0o600
 
 
-def test_malformed_requests_are_counted(start_server: StartServer, tmp_path: Path) -> None:
-    server = start_logging(start_server, tmp_path / "server.log", 1)
+def test_malformed_requests_are_counted(logging_server: ServerProcess) -> None:
+    server = logging_server
     before = http_400s(server)
     for request_bytes in MALFORMED.values():
         http_exchange(port(server), request_bytes)
