@@ -39,20 +39,25 @@ def ca() -> trustme.CA:
     return trustme.CA()
 
 
-@pytest.fixture
-def cert_files(ca: trustme.CA, tmp_path: Path) -> tuple[Path, Path]:
+@pytest.fixture(scope="module")
+def cert_files(ca: trustme.CA, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     cert = ca.issue_cert("127.0.0.1", "localhost")
-    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
+    folder = tmp_path_factory.mktemp("cert")
+    cert_path, key_path = folder / "cert.pem", folder / "key.pem"
     cert.cert_chain_pems[0].write_to_path(str(cert_path))
     cert.private_key_pem.write_to_path(str(key_path))
     return cert_path, key_path
 
 
-@pytest.fixture(params=["http", "https"])
-def server(request: pytest.FixtureRequest, start_server: Callable[..., ServerProcess],
-           cert_files: tuple[Path, Path]) -> ServerProcess:
+@pytest.fixture(scope="module", params=["http", "https"])
+def server(request: pytest.FixtureRequest, cert_files: tuple[Path, Path],
+           tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """Shared by the tests of ``connect``, whose connections all end with the test."""
     tls = cert_files if request.param == "https" else None
-    return start_server("--handshake_timeout", str(TIMEOUT), tls=tls)
+    started = ServerProcess.start("--handshake_timeout", str(TIMEOUT), tls=tls,
+                                  log_dir=tmp_path_factory.mktemp("keepalive"))
+    yield started
+    started.close()
 
 
 @pytest.fixture
