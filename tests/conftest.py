@@ -63,11 +63,18 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(key=lambda item: rank.get(item.path.name, len(LONG_FIRST)))
 
 
-@pytest.fixture
-def echo() -> Iterator[EchoBackend]:
+@pytest.fixture(scope="session")
+def shared_echo() -> Iterator[EchoBackend]:
     backend = EchoBackend()
     yield backend
     backend.close()
+
+
+@pytest.fixture
+def echo(shared_echo: EchoBackend) -> EchoBackend:
+    """The echo backend, one for all the tests of a worker (it keeps no state): alive."""
+    assert shared_echo.proc.poll() is None, "the shared echo backend died"
+    return shared_echo
 
 
 @pytest.fixture
