@@ -12,6 +12,7 @@ import json
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -59,17 +60,49 @@ if __name__ == "__main__":
 '''
 
 
-@pytest.fixture
-def config(tmp_path: Path) -> Path:
+@pytest.fixture(scope="module")
+def config(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """``kept`` has no grace of its own, ``own`` 30 s, ``never`` 0 (not kept)."""
-    (tmp_path / "stateful.py").write_text(SERVICE)
-    path = tmp_path / "services.json"
+    folder = tmp_path_factory.mktemp("reconnect")
+    (folder / "stateful.py").write_text(SERVICE)
+    path = folder / "services.json"
     path.write_text(json.dumps({
         "kept": {"script": "stateful.py", "count": 1},
         "own": {"script": "stateful.py", "count": 1, "reconnect_grace": 30},
         "never": {"script": "stateful.py", "count": 1, "reconnect_grace": 0},
     }))
     return path
+
+
+SERVICES = ("kept", "own", "never")
+
+
+def idle(server: ServerProcess) -> bool:
+    """No instance of any service, and no service process."""
+    return all(instances(server, name) == [] for name in SERVICES) \
+        and marked_processes(server) == []
+
+
+@pytest.fixture(scope="module")
+def graced_server(config: Path) -> Iterator[ServerProcess]:
+    server = ServerProcess.start("--remote_session_config", str(config), "--reconnect_grace",
+                                 "30", log_dir=config.parent)
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def graced(graced_server: ServerProcess) -> Iterator[ServerProcess]:
+    """A server with ``--reconnect_grace 30``, shared by the tests that leave its metrics
+    alone: idle before the test (checked); what the test left reserved is released after
+    it, and the server idle again."""
+    assert graced_server.proc.poll() is None, graced_server.log()
+    assert idle(graced_server)
+    yield graced_server
+    for name in SERVICES:
+        for instance in instances(graced_server, name):
+            assert graced_server.get_json(f"/v1/release/{instance['token']}")[0] == 200
+    wait_until(lambda: idle(graced_server), timeout=15)
 
 
 def reserve(server: ServerProcess, name: str = "kept") -> str:
@@ -143,10 +176,10 @@ def test_reconnect_within_grace_reaches_the_same_process(start_server: StartServ
 
 
 def test_a_reattach_never_reaches_a_process_that_took_a_dead_instances_port(
-        start_server: StartServer, config: Path) -> None:
+        graced: ServerProcess) -> None:
     """The detached instance died and another local process listens on its port: the
     re-attach is refused (410) without connecting there, and the session is over."""
-    server = start_server("--remote_session_config", str(config), "--reconnect_grace", "30")
+    server = graced
     token = reserve(server)
     asyncio.run(visit(server, token))
     wait_until(lambda: states(server) == ["detached"])
@@ -188,8 +221,8 @@ def test_grace_expiry_stops_the_instance_and_frees_the_slot(start_server: StartS
     assert gone.value.response.status_code == 404
 
 
-def test_release_while_detached_stops_at_once(start_server: StartServer, config: Path) -> None:
-    server = start_server("--remote_session_config", str(config), "--reconnect_grace", "30")
+def test_release_while_detached_stops_at_once(graced: ServerProcess) -> None:
+    server = graced
     token = reserve(server)
     asyncio.run(visit(server, token))
     wait_until(lambda: states(server) == ["detached"])
@@ -242,9 +275,9 @@ def test_release_or_shutdown_while_attached_is_not_a_detach(start_server: StartS
     assert marked_processes(server) == []
 
 
-def test_the_service_ending_is_not_a_detach(start_server: StartServer, config: Path) -> None:
+def test_the_service_ending_is_not_a_detach(graced: ServerProcess) -> None:
     """The service's TCP connection drops while attached: it ended, as without grace."""
-    server = start_server("--remote_session_config", str(config), "--reconnect_grace", "30")
+    server = graced
     token = reserve(server)
 
     async def session() -> int:
@@ -260,7 +293,8 @@ def test_the_service_ending_is_not_a_detach(start_server: StartServer, config: P
     wait_until(lambda: instances(server) == [])
 
 
-def test_a_services_own_grace_overrides_the_flag(start_server: StartServer, config: Path) -> None:
+def test_a_services_own_grace_overrides_the_flag(start_server: StartServer, config: Path,
+                                                 graced: ServerProcess) -> None:
     server = start_server("--remote_session_config", str(config))  # flag: 0
     tokens = {name: reserve(server, name) for name in ("kept", "own", "never")}
     for token in tokens.values():
@@ -268,7 +302,7 @@ def test_a_services_own_grace_overrides_the_flag(start_server: StartServer, conf
     wait_until(lambda: instances(server) == [] and instances(server, "never") == [])
     assert states(server, "own") == ["detached"]
     server.close()
-    server = start_server("--remote_session_config", str(config), "--reconnect_grace", "30")
+    server = graced
     token = reserve(server, "never")
     asyncio.run(visit(server, token))
     wait_until(lambda: instances(server, "never") == [] and marked_processes(server) == [])
