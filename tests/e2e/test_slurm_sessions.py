@@ -261,7 +261,11 @@ def test_in_a_cluster_any_instance_takes_the_report_shows_the_job_and_releases_i
                  http_port=b_http)
     token = reserve(a)
     seen_by_b = wait_state(b, token, "starting")
+    # a writes the state (queued -> starting) and then the job's record (its node): b
+    # may read the reservation in between
+    seen_by_b = wait_until(lambda: (seen := instance(b, token))["job_node"] and seen)
     assert seen_by_b["node"] == "a" and seen_by_b["job_node"] == "node1"
+    assert seen_by_b["state"] == "starting"
     wait_until(lambda: "viz[0]: echo server on port" in b.log(), 20)  # the job's output
     assert asyncio.run(echo(b, token, b"through b")) == b"through b"
     assert "refused a report" not in a.log() + b.log()
