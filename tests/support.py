@@ -82,7 +82,7 @@ def wait_port(port: int, timeout: float = 15.0, proc: subprocess.Popen[Any] | No
         except OSError:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"port {port} did not open") from None
-            time.sleep(0.05)
+            time.sleep(0.01)  # a refused connection costs nothing; a server starts in ~0.35 s
 
 
 class EchoBackend:
@@ -251,15 +251,20 @@ def marked_processes(server: ServerProcess | None = None) -> list[psutil.Process
 
 
 def wait_until(predicate: Any, timeout: float = 10.0, interval: float = 0.05) -> Any:
-    """Poll ``predicate`` until it returns something truthy; fail after ``timeout``."""
+    """Poll ``predicate`` until it returns something truthy; fail after ``timeout``.
+
+    The first polls come sooner (a fifth of ``interval``, doubling up to it): most
+    conditions hold within a few tens of milliseconds."""
     deadline = time.monotonic() + timeout
+    pause = interval / 5
     while True:
         value = predicate()
         if value:
             return value
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout} s: {predicate}")
-        time.sleep(interval)
+        time.sleep(pause)
+        pause = min(pause * 2, interval)
 
 
 async def recv_bytes(ws: ClientConnection) -> bytes:
