@@ -64,9 +64,10 @@ def test_the_administrator_sees_each_sessions_client_backend_and_process(
         assert ws.recv(timeout=30) == b"x" * 1000
         seen = wait_until(lambda: (found := instance())["pid"] and found)
         page = server.get("/v1/status_view?fragment=1")[2].decode()
+        host, port = str(seen["backend"]).rsplit(":", 1)
+        # while the session lasts: its end stops the process
+        listening = psutil.Process(int(str(seen["pid"]))).net_connections("tcp")
     assert seen["client"] == "127.0.0.1" and seen["bytes_up"] == 1000
-    host, port = str(seen["backend"]).rsplit(":", 1)
-    listening = psutil.Process(int(str(seen["pid"]))).net_connections("tcp")
     assert any(c.status == psutil.CONN_LISTEN and c.laddr.port == int(port)
                for c in listening), listening
     assert host == "127.0.0.1"
