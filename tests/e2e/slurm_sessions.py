@@ -91,6 +91,17 @@ async def echo(server: ServerProcess, token: str, payload: bytes = b"ping") -> b
         return bytes(await asyncio.wait_for(recv_bytes(ws), 30))
 
 
+async def echo_and_release(server: ServerProcess, token: str, payload: bytes) -> tuple[bytes, int]:
+    """``payload``'s echo through the token's websocket, and the status of the token's
+    release through ``server`` while that websocket is open (its close would end the
+    session by itself, racing with a release after it)."""
+    async with websockets.connect(server.ws_url(token=token), open_timeout=30) as ws:
+        await ws.send(payload)
+        reply = bytes(await asyncio.wait_for(recv_bytes(ws), 30))
+        status, _ = await asyncio.to_thread(server.get_json, f"/v1/release/{token}")
+        return reply, status
+
+
 def job_processes(server: ServerProcess, mark: str) -> set[int]:
     """The live processes of the server's jobs (marked, but not the server's own)."""
     own = {server.pid, *(p.pid for p in server.descendants())}

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 from e2e.slurm_sessions import (  # noqa: E402
     closed_by_the_job,
     echo,
+    echo_and_release,
     instance,
     job_processes,
     reserve,
@@ -267,10 +268,8 @@ def test_in_a_cluster_any_instance_takes_the_report_shows_the_job_and_releases_i
     assert seen_by_b["node"] == "a" and seen_by_b["job_node"] == "node1"
     assert seen_by_b["state"] == "starting"
     wait_until(lambda: "viz[0]: echo server on port" in b.log(), 20)  # the job's output
-    assert asyncio.run(echo(b, token, b"through b")) == b"through b"
+    assert asyncio.run(echo_and_release(b, token, b"through b")) == (b"through b", 200)
     assert "refused a report" not in a.log() + b.log()
-    status, body = b.get_json(f"/v1/release/{token}")
-    assert status == 200, body
     wait_until(lambda: seen_by_b["job_id"] not in slurm.run("squeue", "-h", "-o", "%i"), 15)
     wait_no_job_process(a, mark)
 
@@ -297,9 +296,8 @@ def test_in_a_cluster_a_dead_instances_job_is_adopted_not_cancelled(
     adopted = wait_until(lambda: (found := instance(b, token))["node"] == "b" and found, 15)
     assert (adopted["job_id"], adopted["state"]) == (job_id, "starting")
     assert job_id in slurm.run("squeue", "-h", "-o", "%i").split()
-    assert asyncio.run(echo(b, token, b"adopted")) == b"adopted"
+    assert asyncio.run(echo_and_release(b, token, b"adopted")) == (b"adopted", 200)
     assert f"adopted job {job_id}" in b.log()
-    assert b.get_json(f"/v1/release/{token}")[0] == 200
     wait_until(lambda: job_id not in slurm.run("squeue", "-h", "-o", "%i").split(), 15)
     wait_no_job_process(a, mark)
 
