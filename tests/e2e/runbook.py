@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
+from playwright.sync_api import BrowserContext, Page, expect
 
 from e2e.vnc_support import novnc_site
 from support import ROOT, free_port, wait_port, wait_until
@@ -152,3 +153,16 @@ class Workspace:
 def which(binary: str) -> str | None:
     """``binary`` on PATH or in the sbin directories a user's PATH may lack."""
     return shutil.which(binary) or shutil.which(binary, path="/usr/sbin:/usr/bin:/sbin")
+
+
+def demo_page_echoes(context: BrowserContext, url: str, text: str) -> Page:
+    """The demo page at ``url`` opens its websocket and echoes ``text`` typed into it
+    (the demo's own page: ``#state``, ``#text``, ``#log``), in a page of ``context``,
+    which is returned open."""
+    page = context.new_page()
+    page.goto(url)
+    expect(page.locator("#state")).to_have_text("open")
+    page.fill("#text", text)
+    page.press("#text", "Enter")
+    expect(page.locator("#log")).to_contain_text(text)
+    return page

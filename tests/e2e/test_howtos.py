@@ -25,7 +25,7 @@ import pytest
 from playwright.sync_api import Browser, Error, expect
 
 from e2e.conftest import CHROMIUM_ARGS
-from e2e.runbook import Runbook, Workspace, runbooks
+from e2e.runbook import Runbook, Workspace, demo_page_echoes, runbooks
 from e2e.vnc_support import (
     CHROMIUM,
     TIMEOUT_MS,
@@ -120,12 +120,7 @@ def test_haproxy_on_one_machine(chromium: Browser, workspace: Workspace) -> None
     token = json.loads(workspace.call(reserve))["token"]
     context = new_context(chromium)
     try:
-        page = context.new_page()
-        page.goto(workspace.url(url, token))
-        expect(page.locator("#state")).to_have_text("open")
-        page.fill("#text", "hello, haproxy")
-        page.press("#text", "Enter")
-        expect(page.locator("#log")).to_contain_text("hello, haproxy")
+        demo_page_echoes(context, workspace.url(url, token), "hello, haproxy")
     finally:
         context.close()
     expected = ("GET /websockify", '"GET /v1/events/- HTTP/1.1"',  # the page's event stream

@@ -17,9 +17,9 @@ from typing import Any
 import pytest
 import trustme
 import websockets
-from playwright.sync_api import Browser, expect
+from playwright.sync_api import Browser
 
-from e2e.runbook import Workspace, runbooks
+from e2e.runbook import Workspace, demo_page_echoes, runbooks
 from e2e.sse import EventReader
 from e2e.vnc_support import new_context, require
 from support import (
@@ -159,12 +159,7 @@ def test_the_howto_runs_as_written(chromium: Browser, tmp_path: Path) -> None:
         token = json.loads(space.call(reserve))["token"]
         context = new_context(chromium, ignore_https_errors=True)  # the self-signed cert
         try:
-            page = context.new_page()
-            page.goto(space.url(url, token))
-            expect(page.locator("#state")).to_have_text("open")
-            page.fill("#text", "hello, nginx")
-            page.press("#text", "Enter")
-            expect(page.locator("#log")).to_contain_text("hello, nginx")
+            demo_page_echoes(context, space.url(url, token), "hello, nginx")
         finally:
             context.close()
         # nginx logs a websocket or an event stream when it ends, which the page's close

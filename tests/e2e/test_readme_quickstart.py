@@ -31,7 +31,7 @@ import pytest
 from cluster_support import require
 from playwright.sync_api import Browser, expect
 
-from e2e.runbook import Runbook, Workspace, runbooks
+from e2e.runbook import Runbook, Workspace, demo_page_echoes, runbooks
 from e2e.vnc_support import (
     ARTIFACTS,
     MIN_FRACTION,
@@ -177,12 +177,7 @@ def test_quickstart_cluster(browser: Browser, workspace: Workspace) -> None:
     [url] = quick.blocks["open"]
     context = new_context(browser)
     try:
-        page = context.new_page()
-        page.goto(workspace.url(url, token))
-        expect(page.locator("#state")).to_have_text("open")
-        page.fill("#text", "hello, cluster")
-        page.press("#text", "Enter")
-        expect(page.locator("#log")).to_contain_text("hello, cluster")
+        page = demo_page_echoes(context, workspace.url(url, token), "hello, cluster")
         listed = json.loads(workspace.call("curl -s http://127.0.0.1:9093/v1/status"))
         echo = next(s for s in listed if s["name"] == "echo")
         assert [(e["token"], e["node"], e["state"]) for e in echo["instances"]] == [
