@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import Browser, sync_playwright
 
+from e2e.runbook import Workspace
 from e2e.vnc_support import CHROMIUM, require
 
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -28,3 +29,14 @@ def chromium() -> Iterator[Browser]:
                                              timeout=30_000)
         yield browser
         browser.close()
+
+
+@pytest.fixture
+def workspace(tmp_path: Path) -> Iterator[Workspace]:
+    """A scratch checkout to run the README's and the how-tos' blocks in, its
+    processes stopped (and checked gone) at the end."""
+    space = Workspace(tmp_path)
+    try:
+        yield space
+    finally:
+        space.stop()

@@ -18,7 +18,6 @@ import shlex
 import shutil
 import subprocess
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -41,15 +40,6 @@ DOCS = ROOT / "docs"
 
 def howto(name: str) -> Runbook:
     return runbooks(DOCS / f"howto-{name}.md", "howto")[name]
-
-
-@pytest.fixture
-def workspace(tmp_path: Path) -> Iterator[Workspace]:
-    space = Workspace(tmp_path)
-    try:
-        yield space
-    finally:
-        space.stop()
 
 
 def test_the_howtos_have_their_blocks() -> None:

@@ -22,7 +22,6 @@ import json
 import os
 import re
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -55,15 +54,6 @@ def quickstarts() -> dict[str, Runbook]:
 def browser(chromium: Browser) -> Browser:
     require_novnc("bash", "curl")
     return chromium
-
-
-@pytest.fixture
-def workspace(tmp_path: Path) -> Iterator[Workspace]:
-    space = Workspace(tmp_path)
-    try:
-        yield space
-    finally:
-        space.stop()
 
 
 def shows_color(browser: Browser, url: str, color: str, artifact: str) -> None:
