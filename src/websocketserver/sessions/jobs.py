@@ -210,10 +210,12 @@ class Jobs:
                 state = await job.poll()
                 if state is not None and state.running and job.node is None:
                     node, address = await job.locate(state)
+                    job.runs(node, address)  # recorded first: "starting" names its node
+                    await self._record(token, session)
+                    before = job.record()
                     if await self.store.transition(token, State.QUEUED,
                                                    State.STARTING) is None:
                         return  # released meanwhile: its stopping cancels the job
-                    job.runs(node, address)
                     log.info("%s: job %s runs on %s", session.id, job.job_id, job.node)
                 elif job.node is not None and job.port is None and self.shared:
                     current = await self.store.get(token)  # reported to another instance?
