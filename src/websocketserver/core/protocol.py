@@ -28,11 +28,10 @@ from ..startup import host_name, is_loopback
 from .errors import Refused
 
 _NO_QUERY: MultiDictProxy[str] = MultiDictProxy(MultiDict())
-
-
 FORWARD_HEADER = "X-Websocketserver-Forward"
 """Marks a websocket that another cluster instance forwarded, signed
-(:mod:`~..cluster.forward`): served by the process that owns the sessions."""
+(:mod:`~..cluster.forward`); its ``Host`` was checked there."""
+
 
 @dataclass(frozen=True, slots=True)
 class UpgradeRequest:
