@@ -109,7 +109,8 @@ def test_typed_urls_and_the_same_origin_dashboard_still_work(server: ServerProce
     echo.locator("button[data-reserve]").click()
     expect(echo.locator("h2")).to_contain_text("2 of 2 in use")
     echo.locator("button[data-release]").first.click()
-    echo.locator("button[data-release]").first.click()
+    expect(echo.locator("h2")).to_contain_text("1 of 2 in use")  # (the rows are redrawn:
+    echo.locator("button[data-release]").first.click()  # a click before would hit the old)
     expect(echo.locator("h2")).to_contain_text("0 of 2 in use")
     assert server.get_json(f"/v1/release/{token}")[0] == 404  # released from the page
 
