@@ -44,7 +44,7 @@ from ..sessions.viewers import Viewer
 from ..settings import Settings
 from .backend import BackendError
 from .handshake import Handshake, log_refusal, write_refusal
-from .live import LiveTunnels, answer_upgrade, refusal_protocol, websocket_protocol
+from .live import LiveTunnels, refusal_protocol, switch_to, websocket_protocol
 from .refusal import Refusal
 from .relay import RelayPool
 from .rfb_filter import RfbFilter
@@ -222,11 +222,9 @@ class WebSocketGateway:
         log_refusal(transport, refused, ", in the websocket")
         self._count_refusal(refused)
         rfb = opted == "rfb" or (self._rfb_pages and opted != "close")
-        protocol = refusal_protocol(
-            Refusal(refused, rfb, lambda: self.limits.release(client, user)), accept.binary)
-        protocol.connection_made(transport)
-        transport.set_protocol(protocol)
-        answer_upgrade(protocol, accept.key, tail)
+        switch_to(transport, refusal_protocol(
+            Refusal(refused, rfb, lambda: self.limits.release(client, user)), accept.binary),
+            accept.key, tail)
 
     async def _forward(self, request: UpgradeRequest, transport: asyncio.Transport,
                        tail: bytes, token: str, node: str, client: str,
@@ -277,10 +275,8 @@ class WebSocketGateway:
         tunnel = self.live.tunnel(client)
         job = isinstance(claimed, Reservation) and self.services.services[
             claimed.service].batch is not None
-        protocol = websocket_protocol(tunnel, accept.binary, self.settings, keep_alive=job)
-        protocol.connection_made(transport)
-        transport.set_protocol(protocol)
-        answer_upgrade(protocol, accept.key, tail)
+        switch_to(transport, websocket_protocol(tunnel, accept.binary, self.settings,
+                                                keep_alive=job), accept.key, tail)
         if accept.token is None:
             self.live.spawn(self.live.basic(tunnel, lambda: self.limits.release(client, user)),
                             f"tunnel from {client}")

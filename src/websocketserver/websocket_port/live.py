@@ -232,6 +232,15 @@ def answer_upgrade(protocol: WSProtocol, key: bytes, tail: bytes) -> None:
                     % (key, tail))
 
 
+def switch_to(transport: asyncio.Transport, protocol: WSProtocol, key: bytes,
+              tail: bytes) -> None:
+    """Give a connection whose upgrade request was read (by the handshake) to
+    ``protocol``, which answers 101 and reads on."""
+    protocol.connection_made(transport)
+    transport.set_protocol(protocol)
+    answer_upgrade(protocol, key, tail)
+
+
 def _feed(protocol: WSProtocol, data: bytes) -> None:
     """Give bytes to a buffered protocol as its transport would."""
     view = memoryview(data)
